@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the full test suite: unit, integration (real S3 server, real kube-apiserver) and end-to-end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+.venv/bin/python -m pytest "$@"
+rc=$?
+# pytest exit code 5 = no tests collected: treat as a failure of the suite's wiring, not a pass.
+if [ "$rc" = 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+exit "$rc"

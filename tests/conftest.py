@@ -1,0 +1,19 @@
+"""Shared pytest wiring. Fixtures live in tests/fixtures/*.py, one module per real service, loaded as plugins."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))  # so `fixtures.*` and helpers import as top-level modules
+
+# Keep CPU tests deterministic and polite on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+pytest_plugins = [
+    "fixtures.data",
+    "fixtures.s3",
+    "fixtures.k8s",
+]

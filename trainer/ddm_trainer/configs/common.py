@@ -1,0 +1,57 @@
+"""Pieces shared by every stage config."""
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_uri(value: str, what: str = "URI") -> str:
+    """Accept file:// URIs, s3://bucket[/prefix] and plain local paths; reject anything else early."""
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    parsed = urlparse(value)
+    if parsed.scheme == "s3" and not parsed.netloc:
+        raise ValueError(f"{what} {value!r} has no bucket")
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"{what} {value!r} must be file:///absolute/path")
+    if parsed.scheme not in ("", "file", "s3"):
+        raise ValueError(f"{what} {value!r}: unsupported scheme {parsed.scheme!r} (use file://, s3:// or a path)")
+    return value
+
+
+class DataConfig(StrictModel):
+    """Where the images are and how to read them."""
+
+    uri: str = Field(description="Shards (.tar/.tar.gz, a directory or glob of them), an image folder, or a store URI")
+    image_size: int = Field(32, ge=8, le=1024, description="Images are resized (and center-cropped) to this size")
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = RGB")
+    class_field: str | None = Field("cls", description="Per-sample key holding the class index (None: unconditional)")
+    caption_field: str | None = Field(None, description="Per-sample key holding a caption")
+    limit: int | None = Field(None, ge=1, description="Use only the first N samples (smoke tests, demos)")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, "data.uri")
+
+
+class StageBase(StrictModel):
+    """Fields every stage has: where the run lives, its seed, and where it runs."""
+
+    run_uri: str = Field(description="Root of the run's artifacts: a local directory, file:// or s3:// URI")
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    num_workers: int = Field(0, ge=0, description="Data-loader worker processes")
+
+    @field_validator("run_uri")
+    @classmethod
+    def _run_uri(cls, v: str) -> str:
+        return check_uri(v, "run_uri")

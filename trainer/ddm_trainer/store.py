@@ -1,0 +1,305 @@
+"""One artifact store over a run URI: a local directory (``file:///...`` or a plain path) or ``s3://bucket/prefix``.
+
+Commit protocol: a stage writes its data objects first and a small ``MANIFEST.json`` last. A reader trusts only
+what a manifest names, so a crash mid-write leaves either the previous committed state or the new one, never a
+half-written one. Each single object write is itself atomic (rename on disk; S3 PUTs are atomic).
+
+S3 endpoint and credentials come from the environment, as a pod gets them from a Secret:
+``DDM_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; ``http://`` means no TLS),
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_REGION``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from .errors import ConfigError, MissingArtifactError, StoreError
+
+MANIFEST = "MANIFEST.json"
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Store(ABC):
+    """Keys are '/'-separated paths relative to the store's root."""
+
+    uri: str
+
+    # -- primitives ----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Raises MissingArtifactError naming the URI when the key is absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def child(self, prefix: str) -> "Store": ...
+
+    @abstractmethod
+    def local_path(self) -> Path | None:
+        """The directory behind a file store, None for object stores."""
+
+    def url(self, key: str = "") -> str:
+        return self.uri.rstrip("/") + ("/" + key.strip("/") if key else "")
+
+    # -- conveniences --------------------------------------------------------------------------------------------
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        self.put_bytes(key, Path(path).read_bytes())
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> Path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(self.get_bytes(key))
+        return out
+
+    # -- commit protocol -----------------------------------------------------------------------------------------
+    def commit(self, prefix: str, files: dict[str, bytes], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``files`` under ``prefix``, then the manifest naming them (sizes and sha256) last."""
+        entries = {}
+        for name, data in files.items():
+            self.put_bytes(_join(prefix, name), data)
+            entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = {"files": entries, "committed_at": time.time(), **(meta or {})}
+        self.put_json(_join(prefix, MANIFEST), manifest)
+        return manifest
+
+    def read_manifest(self, prefix: str) -> dict[str, Any] | None:
+        """The manifest under ``prefix``, or None when nothing was committed there."""
+        key = _join(prefix, MANIFEST)
+        if not self.exists(key):
+            return None
+        return self.get_json(key)
+
+    def read_committed(self, prefix: str, name: str, verify: bool = True) -> bytes:
+        """A file that the manifest under ``prefix`` names; checks its hash so torn writes are never trusted."""
+        manifest = self.read_manifest(prefix)
+        if manifest is None:
+            raise MissingArtifactError(f"no committed manifest at {self.url(prefix)}")
+        if name not in manifest["files"]:
+            raise MissingArtifactError(f"{self.url(_join(prefix, name))} is not named by its manifest")
+        data = self.get_bytes(_join(prefix, name))
+        if verify and hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
+            raise MissingArtifactError(f"{self.url(_join(prefix, name))} does not match its manifest hash")
+        return data
+
+    def committed_prefixes(self, parent: str) -> list[str]:
+        """Sub-prefixes of ``parent`` that hold a manifest, sorted (e.g. checkpoints ``step-00000100``)."""
+        out = set()
+        for key in self.list(parent):
+            rel = key[len(parent.strip("/")) :].strip("/") if parent else key
+            parts = rel.split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST:
+                out.add(_join(parent, parts[0]))
+        return sorted(out)
+
+
+class FileStore(Store):
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).absolute()
+        self.uri = "file://" + str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key.strip("/") if key.strip("/") else self.root
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old object or the new one
+        except OSError as e:
+            raise StoreError(f"cannot write {self.url(key)}: {e.strerror or e}") from e
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise MissingArtifactError(f"{self.url(key)} does not exist") from None
+        except IsADirectoryError:
+            raise MissingArtifactError(f"{self.url(key)} is a directory, not a file") from None
+        except OSError as e:
+            raise StoreError(f"cannot read {self.url(key)}: {e.strerror or e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [prefix.strip("/")]
+        keys = []
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                keys.append(p.relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def child(self, prefix: str) -> "FileStore":
+        return FileStore(self._path(prefix))
+
+    def local_path(self) -> Path:
+        return self.root
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None, check_bucket: bool = True):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.client = client if client is not None else _minio_client()
+        if check_bucket:
+            try:
+                found = self.client.bucket_exists(bucket)
+            except Exception as e:  # network errors: retryable
+                raise StoreError(f"cannot reach the object store for {self.uri}: {e}") from e
+            if not found:
+                raise ConfigError(f"bucket '{bucket}' does not exist (store URI {self.uri})")
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
+        except Exception as e:
+            raise StoreError(f"cannot write {self.url(key)}: {e}") from e
+
+    def get_bytes(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        try:
+            resp = self.client.get_object(self.bucket, self._key(key))
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket"):
+                raise MissingArtifactError(f"{self.url(key)} does not exist") from None
+            raise StoreError(f"cannot read {self.url(key)}: {e}") from e
+        except Exception as e:
+            raise StoreError(f"cannot read {self.url(key)}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, self._key(key))
+            return True
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
+                return False
+            raise StoreError(f"cannot stat {self.url(key)}: {e}") from e
+        except Exception as e:
+            raise StoreError(f"cannot stat {self.url(key)}: {e}") from e
+
+    def _iter(self, prefix: str) -> Iterator[str]:
+        full = self._key(prefix)
+        if full:
+            full += "/"
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=full or None, recursive=True):
+                name = obj.object_name
+                yield name[len(self.prefix) :].lstrip("/") if self.prefix else name
+        except Exception as e:
+            raise StoreError(f"cannot list {self.url(prefix)}: {e}") from e
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self._iter(prefix))
+
+    def delete_prefix(self, prefix: str) -> None:
+        from minio.deleteobjects import DeleteObject
+
+        keys = [DeleteObject(self._key(k)) for k in self._iter(prefix)]
+        if keys:
+            errors = list(self.client.remove_objects(self.bucket, keys))
+            if errors:
+                raise StoreError(f"cannot delete under {self.url(prefix)}: {errors[0]}")
+
+    def child(self, prefix: str) -> "S3Store":
+        return S3Store(self.bucket, _join(self.prefix, prefix), client=self.client, check_bucket=False)
+
+    def local_path(self) -> None:
+        return None
+
+
+def _minio_client() -> Any:
+    from minio import Minio
+
+    endpoint = (
+        os.environ.get("DDM_S3_ENDPOINT")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if not endpoint:
+        raise ConfigError("s3:// store needs an endpoint: set DDM_S3_ENDPOINT (e.g. http://127.0.0.1:8333)")
+    parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+    if not parsed.netloc:
+        raise ConfigError(f"DDM_S3_ENDPOINT is not a host[:port] URL: {endpoint!r}")
+    return Minio(
+        parsed.netloc,
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_REGION") or None,
+        secure=parsed.scheme == "https",
+    )
+
+
+def open_store(uri: str, check_bucket: bool = True) -> Store:
+    """``file:///abs/dir``, a plain local path, or ``s3://bucket[/prefix]``."""
+    if not uri or not isinstance(uri, str):
+        raise ConfigError(f"store URI must be a non-empty string, got {uri!r}")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"s3 URI has no bucket: {uri!r}")
+        return S3Store(parsed.netloc, parsed.path, check_bucket=check_bucket)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"file URI must be file:///absolute/path, got {uri!r}")
+        return FileStore(parsed.path)
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return FileStore(uri)
+    raise ConfigError(f"unsupported store URI scheme {parsed.scheme!r} in {uri!r} (use file:// or s3://)")
