@@ -1,0 +1,235 @@
+"""Pure builders: a DecentralizedDiffusion's stage -> the child manifests (PyTorchJob, ConfigMap) as plain dicts.
+
+No API calls here. Names are deterministic (``<ddm>-<stage-key>-a<attempt>``) so a handler that runs twice
+creates nothing twice: the second create gets 409 Conflict and adopts the existing object.
+
+Stage keys: ``cluster``, ``expert-003``, ``router``, ``evaluate``, ``distill`` (the expert key carries its index).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+GROUP = "ddm.io"
+API_VERSION = "ddm.io/v1alpha1"
+KIND = "DecentralizedDiffusion"
+PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+
+LABEL_NAME = "ddm.io/name"
+LABEL_UID = "ddm.io/uid"
+LABEL_STAGE = "ddm.io/stage"
+LABEL_EXPERT = "ddm.io/expert"
+LABEL_ATTEMPT = "ddm.io/attempt"
+LABEL_KEY = "ddm.io/key"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_ORIGIN = "ddm.io/origin"  # "<namespace>/<name>/<uid>" of the DDM, on children in remote clusters
+
+CONFIG_DIR = "/etc/ddm"
+CONFIG_FILE = "config.yaml"
+CONTAINER_NAME = "pytorch"  # the training operator requires this container name
+# Pods of a PyTorchJob are "<job>-worker-<i>" and get a headless Service of the same name: keep room for it.
+MAX_CHILD_NAME = 52
+MAX_LABEL_VALUE = 63
+
+
+def parse_key(key: str) -> tuple[str, int | None]:
+    """``"expert-003"`` -> ``("expert", 3)``; ``"router"`` -> ``("router", None)``."""
+    stage, sep, index = key.partition("-")
+    if sep and index.isdigit():
+        return stage, int(index)
+    return key, None
+
+
+def expert_key(k: int) -> str:
+    return f"expert-{k:03d}"
+
+
+def _shorten(value: str, limit: int) -> str:
+    """Keep a name within ``limit`` characters; a long one keeps a readable head and a hash of the whole."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{value[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def child_name(ddm_name: str, key: str, attempt: int) -> str:
+    """The one name of a stage's attempt: ``mnist-expert-003-a1``. Long DDM names are shortened with a hash."""
+    suffix = f"-{key}-a{attempt}"
+    return _shorten(ddm_name, MAX_CHILD_NAME - len(suffix)) + suffix
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DecentralizedDiffusion a child belongs to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage's pods run (Kubernetes field names, passed through as given)."""
+
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    resources: dict[str, Any] = field(default_factory=dict)  # {"requests": {...}, "limits": {"nvidia.com/gpu": 1}}
+    priority_class_name: str | None = None
+    queue_name: str | None = None  # Kueue LocalQueue
+    target_cluster: str | None = None  # Secret (in the DDM's namespace) holding the kubeconfig of another cluster
+
+
+def placement_from_dict(d: dict[str, Any] | None) -> Placement:
+    """Accept the spec's camelCase (or snake_case) placement mapping."""
+    d = d or {}
+
+    def get(camel: str, snake: str) -> Any:
+        return d.get(camel, d.get(snake))
+
+    return Placement(
+        node_selector=dict(get("nodeSelector", "node_selector") or {}),
+        tolerations=list(get("tolerations", "tolerations") or []),
+        affinity=get("affinity", "affinity") or None,
+        resources=dict(get("resources", "resources") or {}),
+        priority_class_name=get("priorityClassName", "priority_class_name"),
+        queue_name=get("queueName", "queue_name"),
+        target_cluster=get("targetCluster", "target_cluster"),
+    )
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything needed to build one stage attempt's children."""
+
+    owner: Owner
+    key: str
+    attempt: int
+    image: str
+    command: list[str]  # e.g. ["ddm-train", "expert", "--config", "/etc/ddm/config.yaml"]
+    config: dict[str, Any]  # the trainer stage config, written to the ConfigMap
+    nodes: int = 1
+    placement: Placement = field(default_factory=Placement)
+    credentials_secret: str | None = None  # envFrom: DDM_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    suspend: bool = False
+    restarts_in_place: int = 3  # runPolicy.backoffLimit: pod restarts for retryable exit codes before the job fails
+    image_pull_policy: str = "IfNotPresent"
+    service_account_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        return child_name(self.owner.name, self.key, self.attempt)
+
+    @property
+    def remote(self) -> bool:
+        return self.placement.target_cluster is not None
+
+
+def label_value(value: str) -> str:
+    return _shorten(value, MAX_LABEL_VALUE)
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    """Labels that select every child of one DDM (by uid: a recreated DDM of the same name is a new run)."""
+    return {LABEL_NAME: label_value(owner.name), LABEL_UID: owner.uid}
+
+
+def child_labels(owner: Owner, key: str, attempt: int) -> dict[str, str]:
+    stage, index = parse_key(key)
+    labels = {**selector_labels(owner), LABEL_STAGE: stage, LABEL_KEY: key, LABEL_ATTEMPT: str(attempt)}
+    if index is not None:
+        labels[LABEL_EXPERT] = f"{index:03d}"
+    return labels
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    """Garbage collection deletes the child with the DDM; blockOwnerDeletion keeps foreground deletion honest."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": req.name, "namespace": req.owner.namespace, "labels": labels}
+    if req.remote:  # owner references cannot cross clusters: the deletion finalizer removes these
+        meta["annotations"] = {ANNOTATION_ORIGIN: f"{req.owner.namespace}/{req.owner.name}/{req.owner.uid}"}
+    else:
+        meta["ownerReferences"] = [owner_reference(req.owner)]
+    return meta
+
+
+def build_configmap(req: JobRequest) -> dict[str, Any]:
+    """The stage config the container reads at /etc/ddm/config.yaml."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(req, child_labels(req.owner, req.key, req.attempt)),
+        "data": {CONFIG_FILE: yaml.safe_dump(req.config, sort_keys=True)},
+    }
+
+
+def _pod_template(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
+    p = req.placement
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": req.image,
+        "imagePullPolicy": req.image_pull_policy,
+        "command": list(req.command),
+        "env": [{"name": "DDM_STAGE_KEY", "value": req.key}, {"name": "DDM_ATTEMPT", "value": str(req.attempt)}],
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    if req.credentials_secret:  # the whole Secret as env; values never appear in the manifest
+        container["envFrom"] = [{"secretRef": {"name": req.credentials_secret}}]
+    if p.resources:
+        container["resources"] = p.resources
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": req.name}}],
+    }
+    if p.node_selector:
+        spec["nodeSelector"] = dict(p.node_selector)
+    if p.tolerations:
+        spec["tolerations"] = list(p.tolerations)
+    if p.affinity:
+        spec["affinity"] = p.affinity
+    if p.priority_class_name:
+        spec["priorityClassName"] = p.priority_class_name
+    if req.service_account_name:
+        spec["serviceAccountName"] = req.service_account_name
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def build_pytorchjob(req: JobRequest) -> dict[str, Any]:
+    """A PyTorchJob: one Master, ``nodes - 1`` Workers; restartPolicy ExitCode (128-255 restart in place, 1-127 fail)."""
+    labels = child_labels(req.owner, req.key, req.attempt)
+    job_labels = dict(labels)
+    if req.placement.queue_name:
+        job_labels[LABEL_QUEUE] = req.placement.queue_name
+    template = _pod_template(req, labels)
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    if req.nodes > 1:
+        replicas["Worker"] = {"replicas": req.nodes - 1, "restartPolicy": "ExitCode", "template": template}
+    return {
+        "apiVersion": PYTORCHJOB_API_VERSION,
+        "kind": "PyTorchJob",
+        "metadata": _metadata(req, job_labels),
+        "spec": {
+            "runPolicy": {"suspend": req.suspend, "backoffLimit": req.restarts_in_place, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def suspend_patch(suspend: bool) -> dict[str, Any]:
+    """Merge patch for suspend/resume of a running PyTorchJob."""
+    return {"spec": {"runPolicy": {"suspend": suspend}}}

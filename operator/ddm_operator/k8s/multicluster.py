@@ -1,0 +1,91 @@
+"""Clients for other clusters: a kubeconfig read from a Secret in the DDM's namespace, checked, and cached.
+
+A kubeconfig is code-adjacent: ``exec`` and ``auth-provider`` run programs in the operator's pod, file paths
+(``tokenFile``, ``client-certificate``, ...) read the operator's own files (its ServiceAccount token), and
+``insecure-skip-tls-verify`` hands the credentials to whoever answers. All of these are rejected; the Secret must
+carry inline data (``certificate-authority-data``, ``client-certificate-data``/``client-key-data`` or ``token``).
+"""
+from __future__ import annotations
+
+import base64
+import threading
+from typing import Any
+
+import yaml
+
+from ddm_trainer.errors import ConfigError
+
+SECRET_KEYS = ("kubeconfig", "config", "value")  # the first present one is used
+FORBIDDEN_USER_FIELDS = ("exec", "auth-provider", "tokenFile", "token-file", "client-certificate", "client-key",
+                         "username", "password")
+FORBIDDEN_CLUSTER_FIELDS = ("insecure-skip-tls-verify", "certificate-authority")
+
+
+def validate_kubeconfig(config: Any, where: str) -> dict[str, Any]:
+    """Return the kubeconfig if it is safe to use, else ConfigError naming ``where`` and the field."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: kubeconfig is not a YAML mapping")
+    clusters = config.get("clusters") or []
+    users = config.get("users") or []
+    if not clusters or not config.get("contexts"):
+        raise ConfigError(f"{where}: kubeconfig has no clusters or contexts")
+    for entry in clusters:
+        cluster = (entry or {}).get("cluster") or {}
+        for bad in FORBIDDEN_CLUSTER_FIELDS:
+            if cluster.get(bad):
+                raise ConfigError(f"{where}: cluster {entry.get('name')!r} uses {bad!r}, which is not allowed")
+        if not str(cluster.get("server", "")).startswith("https://"):
+            raise ConfigError(f"{where}: cluster {entry.get('name')!r} server must be https://")
+    for entry in users:
+        user = (entry or {}).get("user") or {}
+        for bad in FORBIDDEN_USER_FIELDS:
+            if bad in user:
+                raise ConfigError(f"{where}: user {entry.get('name')!r} uses {bad!r}, which is not allowed")
+    return config
+
+
+def kubeconfig_from_secret_data(data: dict[str, str], where: str) -> dict[str, Any]:
+    """Decode a Secret's ``data`` (base64 values) into a checked kubeconfig."""
+    for key in SECRET_KEYS:
+        if key in (data or {}):
+            try:
+                text = base64.b64decode(data[key], validate=True).decode()
+                parsed = yaml.safe_load(text)
+            except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ConfigError(f"{where}: key {key!r} is not a base64 YAML kubeconfig ({exc})") from None
+            return validate_kubeconfig(parsed, where)
+    raise ConfigError(f"{where}: Secret has none of the keys {', '.join(SECRET_KEYS)}")
+
+
+class ClusterClients:
+    """One kubernetes ApiClient per (namespace, Secret, resourceVersion): a rotated Secret gets a new client."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str, str], tuple[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, core_api: Any, namespace: str, secret_name: str) -> Any:
+        """The ApiClient for the cluster in ``namespace/secret_name`` (read with ``core_api``, a CoreV1Api)."""
+        from kubernetes import client as k8s_client
+        from kubernetes import config as k8s_config
+
+        where = f"Secret {namespace}/{secret_name}"
+        try:
+            secret = core_api.read_namespaced_secret(secret_name, namespace)
+        except k8s_client.ApiException as exc:
+            if exc.status == 404:
+                raise ConfigError(f"{where}: not found (spec placement.targetCluster)") from None
+            raise
+        version = secret.metadata.resource_version or ""
+        with self._lock:
+            cached = self._clients.get((namespace, secret_name))
+            if cached and cached[0] == version:
+                return cached[1]
+        config = kubeconfig_from_secret_data(secret.data or {}, where)
+        api_client = k8s_config.new_client_from_config_dict(config)
+        with self._lock:
+            self._clients[(namespace, secret_name)] = (version, api_client)
+        return api_client
+
+    def cached(self) -> int:
+        return len(self._clients)
