@@ -1,0 +1,191 @@
+"""Sampling from a DDM ensemble: integrate u(x_t, t) = sum_k w_k(x_t, t) u_k(x_t, t) from noise (t=1) to data (t=0).
+
+``CombinedSampler`` evaluates the router once per velocity evaluation, turns its probabilities into expert weights
+with a ``combine`` strategy, and runs each expert only on the samples that give it a nonzero weight (gather,
+forward on the expert's own device, scatter back). Experts may be modules or zero-argument loaders, called on
+first use. Kept free of pydantic/minio: the GPU benchmark imports it on a machine that has only torch.
+
+Conventions: x_t = (1 - t) x0 + t eps, velocity v = eps - x0, dx/dt = v integrated from t=1 to t=0.
+An expert is called as ``expert(x, t, y)`` with x (B, C, H, W), t (B,), y (B,) long or None; the router as
+``router(x, t)`` returning logits (B, K).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence, Union
+
+import torch
+from torch import nn
+
+from .combine import Strategy, expert_weights, needed_experts, parse_strategy
+from .errors import ConfigError
+
+ExpertSource = Union[nn.Module, Callable[[], nn.Module]]
+Method = Literal["euler", "heun"]
+
+
+@dataclass
+class SampleStats:
+    """Per-sample costs of one ``sample`` call (averaged over the samples drawn)."""
+
+    nfe: float = 0.0  # expert forward evaluations per sample (a CFG pair counts 2)
+    router_nfe: float = 0.0  # router evaluations per sample
+    gflops_per_sample: float = 0.0  # experts + router, from each model's forward_flops(batch=1)
+    expert_calls: dict[int, int] = field(default_factory=dict)  # expert -> sample-evaluations, for load balance
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"nfe": self.nfe, "router_nfe": self.router_nfe, "gflops_per_sample": self.gflops_per_sample,
+                "expert_calls": {str(k): v for k, v in sorted(self.expert_calls.items())}}
+
+
+def _flops(model: nn.Module) -> float:
+    fn = getattr(model, "forward_flops", None)
+    return float(fn(batch=1)) if callable(fn) else 0.0
+
+
+def time_grid(steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """steps+1 times from 1 (noise) down to 0 (data), uniform."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=dtype)
+
+
+class CombinedSampler:
+    """Sample from K experts combined by a router.
+
+    experts: one module or loader per cluster, index = cluster id. router: module (x, t) -> logits (B, K), or a
+    loader, or None for ``oracle-C``. devices: one device per expert (default: ``device``). cfg_scale: classifier-free
+    guidance scale for class-conditional experts; 1 means no guidance; ``null_label`` is the unconditional class id.
+    """
+
+    def __init__(self, experts: Sequence[ExpertSource], router: ExpertSource | None, strategy: Strategy | str,
+                 steps: int = 50, method: Method = "euler", cfg_scale: float = 1.0, device: str | torch.device = "cpu",
+                 devices: Sequence[str | torch.device] | None = None, router_num_clusters: int | None = None,
+                 null_label: int | None = None, dtype: torch.dtype = torch.float32):
+        self.strategy = parse_strategy(strategy)
+        self.num_experts = len(experts)
+        if self.num_experts == 0:
+            raise ConfigError("no experts given to the sampler")
+        if steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {steps}")
+        if method not in ("euler", "heun"):
+            raise ConfigError(f"unknown ODE method {method!r} (choose euler or heun)")
+        if devices is not None and len(devices) != self.num_experts:
+            raise ConfigError(f"{len(devices)} devices given for {self.num_experts} experts")
+        self.strategy.check(self.num_experts)
+        if self.strategy.needs_router and router is None:
+            raise ConfigError(f"strategy {self.strategy.name!r} needs a router, none given")
+        k_router = router_num_clusters if router_num_clusters is not None else getattr(router, "num_clusters", None)
+        if k_router is not None and router is not None and int(k_router) != self.num_experts:
+            raise ConfigError(f"router has {k_router} clusters but {self.num_experts} experts were given")
+        self._sources = list(experts)
+        self._loaded: dict[int, nn.Module] = {}
+        self._router_source = router
+        self._router: nn.Module | None = None
+        self.steps, self.method, self.cfg_scale = steps, method, float(cfg_scale)
+        self.device = torch.device(device)
+        self.devices = [torch.device(d) for d in devices] if devices is not None else [self.device] * self.num_experts
+        self.null_label = null_label
+        self.dtype = dtype
+        self._stats = SampleStats()
+
+    # -- lazy loading --------------------------------------------------------------------------------------------
+    def expert(self, k: int) -> nn.Module:
+        if k not in self._loaded:
+            src = self._sources[k]
+            model = src if isinstance(src, nn.Module) else src()
+            self._loaded[k] = model.to(self.devices[k]).eval()
+        return self._loaded[k]
+
+    def router(self) -> nn.Module:
+        if self._router is None:
+            src = self._router_source
+            if src is None:
+                raise ConfigError(f"strategy {self.strategy.name!r} needs a router, none given")
+            model = src if isinstance(src, nn.Module) else src()
+            self._router = model.to(self.device).eval()
+        return self._router
+
+    # -- one velocity evaluation ---------------------------------------------------------------------------------
+    def weights(self, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Expert weights w (B, K) at (x_t, t)."""
+        if not self.strategy.needs_router:
+            return expert_weights(torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device),
+                                  self.strategy)
+        router = self.router()
+        logits = router(x, t)  # (B, K)
+        if logits.shape[-1] != self.num_experts:
+            raise ConfigError(f"router gives {logits.shape[-1]} logits but {self.num_experts} experts were given")
+        self._stats.router_nfe += x.shape[0]
+        self._stats.gflops_per_sample += x.shape[0] * _flops(router) / 1e9
+        p = torch.softmax(logits.to(x.dtype), dim=-1)  # (B, K)
+        return expert_weights(p, self.strategy, generator)
+
+    def _expert_velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        model = self.expert(k)
+        dev = self.devices[k]
+        xk, tk = x.to(dev), t.to(dev)
+        guided = y is not None and self.cfg_scale != 1.0
+        if guided:
+            if self.null_label is None:
+                raise ConfigError(f"cfg_scale={self.cfg_scale} needs the experts' null (unconditional) label")
+            y_null = torch.full_like(y, self.null_label)
+            both = model(torch.cat([xk, xk]), torch.cat([tk, tk]), torch.cat([y, y_null]).to(dev))  # (2b, C, H, W)
+            cond, uncond = both.chunk(2)
+            v = uncond + self.cfg_scale * (cond - uncond)
+        else:
+            v = model(xk, tk, y.to(dev) if y is not None else None)  # (b, C, H, W)
+        evals = x.shape[0] * (2 if guided else 1)
+        self._stats.nfe += evals
+        self._stats.expert_calls[k] = self._stats.expert_calls.get(k, 0) + evals
+        self._stats.gflops_per_sample += evals * _flops(model) / 1e9
+        return v.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """u(x_t, t) = sum_k w_k u_k, evaluating each expert only on the samples that weight it."""
+        w = self.weights(x, t, generator)  # (B, K)
+        u = torch.zeros_like(x)
+        for k in needed_experts(w):
+            idx = torch.nonzero(w[:, k] > 0).flatten()  # (b,)
+            vk = self._expert_velocity(k, x[idx], t[idx], y[idx] if y is not None else None)  # (b, C, H, W)
+            wk = w[idx, k].view(-1, *([1] * (x.dim() - 1)))  # (b, 1, 1, 1)
+            u.index_add_(0, idx, wk * vk)
+        return u
+
+    # -- the ODE -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, x1: torch.Tensor, y: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+        """Integrate from x1 ~ N(0, I) at t=1 to t=0; deterministic for (x1, y, seed) (seed drives sample-K)."""
+        x = x1.to(self.device, self.dtype)
+        y = y.to(self.device) if y is not None else None
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        grid = time_grid(self.steps, torch.float64).tolist()
+        batch = x.shape[0]
+        for t_now, t_next in zip(grid[:-1], grid[1:]):
+            t = torch.full((batch,), t_now, dtype=self.dtype, device=self.device)
+            v = self.velocity(x, t, y, gen)
+            dt = t_next - t_now  # negative: time runs 1 -> 0
+            if self.method == "heun":
+                x_euler = x + dt * v
+                t2 = torch.full((batch,), t_next, dtype=self.dtype, device=self.device)
+                v2 = self.velocity(x_euler, t2, y, gen)
+                x = x + dt * 0.5 * (v + v2)
+            else:
+                x = x + dt * v
+        return x
+
+    def stats(self, num_samples: int) -> SampleStats:
+        """Accumulated costs so far divided by ``num_samples`` (the number of images drawn)."""
+        n = max(num_samples, 1)
+        s = self._stats
+        return SampleStats(nfe=s.nfe / n, router_nfe=s.router_nfe / n, gflops_per_sample=s.gflops_per_sample / n,
+                           expert_calls=dict(s.expert_calls))
+
+    def reset_stats(self) -> None:
+        self._stats = SampleStats()
+
+
+def draw_noise(n: int, shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x1 ~ N(0, I) of shape (n, *shape), the same for a seed on any device (drawn on the CPU)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen, dtype=dtype)
