@@ -19,6 +19,7 @@ from torch import nn
 
 from .combine import Strategy, expert_weights, needed_experts, parse_strategy
 from .errors import ConfigError
+from .flow import ode_sample
 
 ExpertSource = Union[nn.Module, Callable[[], nn.Module]]
 Method = Literal["euler", "heun"]
@@ -41,11 +42,6 @@ class SampleStats:
 def _flops(model: nn.Module) -> float:
     fn = getattr(model, "forward_flops", None)
     return float(fn(batch=1)) if callable(fn) else 0.0
-
-
-def time_grid(steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """steps+1 times from 1 (noise) down to 0 (data), uniform."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=dtype)
 
 
 class CombinedSampler:
@@ -155,24 +151,18 @@ class CombinedSampler:
     # -- the ODE -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, x1: torch.Tensor, y: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-        """Integrate from x1 ~ N(0, I) at t=1 to t=0; deterministic for (x1, y, seed) (seed drives sample-K)."""
+        """Integrate from x1 ~ N(0, I) at t=1 to t=0 with ``flow.ode_sample``; deterministic for (x1, y, seed)
+        (the seed drives sample-K's draws)."""
         x = x1.to(self.device, self.dtype)
         y = y.to(self.device) if y is not None else None
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        grid = time_grid(self.steps, torch.float64).tolist()
-        batch = x.shape[0]
-        for t_now, t_next in zip(grid[:-1], grid[1:]):
-            t = torch.full((batch,), t_now, dtype=self.dtype, device=self.device)
-            v = self.velocity(x, t, y, gen)
-            dt = t_next - t_now  # negative: time runs 1 -> 0
-            if self.method == "heun":
-                x_euler = x + dt * v
-                t2 = torch.full((batch,), t_next, dtype=self.dtype, device=self.device)
-                v2 = self.velocity(x_euler, t2, y, gen)
-                x = x + dt * 0.5 * (v + v2)
-            else:
-                x = x + dt * v
-        return x
+
+        def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.velocity(x, t.to(self.dtype), y, gen)
+
+        out = ode_sample(velocity_fn, x, self.steps, self.method)
+        assert isinstance(out, torch.Tensor)  # return_nfe=False
+        return out
 
     def stats(self, num_samples: int) -> SampleStats:
         """Accumulated costs so far divided by ``num_samples`` (the number of images drawn)."""
