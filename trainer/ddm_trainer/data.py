@@ -61,7 +61,7 @@ class _File:
 
     @property
     def url(self) -> str:
-        return self.store.url(self.key)
+        return _url(self.store, self.key)
 
     @property
     def name(self) -> str:
@@ -72,6 +72,12 @@ class _File:
             return self.store.get_bytes(self.key)
         except MissingArtifactError:
             raise DataError(f"data file {self.url} does not exist") from None
+
+
+def _url(store: Store, key: str) -> str:
+    """A plain path for local files (what the user typed), the store URL otherwise."""
+    local = store.local_path()
+    return str(local / key) if local is not None else store.url(key)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -114,14 +120,14 @@ def _list_files(uri: str, store: Store | None) -> tuple[list[_File], str | None]
                 base = re.split(r"[*?\[]", pat, maxsplit=1)[0].rsplit("/", 1)[0] if "/" in pat else ""
                 keys = [k for k in data_store.list(base) if fnmatch.fnmatch(k, pat)]
             if not keys:
-                raise DataError(f"data.uri pattern {data_store.url(pat)} matches no files")
+                raise DataError(f"data.uri pattern {_url(data_store, pat)} matches no files")
             files += [_File(data_store, k) for k in keys]
         elif data_store.exists(pat):
             files.append(_File(data_store, pat))
         else:
             keys = data_store.list(pat)
             if not keys:
-                raise DataError(f"data path {data_store.url(pat)} does not exist (or is empty)")
+                raise DataError(f"data path {_url(data_store, pat)} does not exist (or is empty)")
             files += [_File(data_store, k) for k in keys]
     return files, fragment
 
