@@ -1,0 +1,62 @@
+"""Config of the expert stage, and ``TrainerConfig``: the training-loop settings reused by router and distillation.
+
+Torch-free: the operator validates these before it starts a pod.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .common import DataConfig, StageBase, StrictModel
+
+
+class TrainerConfig(StrictModel):
+    """The generic checkpointed training loop (``ddm_trainer.train_loop.Trainer``)."""
+
+    steps: int = Field(1000, ge=1, description="Optimizer steps in total (a resumed run continues to this)")
+    batch_size: int = Field(64, ge=1, description="Per-process batch size (global = batch_size * world_size)")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, then constant")
+    ema_decay: float = Field(0.9999, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; null disables clipping")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (CUDA or CPU) or plain fp32")
+    compile: bool = Field(False, description="torch.compile the model for training")
+    ckpt_every: int = Field(1000, ge=1, description="Checkpoint every N steps (and on SIGTERM)")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the last N committed checkpoints")
+    log_every: int = Field(50, ge=1, description="Progress line (and the loss-finiteness check) every N steps")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms: bitwise-exact resume")
+
+
+class SampleGridConfig(StrictModel):
+    """The grid of EMA samples written beside a trained expert."""
+
+    count: int = Field(64, ge=0, description="Images in the grid (0: no grid)")
+    nrow: int = Field(8, ge=1)
+    steps: int = Field(50, ge=1, description="ODE steps")
+    method: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional only)")
+
+
+class ExpertConfig(StageBase):
+    """Train one flow-matching DiT on one cluster (or on all data: the monolith baseline)."""
+
+    data: DataConfig
+    cluster_index: int | None = Field(None, ge=0, description="Cluster to train on; null = all data (monolith)")
+    model: str = Field("DiT-S/2", description="DiT preset, e.g. DiT-S/2, DiT-B/2, DiT-XL/2, DiT-T/4 (CPU)")
+    class_cond: bool = Field(False, description="Condition on the data's class labels")
+    num_classes: int | None = Field(None, ge=1, description="Number of classes (required with class_cond)")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="P(label -> null) for classifier-free guidance")
+    t_dist: Literal["uniform", "logit_normal"] = "logit_normal"
+    train: TrainerConfig = TrainerConfig()
+    sample_grid: SampleGridConfig = SampleGridConfig()
+
+    @model_validator(mode="after")
+    def _classes(self) -> "ExpertConfig":
+        if self.class_cond and self.num_classes is None:
+            raise ValueError("class_cond is true but num_classes is not set")
+        if self.class_cond and self.data.class_field is None:
+            raise ValueError("class_cond is true but data.class_field is null")
+        return self

@@ -1,0 +1,250 @@
+"""A generic checkpointed training loop with exact resume: experts (flow loss), router (cross-entropy), distillation.
+
+``Trainer(model, loss_fn, stream, store, stage_dir, cfg, reporter).fit()`` runs to ``cfg.steps``:
+AdamW (fused on CUDA), EMA initialised by copy, bf16 autocast, optional torch.compile, grad clipping, DDP under
+torchrun. It resumes from the newest committed checkpoint that verifies, checkpoints every ``cfg.ckpt_every`` steps
+and on SIGTERM (then raises PreemptedError), and commits final weights (model + EMA + config) at the end.
+
+Exact resume: model, EMA, optimizer, step, loss history, the stream's ``state_dict()``, the loss generator and all
+global RNG states are saved, so N steps + kill + resume + N steps equals 2N steps bitwise (with cfg.deterministic).
+
+The stream is anything iterable that yields batches and has ``state_dict()`` / ``load_state_dict(d)`` describing
+the batches already consumed (``ddm_trainer.data`` streams do). Tensors in a batch (dict/list/tuple) are moved to
+the device before ``loss_fn(model, batch, generator)`` is called; the generator is on the training device.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .configs.expert import TrainerConfig
+from .errors import NonFiniteLossError, PreemptedError
+from .progress import Reporter, preempt_requested
+from .runtime import Runtime, autocast, barrier, rank_seed, rng_state, seed_everything, set_rng_state, setup_runtime
+from .store import Store
+
+__all__ = ["Trainer", "TrainerConfig", "LossFn", "Stream", "move_to"]
+
+LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
+
+
+class Stream(Protocol):
+    def __iter__(self) -> Iterator[Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # e.g. data.ImageBatch
+        return dataclasses.replace(batch, **{f.name: move_to(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, stream: Stream, store: Store, stage_dir: str,
+                 cfg: TrainerConfig, reporter: Reporter | None = None, *, seed: int = 0,
+                 runtime: Runtime | None = None, stage_config: dict[str, Any] | None = None,
+                 model_spec: dict[str, Any] | None = None):
+        """``stage_config`` and ``model_spec`` are written into the final weights' config.json so a consumer can
+        rebuild the model (e.g. ``{"arch": "dit", "preset": "DiT-S/2", "image_size": 32, ...}``)."""
+        self.cfg = cfg
+        self.rt = runtime or setup_runtime("auto", deterministic=cfg.deterministic)
+        self.store, self.stage_dir, self.reporter = store, stage_dir, reporter
+        self.loss_fn, self.stream = loss_fn, stream
+        self.stage_config, self.model_spec = stage_config or {}, model_spec or {}
+        self.seed = rank_seed(seed, self.rt)
+        seed_everything(self.seed)
+        self.model = model.to(self.rt.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.generator = torch.Generator(device=self.rt.device).manual_seed(self.seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                           fused=self.rt.device.type == "cuda")
+        self.train_model: nn.Module = self.model
+        if self.rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        self.step = 0
+        self.losses: list[float] = []  # one per step, rank-0 view (mean over ranks)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _local_state(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "rng": rng_state(), "generator": self.generator.get_state()}
+
+    def state_dict(self) -> dict[str, Any]:
+        local = self._local_state()
+        per_rank = [local]
+        if self.rt.distributed:
+            per_rank = [None] * self.rt.world_size  # type: ignore[list-item]
+            torch.distributed.all_gather_object(per_rank, local)
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "losses": list(self.losses),
+            "per_rank": per_rank,
+            "world_size": self.rt.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        per_rank = state["per_rank"]
+        local = per_rank[self.rt.rank] if self.rt.rank < len(per_rank) else per_rank[0]
+        self.stream.load_state_dict(local["stream"])
+        set_rng_state(local["rng"])
+        self.generator.set_state(local["generator"])
+
+    def save(self) -> str:
+        state = self.state_dict()  # every rank joins the gather
+        prefix = ""
+        if self.rt.is_main:
+            config = {"trainer": self.cfg.model_dump(mode="json"), "stage": self.stage_config, "model": self.model_spec}
+            prefix = ckpt.save_checkpoint(self.store, self.stage_dir, self.step, state, config,
+                                          self.cfg.keep_checkpoints)
+            if self.reporter:
+                self.reporter.checkpoint(self.step, self.store.url(prefix))
+        barrier(self.rt)
+        return prefix
+
+    def resume(self) -> bool:
+        prefix = ckpt.latest_checkpoint(self.store, self.stage_dir)
+        if prefix is None:
+            return False
+        self.load_state_dict(ckpt.load_checkpoint(self.store, prefix, map_location=self.rt.device))
+        if self.reporter:
+            self.reporter.event("resumed", step=self.step, checkpoint=self.store.url(prefix))
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        if self.cfg.warmup_steps <= 0:
+            return self.cfg.lr
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        ema_params = list(self.ema.parameters())
+        params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.cfg.ema_decay)
+        for eb, b in zip(self.ema.buffers(), self.model.buffers()):
+            eb.copy_(b)
+
+    def _flush(self, pending: list[torch.Tensor], first_step: int) -> None:
+        """Sync the pending per-step losses (one device sync per call), check finiteness, append to history."""
+        if not pending:
+            return
+        values = torch.stack(pending).float()  # (n,)
+        if self.rt.distributed:
+            torch.distributed.all_reduce(values)
+            values /= self.rt.world_size
+        host = values.tolist()
+        for i, v in enumerate(host):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(f"loss is {v} at step {first_step + i + 1} of {self.stage_dir}; "
+                                         f"no checkpoint written for this state (try a lower train.lr)")
+        self.losses.extend(host)
+        pending.clear()
+
+    def fit(self) -> list[float]:
+        """Train (resuming if possible) to cfg.steps, commit the final weights; returns the per-step loss curve."""
+        if ckpt.has_final(self.store, self.stage_dir):
+            return self._load_finished()
+        self.resume()
+        it = iter(self.stream)
+        pending: list[torch.Tensor] = []
+        window_start, window_steps = time.perf_counter(), 0
+        images_per_step = self.cfg.batch_size * self.rt.world_size
+        self.model.train()
+        while self.step < self.cfg.steps:
+            if preempt_requested():
+                self._flush(pending, self.step - len(pending))
+                prefix = self.save()
+                raise PreemptedError(f"preempted (SIGTERM) at step {self.step}; checkpoint saved at "
+                                     f"{self.store.url(prefix)}")
+            try:
+                batch = next(it)
+            except StopIteration:  # a finite stream: start the next epoch
+                it = iter(self.stream)
+                batch = next(it)
+            batch = move_to(batch, self.rt.device)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr(self.step)
+            with autocast(self.rt.device, self.cfg.precision):
+                loss = self.loss_fn(self.train_model, batch, self.generator)
+            loss.backward()
+            if self.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._update_ema()
+            pending.append(loss.detach())
+            self.step += 1
+            window_steps += 1
+            at_ckpt = self.step % self.cfg.ckpt_every == 0 and self.step < self.cfg.steps
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or at_ckpt:
+                self._flush(pending, self.step - len(pending))
+                now = time.perf_counter()
+                if self.reporter and self.rt.is_main:
+                    self.reporter.update(self.step, loss=self.losses[-1],
+                                         images_per_s=images_per_step * window_steps / max(now - window_start, 1e-9),
+                                         lr=self._lr(self.step - 1))
+                window_start, window_steps = now, 0
+            if at_ckpt:
+                self.save()
+        self._flush(pending, self.step - len(pending))
+        self._save_final()
+        return self.losses
+
+    def _save_final(self) -> None:
+        if self.rt.is_main:
+            config = {"trainer": self.cfg.model_dump(mode="json"), "stage": self.stage_config,
+                      "model": self.model_spec, "step": self.step}
+            extra = {"losses.json": _json_bytes(self.losses)}
+            ckpt.save_final(self.store, self.stage_dir, _fp32(self.model.state_dict()), _fp32(self.ema.state_dict()),
+                            config, extra)
+        barrier(self.rt)
+
+    def _load_finished(self) -> list[float]:
+        import json
+
+        from . import layout
+
+        final = ckpt.load_final(self.store, self.stage_dir, map_location=self.rt.device)
+        self.model.load_state_dict(final.model)
+        self.ema.load_state_dict(final.ema)
+        self.step = int(final.config.get("step") or self.cfg.steps)
+        self.losses = json.loads(self.store.read_committed(layout.final(self.stage_dir), "losses.json"))
+        return self.losses
+
+
+def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v).detach().cpu() for k, v in state.items()}
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj).encode()
