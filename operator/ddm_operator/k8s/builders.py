@@ -97,7 +97,7 @@ def placement_from_dict(d: dict[str, Any] | None) -> Placement:
         affinity=get("affinity", "affinity") or None,
         resources=dict(get("resources", "resources") or {}),
         priority_class_name=get("priorityClassName", "priority_class_name"),
-        queue_name=get("queueName", "queue_name"),
+        queue_name=get("kueueQueueName", "kueue_queue_name") or get("queueName", "queue_name"),
         target_cluster=get("targetCluster", "target_cluster"),
     )
 

@@ -1,0 +1,67 @@
+{{/* Chart name, truncated to the DNS label limit. */}}
+{{- define "ddm-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart, unless the release name already contains the chart name. */}}
+{{- define "ddm-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select the operator pod; never change after install. */}}
+{{- define "ddm-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ddm-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "ddm-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "ddm-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "ddm-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "ddm-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Application rules: what the operator does to DDMs and their children. Narrowest verbs:
+     no delete (children go with their owner through the garbage collector), no update (merge patches only). */}}
+{{- define "ddm-operator.applicationRules" -}}
+- apiGroups: ["ddm.io"]
+  resources: ["decentralizeddiffusions"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["ddm.io"]
+  resources: ["decentralizeddiffusions/status"]
+  verbs: ["patch"]
+- apiGroups: ["kubeflow.org"]
+  resources: ["pytorchjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create"]
+{{- if .Values.rbac.multiCluster }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
+{{- end }}
+
+{{/* Framework rules (namespaced part): kopf posts Events about the objects it handles. */}}
+{{- define "ddm-operator.frameworkNamespacedRules" -}}
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}

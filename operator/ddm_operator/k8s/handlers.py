@@ -1,0 +1,381 @@
+"""kopf handlers: read the DDM and its children, call the planner, carry out its actions, patch status.
+
+Run: ``kopf run --standalone -m ddm_operator.k8s.handlers --namespace NS`` (or ``ddm-operator``).
+
+Level-triggered: every reconcile recomputes everything from the spec and the observed PyTorchJobs, so a missed
+event or a killed operator costs nothing. It runs from a timer on every DDM (DDM_RECONCILE_INTERVAL_S), on
+create/update/resume, and whenever one of our PyTorchJobs finishes (so a stage follows the previous one at once).
+Children have deterministic names; creating one that exists (409) adopts it, so a re-run never duplicates.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from ddm_trainer.errors import DDMError
+
+from .. import planner as pl
+from .. import stages
+from ..api.models import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    DecentralizedDiffusionSpec,
+    DecentralizedDiffusionStatus,
+    Placement,
+)
+from . import builders as b
+from .multicluster import ClusterClients
+from .observe import JobState, job_state, latest_attempts
+
+INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "5"))
+CONFIG_PATH = f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"
+log = logging.getLogger("ddm_operator")
+
+_clusters = ClusterClients()
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+_stores: dict[str, Any] = {}
+
+
+def _lock(uid: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(uid, threading.Lock())
+
+
+# ---------------------------------------------------------------- API access (thin wrappers)
+
+
+def _custom(api_client: Any = None) -> k8s.CustomObjectsApi:
+    return k8s.CustomObjectsApi(api_client)
+
+
+def _core(api_client: Any = None) -> k8s.CoreV1Api:
+    return k8s.CoreV1Api(api_client)
+
+
+def _create_or_adopt(create: Any, read: Any) -> dict[str, Any]:
+    """Create; on 409 Conflict read the existing object: running a handler twice creates nothing twice."""
+    try:
+        out = create()
+    except k8s.ApiException as exc:
+        if exc.status != 409:
+            raise
+        out = read()
+    return out if isinstance(out, dict) else k8s.ApiClient().sanitize_for_serialization(out)
+
+
+def _client_for(namespace: str, cluster: str | None) -> Any:
+    return None if cluster is None else _clusters.get(_core(), namespace, cluster)
+
+
+def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
+    selector = f"{b.LABEL_UID}={uid}"
+    items = _custom(_client_for(namespace, cluster)).list_namespaced_custom_object(
+        b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)["items"]
+    return [s for s in (job_state(j, cluster) for j in items) if s is not None]
+
+
+# ---------------------------------------------------------------- spec -> children
+
+
+def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[Placement, int]:
+    """(placement, gpus per node) of a stage. Clustering runs with the experts' default placement."""
+    if key.stage == "expert":
+        return spec.experts.placement_for(key.index or 0), spec.experts.gpus_per_node
+    if key.stage == "router":
+        return spec.router.placement, spec.router.gpus_per_node
+    if key.stage == "evaluate":
+        return spec.evaluation.placement, 1
+    if key.stage == "distill" and spec.distillation is not None:
+        return spec.distillation.placement, 1
+    return spec.experts.placement, spec.experts.gpus_per_node
+
+
+def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageKey, attempt: int) -> b.JobRequest:
+    """The PyTorchJob + ConfigMap inputs of one stage attempt (pure)."""
+    placement_model, gpus = _placement_of(spec, key)
+    placement = b.placement_from_dict(placement_model.to_wire())
+    resources = dict(placement.resources)
+    limits = dict(resources.get("limits") or {})
+    if gpus > 0 and "nvidia.com/gpu" not in limits:
+        limits["nvidia.com/gpu"] = gpus
+        resources["limits"] = limits
+    placement = b.Placement(**{**placement.__dict__, "resources": resources})
+    nodes, _ = stages.world_size(spec, key)
+    run = stages.run_uri(spec, owner.namespace, owner.name)
+    return b.JobRequest(
+        owner=owner, key=key.id, attempt=attempt, image=spec.trainer_image,
+        command=stages.stage_command(spec, key, CONFIG_PATH), config=stages.stage_config(spec, key, run),
+        nodes=nodes, placement=placement, credentials_secret=spec.storage.credentials_secret,
+        restarts_in_place=spec.failure_policy.max_retries_per_stage if key.stage != "expert" else
+        spec.failure_policy.max_retries_per_expert,
+    )
+
+
+def _launch(req: b.JobRequest) -> None:
+    api_client = _client_for(req.owner.namespace, req.placement.target_cluster)
+    ns, name = req.owner.namespace, req.name
+    core, custom = _core(api_client), _custom(api_client)
+    cm = b.build_configmap(req)
+    _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm),
+                     lambda: core.read_namespaced_config_map(name, ns))
+    job = b.build_pytorchjob(req)
+    _create_or_adopt(
+        lambda: custom.create_namespaced_custom_object(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, ns,
+                                                       b.PYTORCHJOB_PLURAL, job),
+        lambda: custom.get_namespaced_custom_object(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, ns,
+                                                    b.PYTORCHJOB_PLURAL, name))
+
+
+def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
+    _custom(_client_for(namespace, job.cluster)).patch_namespaced_custom_object(
+        b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, job.name, b.suspend_patch(suspend))
+
+
+# ---------------------------------------------------------------- observation
+
+
+def _progress_step(spec: DecentralizedDiffusionSpec, namespace: str, name: str, key: str) -> int:
+    """Latest step of a running stage from ``<run>/progress/<key>.json`` (advisory: 0 when unreadable)."""
+    run = stages.run_uri(spec, namespace, name)
+    try:
+        from ddm_trainer.store import open_store
+
+        store = _stores.get(run)
+        if store is None:
+            store = _stores[run] = open_store(run, check_bucket=False)
+        report = store.get_json(f"progress/{key}.json")
+        return int(report.get("step") or 0)
+    except Exception:  # no report yet, store unreachable from the operator, ...: progress is advisory
+        return 0
+
+
+def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> tuple[pl.Observed, dict[str, JobState]]:
+    clusters = {spec.experts.placement_for(k).target_cluster for k in range(spec.num_experts)}
+    jobs: list[JobState] = []
+    for cluster in sorted(clusters, key=lambda c: c or ""):
+        jobs += _list_jobs(namespace, uid, cluster)
+    latest = latest_attempts(jobs)
+    state_of = {"Pending": pl.State.RUNNING, "Running": pl.State.RUNNING, "Suspended": pl.State.SUSPENDED,
+                "Succeeded": pl.State.SUCCEEDED, "Failed": pl.State.FAILED}
+    observed: dict[pl.StageKey, pl.StageObservation] = {}
+    for key_id, job in latest.items():
+        try:
+            key = stages.parse_key(key_id)
+        except ValueError:
+            continue
+        step = _progress_step(spec, namespace, name, key_id) if job.phase == "Running" else 0
+        message = job.message if job.phase == "Failed" else ""
+        if job.exit_code is not None and job.phase == "Failed":
+            message = f"exit code {job.exit_code}: {message}".rstrip(": ")
+        observed[key] = pl.StageObservation(
+            state=state_of[job.phase], attempts=job.attempt, step=step, retryable=not job.permanent,
+            failed_at=job.finished_at, message=message, cluster=job.cluster)
+    return pl.Observed(now=time.time(), stages=observed), latest
+
+
+# ---------------------------------------------------------------- status
+
+
+def _now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[str, JobState],
+               generation: int | None) -> DecentralizedDiffusionStatus:
+    stage_jobs = plan.stages.model_copy(deep=True)
+    for field, key in (("clustering", "cluster"), ("router", "router"), ("evaluation", "evaluate"),
+                       ("distillation", "distill")):
+        st = getattr(stage_jobs, field)
+        if st is not None and key in latest:
+            st.job_name = latest[key].name
+    experts = []
+    for e in plan.experts:
+        job = latest.get(b.expert_key(e.index))
+        experts.append(e.model_copy(update={"job_name": job.name if job else None}))
+    return DecentralizedDiffusionStatus(
+        phase=plan.phase, message=plan.message,
+        conditions=pl.merge_conditions(old.conditions, plan.conditions, _now_rfc3339(), generation),
+        observed_generation=generation, stages=stage_jobs, experts=experts,
+        experts_ready=plan.experts_ready, experts_total=plan.experts_total, router=plan.router,
+        best_fid=old.best_fid, results=old.results,
+    )
+
+
+def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionStatus) -> list[tuple[str, str]]:
+    """(reason, message) for every stage, expert or phase that changed phase."""
+    out = []
+    if old.phase != new.phase:
+        out.append(("PhaseChanged", f"phase {old.phase} -> {new.phase}: {new.message}"))
+    for field in ("clustering", "router", "evaluation", "distillation"):
+        before, after = getattr(old.stages, field), getattr(new.stages, field)
+        if after is not None and (before is None or before.phase != after.phase or before.attempts != after.attempts):
+            was = before.phase if before else "Pending"
+            if was != after.phase or (before and before.attempts != after.attempts):
+                out.append(("StageChanged", f"{field} {was} -> {after.phase} (attempt {after.attempts})"))
+    old_experts = {e.index: e for e in old.experts}
+    for e in new.experts:
+        prev = old_experts.get(e.index)
+        was = prev.phase if prev else "Pending"
+        if was != e.phase or (prev and prev.job_name != e.job_name):
+            out.append(("ExpertChanged", f"expert {e.index} {was} -> {e.phase}" + (f" ({e.job_name})" if e.job_name else "")))
+    return out
+
+
+def _compact(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if k != "kopf"}
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+def reconcile(namespace: str, name: str) -> float | None:
+    """One level-triggered pass over a DDM; returns seconds until a waiting retry is due (or None)."""
+    custom = _custom()
+    try:
+        body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except k8s.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp"):
+        return None
+    uid, generation = meta["uid"], meta.get("generation")
+    with _lock(uid):
+        old = DecentralizedDiffusionStatus.model_validate(body.get("status") or {})
+        try:
+            spec = DecentralizedDiffusionSpec.model_validate(body.get("spec") or {})
+        except ValueError as exc:
+            first = str(exc).splitlines()
+            message = f"invalid spec: {'; '.join(first[:3])}"[:1000]
+            if old.phase != "Failed" or old.message != message:
+                _patch_status(namespace, name, {"phase": "Failed", "message": message, "observedGeneration": generation})
+                kopf.warn(body, reason="InvalidSpec", message=message)
+            return None
+        owner = b.Owner(name=name, namespace=namespace, uid=uid)
+        try:
+            observed, latest = observe(spec, namespace, name, uid)
+        except DDMError as exc:  # e.g. a targetCluster Secret missing or unsafe: the user must fix it
+            if old.message != str(exc):
+                _patch_status(namespace, name, {"message": str(exc)})
+                kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
+            return INTERVAL_S
+        plan = pl.plan(spec, observed)
+        for action in plan.actions:
+            if isinstance(action, (pl.Launch, pl.Retry)):
+                _launch(job_request(spec, owner, action.key, action.attempt))
+                latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
+                                                 name=b.child_name(name, action.key.id, action.attempt),
+                                                 phase="Pending", cluster=_placement_of(spec, action.key)[0].target_cluster)
+            elif isinstance(action, (pl.Suspend, pl.Cancel)) and action.key.id in latest:
+                _set_suspend(namespace, latest[action.key.id], True)
+            elif isinstance(action, pl.Unsuspend) and action.key.id in latest:
+                _set_suspend(namespace, latest[action.key.id], False)
+        launched = {a.key for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))}
+        if launched:  # show the launched stages as running now rather than on the next pass
+            plan = pl.plan(spec, pl.Observed(now=observed.now, stages={
+                **observed.stages,
+                **{k: pl.StageObservation(pl.State.RUNNING, attempts=latest[k.id].attempt, cluster=latest[k.id].cluster)
+                   for k in launched}}))
+        new = _status_of(plan, old, latest, generation)
+        wire = new.to_wire()
+        if wire != _compact(old.to_wire()):
+            _patch_status(namespace, name, wire)
+            for reason, message in _transitions(old, new):
+                (kopf.warn if "Failed" in message or "Retrying" in message else kopf.info)(body, reason=reason, message=message)
+        return plan.requeue_after
+
+
+def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+
+# ---------------------------------------------------------------- kopf wiring
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 30
+    settings.persistence.finalizer = f"{GROUP}/cleanup"
+    settings.execution.max_workers = 8
+
+
+@kopf.on.probe(id="reconciled")
+def probe(**_: Any) -> int:
+    return len(_locks)
+
+
+def _uses_remote(spec: Any, **_: Any) -> bool:
+    experts = (spec or {}).get("experts") or {}
+    placements = [experts.get("placement") or {}] + [(o or {}).get("placement") or {} for o in experts.get("overrides") or []]
+    return any(p.get("targetCluster") for p in placements)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_change(namespace: str, name: str, **_: Any) -> None:
+    delay = reconcile(namespace, name)
+    if delay is not None and delay > 0:
+        log.debug("retry of %s/%s due in %.1f s (the timer picks it up)", namespace, name, delay)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL_S, initial_delay=INTERVAL_S)
+def on_timer(namespace: str, name: str, **_: Any) -> None:
+    reconcile(namespace, name)
+
+
+_finished_seen: set[tuple[str, str]] = set()
+
+
+def _is_finished(status: Any, **_: Any) -> bool:
+    return any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
+               for c in (status or {}).get("conditions") or [])
+
+
+@kopf.on.event(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, b.PYTORCHJOB_PLURAL,
+               labels={b.LABEL_UID: kopf.PRESENT}, when=_is_finished)
+def on_job_finished(meta: Any, namespace: str, type: str | None, **_: Any) -> None:
+    """A stage finished: re-plan its DDM now instead of at the next timer tick."""
+    marker = (meta.get("uid", ""), meta.get("resourceVersion", ""))
+    if type == "DELETED" or marker in _finished_seen:
+        return
+    _finished_seen.add(marker)
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == b.KIND:
+            reconcile(namespace, ref["name"])
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_uses_remote)
+def on_delete(namespace: str, uid: str, spec: Any, **_: Any) -> None:
+    """Children in other clusters have no owner reference there: delete them before the DDM goes."""
+    parsed = DecentralizedDiffusionSpec.model_validate(spec)
+    clusters = {parsed.experts.placement_for(k).target_cluster for k in range(parsed.num_experts)} - {None}
+    selector = f"{b.LABEL_UID}={uid}"
+    for cluster in sorted(c for c in clusters if c):
+        try:
+            api_client = _client_for(namespace, cluster)
+        except DDMError as exc:  # the Secret is gone: nothing we can reach to clean up
+            log.warning("cleanup of cluster %s skipped: %s", cluster, exc)
+            continue
+        custom, core = _custom(api_client), _core(api_client)
+        custom.delete_collection_namespaced_custom_object(
+            b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)
+        core.delete_collection_namespaced_config_map(namespace, label_selector=selector)
