@@ -6,17 +6,19 @@ some sample in the batch actually uses, so only those are evaluated.
 
 Strategy strings: ``full`` | ``top1`` / ``top-1`` | ``top-K`` | ``sample-K[@T]`` | ``nucleus-P[@T]`` | ``oracle-C``,
 where K is an expert count, P a probability mass in (0, 1], T a temperature > 0 (default 1), C a cluster index.
-Kept free of pydantic: the GPU benchmark imports it on a machine that has only torch.
+No pydantic (the GPU benchmark machine has only torch) and no torch at import time: stage configs, which the
+operator validates without torch, parse strategies with it; torch is imported inside the tensor functions.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 Kind = Literal["full", "top", "sample", "nucleus", "oracle"]
 STRATEGY_HELP = "full, top1, top-K, sample-K[@T], nucleus-P[@T], oracle-C"
@@ -107,6 +109,8 @@ def _sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _renormalise_on(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """p restricted to ``keep`` (bool (B, K)), rows summing to 1; a row whose kept mass underflowed is uniform on it."""
+    import torch
+
     w = torch.where(keep, p, torch.zeros_like(p))  # (B, K)
     total = w.sum(dim=1, keepdim=True)  # (B, 1)
     uniform = keep.to(p.dtype) / keep.sum(dim=1, keepdim=True).to(p.dtype)
@@ -114,6 +118,8 @@ def _renormalise_on(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_weights(p: torch.Tensor, k: int) -> torch.Tensor:
+    import torch
+
     idx = p.topk(k, dim=1).indices  # (B, k)
     keep = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
     return _renormalise_on(p, keep)
@@ -121,6 +127,8 @@ def top_k_weights(p: torch.Tensor, k: int) -> torch.Tensor:
 
 def sample_k_weights(p: torch.Tensor, k: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Draw k distinct experts per row with probability ∝ p^(1/T); weights are p renormalised over the draw."""
+    import torch
+
     q = _sharpen(p, temperature).clamp_min(1e-30)  # zeros would make multinomial refuse k > nonzero count
     gen_device = generator.device if generator is not None else q.device
     idx = torch.multinomial(q.to(gen_device), k, replacement=False, generator=generator).to(p.device)  # (B, k)
@@ -130,6 +138,8 @@ def sample_k_weights(p: torch.Tensor, k: int, temperature: float, generator: tor
 
 def nucleus_weights(p: torch.Tensor, mass: float, temperature: float) -> torch.Tensor:
     """The smallest set of experts (largest first) whose sharpened mass reaches ``mass``, renormalised."""
+    import torch
+
     q = _sharpen(p, temperature)  # (B, K)
     sorted_q, order = q.sort(dim=1, descending=True)
     mass_before = sorted_q.cumsum(dim=1) - sorted_q  # (B, K): mass of strictly larger experts
@@ -139,6 +149,8 @@ def nucleus_weights(p: torch.Tensor, mass: float, temperature: float) -> torch.T
 
 
 def oracle_weights(batch: int, num_experts: int, cluster: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    import torch
+
     dtype = like.dtype if like is not None else torch.float32
     device = like.device if like is not None else None
     w = torch.zeros(batch, num_experts, dtype=dtype, device=device)
@@ -163,4 +175,6 @@ def expert_weights(p: torch.Tensor, strategy: Strategy, generator: torch.Generat
 
 def needed_experts(w: torch.Tensor) -> list[int]:
     """Experts with a nonzero weight for at least one sample of the batch, ascending."""
+    import torch
+
     return torch.nonzero((w > 0).any(dim=0)).flatten().tolist()

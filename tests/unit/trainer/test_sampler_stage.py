@@ -1,0 +1,126 @@
+"""The sample stage and ``generate()`` on a real file store holding tiny (random-init) DiT experts and a router."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddm_trainer import layout
+from ddm_trainer.checkpoint import save_final
+from ddm_trainer.cli import load_config, main
+from ddm_trainer.errors import ConfigError, MissingArtifactError
+from ddm_trainer.models.dit import build_dit
+from ddm_trainer.models.router import RouterSpec, build_router_from_spec
+from ddm_trainer.stages.sample import generate, validate_ensemble
+from ddm_trainer.store import FileStore
+
+torch.set_num_threads(1)
+SIZE, CHANNELS = 8, 1
+
+
+def _commit_expert(store: FileStore, k: int, num_classes: int | None = None) -> None:
+    torch.manual_seed(100 + k)
+    model = build_dit("DiT-N/4", SIZE, CHANNELS, num_classes)
+    for p in model.parameters():  # DiT starts with zero output layers; perturb so experts differ
+        p.data.add_(0.05 * torch.randn_like(p))
+    spec = {"arch": "dit", "preset": "DiT-N/4", "image_size": SIZE, "channels": CHANNELS, "num_classes": num_classes}
+    save_final(store, layout.expert(k), model.state_dict(), model.state_dict(), {"model": spec, "stage": {}})
+
+
+def _commit_router(store: FileStore, k: int) -> None:
+    spec = RouterSpec("Router-N/4", SIZE, CHANNELS, k)
+    torch.manual_seed(7)
+    router = build_router_from_spec(spec)
+    router.head.weight.data.normal_(std=1.0)  # confident enough that top1 and full differ
+    save_final(store, layout.ROUTER, router.state_dict(), router.state_dict(), {"model": spec.as_dict(), "stage": {}})
+
+
+@pytest.fixture
+def run_store(tmp_path: Path) -> FileStore:
+    store = FileStore(tmp_path / "run")
+    for k in range(3):
+        _commit_expert(store, k)
+    _commit_router(store, 3)
+    return store
+
+
+def test_generate_is_deterministic_and_counts_cost(run_store: FileStore):
+    images, stats = generate(run_store, "top1", n=6, batch_size=4, steps=3, seed=1)
+    assert images.shape == (6, CHANNELS, SIZE, SIZE)
+    assert images.min() >= -1 and images.max() <= 1
+    again, _ = generate(run_store, "top1", n=6, batch_size=4, steps=3, seed=1)
+    assert torch.equal(images, again)
+    other, _ = generate(run_store, "top1", n=6, batch_size=4, steps=3, seed=2)
+    assert not torch.equal(images, other)
+    expert_gflops = build_dit("DiT-N/4", SIZE, CHANNELS).forward_flops() / 1e9
+    router_gflops = build_router_from_spec(RouterSpec("Router-N/4", SIZE, CHANNELS, 3)).forward_flops() / 1e9
+    assert stats["nfe"] == 3 and stats["router_nfe"] == 3
+    assert stats["gflops_per_sample"] == pytest.approx(3 * (expert_gflops + router_gflops))
+    _, full = generate(run_store, "full", n=2, batch_size=2, steps=3, seed=1)
+    assert full["nfe"] == 3 * 3
+    full_images, _ = generate(run_store, "full", n=6, batch_size=4, steps=3, seed=1)
+    assert not torch.equal(full_images, images)
+
+
+def test_missing_expert_is_reported_before_sampling(run_store: FileStore):
+    run_store.delete_prefix(layout.final(layout.expert(1)))
+    with pytest.raises(MissingArtifactError) as err:
+        validate_ensemble(run_store, "oracle-0")
+    assert run_store.url(layout.final(layout.expert(1))) in str(err.value)
+    with pytest.raises(MissingArtifactError, match="experts/001/final"):
+        generate(run_store, "full", n=2, steps=1)
+
+
+def test_router_cluster_count_must_match_committed_experts(run_store: FileStore):
+    _commit_expert(run_store, 3)
+    with pytest.raises(ConfigError, match="router has 3 clusters but 4 experts"):
+        generate(run_store, "full", n=2, steps=1)
+    _commit_router(run_store, 5)
+    with pytest.raises(MissingArtifactError, match="experts/004/final"):
+        generate(run_store, "full", n=2, steps=1)
+
+
+def test_unknown_strategy_and_missing_router(run_store: FileStore, tmp_path: Path):
+    with pytest.raises(ConfigError, match="'best-of'"):
+        generate(run_store, "best-of", n=2, steps=1)
+    run_store.delete_prefix(layout.ROUTER)
+    with pytest.raises(MissingArtifactError, match="router/final"):
+        generate(run_store, "top1", n=2, steps=1)
+    images, stats = generate(run_store, "oracle-2", n=2, steps=2)  # the oracle needs no router
+    assert stats["router_nfe"] == 0 and images.shape[0] == 2
+
+
+def test_class_conditional_experts_with_guidance(tmp_path: Path):
+    store = FileStore(tmp_path / "cond")
+    for k in range(2):
+        _commit_expert(store, k, num_classes=4)
+    _commit_router(store, 2)
+    images, stats = generate(store, "top1", n=4, batch_size=4, steps=2, cfg_scale=2.0, labels=[1, 3])
+    assert stats["labels"] == [1, 3, 1, 3]
+    assert stats["nfe"] == 2 * 2  # a guided pair per step
+    with pytest.raises(ConfigError, match="label 9"):
+        generate(store, "top1", n=2, steps=1, labels=[9])
+
+
+def test_sample_stage_cli_writes_grid_npz_and_manifest(run_store: FileStore, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]):
+    cfg_path = tmp_path / "sample.yaml"
+    cfg_path.write_text(json.dumps({"run_uri": str(run_store.root), "strategy": "top-2", "n": 5, "batch_size": 4,
+                                    "steps": 2, "device": "cpu", "nrow": 3}))
+    assert main(["sample", "--config", str(cfg_path)]) == 0
+    manifest = run_store.read_manifest("samples/top-2")
+    assert manifest is not None and set(manifest["files"]) == {"grid.png", "samples.npz"}
+    assert manifest["nfe"] == 2 * 2 and manifest["strategy"] == "top-2"
+    data = np.load(io.BytesIO(run_store.read_committed("samples/top-2", "samples.npz")))
+    assert data["images"].shape == (5, CHANNELS, SIZE, SIZE) and data["images"].dtype == np.uint8
+    assert run_store.read_committed("samples/top-2", "grid.png")[:4] == b"\x89PNG"
+    assert "nfe/image=4.00" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"run_uri": str(run_store.root), "strategy": "top-two"}))
+    with pytest.raises(ConfigError, match="strategy.*'top-two'"):
+        load_config("sample", str(bad))
+    assert main(["sample", "--config", str(bad)]) == 2

@@ -1,0 +1,33 @@
+"""Config of the router stage: a classifier p(k | x_t, t) trained on noisy images against their cluster ids.
+
+Torch-free: the operator validates it before it starts a pod.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .common import DataConfig, StageBase, StrictModel
+from .expert import TrainerConfig
+
+
+class RouterEvalConfig(StrictModel):
+    """Held-out top-1 accuracy as a function of t, committed beside the router."""
+
+    holdout: int = Field(512, ge=0, description="Samples held out of training for evaluation (0: no evaluation)")
+    bins: int = Field(10, ge=1, le=100, description="Equal-width bins of t in [0, 1]")
+    draws: int = Field(1, ge=1, description="Noise draws per held-out image and bin")
+    batch_size: int = Field(256, ge=1)
+
+
+class RouterConfig(StageBase):
+    """Train the router over all clustered data: x_t = (1 - t) x0 + t eps, cross-entropy against x0's cluster."""
+
+    data: DataConfig
+    num_clusters: int = Field(ge=2, description="K; must equal the clustering stage's number of clusters")
+    preset: str = Field("Router-B/2", description="Router-B/2 (DiT-B/2 backbone), Router-S/2, Router-T/4 (CPU), ...")
+    t_dist: Literal["uniform", "logit_normal"] = Field("uniform", description="Distribution of training times t")
+    use_ema: bool = Field(True, description="Evaluate and sample with the EMA weights (else the raw weights)")
+    train: TrainerConfig = TrainerConfig()
+    eval: RouterEvalConfig = RouterEvalConfig()

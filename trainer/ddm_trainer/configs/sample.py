@@ -1,0 +1,42 @@
+"""Config of the sample stage: draw images from the expert ensemble combined by the router.
+
+Torch-free: the operator validates it before it starts a pod (strategy strings are parsed by ``combine``,
+which imports torch only inside its tensor functions).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ..combine import STRATEGY_HELP, parse_strategy
+from ..errors import ConfigError
+from .common import StageBase
+
+
+class SampleConfig(StageBase):
+    """Writes ``samples/<name>/`` in the run store: grid.png, samples.npz (uint8 images + labels), NFE/GFLOPs."""
+
+    strategy: str = Field("full", description=f"How expert velocities are combined: {STRATEGY_HELP}")
+    n: int = Field(64, ge=1, description="Images to draw")
+    batch_size: int = Field(64, ge=1)
+    steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
+    method: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional experts)")
+    labels: list[int] | None = Field(None, description="Class labels, cycled over the n images (conditional "
+                                                       "experts; default: uniform random)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._@-]+$",
+                             description="Output directory under samples/ (default: the strategy's name)")
+    nrow: int = Field(8, ge=1, description="Images per row of the grid")
+    grid_max: int = Field(64, ge=1, description="At most this many images in grid.png")
+    use_ema: bool = Field(True, description="Use the experts' EMA weights")
+    expert_devices: list[str] | None = Field(None, description="One device per expert (e.g. cuda:0, cuda:1, ...); "
+                                                               "default: all on `device`")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        try:
+            return parse_strategy(v).name
+        except ConfigError as e:
+            raise ValueError(str(e)) from None

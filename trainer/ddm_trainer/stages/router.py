@@ -1,0 +1,188 @@
+"""Stage ``router``: train p(k | x_t, t) on all clustered data, then measure held-out top-1 accuracy against t.
+
+Samples x0 with their cluster ids from the clustering stage's assignments, draws t ~ t_dist and eps ~ N(0, I),
+and minimises cross-entropy(router(x_t, t), k) with the generic checkpointed Trainer (stage dir ``router``).
+A fixed, seeded subset of ``eval.holdout`` samples never enters training; accuracy on it per t-bin goes to
+``router/eval/accuracy.json`` + ``accuracy_vs_t.png`` (committed) and stdout. Accuracy should approach the
+prior's majority share (1/K for balanced clusters) as t -> 1 and rise towards 1 as t -> 0.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import layout
+from ..checkpoint import load_final
+from ..configs.router import RouterConfig, RouterEvalConfig
+from ..errors import ConfigError, DataError
+from ..flow import interpolate, sample_t
+from ..models.router import Router, RouterSpec, build_router_from_spec
+from ..store import Store
+
+EVAL_DIR = f"{layout.ROUTER}/eval"
+
+
+class ClusterStream:
+    """A data stream whose batches are ``{"x0": (B, C, H, W), "cluster": (B,)}``; resumable like the stream it wraps."""
+
+    def __init__(self, stream: Any, cluster_of: dict[str, int]):
+        self.stream, self.cluster_of = stream, cluster_of
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.stream:
+            ids = torch.tensor([self.cluster_of[k] for k in batch.keys], dtype=torch.long)  # (B,)
+            yield {"x0": batch.images, "cluster": ids}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.stream.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def router_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                t_dist: str = "uniform") -> torch.Tensor:
+    """Cross-entropy of router(x_t, t) against the cluster id of x0; t ~ t_dist, eps ~ N(0, I) from ``generator``."""
+    x0, k = batch["x0"], batch["cluster"]
+    t = sample_t(x0.shape[0], generator, t_dist, device=x0.device)  # type: ignore[arg-type]  # (B,)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)  # (B, C, H, W)
+    logits = model(interpolate(x0, eps, t), t)  # (B, K)
+    return F.cross_entropy(logits.float(), k)
+
+
+def split_holdout(keys: Sequence[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train keys, held-out keys): a seeded random subset of ``holdout`` keys is held out."""
+    if holdout >= len(keys):
+        raise ConfigError(f"eval.holdout={holdout} leaves no training data: only {len(keys)} clustered samples")
+    order = np.random.default_rng([seed, 7919]).permutation(len(keys))
+    held = set(order[:holdout].tolist())
+    return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
+
+
+@torch.no_grad()
+def accuracy_vs_t(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor, cfg: RouterEvalConfig,
+                  seed: int, device: torch.device) -> dict[str, Any]:
+    """Top-1 accuracy per equal-width t-bin on (images (N, C, H, W), clusters (N,)); t uniform within each bin."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    model.eval()
+    rows = []
+    for b in range(cfg.bins):
+        lo, hi = b / cfg.bins, (b + 1) / cfg.bins
+        correct, total = 0, 0
+        for _ in range(cfg.draws):
+            for start in range(0, images.shape[0], cfg.batch_size):
+                x0 = images[start : start + cfg.batch_size]  # (b, C, H, W)
+                t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)  # (b,)
+                eps = torch.randn(x0.shape, generator=gen)
+                logits = model(interpolate(x0, eps, t).to(device), t.to(device))  # (b, K)
+                correct += int((logits.argmax(-1).cpu() == clusters[start : start + cfg.batch_size]).sum())
+                total += x0.shape[0]
+        rows.append({"t_lo": lo, "t_hi": hi, "accuracy": correct / total, "n": total})
+    K = int(getattr(model, "num_clusters"))
+    counts = torch.bincount(clusters, minlength=K).double()
+    return {"bins": rows, "num_clusters": K, "chance": 1.0 / K, "majority": float(counts.max() / counts.sum()),
+            "holdout": int(images.shape[0])}
+
+
+def plot_accuracy(result: dict[str, Any]) -> bytes:
+    """PNG of accuracy against t, with chance and majority-share lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mids = [(r["t_lo"] + r["t_hi"]) / 2 for r in result["bins"]]
+    acc = [r["accuracy"] for r in result["bins"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    ax.plot(mids, acc, marker="o", label="router top-1")
+    ax.axhline(result["chance"], color="gray", linestyle="--", label=f"chance 1/K = {result['chance']:.3f}")
+    ax.axhline(result["majority"], color="gray", linestyle=":", label=f"majority share = {result['majority']:.3f}")
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_ylabel("held-out top-1 accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"router, K={result['num_clusters']}, {result['holdout']} held-out images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def format_accuracy(result: dict[str, Any]) -> str:
+    lines = [f"router held-out top-1 accuracy vs t (K={result['num_clusters']}, chance={result['chance']:.3f}, "
+             f"majority={result['majority']:.3f}, n={result['holdout']})"]
+    lines += [f"  t in [{r['t_lo']:.2f}, {r['t_hi']:.2f}): {r['accuracy']:.3f}" for r in result["bins"]]
+    return "\n".join(lines)
+
+
+def load_router(store: Store, device: str | torch.device = "cpu", use_ema: bool | None = None) -> Router:
+    """The committed router (EMA weights unless the stage config said otherwise); MissingArtifactError if absent."""
+    final = load_final(store, layout.ROUTER, map_location="cpu")
+    spec = final.config.get("model") or {}
+    try:
+        router = build_router_from_spec(RouterSpec(spec["preset"], int(spec["image_size"]), int(spec["channels"]),
+                                                   int(spec["num_clusters"])))
+    except KeyError as e:
+        raise DataError(f"{store.url(layout.final(layout.ROUTER))}/config.json lacks model.{e.args[0]}") from None
+    if use_ema is None:
+        use_ema = bool((final.config.get("stage") or {}).get("use_ema", True))
+    router.load_state_dict(final.ema if use_ema else final.model)
+    return router.to(device).eval()
+
+
+def run(cfg: RouterConfig) -> dict[str, Any] | None:
+    from ..clustering import load_assignments
+    from ..data import open_source
+    from ..models.router import build_router
+    from ..progress import Reporter
+    from ..runtime import setup_runtime
+    from ..store import open_store
+    from ..train_loop import Trainer
+
+    store = open_store(cfg.run_uri)
+    assignments = load_assignments(store)
+    if int(assignments.num_clusters) != cfg.num_clusters:
+        raise ConfigError(f"num_clusters={cfg.num_clusters} but the clustering at {store.url(layout.CLUSTERING)} "
+                          f"has {assignments.num_clusters} clusters")
+    cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
+    train_keys, held_keys = split_holdout(list(cluster_of), cfg.eval.holdout, cfg.seed)
+
+    rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
+    source = open_source(cfg.data, store)
+    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys)
+    spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters)
+    model = build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters)
+    reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
+
+    def loss_fn(m: nn.Module, batch: Any, gen: torch.Generator) -> torch.Tensor:
+        return router_loss(m, batch, gen, cfg.t_dist)
+
+    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of), store, layout.ROUTER, cfg.train, reporter,
+                      seed=cfg.seed, runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec.as_dict())
+    losses = trainer.fit()
+    if not rt.is_main or not held_keys:
+        if reporter:
+            reporter.close(loss=losses[-1] if losses else None)
+        return None
+    held = source.load(held_keys)
+    clusters = torch.tensor([cluster_of[k] for k in held.keys], dtype=torch.long)
+    result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held.images, clusters, cfg.eval,
+                           cfg.seed, rt.device)
+    result["use_ema"] = cfg.use_ema
+    result["steps"] = trainer.step
+    store.commit(EVAL_DIR, {"accuracy.json": json.dumps(result, indent=2).encode(),
+                            "accuracy_vs_t.png": plot_accuracy(result)},
+                 meta={"accuracy_first_bin": result["bins"][0]["accuracy"],
+                       "accuracy_last_bin": result["bins"][-1]["accuracy"]})
+    print(format_accuracy(result), flush=True)
+    if reporter:
+        reporter.close(loss=losses[-1] if losses else None, accuracy_first_bin=result["bins"][0]["accuracy"],
+                       accuracy_last_bin=result["bins"][-1]["accuracy"])
+    return result
