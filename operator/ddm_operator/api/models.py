@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -54,7 +54,7 @@ class ApiModel(BaseModel):
     )
 
     def to_wire(self) -> dict[str, Any]:
-        """The camelCase dict as stored in Kubernetes (unset optional fields left out)."""
+        """The camelCase dict as stored in Kubernetes (None fields left out: every None here is also the default)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
@@ -69,7 +69,8 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = Field(None, ge=0)
 
 
-Quantity = int | str  # Kubernetes quantity: 8, "80Gi", "500m"
+Quantity = int | Annotated[str, StringConstraints(max_length=64)]  # Kubernetes quantity: 8, "80Gi", "500m"
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
 
 
 class Resources(ApiModel):
@@ -82,7 +83,7 @@ class Resources(ApiModel):
 class Placement(ApiModel):
     """Where a stage's pods run. Every field is optional; per-expert overrides replace fields they set."""
 
-    node_selector: dict[str, str] | None = Field(None, max_length=32)
+    node_selector: dict[str, LabelValue] | None = Field(None, max_length=32)
     tolerations: list[Toleration] | None = Field(None, max_length=32)
     affinity: dict[str, Any] | None = Field(None, description="A core/v1 Affinity object, passed through as is")
     resources: Resources | None = None
@@ -121,7 +122,9 @@ class DatasetSpec(ApiModel):
     uri: str = Field(max_length=URI_MAX, pattern=DATA_URI_PATTERN, description="Shards, a folder, or a store URI")
     image_size: int = Field(32, ge=8, le=1024)
     channels: Literal[1, 3] = 3
-    class_field: str | None = Field("cls", max_length=64, description="Per-sample key of the class index")
+    class_field: str | None = Field(
+        None, max_length=64, description="Per-sample key of the class index (e.g. cls); needed by classConditional experts"
+    )
     caption_field: str | None = Field(None, max_length=64, description="Per-sample key of the caption")
     limit: int | None = Field(None, ge=1, description="Use only the first N samples")
 
