@@ -1,0 +1,64 @@
+"""FID/KID helpers: pixel conversion, weight remapping layout, and torchmetrics' distances on known features."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddm_trainer import fid
+
+
+def test_to_uint8_rgb_maps_range_and_repeats_gray() -> None:
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2)
+    out = fid.to_uint8_rgb(x)
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, 2, 2)
+    assert out[0, 0].flatten().tolist() == [0, 128, 255, 255]
+    assert torch.equal(out[0, 0], out[0, 2])
+    with pytest.raises(ValueError, match=r"\(2, 2, 4, 4\)"):
+        fid.to_uint8_rgb(torch.zeros(2, 2, 4, 4))
+
+
+def test_remap_fills_every_torch_fidelity_key_in_order() -> None:
+    keys = fid._fidelity_keys()
+    convs = [k for k in keys if k.endswith(".conv.weight")]
+    assert len(convs) == 94
+    # A fake TorchScript state with the same conv shapes, in graph order, with distinct values per conv.
+    target_shapes = {k: v.shape for k, v in _skeleton_state().items()}
+    ts_state = {}
+    for i, k in enumerate(convs):
+        name = f"net.layers.c{i}"
+        out_ch = target_shapes[k][0]
+        ts_state[f"{name}.weight"] = torch.full(target_shapes[k], float(i))
+        ts_state[f"{name}.beta"] = torch.full((out_ch,), float(i) + 0.5)
+        ts_state[f"{name}.mean"] = torch.zeros(out_ch)
+        ts_state[f"{name}.var"] = torch.ones(out_ch)
+    state = fid.remap_torchscript_state(ts_state, keys)
+    assert set(state) == set(keys)
+    assert state[convs[7]].unique().tolist() == [7.0]
+    assert state[convs[7].replace("conv.weight", "bn.bias")].unique().tolist() == [7.5]
+    assert state[convs[7].replace("conv.weight", "bn.weight")].unique().tolist() == [1.0]
+    with pytest.raises(fid.FIDSetupError, match="93 convolutions"):
+        fid.remap_torchscript_state({k: v for k, v in ts_state.items() if not k.startswith("net.layers.c93.")}, keys)
+
+
+def _skeleton_state() -> dict[str, torch.Tensor]:
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    layers = torch.nn.Sequential()
+    for name, module in fid._build_layers(tfi).items():
+        layers.add_module(name, module)
+    return layers.state_dict()
+
+
+def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_shift() -> None:
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(300, fid.FEATURE_DIM, generator=gen, dtype=torch.float64)
+    same = fid.fid_from_features(real, real)
+    near = fid.fid_from_features(real, real + 0.05)
+    far = fid.fid_from_features(real, real + 0.5)
+    assert abs(same) < 1e-3
+    assert near == pytest.approx(fid.FEATURE_DIM * 0.05**2, rel=0.05)  # mean shift only: ||d||^2
+    assert far > near * 10
+    kid_near, _ = fid.kid_from_features(real, real + 0.05, subset_size=100, subsets=10)
+    kid_far, kid_std = fid.kid_from_features(real, real + 0.5, subset_size=1000, subsets=10)  # size capped at 300
+    assert kid_far > kid_near and kid_std >= 0
+    assert fid.kid_from_features(real, real + 0.5, subsets=5) == fid.kid_from_features(real, real + 0.5, subsets=5)
