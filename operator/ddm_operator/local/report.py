@@ -1,0 +1,278 @@
+"""The run report: ``<run_dir>/report/index.html`` and ``index.md`` tying a finished run together.
+
+Sources, all read without torch: the evaluation's ``results.json`` (FID table) and per-strategy grids, the
+clustering's sizes and example images, the loss curves the local runner recorded from each stage's
+``DDM_PROGRESS`` lines (``logs/<stage-id>.progress.jsonl``), and the router's accuracy-vs-t, if the stage wrote one.
+Anything missing is left out of the report rather than failing it: a report of a half-finished run is still useful.
+"""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddm_trainer import layout
+from ddm_trainer.store import Store
+
+ROUTER_EVAL = f"{layout.ROUTER}/eval"  # the router stage commits accuracy.json + accuracy_vs_t.png here
+FID_COLUMNS = ("strategy", "fid", "kid", "nfe", "gflops_per_sample", "n")
+
+
+@dataclass
+class ReportInputs:
+    """What was found for the report; every field may be empty."""
+
+    fid_rows: list[dict[str, Any]] = field(default_factory=list)
+    grids: dict[str, bytes] = field(default_factory=dict)  # strategy -> PNG
+    cluster_sizes: list[int] = field(default_factory=list)
+    cluster_examples: bytes | None = None  # PNG
+    loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # stage id -> (step, loss)
+    router_accuracy: list[tuple[float, float]] = field(default_factory=list)  # (t, accuracy)
+    router_accuracy_png: bytes | None = None  # the router stage's own plot, preferred when present
+
+
+def _first(d: dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return None
+
+
+def fid_rows(results: Any) -> list[dict[str, Any]]:
+    """Normalise results.json into rows with FID_COLUMNS; accepts ``{"strategies": {name: {...}}}``,
+    ``{"rows"|"results": [...]}``, ``{name: {...}}`` or a plain list of rows."""
+    if isinstance(results, dict):
+        inner = _first(results, "strategies", "rows", "results")
+        results = inner if inner is not None else results
+    if isinstance(results, dict):
+        raw = [{"strategy": name, **row} for name, row in results.items() if isinstance(row, dict)]
+    elif isinstance(results, list):
+        raw = [r for r in results if isinstance(r, dict)]
+    else:
+        raw = []
+    rows = []
+    for r in raw:
+        rows.append({
+            "strategy": _first(r, "strategy", "name"),
+            "fid": _first(r, "fid", "FID"),
+            "kid": _first(r, "kid", "kid_mean", "KID"),
+            "nfe": _first(r, "nfe", "NFE"),
+            "gflops_per_sample": _first(r, "gflops_per_sample", "gflops", "GFLOPs"),
+            "n": _first(r, "n", "num_samples", "n_samples"),
+        })
+    return rows
+
+
+def _read_evaluation(store: Store, out: ReportInputs) -> None:
+    if store.read_manifest(layout.EVALUATION) is None:
+        return
+    key = f"{layout.EVALUATION}/results.json"
+    if store.exists(key):
+        out.fid_rows = fid_rows(store.get_json(key))
+    for k in store.list(layout.EVALUATION):
+        name = k.rsplit("/", 1)[-1]
+        if name.endswith(".png") and "/checkpoints/" not in k:
+            strategy = name[: -len(".png")].removeprefix("grid-").removeprefix("grid_").removesuffix("_grid")
+            out.grids[strategy] = store.get_bytes(k)
+
+
+def _read_clustering(store: Store, out: ReportInputs) -> None:
+    manifest = store.read_manifest(layout.CLUSTERING)
+    if manifest is None:
+        return
+    sizes = _first(manifest, "sizes", "cluster_sizes")
+    for name in ("sizes.json", "cluster_sizes.json"):
+        if sizes is None and store.exists(f"{layout.CLUSTERING}/{name}"):
+            sizes = store.get_json(f"{layout.CLUSTERING}/{name}")
+    if isinstance(sizes, dict):
+        sizes = _first(sizes, "sizes", "coarse", "cluster_sizes") or [sizes[k] for k in sorted(sizes, key=str)]
+    if isinstance(sizes, list):
+        out.cluster_sizes = [int(s) for s in sizes]
+    for name in ("examples.png", "cluster_examples.png"):
+        if store.exists(f"{layout.CLUSTERING}/{name}"):
+            out.cluster_examples = store.get_bytes(f"{layout.CLUSTERING}/{name}")
+            break
+
+
+def _read_router_accuracy(store: Store, out: ReportInputs) -> None:
+    plot = f"{ROUTER_EVAL}/accuracy_vs_t.png"
+    if store.read_manifest(ROUTER_EVAL) is not None and store.exists(plot):
+        out.router_accuracy_png = store.get_bytes(plot)
+    for k in store.list(layout.ROUTER):
+        if "/checkpoints/" in k or not k.endswith(".json") or "acc" not in k.rsplit("/", 1)[-1]:
+            continue
+        data = store.get_json(k)
+        if isinstance(data, dict) and isinstance(data.get("bins"), list):  # the router stage's accuracy.json
+            out.router_accuracy = [((b["t_lo"] + b["t_hi"]) / 2, float(b["accuracy"])) for b in data["bins"]
+                                   if isinstance(b, dict) and {"t_lo", "t_hi", "accuracy"} <= b.keys()]
+        elif isinstance(data, dict):
+            ts = _first(data, "t", "ts", "t_bins")
+            acc = _first(data, "accuracy", "acc", "top1")
+            if isinstance(ts, list) and isinstance(acc, list):
+                out.router_accuracy = [(float(t), float(a)) for t, a in zip(ts, acc)]
+        elif isinstance(data, list):
+            out.router_accuracy = [(float(_first(r, "t")), float(_first(r, "accuracy", "acc"))) for r in data
+                                   if isinstance(r, dict) and _first(r, "t") is not None]
+        if out.router_accuracy:
+            return
+
+
+def read_loss_curves(logs_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) per stage id from the runner's ``<stage-id>.progress.jsonl`` files; later steps of a resumed
+    run replace the earlier copies of the same step."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logs_dir.glob("*.progress.jsonl")):
+        by_step: dict[int, float] = {}
+        for line in path.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(ev, dict) and isinstance(ev.get("step"), int) and isinstance(ev.get("loss"), (int, float)):
+                by_step[ev["step"]] = float(ev["loss"])
+        if by_step:
+            curves[path.name.removesuffix(".progress.jsonl")] = sorted(by_step.items())
+    return curves
+
+
+def gather(store: Store, run_dir: Path) -> ReportInputs:
+    out = ReportInputs()
+    _read_evaluation(store, out)
+    _read_clustering(store, out)
+    _read_router_accuracy(store, out)
+    out.loss_curves = read_loss_curves(run_dir / "logs")
+    return out
+
+
+# -- plots (matplotlib, imported lazily: `ddm status` must not pay for it) -------------------------------------------
+def _plot_cluster_sizes(sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(sizes) + 2), 3))
+    ax.bar(range(len(sizes)), sizes, color="#4c72b0")
+    ax.set_xlabel("cluster (expert)")
+    ax.set_ylabel("images")
+    ax.set_xticks(range(len(sizes)))
+    ax.set_title("Cluster sizes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(curves.items()):
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, label=name, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("Training loss per stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_router_accuracy(points: list[tuple[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts, acc = zip(*sorted(points))
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(ts, acc, marker="o")
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_ylabel("router top-1 accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Router accuracy vs t")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
+    """Writes ``run_dir/report/{index.html,index.md,*.png}``; returns the HTML path."""
+    inputs = gather(store, run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    sections_html: list[str] = []
+    sections_md: list[str] = [f"# {title}", "", f"Run store: `{store.uri}`", ""]
+
+    if inputs.fid_rows:
+        head = "".join(f"<th>{c}</th>" for c in FID_COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in FID_COLUMNS) + "</tr>"
+                       for r in inputs.fid_rows)
+        sections_html.append(f"<h2>Sample quality per routing strategy</h2><table><tr>{head}</tr>{body}</table>")
+        sections_md += ["## Sample quality per routing strategy", "", "| " + " | ".join(FID_COLUMNS) + " |",
+                        "|" + "---|" * len(FID_COLUMNS)]
+        sections_md += ["| " + " | ".join(_fmt(r[c]) for c in FID_COLUMNS) + " |" for r in inputs.fid_rows]
+        sections_md.append("")
+
+    if inputs.grids:
+        figs = []
+        sections_md += ["## Samples", ""]
+        for strategy, png in sorted(inputs.grids.items()):
+            name = f"samples-{strategy}.png"
+            (out / name).write_bytes(png)
+            figs.append(f'<figure><img src="{name}" alt="{html.escape(strategy)}">'
+                        f"<figcaption>{html.escape(strategy)}</figcaption></figure>")
+            sections_md += [f"### {strategy}", "", f"![{strategy}]({name})", ""]
+        sections_html.append("<h2>Samples</h2><div class=grid>" + "".join(figs) + "</div>")
+
+    if inputs.cluster_sizes or inputs.cluster_examples:
+        parts = ["<h2>Clusters</h2>"]
+        sections_md += ["## Clusters", ""]
+        if inputs.cluster_sizes:
+            _plot_cluster_sizes(inputs.cluster_sizes, out / "cluster-sizes.png")
+            parts.append('<img src="cluster-sizes.png" alt="cluster sizes">')
+            sections_md += [f"Sizes: {inputs.cluster_sizes}", "", "![cluster sizes](cluster-sizes.png)", ""]
+        if inputs.cluster_examples:
+            (out / "cluster-examples.png").write_bytes(inputs.cluster_examples)
+            parts.append('<figure><img src="cluster-examples.png" alt="examples per cluster">'
+                         "<figcaption>example images per cluster (one row each)</figcaption></figure>")
+            sections_md += ["![examples per cluster](cluster-examples.png)", ""]
+        sections_html.append("".join(parts))
+
+    if inputs.loss_curves:
+        _plot_losses(inputs.loss_curves, out / "losses.png")
+        sections_html.append('<h2>Training loss</h2><img src="losses.png" alt="loss curves">')
+        sections_md += ["## Training loss", "", "![loss curves](losses.png)", ""]
+
+    if inputs.router_accuracy_png or inputs.router_accuracy:
+        if inputs.router_accuracy_png:
+            (out / "router-accuracy.png").write_bytes(inputs.router_accuracy_png)
+        else:
+            _plot_router_accuracy(inputs.router_accuracy, out / "router-accuracy.png")
+        sections_html.append('<h2>Router</h2><img src="router-accuracy.png" alt="router accuracy vs t">')
+        sections_md += ["## Router", "", "![router accuracy vs t](router-accuracy.png)", ""]
+
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             ".grid{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}"
+             "img{image-rendering:pixelated;max-width:100%}")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Run store: <code>{html.escape(store.uri)}</code></p>" + "".join(sections_html) + "</body></html>")
+    (out / "index.html").write_text(page)
+    (out / "index.md").write_text("\n".join(sections_md) + "\n")
+    return out / "index.html"

@@ -1,0 +1,129 @@
+"""Each pipeline stage defined once: its trainer config and its command, for the local runner and the operator alike.
+
+``stage_config(spec, key, run_uri)`` is the one mapping from the DecentralizedDiffusion spec (camelCase API) to a
+trainer stage config (``ddm_trainer.configs.*``, snake_case); ``stage_command(spec, key, config_path)`` is the
+one command line that runs it (``ddm-train``, or ``torchrun`` when a stage spans several GPUs or nodes).
+Torch-free: only plain dicts and strings; the trainer's pydantic classes validate the dicts (see the unit tests).
+
+Why not TorchX AppDefs: TorchX's stable release (0.7.0) pins ``urllib3<1.27``, which kubernetes 37 cannot install
+beside; only nightlies resolve. An AppDef would also add a layer between these two functions and the PyTorchJob
+the operator builds, without giving us anything the PyTorchJob (retries by exit code, elastic torchrun) lacks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .api.models import DecentralizedDiffusionSpec
+from .planner import CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key
+
+__all__ = [
+    "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "expert_key",
+    "all_keys", "stage_config", "stage_command", "run_uri", "world_size", "parse_key",
+]
+
+CONFIG_FILE_NAME = "config.yaml"
+
+
+def all_keys(spec: DecentralizedDiffusionSpec) -> list[StageKey]:
+    """Every stage of the run, in pipeline order."""
+    keys = [CLUSTER, *(expert_key(k) for k in range(spec.num_experts)), ROUTER, EVALUATE]
+    if spec.distill_enabled:
+        keys.append(DISTILL)
+    return keys
+
+
+def parse_key(text: str) -> StageKey:
+    """``"expert-003"`` -> ``StageKey("expert", 3)``; ``"router"`` -> ``StageKey("router")``."""
+    stage, sep, index = text.partition("-")
+    if sep and index.isdigit() and stage == "expert":
+        return expert_key(int(index))
+    if not sep and stage in ("cluster", "router", "evaluate", "distill"):
+        return StageKey(stage)  # type: ignore[arg-type]
+    raise ValueError(f"unknown stage key {text!r} (cluster, expert-NNN, router, evaluate, distill)")
+
+
+def run_uri(spec: DecentralizedDiffusionSpec, namespace: str | None = None, name: str | None = None) -> str:
+    """The run's root: ``spec.storage.uri``, plus ``/<namespace>/<name>`` for an object in a cluster, so two
+    DecentralizedDiffusions sharing a bucket never share artifacts. The local runner passes neither."""
+    base = spec.storage.uri.rstrip("/")
+    parts = [p for p in (namespace, name) if p]
+    return "/".join([base, *parts])
+
+
+def world_size(spec: DecentralizedDiffusionSpec, key: StageKey) -> tuple[int, int]:
+    """(nodes, processes per node) of a stage. gpusPerNode 0 means CPU: one process."""
+    if key.stage == "expert":
+        return spec.experts.nodes, max(spec.experts.gpus_per_node, 1)
+    if key.stage == "router":
+        return 1, max(spec.router.gpus_per_node, 1)
+    return 1, 1
+
+
+def _per_process(global_batch: int, processes: int) -> int:
+    return max(global_batch // processes, 1)
+
+
+def _data(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
+    d = spec.dataset
+    return {"uri": d.uri, "image_size": d.image_size, "channels": d.channels, "class_field": d.class_field,
+            "caption_field": d.caption_field, "limit": d.limit}
+
+
+def _device(spec: DecentralizedDiffusionSpec, gpus_per_node: int | None) -> str:
+    return "cpu" if gpus_per_node == 0 else "auto"
+
+
+def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) -> dict[str, Any]:
+    """The trainer config (a plain dict, snake_case) that runs stage ``key`` of this spec under ``run_uri``."""
+    base: dict[str, Any] = {"run_uri": run_uri}
+    if key.stage == "cluster":
+        c = spec.clustering
+        return {**base, "seed": c.seed, "data": _data(spec), "encoder": c.encoder, "encoder_weights": c.encoder_weights,
+                "fine_clusters": c.fine_clusters, "num_clusters": c.num_clusters,
+                "max_cluster_fraction": c.max_cluster_fraction, "method": c.method}
+    if key.stage == "expert":
+        if key.index is None or not 0 <= key.index < spec.num_experts:
+            raise ValueError(f"expert index {key.index} is outside 0..{spec.num_experts - 1}")
+        e = spec.experts
+        nodes, per_node = world_size(spec, key)
+        return {**base, "seed": key.index, "device": _device(spec, e.gpus_per_node), "data": _data(spec),
+                "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
+                "label_dropout": e.label_dropout,
+                "train": {"steps": e.steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
+                          "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every}}
+    if key.stage == "router":
+        r = spec.router
+        _, per_node = world_size(spec, key)
+        return {**base, "device": _device(spec, r.gpus_per_node), "data": _data(spec),
+                "preset": r.preset.replace("DiT-", "Router-"), "num_clusters": spec.num_experts,
+                "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
+                          "precision": r.precision}}
+    if key.stage == "evaluate":
+        v = spec.evaluation
+        return {**base, "data": _data(spec), "strategies": list(v.strategies), "num_samples": v.num_samples,
+                "steps": v.steps, "method": v.method, "reference_samples": v.reference_samples,
+                "cfg_scale": v.cfg_scale}
+    if key.stage == "distill":
+        if spec.distillation is None:
+            raise ValueError("spec.distillation is not set: there is no distill stage")
+        s = spec.distillation
+        return {**base, "data": _data(spec), "model": s.student_preset, "teacher": s.teacher,
+                "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr}}
+    raise ValueError(f"unknown stage {key.stage!r}")
+
+
+def stage_command(spec: DecentralizedDiffusionSpec, key: StageKey, config_path: str) -> list[str]:
+    """``ddm-train STAGE --config PATH``; with several processes, the same under ``torchrun``.
+
+    Multi-node runs rendezvous (c10d) at the PyTorchJob master's ``$(MASTER_ADDR):$(MASTER_PORT)``, which
+    Kubernetes expands from the container's environment when it starts the pod.
+    """
+    nodes, per_node = world_size(spec, key)
+    if nodes == 1 and per_node == 1:
+        return ["ddm-train", key.stage, "--config", config_path]
+    launcher = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={per_node}"]
+    if nodes > 1:
+        launcher += ["--rdzv-backend=c10d", "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)", f"--rdzv-id={key.id}"]
+    else:
+        launcher += ["--standalone"]
+    return [*launcher, "-m", "ddm_trainer.cli", key.stage, "--config", config_path]

@@ -1,0 +1,113 @@
+"""stages.py: every example spec yields a config each trainer stage accepts, and the right command line."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddm_operator.api.models import DecentralizedDiffusion
+from ddm_operator.stages import (CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key, parse_key, run_uri,
+                                 stage_command, stage_config)
+from ddm_trainer.configs import STAGES
+
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _specs(path: Path) -> list[DecentralizedDiffusion]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "DecentralizedDiffusion"]
+    return [DecentralizedDiffusion.model_validate(d) for d in docs]
+
+
+def _config_class(stage: str) -> type:
+    module, _, name = STAGES[stage][0].partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def _spec(**changes: object) -> DecentralizedDiffusion:
+    doc = yaml.safe_load((ROOT / "examples" / "local-fashion-mnist.yaml").read_text())
+    for dotted, value in changes.items():
+        node = doc["spec"]
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return DecentralizedDiffusion.model_validate(doc)
+
+
+def test_examples_exist() -> None:
+    assert any(p.name == "local-fashion-mnist.yaml" for p in EXAMPLES)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_gives_valid_trainer_configs(path: Path) -> None:
+    specs = _specs(path)
+    assert specs, f"{path} holds no DecentralizedDiffusion"
+    for obj in specs:
+        uri = run_uri(obj.spec, "default", obj.metadata.name)
+        keys = all_keys(obj.spec)
+        assert keys[0] == CLUSTER and EVALUATE in keys and ROUTER in keys
+        assert sum(k.stage == "expert" for k in keys) == obj.spec.clustering.num_clusters
+        for key in keys:
+            module = STAGES[key.stage][0].partition(":")[0]
+            if importlib.util.find_spec(module) is None:  # the trainer engineer's config has not landed yet
+                pytest.skip(f"{module} not written yet")
+            config = _config_class(key.stage).model_validate(stage_config(obj.spec, key, uri))
+            assert config.run_uri == uri
+
+
+def test_expert_config_carries_its_cluster_and_per_process_batch() -> None:
+    obj = _spec(experts__gpusPerNode=4, experts__nodes=2, experts__batchSize=256)
+    cfg = stage_config(obj.spec, expert_key(2), "s3://bucket/run")
+    assert cfg["cluster_index"] == 2
+    assert cfg["train"]["batch_size"] == 256 // 8
+    assert cfg["model"] == obj.spec.experts.model_preset
+    with pytest.raises(ValueError, match="outside"):
+        stage_config(obj.spec, expert_key(obj.spec.num_experts), "s3://bucket/run")
+
+
+def test_router_maps_dit_preset_and_k() -> None:
+    obj = _spec()
+    cfg = stage_config(obj.spec, ROUTER, "/tmp/run")
+    assert cfg["preset"] == "Router-T/4"
+    assert cfg["num_clusters"] == obj.spec.clustering.num_clusters
+
+
+def test_distill_only_when_enabled() -> None:
+    assert DISTILL in all_keys(_spec().spec)
+    off = _spec(distillation__enabled=False)
+    assert DISTILL not in all_keys(off.spec)
+
+
+def test_command_single_process_is_plain_ddm_train() -> None:
+    obj = _spec()
+    assert stage_command(obj.spec, expert_key(0), "/etc/ddm/config.yaml") == [
+        "ddm-train", "expert", "--config", "/etc/ddm/config.yaml"]
+    assert stage_command(obj.spec, EVALUATE, "c.yaml")[:2] == ["ddm-train", "evaluate"]
+
+
+def test_command_uses_torchrun_for_several_gpus_and_nodes() -> None:
+    one_node = stage_command(_spec(experts__gpusPerNode=8).spec, expert_key(1), "c.yaml")
+    assert one_node[0] == "torchrun" and "--nproc-per-node=8" in one_node and "--standalone" in one_node
+    assert one_node[-5:] == ["-m", "ddm_trainer.cli", "expert", "--config", "c.yaml"]
+    multi = stage_command(_spec(experts__gpusPerNode=8, experts__nodes=4).spec, expert_key(1), "c.yaml")
+    assert "--nnodes=4" in multi and "--rdzv-backend=c10d" in multi
+    assert "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in multi
+    router = stage_command(_spec(router__gpusPerNode=2).spec, ROUTER, "c.yaml")
+    assert router[0] == "torchrun" and "--nproc-per-node=2" in router
+
+
+def test_run_uri_namespaces_cluster_objects() -> None:
+    obj = _spec(storage__uri="s3://bucket/ddm/")
+    assert run_uri(obj.spec) == "s3://bucket/ddm"
+    assert run_uri(obj.spec, "team-a", "mnist") == "s3://bucket/ddm/team-a/mnist"
+
+
+def test_parse_key_round_trips() -> None:
+    for key in all_keys(_spec().spec):
+        assert parse_key(key.id) == key
+    with pytest.raises(ValueError, match="unknown stage key"):
+        parse_key("expert-x")
