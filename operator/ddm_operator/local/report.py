@@ -17,6 +17,7 @@ from ddm_trainer import layout
 from ddm_trainer.store import Store
 
 ROUTER_EVAL = f"{layout.ROUTER}/eval"  # the router stage commits accuracy.json + accuracy_vs_t.png here
+EXPERT_REPORT = "report"  # experts/NNN/report: loss_curve.json + samples.png, committed by the expert stage
 FID_COLUMNS = ("strategy", "fid", "kid", "nfe", "gflops_per_sample", "n")
 
 
@@ -30,7 +31,8 @@ class ReportInputs:
     cluster_examples: bytes | None = None  # PNG
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # stage id -> (step, loss)
     router_accuracy: list[tuple[float, float]] = field(default_factory=list)  # (t, accuracy)
-    router_accuracy_png: bytes | None = None  # the router stage's own plot, preferred when present
+    router_accuracy_png: bytes | None = None
+    expert_grids: dict[str, bytes] = field(default_factory=dict)  # expert stage id -> PNG of its own samples  # the router stage's own plot, preferred when present
 
 
 def _first(d: dict[str, Any], *names: str) -> Any:
@@ -137,12 +139,31 @@ def read_loss_curves(logs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _read_expert_reports(store: Store, out: ReportInputs) -> None:
+    """Each expert's own report (``experts/NNN/report``): its sample grid, and its loss curve where the runner
+    recorded none (a run made by the operator has no local progress logs)."""
+    for key in store.list(layout.EXPERTS):
+        parts = key.split("/")  # experts / 000 / report / MANIFEST.json
+        if len(parts) != 4 or parts[2:] != [EXPERT_REPORT, "MANIFEST.json"]:
+            continue
+        report = "/".join(parts[:3])
+        stage = layout.stage_id("expert", int(parts[1])) if parts[1].isdigit() else f"expert-{parts[1]}"
+        if store.exists(f"{report}/samples.png"):
+            out.expert_grids[stage] = store.get_bytes(f"{report}/samples.png")
+        if stage not in out.loss_curves and store.exists(f"{report}/loss_curve.json"):
+            curve = store.get_json(f"{report}/loss_curve.json")
+            if isinstance(curve, dict) and isinstance(curve.get("loss"), list):
+                out.loss_curves[stage] = [(int(s), float(v)) for s, v in zip(curve.get("step", []), curve["loss"])
+                                          if isinstance(v, (int, float))]
+
+
 def gather(store: Store, run_dir: Path) -> ReportInputs:
     out = ReportInputs()
     _read_evaluation(store, out)
     _read_clustering(store, out)
     _read_router_accuracy(store, out)
     out.loss_curves = read_loss_curves(run_dir / "logs")
+    _read_expert_reports(store, out)
     return out
 
 
@@ -252,6 +273,16 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
                          "<figcaption>example images per cluster (one row each)</figcaption></figure>")
             sections_md += ["![examples per cluster](cluster-examples.png)", ""]
         sections_html.append("".join(parts))
+
+    if inputs.expert_grids:
+        figs = []
+        sections_md += ["## Each expert alone", ""]
+        for stage, png in sorted(inputs.expert_grids.items()):
+            name = f"{stage}-samples.png"
+            (out / name).write_bytes(png)
+            figs.append(f'<figure><img src="{name}" alt="{stage}"><figcaption>{stage}</figcaption></figure>')
+            sections_md += [f"![{stage}]({name})", ""]
+        sections_html.append("<h2>Each expert alone</h2><div class=grid>" + "".join(figs) + "</div>")
 
     if inputs.loss_curves:
         _plot_losses(inputs.loss_curves, out / "losses.png")
