@@ -40,7 +40,10 @@ Stage = Literal["cluster", "expert", "router", "evaluate", "distill"]
 MAX_BACKOFF_SECONDS = 3600.0
 
 
-@dataclass(frozen=True, order=True)
+_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "evaluate": 3, "distill": 4}
+
+
+@dataclass(frozen=True)
 class StageKey:
     stage: Stage
     index: int | None = None  # the expert index; None for every other stage
@@ -52,6 +55,10 @@ class StageKey:
 
     def __str__(self) -> str:
         return self.id
+
+    def __lt__(self, other: StageKey) -> bool:
+        """DAG order (cluster, router, experts by index, evaluate, distill): actions come out in this order."""
+        return (_DAG_ORDER[self.stage], self.index or 0) < (_DAG_ORDER[other.stage], other.index or 0)
 
 
 CLUSTER = StageKey("cluster")
@@ -261,17 +268,16 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
                          stages, router_status)
 
     # ---- terminal failures: cancel whatever still runs
+    in_dag_order = sorted(observed.stages.items(), key=lambda kv: kv[0])
     failure = _failure(spec, cluster, router, evaluate, distill, stage_retries, k_total, len(dead), min_experts)
     if failure is not None:
         reason, message = failure
-        cancels: list[Action] = [
-            Cancel(key) for key, o in sorted(observed.stages.items()) if o.state in (State.RUNNING, State.SUSPENDED)
-        ]
+        cancels: list[Action] = [Cancel(key) for key, o in in_dag_order if o.state in (State.RUNNING, State.SUSPENDED)]
         return finish("Failed", reason, message, cancels, [])
 
     # ---- suspension: stop everything that runs, launch nothing
     if spec.suspend:
-        suspends: list[Action] = [Suspend(key) for key, o in sorted(observed.stages.items()) if o.state is State.RUNNING]
+        suspends: list[Action] = [Suspend(key) for key, o in in_dag_order if o.state is State.RUNNING]
         return finish("Suspended", "Suspended", "spec.suspend is true: no new stages start", suspends, [])
 
     actions: list[Action] = []
