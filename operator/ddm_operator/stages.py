@@ -100,9 +100,11 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                           "precision": r.precision}}
     if key.stage == "evaluate":
         v = spec.evaluation
-        return {**base, "data": _data(spec), "strategies": list(v.strategies), "num_samples": v.num_samples,
-                "steps": v.steps, "method": v.method, "reference_samples": v.reference_samples,
-                "cfg_scale": v.cfg_scale}
+        reference = v.reference_samples or v.num_samples
+        if spec.dataset.limit is not None:
+            reference = min(reference, spec.dataset.limit)  # cannot reference more images than the run reads
+        return {**base, "data": _data(spec), "strategies": list(v.strategies), "n_samples": max(v.num_samples, 2),
+                "reference_n": max(reference, 2), "steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale}
     if key.stage == "distill":
         if spec.distillation is None:
             raise ValueError("spec.distillation is not set: there is no distill stage")

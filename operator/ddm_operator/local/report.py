@@ -43,10 +43,11 @@ def _first(d: dict[str, Any], *names: str) -> Any:
 
 
 def fid_rows(results: Any) -> list[dict[str, Any]]:
-    """Normalise results.json into rows with FID_COLUMNS; accepts ``{"strategies": {name: {...}}}``,
+    """Normalise results.json into rows with FID_COLUMNS; accepts ``{"table": [...]}`` (the evaluate stage's),
+    ``{"strategies": {name: {...}}}``,
     ``{"rows"|"results": [...]}``, ``{name: {...}}`` or a plain list of rows."""
     if isinstance(results, dict):
-        inner = _first(results, "strategies", "rows", "results")
+        inner = _first(results, "table", "strategies", "rows", "results")
         results = inner if inner is not None else results
     if isinstance(results, dict):
         raw = [{"strategy": name, **row} for name, row in results.items() if isinstance(row, dict)]

@@ -23,10 +23,13 @@ def test_report_ties_fid_grids_clusters_losses_and_router(tmp_path: Path) -> Non
     store.commit("router/eval", {"accuracy.json": json.dumps({"bins": [
         {"t_lo": 0.0, "t_hi": 0.5, "accuracy": 0.9, "n": 10}, {"t_lo": 0.5, "t_hi": 1.0, "accuracy": 0.4, "n": 10}]}
     ).encode()})
-    results = {"strategies": {"full": {"fid": 41.5, "kid": 0.02, "nfe": 60, "gflops_per_sample": 1.5, "n": 200},
-                              "top1": {"fid": 45.0, "nfe": 20, "n": 200}}}
-    store.commit("evaluation", {"results.json": json.dumps(results).encode(), "full.png": _png(10),
-                                "top1.png": _png(200)})
+    results = {"table": [  # as the evaluate stage writes it
+        {"strategy": "full", "fid": 41.5, "kid_mean": 0.02, "kid_std": 0.001, "nfe": 60, "gflops_per_sample": 1.5,
+         "n": 200, "seconds": 3.0},
+        {"strategy": "top1", "fid": 45.0, "kid_mean": 0.03, "kid_std": 0.001, "nfe": 20, "gflops_per_sample": 0.5,
+         "n": 200, "seconds": 1.0}]}
+    store.commit("evaluation", {"results.json": json.dumps(results).encode(), "grids/full.png": _png(10),
+                                "grids/top1.png": _png(200)})
     store.commit("experts/001/report", {"samples.png": _png(120), "loss_curve.json": json.dumps(
         {"step": [1, 2], "loss": [0.9, 0.8]}).encode()})
     logs = tmp_path / "run" / "logs"
