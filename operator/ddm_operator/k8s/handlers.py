@@ -277,8 +277,10 @@ def reconcile(namespace: str, name: str) -> float | None:
                 latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
                                                  name=b.child_name(name, action.key.id, action.attempt),
                                                  phase="Pending", cluster=_placement_of(spec, action.key)[0].target_cluster)
-            elif isinstance(action, (pl.Suspend, pl.Cancel)) and action.key.id in latest:
-                _set_suspend(namespace, latest[action.key.id], True)
+            elif isinstance(action, (pl.Suspend, pl.Cancel)):
+                job = latest.get(action.key.id)
+                if job is not None and job.phase in ("Pending", "Running"):  # already suspended: no request
+                    _set_suspend(namespace, job, True)
             elif isinstance(action, pl.Unsuspend) and action.key.id in latest:
                 _set_suspend(namespace, latest[action.key.id], False)
         launched = {a.key for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))}
@@ -366,7 +368,7 @@ def on_job_finished(meta: Any, namespace: str, type: str | None, **_: Any) -> No
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_uses_remote)
 def on_delete(namespace: str, uid: str, spec: Any, **_: Any) -> None:
     """Children in other clusters have no owner reference there: delete them before the DDM goes."""
-    parsed = DecentralizedDiffusionSpec.model_validate(spec)
+    parsed = DecentralizedDiffusionSpec.model_validate(dict(spec))
     clusters = {parsed.experts.placement_for(k).target_cluster for k in range(parsed.num_experts)} - {None}
     selector = f"{b.LABEL_UID}={uid}"
     for cluster in sorted(c for c in clusters if c):
