@@ -103,7 +103,7 @@ def _local(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-LOCAL_NAMES = ("run", "status", "sample")
+OWN_COMMANDS = ("validate", "crd")
 
 
 def build_parser(load_local: bool = True) -> argparse.ArgumentParser:
@@ -141,7 +141,7 @@ def build_parser(load_local: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(load_local=command in LOCAL_NAMES or command is None).parse_args(argv)
+    args = build_parser(load_local=command not in OWN_COMMANDS).parse_args(argv)
     result: int = args.func(args)
     return result
 
