@@ -97,7 +97,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         return {**base, "device": _device(spec, r.gpus_per_node), "data": _data(spec),
                 "preset": r.preset.replace("DiT-", "Router-"), "num_clusters": spec.num_experts,
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
-                          "precision": r.precision}}
+                          "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every}}
     if key.stage == "evaluate":
         v = spec.evaluation
         reference = v.reference_samples or v.num_samples
@@ -109,8 +109,11 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         if spec.distillation is None:
             raise ValueError("spec.distillation is not set: there is no distill stage")
         s = spec.distillation
-        return {**base, "data": _data(spec), "model": s.student_preset, "teacher": s.teacher,
-                "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr}}
+        # The spec has one precision and checkpoint interval for trained models: the experts'.
+        return {**base, "device": _device(spec, spec.experts.gpus_per_node), "data": _data(spec),
+                "model": s.student_preset, "teacher": s.teacher,
+                "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
+                          "precision": spec.experts.precision, "ckpt_every": spec.experts.checkpoint_every}}
     raise ValueError(f"unknown stage {key.stage!r}")
 
 
