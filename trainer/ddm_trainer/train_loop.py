@@ -84,6 +84,7 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
         self.step = 0
         self.losses: list[float] = []  # one per step, rank-0 view (mean over ranks)
+        self.last_grad_norm = 0.0
 
     # -- state ---------------------------------------------------------------------------------------------------
     def _local_state(self) -> dict[str, Any]:
@@ -156,16 +157,18 @@ class Trainer:
         """Sync the pending per-step losses (one device sync per call), check finiteness, append to history."""
         if not pending:
             return
-        values = torch.stack(pending).float()  # (n,)
+        values = torch.stack(pending)  # (n, 2): loss, grad norm
         if self.rt.distributed:
             torch.distributed.all_reduce(values)
             values /= self.rt.world_size
         host = values.tolist()
-        for i, v in enumerate(host):
-            if not math.isfinite(v):
-                raise NonFiniteLossError(f"loss is {v} at step {first_step + i + 1} of {self.stage_dir}; "
+        for i, (loss, grad_norm) in enumerate(host):
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"{what} is {value} at step {first_step + i + 1} of {self.stage_dir}; "
                                          f"no checkpoint written for this state (try a lower train.lr)")
-        self.losses.extend(host)
+        self.losses.extend(loss for loss, _ in host)
+        self.last_grad_norm = host[-1][1]
         pending.clear()
 
     def fit(self) -> list[float]:
@@ -195,12 +198,12 @@ class Trainer:
             with autocast(self.rt.device, self.cfg.precision):
                 loss = self.loss_fn(self.train_model, batch, self.generator)
             loss.backward()
-            if self.cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            # Always measured (max_norm=inf: no clipping): a non-finite norm means the update corrupts the weights.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._update_ema()
-            pending.append(loss.detach())
+            pending.append(torch.stack([loss.detach().float(), grad_norm.detach().float()]))  # (2,)
             self.step += 1
             window_steps += 1
             at_ckpt = self.step % self.cfg.ckpt_every == 0 and self.step < self.cfg.steps
@@ -210,7 +213,7 @@ class Trainer:
                 if self.reporter and self.rt.is_main:
                     self.reporter.update(self.step, loss=self.losses[-1],
                                          images_per_s=images_per_step * window_steps / max(now - window_start, 1e-9),
-                                         lr=self._lr(self.step - 1))
+                                         lr=self._lr(self.step - 1), grad_norm=self.last_grad_norm)
                 window_start, window_steps = now, 0
             if at_ckpt:
                 self.save()

@@ -1,0 +1,132 @@
+"""Stage ``expert``: train one flow-matching DiT on one cluster's samples (or on all data: the monolith baseline).
+
+Reads the cluster's keys from the clustering stage's assignments, trains with the generic checkpointed Trainer
+under ``layout.expert(k)`` (``experts/monolith`` when ``cluster_index`` is null), commits the final weights, then
+commits ``<stage>/report``: ``loss_curve.json`` (per-step loss) and ``samples.png`` (a grid of EMA samples).
+Re-running a finished expert only rewrites its report.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import layout
+from ..checkpoint import load_final
+from ..configs.expert import ExpertConfig, SampleGridConfig
+from ..errors import DataError
+from ..flow import flow_loss, ode_sample
+from ..models.dit import DiT, build_dit
+from ..store import Store
+
+MONOLITH = f"{layout.EXPERTS}/monolith"
+REPORT = "report"
+
+
+def stage_dir_of(cluster_index: int | None) -> str:
+    return MONOLITH if cluster_index is None else layout.expert(cluster_index)
+
+
+def model_spec(cfg: ExpertConfig) -> dict[str, Any]:
+    """What ``load_expert`` needs to rebuild the network from the final weights."""
+    return {"arch": "dit", "preset": cfg.model, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+            "num_classes": cfg.num_classes if cfg.class_cond else None}
+
+
+def build_from_spec(spec: dict[str, Any]) -> DiT:
+    return build_dit(spec["preset"], spec["image_size"], spec["channels"], num_classes=spec.get("num_classes"))
+
+
+def load_expert(store: Store, stage_dir: str, device: str | torch.device = "cpu", ema: bool = True) -> DiT:
+    """A trained expert (EMA weights by default) in eval mode; MissingArtifactError if it never finished."""
+    final = load_final(store, stage_dir, map_location=device, with_model=not ema)
+    model = build_from_spec(final.config["model"])
+    model.load_state_dict(final.ema if ema else final.model)
+    return model.to(device).eval()
+
+
+def expert_loss(cfg: ExpertConfig):  # type: ignore[no-untyped-def]
+    """loss_fn(model, ImageBatch, generator) for the Trainer: flow matching, labels only when class-conditional."""
+
+    def loss_fn(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        y = batch.labels if cfg.class_cond else None
+        return flow_loss(model, batch.images, y, generator, cfg.t_dist, cfg.label_dropout if cfg.class_cond else 0.0)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def sample_grid(model: DiT, grid: SampleGridConfig, labels: torch.Tensor | None, seed: int,
+                device: torch.device) -> torch.Tensor:
+    """``grid.count`` samples in [-1, 1] from fixed seeded noise; classifier-free guidance when labels are given."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x1 = torch.randn(grid.count, model.channels, model.image_size, model.image_size, generator=gen).to(device)
+    y = labels.to(device) if labels is not None else None
+    scale = grid.cfg_scale
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if y is None or scale == 1.0:
+                return model(x, t, y).float()
+            null = torch.full_like(y, model.null_label)
+            v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+            return v_u + scale * (v_c - v_u)
+
+    return ode_sample(velocity, x1, grid.steps, grid.method).clamp(-1, 1)  # type: ignore[union-attr]
+
+
+def write_report(store: Store, stage_dir: str, losses: list[float], grid_png: bytes | None) -> None:
+    files = {"loss_curve.json": json.dumps({"step": list(range(1, len(losses) + 1)), "loss": losses}).encode()}
+    if grid_png is not None:
+        files["samples.png"] = grid_png
+    store.commit(f"{stage_dir}/{REPORT}", files)
+
+
+def run(cfg: ExpertConfig) -> None:
+    from ..data import open_source
+    from ..images import save_grid
+    from ..progress import Reporter
+    from ..runtime import setup_runtime, shutdown
+    from ..store import open_store
+    from ..train_loop import Trainer
+
+    rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
+    store = open_store(cfg.run_uri)
+    stage_dir = stage_dir_of(cfg.cluster_index)
+    keys = None
+    if cfg.cluster_index is not None:
+        from ..clustering import load_assignments
+
+        keys = list(load_assignments(store).keys_of(cfg.cluster_index))
+        if not keys:
+            raise DataError(f"cluster_index {cfg.cluster_index} has no samples in {store.url(layout.CLUSTERING)}")
+    source = open_source(cfg.data, store)
+    if cfg.class_cond and source.num_classes is not None and cfg.num_classes is not None \
+            and source.num_classes > cfg.num_classes:
+        raise DataError(f"data.uri {cfg.data.uri} has {source.num_classes} classes but num_classes={cfg.num_classes}")
+    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    spec = model_spec(cfg)
+    model = build_from_spec(spec)
+    reporter = Reporter("expert", cfg.cluster_index, cfg.train.steps, store) if rt.is_main else None
+    trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
+                      runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)
+    losses = trainer.fit()
+    if rt.is_main:
+        png = None
+        if cfg.sample_grid.count > 0:
+            labels = None
+            if cfg.class_cond:  # the cluster's own label mix, so the grid shows what this expert covers
+                pick = (keys or source.keys())[: cfg.sample_grid.count]
+                batch_labels = source.load(pick).labels
+                labels = batch_labels.repeat(-(-cfg.sample_grid.count // len(pick)))[: cfg.sample_grid.count] \
+                    if batch_labels is not None else None
+            images = sample_grid(trainer.ema, cfg.sample_grid, labels, cfg.seed, rt.device)
+            png = save_grid(images, nrow=cfg.sample_grid.nrow)
+        write_report(store, stage_dir, losses, png)
+        if reporter:
+            reporter.close(step=trainer.step, loss=losses[-1] if losses else None,
+                           final=store.url(layout.final(stage_dir)))
+    shutdown(rt)
