@@ -1,0 +1,105 @@
+"""The cluster stage: embed every sample, cluster, commit assignments under ``<run>/clustering``.
+
+Runs at least once safely: a committed clustering with the same config is kept as is (a re-run is a no-op).
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import layout
+from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Clustering, examples_grid, hierarchical_kmeans,
+                          nmi, random_partition)
+from ..configs.cluster import ClusterConfig
+from ..data import Source, open_source
+from ..encoders import Encoder, build_encoder, resolve_device
+from ..progress import Reporter
+from ..store import open_store
+
+
+def _embed(source: Source, keys: list[str], encoder: Encoder, batch_size: int, reporter: Reporter) -> np.ndarray:
+    chunks = []
+    for start in range(0, len(keys), batch_size):
+        batch = source.load(keys[start : start + batch_size])
+        chunks.append(encoder.embed(batch.images, batch_size))  # (B, D)
+        reporter.update(min(start + batch_size, len(keys)), phase="embed")
+    return np.concatenate(chunks)  # (N, D)
+
+
+def _examples(source: Source, keys: list[str], cluster: np.ndarray, k: int, per_cluster: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(k):
+        members = np.flatnonzero(cluster == c)
+        picked = rng.choice(members, size=min(per_cluster, len(members)), replace=False) if len(members) else []
+        images = source.load([keys[i] for i in sorted(picked)]).images if len(picked) else torch.zeros(0)
+        rows.append([((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy() for img in images])
+    if not any(rows):
+        return b""
+    return examples_grid(rows)
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def run(cfg: ClusterConfig) -> dict[str, Any]:
+    store = open_store(cfg.run_uri)
+    config = cfg.model_dump(mode="json")
+    encoder = None
+    if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
+        encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
+    previous = store.read_manifest(layout.CLUSTERING)
+    if previous is not None and previous.get("config") == config:
+        print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
+              file=sys.stderr)
+        return previous
+
+    source = open_source(cfg.data, store)
+    keys = source.keys()
+    reporter = Reporter("cluster", None, len(keys), store)
+    if encoder is not None:
+        features = _embed(source, keys, encoder, cfg.embed_batch_size, reporter)
+        import faiss
+
+        use_gpu = faiss.get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
+        reporter.event("progress", step=len(keys), phase="kmeans")
+        result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
+                                     cfg.max_cluster_fraction, use_gpu)
+    else:
+        cluster = random_partition(len(keys), cfg.num_clusters, cfg.seed)
+        empty = np.zeros((0, 0), dtype=np.float32)
+        result = Clustering(cluster, np.full(len(keys), -1, dtype=np.int64), empty, empty,
+                            np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
+
+    sizes = np.bincount(result.cluster, minlength=cfg.num_clusters).tolist()
+    labels = source.labels()
+    score = None
+    if labels is not None:
+        score = nmi(np.asarray([labels[k] for k in keys]), result.cluster)
+    meta = {"num_clusters": cfg.num_clusters, "sizes": sizes, "num_samples": len(keys), "method": cfg.method,
+            "encoder": cfg.encoder if encoder is not None else None, "fine_clusters_used": result.fine_used,
+            "nmi": score, "config": config}
+    files = {
+        ASSIGNMENTS: _npz(keys=np.asarray(keys), cluster=result.cluster, fine=result.fine),
+        CENTROIDS: _npz(fine=result.fine_centroids, coarse=result.coarse_centroids,
+                        fine_to_coarse=result.fine_to_coarse, fine_counts=result.fine_counts),
+        CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
+    }
+    if cfg.examples_per_cluster:
+        grid = _examples(source, keys, result.cluster, cfg.num_clusters, cfg.examples_per_cluster, cfg.seed)
+        if grid:
+            files[EXAMPLES] = grid
+    store.delete_prefix(layout.CLUSTERING)  # an old clustering with another config must not mix with this one
+    manifest = store.commit(layout.CLUSTERING, files, meta)
+    reporter.close(step=len(keys), num_clusters=cfg.num_clusters, sizes=sizes, nmi=score)
+    print(f"cluster: {cfg.num_clusters} clusters of {len(keys)} samples, sizes {sizes}"
+          + (f", NMI with classes {score:.3f}" if score is not None else ""), file=sys.stderr)
+    return manifest
