@@ -1,0 +1,57 @@
+"""Config of the evaluation stage: FID/KID of each combination strategy against the training data.
+
+Torch-free: the operator validates it before it starts a pod.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..combine import STRATEGY_HELP, parse_strategy
+from ..errors import ConfigError
+from .common import DataConfig, StageBase
+
+MONOLITH_ROW = "monolith"  # the K=1 baseline (experts/monolith) as one more row of the table
+
+
+class EvaluateConfig(StageBase):
+    """Writes ``evaluation/``: results.json, results.md (the table) and grids/<strategy>.png."""
+
+    data: DataConfig = Field(description="Reference images (the training data) for the FID/KID statistics")
+    strategies: list[str] = Field(["full", "top1", "top-2", "sample-2", "nucleus-0.9"], min_length=1,
+                                  description=f"Rows of the table: {STRATEGY_HELP}, or '{MONOLITH_ROW}'")
+    n_samples: int = Field(10_000, ge=2, description="Generated images per strategy (FID-N)")
+    reference_n: int = Field(10_000, ge=2, description="Training images in the reference statistics")
+    batch_size: int = Field(256, ge=1, description="Sampling and Inception batch size")
+    steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
+    method: Literal["euler", "heun"] = "euler"
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional experts)")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the smaller set's size)")
+    kid_subsets: int = Field(100, ge=1)
+    grid_count: int = Field(64, ge=0, description="Images in each strategy's PNG grid (0: none)")
+    grid_nrow: int = Field(8, ge=1)
+    use_ema: bool = Field(True, description="Sample with the EMA weights")
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, v: list[str]) -> list[str]:
+        out = []
+        for s in v:
+            if s.strip().lower() == MONOLITH_ROW:
+                out.append(MONOLITH_ROW)
+                continue
+            try:
+                out.append(parse_strategy(s).name)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        dup = sorted({s for s in out if out.count(s) > 1})
+        if dup:
+            raise ValueError(f"strategy {dup[0]!r} is listed twice")
+        return out
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "EvaluateConfig":
+        if self.data.limit is not None and self.reference_n > self.data.limit:
+            raise ValueError(f"reference_n={self.reference_n} exceeds data.limit={self.data.limit}")
+        return self
