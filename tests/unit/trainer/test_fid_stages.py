@@ -126,3 +126,101 @@ def test_evaluate_writes_table_grids_and_reuses_reference(run_store: FileStore, 
     again = evaluate.run(cfg.model_copy(update={"strategies": ["top1"]}))
     assert run_store.read_manifest(ref) == first
     assert again["table"][0]["fid"] == pytest.approx(rows["top1"]["fid"], rel=1e-6)  # same seed, same samples
+
+
+# -- monolith baseline ---------------------------------------------------------------------------------------------
+def _stream_samples(store: FileStore, stage_dir: str) -> int:
+    """How many samples the data stream of a stage's newest checkpoint draws from."""
+    prefix = latest_checkpoint(store, stage_dir)
+    assert prefix is not None
+    state = load_checkpoint(store, prefix)
+    found = [v["num_samples"] for v in _walk(state) if isinstance(v, dict) and "num_samples" in v]
+    assert found, f"no stream state in {prefix}"
+    return int(found[0])
+
+
+def _walk(obj: Any) -> Any:
+    yield obj
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    for c in children:
+        yield from _walk(c)
+
+
+def test_monolith_expert_trains_on_all_keys_and_cluster_expert_on_its_own(run_store: FileStore, data: Any) -> None:
+    run_store.delete_prefix(expert.MONOLITH)
+    run_store.delete_prefix(layout.expert(0))
+    common = dict(run_uri=run_store.uri, data=data.model_dump(), device="cpu", model="DiT-N/4",
+                  train=dict(steps=2, ckpt_every=1, keep_checkpoints=1, **TINY_TRAIN), sample_grid=dict(count=0))
+    expert.run(ExpertConfig(cluster_index=None, **common))
+    expert.run(ExpertConfig(cluster_index=0, **common))
+    assert _stream_samples(run_store, expert.MONOLITH) == N_DATA  # every key, not one cluster's
+    assert _stream_samples(run_store, layout.expert(0)) == N_DATA // 2
+    final = load_final(run_store, expert.MONOLITH)
+    assert final.config["stage"]["cluster_index"] is None and final.config["step"] == 2
+
+
+# -- distillation --------------------------------------------------------------------------------------------------
+def _distill_cfg(store: FileStore, data: Any, **train: Any) -> DistillConfig:
+    fields: dict[str, Any] = dict(steps=30, ckpt_every=1000, **TINY_TRAIN)
+    fields.update(train)
+    return DistillConfig(run_uri=store.uri, data=data.model_dump(), device="cpu", model="DiT-N/4", seed=3,
+                         train=fields, sample_grid=dict(count=4, nrow=2, steps=2))
+
+
+def _student_teacher_mse(store: FileStore, data: Any, student: torch.nn.Module) -> float:
+    """The distillation loss on 64 fixed (x_t, t) draws against each image's own cluster expert."""
+    teachers = [expert.load_expert(store, layout.expert(k)) for k in range(2)]
+    source = open_source(data)
+    batch = source.load(source.keys())
+    cluster = torch.arange(len(batch.keys)) % 2  # the fixture's split
+    loss_fn = distill.distill_loss(distill.expert_of_cluster_teacher(teachers), "uniform")
+    with torch.no_grad():
+        return float(loss_fn(student.eval(), {"x0": batch.images, "cluster": cluster}, torch.Generator().manual_seed(0)))
+
+
+def test_distillation_reduces_student_teacher_mse(run_store: FileStore, data: Any) -> None:
+    torch.manual_seed(3)
+    before = _student_teacher_mse(run_store, data, build_dit("DiT-N/4", SIZE, CHANNELS))
+    losses = distill.run(_distill_cfg(run_store, data))
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    final = load_final(run_store, layout.DISTILLATION)
+    student = build_dit(final.config["model"]["preset"], SIZE, CHANNELS)
+    student.load_state_dict(final.model)
+    after = _student_teacher_mse(run_store, data, student)
+    assert after < 0.7 * before, (before, after)
+    report = run_store.read_manifest(f"{layout.DISTILLATION}/report")
+    assert report is not None and "samples.png" in report["files"]
+
+
+def test_distillation_from_the_router_ensemble_runs(run_store: FileStore, data: Any) -> None:
+    cfg = _distill_cfg(run_store, data, steps=2).model_copy(update={"teacher": "ensemble", "strategy": "top1"})
+    assert len(distill.run(cfg)) == 2
+    run_store.delete_prefix(layout.DISTILLATION)
+    run_store.delete_prefix(layout.final(layout.expert(1)))
+    with pytest.raises(MissingArtifactError, match="experts/001/final"):
+        distill.run(_distill_cfg(run_store, data, steps=2))
+
+
+def test_distillation_resumes_exactly_after_a_kill(run_store: FileStore, data: Any, tmp_path: Path) -> None:
+    """ddm-train distill SIGKILLed right after its step-2 checkpoint, rerun: the same weights as an unbroken run."""
+    import shutil
+
+    other = FileStore(tmp_path / "unbroken")
+    shutil.copytree(run_store.root, other.root)
+    distill.run(_distill_cfg(other, data, steps=4, ckpt_every=2))
+    cfg = _distill_cfg(run_store, data, steps=4, ckpt_every=2)
+    cfg_file = tmp_path / "distill.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    cmd = [sys.executable, "-m", "ddm_trainer.cli", "distill", "--config", str(cfg_file)]
+    env = {**os.environ, "DDM_TEST_CRASH_AT": "after_manifest:step=2", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert latest_checkpoint(run_store, layout.DISTILLATION) is not None
+    assert run_store.read_manifest(layout.final(layout.DISTILLATION)) is None
+    env.pop("DDM_TEST_CRASH_AT")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"event": "resumed"' in done.stdout
+    ours, theirs = load_final(run_store, layout.DISTILLATION), load_final(other, layout.DISTILLATION)
+    for name, tensor in theirs.model.items():
+        assert torch.equal(ours.model[name], tensor), name

@@ -1,0 +1,37 @@
+"""Config of the distillation stage: one dense DiT student regressing the experts' velocities.
+
+Torch-free: the operator validates it before it starts a pod.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ..combine import STRATEGY_HELP, parse_strategy
+from ..errors import ConfigError
+from .common import DataConfig, StageBase
+from .expert import SampleGridConfig, TrainerConfig
+
+
+class DistillConfig(StageBase):
+    """Train ``distillation/``: a student DiT with MSE to the teacher velocity at the same (x_t, t)."""
+
+    data: DataConfig = Field(description="Training images (the data the experts were trained on)")
+    model: str = Field("DiT-S/2", description="Student DiT preset, e.g. DiT-S/2, DiT-B/2, DiT-T/4 (CPU)")
+    teacher: Literal["expert-of-cluster", "ensemble"] = Field(
+        "expert-of-cluster", description="expert-of-cluster: each image's own cluster expert (the paper); "
+                                         "ensemble: the router-combined experts with `strategy`")
+    strategy: str = Field("full", description=f"Combination for teacher=ensemble: {STRATEGY_HELP}")
+    t_dist: Literal["uniform", "logit_normal"] = "logit_normal"
+    use_ema: bool = Field(True, description="Teachers use their EMA weights")
+    train: TrainerConfig = TrainerConfig()
+    sample_grid: SampleGridConfig = SampleGridConfig()
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        try:
+            return parse_strategy(v).name
+        except ConfigError as e:
+            raise ValueError(str(e)) from None

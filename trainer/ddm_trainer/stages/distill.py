@@ -1,0 +1,169 @@
+"""Stage ``distill``: one dense DiT student trained to match the DDM teachers' velocity (McAllister et al. 2025, §distillation).
+
+For each training image x0 we draw t and eps, form x_t = (1 - t) x0 + t eps, and regress the student's velocity
+onto the teacher's at the same (x_t, t): ``teacher=expert-of-cluster`` uses the expert of x0's own cluster (the
+paper's choice: no router needed), ``teacher=ensemble`` the router-combined experts with ``strategy``. Training is
+the generic checkpointed ``Trainer`` under ``layout.DISTILLATION`` (same checkpoint/resume guarantees as experts);
+its final weights are committed there, then ``distillation/report`` (loss curve + a grid of student samples).
+Everything upstream (assignments, each teacher's committed weights, image size) is checked before training.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import layout
+from ..configs.distill import DistillConfig
+from ..errors import ConfigError, MissingArtifactError
+from ..flow import interpolate, sample_t
+from ..store import Store
+
+TeacherFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class DistillStream:
+    """Batches ``{"x0": (B, C, H, W), "cluster": (B,), "y": (B,) [class-conditional]}``; resumable as it wraps."""
+
+    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool):
+        self.stream, self.cluster_of, self.with_labels = stream, cluster_of, with_labels
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.stream:
+            out = {"x0": batch.images,
+                   "cluster": torch.tensor([self.cluster_of[k] for k in batch.keys], dtype=torch.long)}  # (B,)
+            if self.with_labels and batch.labels is not None:
+                out["y"] = batch.labels
+            yield out
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.stream.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def expert_of_cluster_teacher(experts: list[nn.Module]) -> TeacherFn:
+    """v(x_t, t) from the expert of each sample's own cluster."""
+
+    def teacher(x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        k_of, y = batch["cluster"], batch.get("y")
+        v = torch.empty_like(x_t)  # (B, C, H, W)
+        for k in torch.unique(k_of).tolist():
+            idx = torch.nonzero(k_of == k).flatten()  # (b,)
+            v[idx] = experts[k](x_t[idx], t[idx], y[idx] if y is not None else None).to(v.dtype)
+        return v
+
+    return teacher
+
+
+def ensemble_teacher(sampler: Any, seed: int) -> TeacherFn:
+    """v(x_t, t) = sum_k w_k(x_t, t) v_k from a ``CombinedSampler`` (router + strategy)."""
+    gen = torch.Generator().manual_seed(seed)  # drives sample-K draws
+
+    def teacher(x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sampler.velocity(x_t.float(), t.float(), batch.get("y"), gen).to(x_t.dtype)
+
+    return teacher
+
+
+def distill_loss(teacher: TeacherFn, t_dist: str = "logit_normal") -> Callable[..., torch.Tensor]:
+    """loss_fn(student, batch, generator) = MSE(student(x_t, t, y), teacher(x_t, t)) for the Trainer."""
+
+    def loss_fn(student: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["x0"]
+        t = sample_t(x0.shape[0], generator, t_dist, device=x0.device)  # type: ignore[arg-type]  # (B,)
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)  # (B, C, H, W)
+        x_t = interpolate(x0, eps, t)  # (B, C, H, W)
+        with torch.no_grad():
+            target = teacher(x_t, t, batch)  # (B, C, H, W)
+        v = student(x_t, t, batch.get("y"))  # (B, C, H, W)
+        return F.mse_loss(v.float(), target.float())
+
+    return loss_fn
+
+
+def _expert_config(store: Store, k: int) -> dict[str, Any]:
+    import json
+
+    prefix = layout.final(layout.expert(k))
+    if store.read_manifest(prefix) is None:
+        raise MissingArtifactError(f"distillation teacher: expert {k} has no committed final weights at "
+                                   f"{store.url(prefix)}")
+    return json.loads(store.read_committed(prefix, "config.json"))
+
+
+def check_teachers(cfg: DistillConfig, store: Store, num_clusters: int) -> Any:
+    """Every teacher is committed and makes images the size of ``cfg.data``; returns expert 0's spec."""
+    from .sample import expert_spec, validate_ensemble
+
+    if cfg.teacher == "ensemble":
+        specs = validate_ensemble(store, cfg.strategy).experts
+        if len(specs) != num_clusters:
+            raise ConfigError(f"the ensemble has {len(specs)} experts but the clustering has {num_clusters} clusters")
+    else:
+        specs = [expert_spec(_expert_config(store, k), store.url(layout.final(layout.expert(k))))
+                 for k in range(num_clusters)]
+    spec = specs[0]
+    if (spec.channels, spec.image_size) != (cfg.data.channels, cfg.data.image_size):
+        raise ConfigError(f"the experts make {spec.channels}x{spec.image_size}px images but data {cfg.data.uri} is "
+                          f"{cfg.data.channels}x{cfg.data.image_size}px (set data.channels / data.image_size)")
+    return spec
+
+
+def run(cfg: DistillConfig) -> list[float]:
+    from ..clustering import load_assignments
+    from ..data import open_source
+    from ..images import save_grid
+    from ..models.dit import build_dit
+    from ..progress import Reporter
+    from ..runtime import setup_runtime, shutdown
+    from ..sampler import CombinedSampler
+    from ..store import open_store
+    from ..train_loop import Trainer
+    from .expert import load_expert, sample_grid, write_report
+    from .router import load_router
+
+    store = open_store(cfg.run_uri)
+    assignments = load_assignments(store)
+    num_clusters = int(assignments.num_clusters)
+    spec = check_teachers(cfg, store, num_clusters)
+    model_spec = {"arch": "dit", "preset": cfg.model, "image_size": spec.image_size, "channels": spec.channels,
+                  "num_classes": spec.num_classes}
+    torch.manual_seed(cfg.seed)
+    student = build_dit(cfg.model, spec.image_size, spec.channels, spec.num_classes)  # validates the preset
+
+    rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
+    cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
+    source = open_source(cfg.data, store)
+    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=list(cluster_of))
+    experts = [load_expert(store, layout.expert(k), rt.device, ema=cfg.use_ema).requires_grad_(False)
+               for k in range(num_clusters)]
+    if cfg.teacher == "ensemble":
+        router = load_router(store, rt.device).requires_grad_(False)
+        sampler = CombinedSampler(experts, router, cfg.strategy, device=rt.device, null_label=spec.num_classes)
+        teacher = ensemble_teacher(sampler, cfg.seed)
+    else:
+        teacher = expert_of_cluster_teacher(experts)
+    reporter = Reporter("distill", None, cfg.train.steps, store) if rt.is_main else None
+    trainer = Trainer(student, distill_loss(teacher, cfg.t_dist), DistillStream(stream, cluster_of,
+                      spec.num_classes is not None), store, layout.DISTILLATION, cfg.train, reporter, seed=cfg.seed,
+                      runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=model_spec)
+    losses = trainer.fit()
+    if rt.is_main:
+        png = None
+        if cfg.sample_grid.count > 0:
+            labels = None
+            if spec.num_classes:
+                labels = torch.arange(cfg.sample_grid.count) % spec.num_classes
+            png = save_grid(sample_grid(trainer.ema, cfg.sample_grid, labels, cfg.seed, rt.device),
+                            nrow=cfg.sample_grid.nrow)
+        write_report(store, layout.DISTILLATION, losses, png)
+        if reporter:
+            reporter.close(step=trainer.step, loss=losses[-1] if losses else None,
+                           final=store.url(layout.final(layout.DISTILLATION)))
+    shutdown(rt)
+    return losses
