@@ -240,6 +240,11 @@ def _compact(status: dict[str, Any]) -> dict[str, Any]:
 
 def reconcile(namespace: str, name: str) -> float | None:
     """One level-triggered pass over a DDM; returns seconds until a waiting retry is due (or None)."""
+    with _lock(f"{namespace}/{name}"):  # read inside the lock: a pass never plans from a status another just replaced
+        return _reconcile_locked(namespace, name)
+
+
+def _reconcile_locked(namespace: str, name: str) -> float | None:
     custom = _custom()
     try:
         body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -251,51 +256,50 @@ def reconcile(namespace: str, name: str) -> float | None:
     if meta.get("deletionTimestamp"):
         return None
     uid, generation = meta["uid"], meta.get("generation")
-    with _lock(uid):
-        old = DecentralizedDiffusionStatus.model_validate(body.get("status") or {})
-        try:
-            spec = DecentralizedDiffusionSpec.model_validate(body.get("spec") or {})
-        except ValueError as exc:
-            first = str(exc).splitlines()
-            message = f"invalid spec: {'; '.join(first[:3])}"[:1000]
-            if old.phase != "Failed" or old.message != message:
-                _patch_status(namespace, name, {"phase": "Failed", "message": message, "observedGeneration": generation})
-                kopf.warn(body, reason="InvalidSpec", message=message)
-            return None
-        owner = b.Owner(name=name, namespace=namespace, uid=uid)
-        try:
-            observed, latest = observe(spec, namespace, name, uid)
-        except DDMError as exc:  # e.g. a targetCluster Secret missing or unsafe: the user must fix it
-            if old.message != str(exc):
-                _patch_status(namespace, name, {"message": str(exc)})
-                kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
-            return INTERVAL_S
-        plan = pl.plan(spec, observed)
-        for action in plan.actions:
-            if isinstance(action, (pl.Launch, pl.Retry)):
-                _launch(job_request(spec, owner, action.key, action.attempt))
-                latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
-                                                 name=b.child_name(name, action.key.id, action.attempt),
-                                                 phase="Pending", cluster=_placement_of(spec, action.key)[0].target_cluster)
-            elif isinstance(action, (pl.Suspend, pl.Cancel)):
-                job = latest.get(action.key.id)
-                if job is not None and job.phase in ("Pending", "Running"):  # already suspended: no request
-                    _set_suspend(namespace, job, True)
-            elif isinstance(action, pl.Unsuspend) and action.key.id in latest:
-                _set_suspend(namespace, latest[action.key.id], False)
-        launched = {a.key for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))}
-        if launched:  # show the launched stages as running now rather than on the next pass
-            plan = pl.plan(spec, pl.Observed(now=observed.now, stages={
-                **observed.stages,
-                **{k: pl.StageObservation(pl.State.RUNNING, attempts=latest[k.id].attempt, cluster=latest[k.id].cluster)
-                   for k in launched}}))
-        new = _status_of(plan, old, latest, generation)
-        wire = new.to_wire()
-        if wire != _compact(old.to_wire()):
-            _patch_status(namespace, name, wire)
-            for reason, message in _transitions(old, new):
-                (kopf.warn if "Failed" in message or "Retrying" in message else kopf.info)(body, reason=reason, message=message)
-        return plan.requeue_after
+    old = DecentralizedDiffusionStatus.model_validate(body.get("status") or {})
+    try:
+        spec = DecentralizedDiffusionSpec.model_validate(body.get("spec") or {})
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        message = f"invalid spec: {'; '.join(first[:3])}"[:1000]
+        if old.phase != "Failed" or old.message != message:
+            _patch_status(namespace, name, {"phase": "Failed", "message": message, "observedGeneration": generation})
+            kopf.warn(body, reason="InvalidSpec", message=message)
+        return None
+    owner = b.Owner(name=name, namespace=namespace, uid=uid)
+    try:
+        observed, latest = observe(spec, namespace, name, uid)
+    except DDMError as exc:  # e.g. a targetCluster Secret missing or unsafe: the user must fix it
+        if old.message != str(exc):
+            _patch_status(namespace, name, {"message": str(exc)})
+            kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
+        return INTERVAL_S
+    plan = pl.plan(spec, observed)
+    for action in plan.actions:
+        if isinstance(action, (pl.Launch, pl.Retry)):
+            _launch(job_request(spec, owner, action.key, action.attempt))
+            latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
+                                             name=b.child_name(name, action.key.id, action.attempt),
+                                             phase="Pending", cluster=_placement_of(spec, action.key)[0].target_cluster)
+        elif isinstance(action, (pl.Suspend, pl.Cancel)):
+            job = latest.get(action.key.id)
+            if job is not None and job.phase in ("Pending", "Running"):  # already suspended: no request
+                _set_suspend(namespace, job, True)
+        elif isinstance(action, pl.Unsuspend) and action.key.id in latest:
+            _set_suspend(namespace, latest[action.key.id], False)
+    launched = {a.key for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))}
+    if launched:  # show the launched stages as running now rather than on the next pass
+        plan = pl.plan(spec, pl.Observed(now=observed.now, stages={
+            **observed.stages,
+            **{k: pl.StageObservation(pl.State.RUNNING, attempts=latest[k.id].attempt, cluster=latest[k.id].cluster)
+               for k in launched}}))
+    new = _status_of(plan, old, latest, generation)
+    wire = new.to_wire()
+    if wire != _compact(old.to_wire()):
+        _patch_status(namespace, name, wire)
+        for reason, message in _transitions(old, new):
+            (kopf.warn if "Failed" in message or "Retrying" in message else kopf.info)(body, reason=reason, message=message)
+    return plan.requeue_after
 
 
 def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -359,6 +363,8 @@ def on_job_finished(meta: Any, namespace: str, type: str | None, **_: Any) -> No
     marker = (meta.get("uid", ""), meta.get("resourceVersion", ""))
     if type == "DELETED" or marker in _finished_seen:
         return
+    if len(_finished_seen) > 100_000:  # only dedups repeated events of one version; forgetting is harmless
+        _finished_seen.clear()
     _finished_seen.add(marker)
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == b.KIND:
