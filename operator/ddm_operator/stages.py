@@ -69,6 +69,11 @@ def _data(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
             "caption_field": d.caption_field, "limit": d.limit}
 
 
+def _router_holdout(spec: DecentralizedDiffusionSpec) -> int:
+    """Images held out to measure router accuracy vs t: 512, but at most a tenth of a limited dataset."""
+    return 512 if spec.dataset.limit is None else min(512, spec.dataset.limit // 10)
+
+
 def _device(spec: DecentralizedDiffusionSpec, gpus_per_node: int | None) -> str:
     return "cpu" if gpus_per_node == 0 else "auto"
 
@@ -96,6 +101,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         _, per_node = world_size(spec, key)
         return {**base, "device": _device(spec, r.gpus_per_node), "data": _data(spec),
                 "preset": r.preset.replace("DiT-", "Router-"), "num_clusters": spec.num_experts,
+                "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every}}
     if key.stage == "evaluate":

@@ -102,7 +102,10 @@ def stage_rows(obj: DecentralizedDiffusion, store: Store) -> list[tuple[str, str
             state = "stopped" if ev.get("event") == "done" else "started"
         else:
             state = "pending"
-        step = f"{ev.get('step', '?')}/{ev.get('total') or '?'}" if ev else ""
+        total = ev.get("total") if ev else None
+        step = f"{ev.get('step', '?')}/{total or '?'}" if ev else ""
+        if manifest is not None and total:
+            step = f"{total}/{total}"
         detail = f"loss {ev['loss']:.4g}" if ev and isinstance(ev.get("loss"), (int, float)) else ""
         if manifest is not None and "committed_at" in manifest:
             detail = (detail + "  " if detail else "") + time.strftime(
@@ -126,7 +129,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print("\nFID per strategy:")
         for row in fid_rows(store.get_json(results)):
-            print(f"  {row['strategy']:<14} FID {row['fid']}  NFE {row['nfe']}  N {row['n']}")
+            fid = f"{row['fid']:.2f}" if isinstance(row["fid"], (int, float)) else "-"
+            print(f"  {row['strategy']:<14} FID {fid:>8}  NFE {row['nfe']}  N {row['n']}")
     report = run_dir / "report" / "index.html"
     if report.exists():
         print(f"\nreport: {report}")

@@ -8,6 +8,7 @@ Anything missing is left out of the report rather than failing it: a report of a
 from __future__ import annotations
 
 import html
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,21 +187,34 @@ def _plot_cluster_sizes(sizes: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def _loss_group(stage_id: str) -> str:
+    """Losses of different kinds get their own panel: flow MSE (experts), cross-entropy (router), distillation."""
+    return "experts" if stage_id.startswith("expert") else stage_id
+
+
 def _plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    groups: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for name, points in sorted(curves.items()):
-        steps, losses = zip(*points)
-        ax.plot(steps, losses, label=name, linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title("Training loss per stage")
-    ax.legend(fontsize=8)
+        groups.setdefault(_loss_group(name), {})[name] = points
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    titles = {"experts": "experts (flow matching MSE)", "router": "router (cross-entropy)",
+              "distill": "student (distillation MSE)"}
+    for ax, (group, members) in zip(axes[0], groups.items()):
+        for name, points in members.items():
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, label=name, linewidth=1.2, marker="." if len(points) < 3 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if all(v > 0 for pts in members.values() for _, v in pts):
+            ax.set_yscale("log")
+        ax.set_title(titles.get(group, group), fontsize=10)
+        if len(members) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -222,6 +236,20 @@ def _plot_router_accuracy(points: list[tuple[float, float]], path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _img(src: str, png: bytes, alt: str, target_px: int = 384) -> str:
+    """An <img> that shows small pixel grids (28x28 images) enlarged, never shrunk below their natural size."""
+    width = None
+    try:
+        from PIL import Image
+
+        natural = Image.open(io.BytesIO(png)).size[0]
+        width = natural * max(1, target_px // max(natural, 1))
+    except Exception:  # an unreadable PNG still gets linked; the browser says what is wrong
+        pass
+    size = f' width="{width}"' if width else ""
+    return f'<img src="{src}" alt="{html.escape(alt)}"{size}>'
 
 
 def _fmt(v: Any) -> str:
@@ -256,8 +284,7 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
         for strategy, png in sorted(inputs.grids.items()):
             name = f"samples-{strategy}.png"
             (out / name).write_bytes(png)
-            figs.append(f'<figure><img src="{name}" alt="{html.escape(strategy)}">'
-                        f"<figcaption>{html.escape(strategy)}</figcaption></figure>")
+            figs.append(f"<figure>{_img(name, png, strategy)}<figcaption>{html.escape(strategy)}</figcaption></figure>")
             sections_md += [f"### {strategy}", "", f"![{strategy}]({name})", ""]
         sections_html.append("<h2>Samples</h2><div class=grid>" + "".join(figs) + "</div>")
 
@@ -270,7 +297,7 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
             sections_md += [f"Sizes: {inputs.cluster_sizes}", "", "![cluster sizes](cluster-sizes.png)", ""]
         if inputs.cluster_examples:
             (out / "cluster-examples.png").write_bytes(inputs.cluster_examples)
-            parts.append('<figure><img src="cluster-examples.png" alt="examples per cluster">'
+            parts.append(f"<figure>{_img('cluster-examples.png', inputs.cluster_examples, 'examples per cluster', 768)}"
                          "<figcaption>example images per cluster (one row each)</figcaption></figure>")
             sections_md += ["![examples per cluster](cluster-examples.png)", ""]
         sections_html.append("".join(parts))
@@ -281,7 +308,7 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
         for stage, png in sorted(inputs.expert_grids.items()):
             name = f"{stage}-samples.png"
             (out / name).write_bytes(png)
-            figs.append(f'<figure><img src="{name}" alt="{stage}"><figcaption>{stage}</figcaption></figure>')
+            figs.append(f"<figure>{_img(name, png, stage, 256)}<figcaption>{stage}</figcaption></figure>")
             sections_md += [f"![{stage}]({name})", ""]
         sections_html.append("<h2>Each expert alone</h2><div class=grid>" + "".join(figs) + "</div>")
 
