@@ -1,0 +1,67 @@
+"""Clustering speed: N x D random-but-clustered float32 features -> 1024 fine + 8 coarse clusters (faiss).
+
+The full figure is 1,000,000 x 768; ``--n`` runs it smaller. Uses the GPU when faiss sees one (faiss-gpu), else
+CPU with all cores. Writes bench/results/cluster_faiss_speed.json via bench/common.py.
+
+    python bench/cluster_faiss_speed.py                 # 1M x 768
+    python bench/cluster_faiss_speed.py --n 200000      # smaller, e.g. on a laptop
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import record  # noqa: E402
+
+from ddm_trainer.clustering import hierarchical_kmeans, nmi  # noqa: E402
+
+
+def clustered_features(n: int, dim: int, modes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised features around ``modes`` random directions (like encoder features), in place to save RAM."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((modes, dim), dtype=np.float32)
+    labels = rng.integers(0, modes, n)
+    x = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(start + 100_000, n)
+        x[start:stop] = centers[labels[start:stop]] + 0.7 * rng.standard_normal((stop - start, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--fine", type=int, default=1024)
+    parser.add_argument("--coarse", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: all cores)")
+    args = parser.parse_args()
+
+    import faiss
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    use_gpu = faiss.get_num_gpus() > 0
+    t0 = time.perf_counter()
+    x, labels = clustered_features(args.n, args.dim, modes=args.coarse * 4, seed=0)
+    gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = hierarchical_kmeans(x, args.coarse, args.fine, seed=0, iters=args.iters, use_gpu=use_gpu)
+    seconds = time.perf_counter() - t0
+    score = nmi(labels, result.fine)
+    print(f"n={args.n} dim={args.dim} fine={result.fine_used} coarse={args.coarse} gpu={use_gpu}: "
+          f"{seconds:.1f} s (features generated in {gen_s:.1f} s), fine NMI vs generating modes {score:.3f}")
+    tag = f"{args.n}x{args.dim}->{result.fine_used}->{args.coarse}" + (" gpu" if use_gpu else " cpu")
+    record("cluster_faiss_speed", f"cluster_seconds[{tag}]", round(seconds, 2), "s")
+    record("cluster_faiss_speed", f"cluster_throughput[{tag}]", round(args.n / seconds, 1), "samples/s")
+
+
+if __name__ == "__main__":
+    main()
