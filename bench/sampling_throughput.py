@@ -13,19 +13,18 @@ Imports only torch + the torch-only trainer modules (no pydantic/minio/faiss): r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "trainer"))  # works without installing the project
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from common import RESULTS, record  # noqa: E402
 
 from ddm_trainer.flow import ode_sample  # noqa: E402
 from ddm_trainer.models.dit import build_dit  # noqa: E402
@@ -33,13 +32,7 @@ from ddm_trainer.models.router import build_router  # noqa: E402
 from ddm_trainer.sampler import CombinedSampler, draw_noise  # noqa: E402
 
 STRATEGIES = ["top1", "top-2", "sample-2", "nucleus-0.9", "full"]
-OUT = ROOT / "bench" / "results" / "sampling_throughput.json"
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({torch.get_num_threads()} threads), torch {torch.__version__}"
+BENCHMARK = "sampling_throughput"
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -78,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--spread", action="store_true", help="put expert k on cuda:(k mod device count)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--results-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -107,35 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     def monolith(x: torch.Tensor) -> torch.Tensor:
         return ode_sample(lambda x, t: mono(x, t.to(dtype)), x, steps)  # type: ignore[return-value]
 
-    reference = images_per_s(monolith, x1, batch_size, device)
-    command = "python bench/sampling_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    where = machine(device)
     setup = (f"{args.experts}x {args.preset} + {router_preset}, {args.image_size}px, {steps} Euler steps, "
              f"{str(dtype).removeprefix('torch.')}, batch {batch_size}")
-    records = [{"metric": f"sampling_throughput/monolith ({args.preset}, {steps} steps)", "value": round(reference, 3),
-                "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,
-                "date": now, "setup": setup}]
-    print(f"{setup} on {where}")
-    print(f"  monolith      {reference:10.2f} images/s")
+    print(setup)
+    reference = images_per_s(monolith, x1, batch_size, device)
+    record(BENCHMARK, f"images/s monolith {args.preset} ({setup})", round(reference, 3), "images/s",
+           results_dir=args.results_dir)
     for name in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         sampler = CombinedSampler(experts, router, name, steps=steps, device=device, devices=devices, dtype=dtype)
         ips = images_per_s(lambda x: sampler.sample(x, seed=0), x1, batch_size, device)
-        stats = sampler.stats(args.n + batch_size)  # the warm-up batch was counted too
-        records.append({"metric": f"sampling_throughput/{name}", "value": round(ips, 3), "unit": "images/s",
-                        "reference": round(reference, 3), "ratio": round(ips / reference, 4), "command": command,
-                        "machine": where, "date": now, "setup": setup, "nfe_per_image": round(stats.nfe, 3),
-                        "gflops_per_image": round(stats.gflops_per_sample, 3)})
-        print(f"  {name:12s}  {ips:10.2f} images/s  ratio {ips / reference:.3f}  nfe/image {stats.nfe:.2f}  "
-              f"GFLOPs/image {stats.gflops_per_sample:.2f}")
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.exists() else []
-    fresh = {(r["metric"], r["machine"]) for r in records}
-    kept = [r for r in old if (r.get("metric"), r.get("machine")) not in fresh]
-    out.write_text(json.dumps(kept + records, indent=2) + "\n")
-    print(f"wrote {len(records)} records to {out}")
+        stats = sampler.stats(args.n + batch_size)  # the warm-up batch is counted too
+        # reference: the monolith (one expert-sized DiT, same steps); ratio = ensemble speed / monolith speed
+        record(BENCHMARK, f"images/s {name} ({setup})", round(ips, 3), "images/s", reference=round(reference, 3),
+               results_dir=args.results_dir)
+        record(BENCHMARK, f"expert NFE/image {name} ({setup})", round(stats.nfe, 3), "NFE", reference=steps,
+               results_dir=args.results_dir)
+        record(BENCHMARK, f"GFLOPs/image {name} ({setup})", round(stats.gflops_per_sample, 3), "GFLOP",
+               results_dir=args.results_dir)
     return 0
 
 
