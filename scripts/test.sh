@@ -3,6 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
+# Real Kubernetes control plane for the k8s tests: built from Go modules once, cached outside the tree.
+scripts/testenv-build.sh >/dev/null || { echo "scripts/testenv-build.sh failed: cannot run the k8s tests" >&2; exit 1; }
 .venv/bin/python -m pytest "$@"
 rc=$?
 # pytest exit code 5 = no tests collected: treat as a failure of the suite's wiring, not a pass.

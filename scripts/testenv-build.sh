@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kubectl) from Go modules
+# into a per-version cache dir outside the tree, and downloads the Kubeflow CRDs from the Go module cache.
+# Non-interactive and idempotent: a second run with the binaries present only prints the paths.
+#
+# Usage: scripts/testenv-build.sh [--extras]    (--extras also builds helm and kwok)
+# Output (stdout, one KEY=VALUE per line, parsed by tests/fixtures/k8s.py):
+#   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>
+# Env: DDM_K8S_VERSION (v1.37.2), DDM_TESTENV_CACHE (~/.cache/ddm-testenv), DDM_TESTENV_BIN (overrides the bin dir).
+set -euo pipefail
+
+K8S_VERSION="${DDM_K8S_VERSION:-v1.37.2}"
+TRAINING_OPERATOR_VERSION="v1.9.4"
+TRAINER_V2_VERSION="v2.0.0"
+HELM_VERSION="v3.22.0"
+KWOK_VERSION="v0.8.0"
+CACHE="${DDM_TESTENV_CACHE:-$HOME/.cache/ddm-testenv}"
+BIN="${DDM_TESTENV_BIN:-$CACHE/$K8S_VERSION/bin}"
+MODULE_DIR="$(cd "$(dirname "$0")/../tools/testenv" && pwd)"
+CORE_BINARIES=(etcd kube-apiserver kube-controller-manager kubectl)
+
+BUILD_EXTRAS=0
+for arg in "$@"; do
+  case "$arg" in
+    --extras) BUILD_EXTRAS=1 ;;
+    *) echo "testenv-build: unknown argument '$arg' (expected --extras)" >&2; exit 2 ;;
+  esac
+done
+
+command -v go >/dev/null || { echo "testenv-build: 'go' not on PATH (need Go >= 1.26 to build Kubernetes $K8S_VERSION)" >&2; exit 1; }
+export GOFLAGS=-mod=mod GOMAXPROCS="${GOMAXPROCS:-2}" CGO_ENABLED=0 GOTOOLCHAIN=local
+log() { echo "testenv-build: $*" >&2; }
+
+# Staging modules (k8s.io/api, client-go, ...) are required at v0.0.0 and replaced by ./staging paths upstream;
+# point each replace at its published v0.<minor>.<patch> instead. The list comes from upstream's go.mod.
+write_go_mod() {
+  local upstream_mod staging_version
+  upstream_mod="$(cd "$MODULE_DIR" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')"
+  [ -f "$upstream_mod" ] || { log "no go.mod for k8s.io/kubernetes@$K8S_VERSION from the module proxy"; exit 1; }
+  staging_version="v0.${K8S_VERSION#v1.}"
+  local -a edits=(-require "k8s.io/kubernetes@$K8S_VERSION")
+  local path count=0
+  for path in $(awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print $1}' "$upstream_mod" | sort -u); do
+    edits+=(-replace "$path=$path@$staging_version")
+    count=$((count + 1))
+  done
+  [ "$count" -gt 0 ] || { log "found no ./staging replaces in $upstream_mod"; exit 1; }
+  # etcd server at the version Kubernetes itself requires (it is in its module graph already).
+  local etcd_version
+  etcd_version="$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$upstream_mod")"
+  [ -n "$etcd_version" ] || { log "k8s.io/kubernetes@$K8S_VERSION go.mod does not require go.etcd.io/etcd/server/v3"; exit 1; }
+  edits+=(-require "go.etcd.io/etcd/server/v3@$etcd_version")
+  (cd "$MODULE_DIR" && go mod edit "${edits[@]}" && go mod tidy)
+  log "go.mod: k8s.io/kubernetes $K8S_VERSION, $count staging replaces at $staging_version, etcd $etcd_version"
+}
+
+build_core() {
+  local ldflags="-s -w" key value
+  # Upstream's hack/lib/version.sh sets the same variables in both packages; /version and `kubectl version` read them.
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  for kv in "gitVersion=$K8S_VERSION" "gitMajor=1" "gitMinor=$minor" "gitTreeState=clean" "buildDate=1970-01-01T00:00:00Z"; do
+    key="${kv%%=*}"; value="${kv#*=}"
+    ldflags+=" -X k8s.io/component-base/version.$key=$value -X k8s.io/client-go/pkg/version.$key=$value"
+  done
+  local staging="$BIN.partial"
+  rm -rf "$staging" && mkdir -p "$staging"
+  # One invocation so shared packages are compiled once.
+  (cd "$MODULE_DIR" && nice go build -trimpath -ldflags "$ldflags" -o "$staging/" ./cmd/...)
+  for name in "${CORE_BINARIES[@]}"; do
+    [ -x "$staging/$name" ] || { log "go build produced no $name"; exit 1; }
+  done
+  mkdir -p "$BIN" && mv "$staging"/* "$BIN/" && rmdir "$staging"
+}
+
+build_extras() {
+  [ -x "$BIN/helm" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  [ -x "$BIN/kwok" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+}
+
+module_dir() {  # prints the module cache dir of module@version, downloading it if needed
+  (cd "$MODULE_DIR" && go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+}
+
+missing=0
+for name in "${CORE_BINARIES[@]}"; do [ -x "$BIN/$name" ] || missing=1; done
+if [ "$missing" = 1 ]; then
+  started=$(date +%s)
+  log "building Kubernetes $K8S_VERSION control plane into $BIN (cold build takes tens of minutes on 2 cores)"
+  write_go_mod
+  build_core
+  log "built ${CORE_BINARIES[*]} in $(( $(date +%s) - started ))s"
+fi
+if [ "$BUILD_EXTRAS" = 1 ]; then build_extras; fi
+
+training_operator_dir="$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")"
+trainer_v2_dir="$(module_dir "github.com/kubeflow/trainer/v2@$TRAINER_V2_VERSION")"
+pytorchjob_crd="$training_operator_dir/manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
+[ -f "$pytorchjob_crd" ] || { log "PyTorchJob CRD not found at $pytorchjob_crd"; exit 1; }
+echo "DDM_TESTENV_BIN=$BIN"
+echo "PYTORCHJOB_CRD=$pytorchjob_crd"
+echo "TRAINER_V2_CRDS=$trainer_v2_dir/manifests/base/crds"
