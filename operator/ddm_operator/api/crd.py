@@ -128,7 +128,8 @@ def spec_schema() -> dict[str, Any]:
     for rule in RULES:
         where = _node(schema, rule.at)
         where.setdefault("x-kubernetes-validations", []).append(
-            {"rule": rule.cel, "message": f"{rule.field_path}: {rule.message}", "fieldPath": f".{rule.field}"}
+            # the API server prefixes the message with fieldPath (spec.clustering.fineClusters: ...)
+            {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}"}
         )
     for at, message in IMMUTABLE_FIELDS:
         _node(schema, at).setdefault("x-kubernetes-validations", []).append({"rule": "self == oldSelf", "message": message})
