@@ -1,0 +1,414 @@
+"""The operator against a real control plane: `kopf run` as a subprocess, as the chart's least-privilege ServiceAccount.
+
+No kubelet runs pods, so each test plays the training operator: it patches PyTorchJob status (Running, Succeeded,
+Failed with an exit code in the message) and checks what the DDM operator does next.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.k8s]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "ddm-operator"
+GROUP, VERSION, PLURAL = "ddm.io", "v1alpha1", "decentralizeddiffusions"
+JOBS = ("kubeflow.org", "v1")
+WAIT_S = 60.0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def render_rbac(namespace: str, release: str) -> str:
+    """The chart's RBAC for a single-namespace install: `helm template` when helm exists, else the kept rendering."""
+    helm = shutil.which("helm") or str(Path(os.environ.get("DDM_TESTENV_BIN", "/nonexistent")) / "helm")
+    shows = ["serviceaccount", "clusterrole-framework", "clusterrolebinding-framework", "role-application",
+             "rolebinding-application"]
+    if Path(helm).is_file():
+        args = [helm, "template", release, str(CHART), "--namespace", namespace, "--set", f"watchNamespaces={{{namespace}}}"]
+        args += [a for s in shows for a in ("--show-only", f"templates/{s}.yaml")]
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    text = (CHART / "rbac-rendered.yaml").read_text()
+    return text.replace("ddm-system", namespace).replace("ddm-operator", release)
+
+
+def inline_kubeconfig(path: Path) -> str:
+    """The fixture's kubeconfig with certificate files inlined as *-data (the operator rejects file paths)."""
+    config = yaml.safe_load(path.read_text())
+    for entry in config["clusters"]:
+        cluster = entry["cluster"]
+        if "certificate-authority" in cluster:
+            cluster["certificate-authority-data"] = base64.b64encode(Path(cluster.pop("certificate-authority")).read_bytes()).decode()
+    for entry in config["users"]:
+        user = entry["user"]
+        for field in ("client-certificate", "client-key"):
+            if field in user:
+                user[f"{field}-data"] = base64.b64encode(Path(user.pop(field)).read_bytes()).decode()
+    return yaml.safe_dump(config)
+
+
+class Operator:
+    """`kopf run` in its own process group; kill() is SIGKILL, the crash the continuity docs warn about."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval_s: float = 1.0) -> None:
+        self.kubeconfig, self.namespace, self.log_path, self.interval_s = kubeconfig, namespace, log_path, interval_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.liveness = ""
+
+    def start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.liveness = f"http://127.0.0.1:{port}/healthz"
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "DDM_RECONCILE_INTERVAL_S": str(self.interval_s)}
+        kopf = Path(sys.executable).parent / "kopf"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(kopf), "run", "--standalone", "-m", "ddm_operator.k8s.handlers", "--namespace", self.namespace,
+             f"--liveness={self.liveness}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+        log.close()
+        self.starts += 1
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until kopf's liveness endpoint answers: startup done, watches about to run."""
+        import urllib.request
+
+        def ok() -> bool:
+            try:
+                with urllib.request.urlopen(self.liveness, timeout=2) as response:
+                    return bool(response.status == 200)
+            except OSError:
+                return False
+
+        wait_for(ok, "operator liveness", timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+class Harness:
+    """Admin-side view of one namespace: the DDM, its PyTorchJobs, ConfigMaps and Events."""
+
+    def __init__(self, plane: Any, namespace: str) -> None:
+        from kubernetes import client
+
+        self.plane, self.ns = plane, namespace
+        self.api = plane.api_client()
+        self.custom, self.core = client.CustomObjectsApi(self.api), client.CoreV1Api(self.api)
+
+    def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DecentralizedDiffusion",
+                "metadata": {"name": name, "namespace": self.ns}, "spec": spec}
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+
+    def ddm(self, name: str) -> dict[str, Any] | None:
+        from kubernetes.client import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.ddm(name) or {}).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        items = self.custom.list_namespaced_custom_object(*JOBS, self.ns, "pytorchjobs")["items"]
+        return {j["metadata"]["name"]: j for j in items}
+
+    def configmaps(self, selector: str) -> list[str]:
+        return [c.metadata.name for c in self.core.list_namespaced_config_map(self.ns, label_selector=selector).items]
+
+    def job_status(self, name: str, *conditions: tuple[str, str]) -> None:
+        """Play the training operator: set the job's conditions ((type, message), ...)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        conds = [{"type": t, "status": "True", "reason": f"PyTorchJob{t}", "message": m, "lastUpdateTime": now,
+                  "lastTransitionTime": now} for t, m in conditions]
+        replica = {"Master": {"active": 0 if conditions and conditions[-1][0] in ("Succeeded", "Failed") else 1}}
+        self.custom.patch_namespaced_custom_object_status(
+            *JOBS, self.ns, "pytorchjobs", name, {"status": {"conditions": conds, "replicaStatuses": replica}})
+
+    def succeed(self, name: str) -> None:
+        self.job_status(name, ("Created", ""), ("Running", ""), ("Succeeded", "PyTorchJob succeeded"))
+
+    def fail(self, name: str, exit_code: int) -> None:
+        self.job_status(name, ("Created", ""), ("Running", ""),
+                        ("Failed", f"PyTorchJob {name} failed: Master replica exited with exit code {exit_code}"))
+
+    def events(self, name: str) -> list[str]:
+        items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
+        return [f"{e.reason}: {e.message}" for e in items]
+
+    def wait_jobs(self, *names: str) -> dict[str, dict[str, Any]]:
+        return wait_for(lambda: (j := self.jobs()) and all(n in j for n in names) and j, f"jobs {names}")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = WAIT_S) -> dict[str, Any]:
+        return wait_for(lambda: (s := self.status(name)).get("phase") == phase and s, f"{name} phase {phase}", timeout)
+
+
+def ddm_spec(k: int, tmp: Path, **over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "dataset": {"uri": "file:///data/fmnist", "imageSize": 28, "channels": 1},
+        "clustering": {"numClusters": k, "fineClusters": 4 * k, "encoder": "efficientnet_lite0"},
+        "experts": {"modelPreset": "DiT-T/4", "steps": 100, "gpusPerNode": 0},
+        "storage": {"uri": f"file://{tmp}/runs"},
+        "trainerImage": "ddm-trainer:test",
+        "failurePolicy": {"backoffSeconds": 0},
+    }
+    for key, value in over.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+@pytest.fixture(scope="session")
+def ddm_crd(k8s_cluster: Any) -> None:
+    """Our CRD from the models (the same text `ddm crd --write` puts in crds/), applied server-side."""
+    from ddm_operator.api.crd import render_crd
+
+    k8s_cluster.apply_yaml(render_crd())
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                        "crd/decentralizeddiffusions.ddm.io")
+
+
+@pytest.fixture
+def operator(k8s_cluster: Any, k8s_namespace: str, ddm_crd: None, tmp_path: Path) -> Iterator[Operator]:
+    """The operator for one namespace, as the chart's ServiceAccount with the chart's RBAC (not an admin)."""
+    release = f"ddm-operator-{k8s_namespace}"  # contains the chart name, so the chart's fullname is the release
+    k8s_cluster.apply_yaml(render_rbac(k8s_namespace, release))
+    kubeconfig = k8s_cluster.serviceaccount_kubeconfig(k8s_namespace, release)
+    op = Operator(kubeconfig, k8s_namespace, tmp_path / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+    print(op.log())
+
+
+@pytest.fixture
+def h(k8s_cluster: Any, k8s_namespace: str) -> Iterator[Harness]:
+    harness = Harness(k8s_cluster, k8s_namespace)
+    yield harness
+    harness.api.close()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_full_sequence_k4_status_events_and_garbage_collection(operator: Operator, h: Harness, tmp_path: Path) -> None:
+    h.create("seq", ddm_spec(4, tmp_path, distillation={"enabled": True, "steps": 10}))
+    jobs = h.wait_jobs("seq-cluster-a1")
+    job = jobs["seq-cluster-a1"]
+    uid = h.ddm("seq")["metadata"]["uid"]  # type: ignore[index]
+    assert job["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert job["metadata"]["labels"]["ddm.io/stage"] == "cluster"
+    assert h.configmaps(f"ddm.io/uid={uid}") == ["seq-cluster-a1"]
+    h.wait_phase("seq", "Clustering")
+
+    h.succeed("seq-cluster-a1")
+    experts = [f"seq-expert-{k:03d}-a1" for k in range(4)]
+    h.wait_jobs(*experts, "seq-router-a1")
+    status = h.wait_phase("seq", "Training")
+    assert status["stages"]["clustering"]["phase"] == "Succeeded" and status["expertsTotal"] == 4
+
+    # Progress: the trainer's report in the store shows up as step of total.
+    progress = tmp_path / "runs" / h.ns / "seq" / "progress"
+    progress.mkdir(parents=True)
+    (progress / "expert-002.json").write_text('{"stage": "expert", "index": 2, "event": "progress", "step": 37, "total": 100}')
+    h.job_status(experts[2], ("Created", ""), ("Running", ""))
+    wait_for(lambda: h.status("seq")["experts"][2].get("step") == 37, "expert 2 progress 37/100")
+
+    for name in experts[:3]:
+        h.succeed(name)
+    wait_for(lambda: h.status("seq").get("expertsReady") == 3, "3 experts ready")
+    out = h.plane.kubectl("get", "ddm", "seq", "-n", h.ns).stdout
+    assert re.search(r"seq\s+Training\s+3\s+4", out), out
+    h.succeed(experts[3])
+    h.succeed("seq-router-a1")
+    h.wait_jobs("seq-evaluate-a1")
+    h.wait_phase("seq", "Evaluating")
+    h.succeed("seq-evaluate-a1")
+    h.wait_jobs("seq-distill-a1")
+    h.wait_phase("seq", "Distilling")
+    h.succeed("seq-distill-a1")
+    status = h.wait_phase("seq", "Succeeded")
+    assert status["expertsReady"] == 4 and status["observedGeneration"] == 1
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
+
+    assert sorted(h.jobs()) == sorted(["seq-cluster-a1", *experts, "seq-router-a1", "seq-evaluate-a1", "seq-distill-a1"])
+    events = "\n".join(h.events("seq"))
+    for expected in ("clustering Running -> Succeeded", "expert 3 Running -> Succeeded", "phase Training -> Evaluating",
+                     "phase Distilling -> Succeeded"):
+        assert expected in events, events
+    assert "Succeeded" in h.plane.kubectl("get", "ddm", "-n", h.ns).stdout
+
+    # Deleting the DDM: the garbage collector removes every child through the owner references.
+    h.custom.delete_namespaced_custom_object(GROUP, VERSION, h.ns, PLURAL, "seq")
+    wait_for(lambda: not h.jobs() and not h.configmaps(f"ddm.io/uid={uid}"), "children garbage-collected", 90)
+
+
+def test_retry_then_permanent_failure_degrades_and_continues(operator: Operator, h: Harness, tmp_path: Path) -> None:
+    h.create("deg", ddm_spec(4, tmp_path, failurePolicy={"minExperts": 3, "maxRetriesPerExpert": 2, "backoffSeconds": 3}))
+    h.wait_jobs("deg-cluster-a1")
+    h.succeed("deg-cluster-a1")
+    h.wait_jobs(*[f"deg-expert-{k:03d}-a1" for k in range(4)], "deg-router-a1")
+
+    h.fail("deg-expert-000-a1", 151)  # retryable (OOM): a new attempt, alone
+    h.wait_jobs("deg-expert-000-a2")
+    wait_for(lambda: h.status("deg")["experts"][0].get("jobName") == "deg-expert-000-a2", "status shows attempt 2")
+    h.fail("deg-expert-001-a1", 3)  # permanent (bad data): never retried
+    status = wait_for(lambda: (s := h.status("deg")).get("experts", [{}] * 4)[1].get("phase") == "Failed" and s,
+                      "expert 1 failed for good")
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Degraded"] == "True"
+    for name in ("deg-expert-000-a2", "deg-expert-002-a1", "deg-expert-003-a1", "deg-router-a1"):
+        h.succeed(name)
+    h.wait_jobs("deg-evaluate-a1")
+    h.succeed("deg-evaluate-a1")
+    status = h.wait_phase("deg", "Degraded")
+    assert status["expertsReady"] == 3
+    assert "deg-expert-001-a2" not in h.jobs() and "deg-expert-002-a2" not in h.jobs()
+    assert any("expert 0 Running -> Retrying" in e for e in h.events("deg"))
+
+
+def test_below_min_experts_fails_and_cancels_the_rest(operator: Operator, h: Harness, tmp_path: Path) -> None:
+    h.create("few", ddm_spec(2, tmp_path))
+    h.wait_jobs("few-cluster-a1")
+    h.succeed("few-cluster-a1")
+    h.wait_jobs("few-expert-000-a1", "few-expert-001-a1", "few-router-a1")
+    h.fail("few-expert-000-a1", 4)  # non-finite loss: permanent; minExperts defaults to K=2
+    status = h.wait_phase("few", "Failed")
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["status"] == "True" and failed["reason"] == "TooFewExperts", failed
+    wait_for(lambda: h.jobs()["few-expert-001-a1"]["spec"]["runPolicy"]["suspend"] is True, "survivor cancelled")
+
+
+def test_suspend_and_resume(operator: Operator, h: Harness, tmp_path: Path) -> None:
+    h.create("sus", ddm_spec(2, tmp_path))
+    h.wait_jobs("sus-cluster-a1")
+    h.succeed("sus-cluster-a1")
+    names = ["sus-expert-000-a1", "sus-expert-001-a1", "sus-router-a1"]
+    h.wait_jobs(*names)
+    h.succeed("sus-expert-000-a1")
+    h.patch_spec("sus", {"suspend": True})
+    h.wait_phase("sus", "Suspended")
+    wait_for(lambda: all(h.jobs()[n]["spec"]["runPolicy"]["suspend"] for n in names[1:]), "running jobs suspended")
+    assert h.jobs()["sus-expert-000-a1"]["spec"]["runPolicy"]["suspend"] is False  # finished: left alone
+    h.patch_spec("sus", {"suspend": False})
+    wait_for(lambda: not any(h.jobs()[n]["spec"]["runPolicy"]["suspend"] for n in names[1:]), "jobs resumed")
+    h.wait_phase("sus", "Training")
+    assert len(h.jobs()) == 4
+
+
+def test_expert_on_second_cluster_and_remote_cleanup(operator: Operator, h: Harness, k8s_cluster_b: Any,
+                                                     tmp_path: Path) -> None:
+    from kubernetes import client
+
+    remote_kubeconfig = inline_kubeconfig(k8s_cluster_b.user_kubeconfig("ddm-operator", ["system:masters"]))
+    h.core.create_namespaced_secret(h.ns, {"metadata": {"name": "cluster-b"}, "stringData": {"kubeconfig": remote_kubeconfig}})
+    with k8s_cluster_b.api_client() as api_b:
+        client.CoreV1Api(api_b).create_namespace({"metadata": {"name": h.ns}})
+        remote = Harness(k8s_cluster_b, h.ns)
+        spec = ddm_spec(2, tmp_path, experts={"overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]})
+        h.create("mc", spec)
+        h.wait_jobs("mc-cluster-a1")
+        h.succeed("mc-cluster-a1")
+        h.wait_jobs("mc-expert-000-a1", "mc-router-a1")
+        rjobs = remote.wait_jobs("mc-expert-001-a1")
+        assert "mc-expert-001-a1" not in h.jobs()
+        assert "ownerReferences" not in rjobs["mc-expert-001-a1"]["metadata"]
+        assert remote.configmaps("ddm.io/key=expert-001") == ["mc-expert-001-a1"]
+        remote.succeed("mc-expert-001-a1")
+        status = wait_for(lambda: (s := h.status("mc")).get("experts", [{}, {}])[1].get("phase") == "Succeeded" and s,
+                          "remote expert succeeded")
+        assert status["experts"][1]["cluster"] == "cluster-b"
+        h.custom.delete_namespaced_custom_object(GROUP, VERSION, h.ns, PLURAL, "mc")
+        wait_for(lambda: h.ddm("mc") is None, "DDM deleted after its finalizer ran")
+        assert not remote.jobs() and not remote.configmaps("ddm.io/key=expert-001")
+        remote.api.close()
+        client.CoreV1Api(api_b).delete_namespace(h.ns)
+
+
+def test_crash_safety_sigkill_at_ten_points(operator: Operator, h: Harness, tmp_path: Path) -> None:
+    """SIGKILL a warm operator at 10 points of a K=4 run, several mid-reconcile; each restart must neither duplicate
+    nor lose a stage (deterministic names + create-or-adopt + re-planning from observed children)."""
+    kills = 0
+
+    def crash(delay: float) -> None:
+        nonlocal kills
+        time.sleep(delay)
+        operator.kill()
+        kills += 1
+        operator.start()
+        operator.wait_ready()
+
+    operator.wait_ready()
+    h.create("crash", ddm_spec(4, tmp_path))
+    crash(0.05)  # 1: while handling the creation
+    h.wait_jobs("crash-cluster-a1")
+    crash(0.0)  # 2: cluster job created, status maybe not yet patched
+    h.succeed("crash-cluster-a1")
+    experts = [f"crash-expert-{k:03d}-a1" for k in range(4)]
+    wait_for(lambda: any(n in h.jobs() for n in [*experts, "crash-router-a1"]), "first expert/router job")
+    crash(0.0)  # 3: in the middle of launching 4 experts + router
+    h.wait_jobs(*experts, "crash-router-a1")
+    h.wait_phase("crash", "Training")
+    crash(0.5)  # 4: idle, timer running
+    for i, name in enumerate(experts):
+        h.succeed(name)
+        crash(0.03 * i)  # 5-8: right after each expert finishes
+    h.succeed("crash-router-a1")
+    h.wait_jobs("crash-evaluate-a1")
+    crash(0.0)  # 9: evaluation just launched
+    h.succeed("crash-evaluate-a1")
+    crash(0.05)  # 10: while finishing
+    status = h.wait_phase("crash", "Succeeded", timeout=90)
+    assert kills >= 10
+    assert sorted(h.jobs()) == sorted(["crash-cluster-a1", *experts, "crash-router-a1", "crash-evaluate-a1"])
+    uid = h.ddm("crash")["metadata"]["uid"]  # type: ignore[index]
+    assert len(h.configmaps(f"ddm.io/uid={uid}")) == 7
+    assert status["expertsReady"] == 4 and status["stages"]["evaluation"]["attempts"] == 1
+    assert all(e["retries"] == 0 and e["phase"] == "Succeeded" for e in status["experts"])
