@@ -69,6 +69,12 @@ def _data(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
             "caption_field": d.caption_field, "limit": d.limit}
 
 
+def _preview(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
+    """The sample grid a trained model commits beside itself: drawn like the evaluation draws (steps, method)."""
+    v = spec.evaluation
+    return {"steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale}
+
+
 def _router_holdout(spec: DecentralizedDiffusionSpec) -> int:
     """Images held out to measure router accuracy vs t: 512, but at most a tenth of a limited dataset."""
     return 512 if spec.dataset.limit is None else min(512, spec.dataset.limit // 10)
@@ -93,7 +99,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         nodes, per_node = world_size(spec, key)
         return {**base, "seed": key.index, "device": _device(spec, e.gpus_per_node), "data": _data(spec),
                 "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
-                "label_dropout": e.label_dropout,
+                "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
                 "train": {"steps": e.steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every}}
     if key.stage == "router":
@@ -117,7 +123,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         s = spec.distillation
         # The spec has one precision and checkpoint interval for trained models: the experts'.
         return {**base, "device": _device(spec, spec.experts.gpus_per_node), "data": _data(spec),
-                "model": s.student_preset, "teacher": s.teacher,
+                "model": s.student_preset, "teacher": s.teacher, "sample_grid": _preview(spec),
                 "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
                           "precision": spec.experts.precision, "ckpt_every": spec.experts.checkpoint_every}}
     raise ValueError(f"unknown stage {key.stage!r}")

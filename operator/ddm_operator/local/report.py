@@ -199,7 +199,8 @@ def _plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None
     import matplotlib.pyplot as plt
 
     groups: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for name, points in sorted(curves.items()):
+    order = {"experts": 0, "router": 1, "distill": 2}
+    for name, points in sorted(curves.items(), key=lambda kv: (order.get(_loss_group(kv[0]), 3), kv[0])):
         groups.setdefault(_loss_group(name), {})[name] = points
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
     titles = {"experts": "experts (flow matching MSE)", "router": "router (cross-entropy)",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,15 @@ def _pump_stdout(key: StageKey, stream: IO[bytes], log_path: Path, progress_path
             events.put((key, ev))
 
 
+def _resolve_executable(cmd: list[str]) -> list[str]:
+    """``ddm-train``/``torchrun`` from PATH, else from beside this Python (a venv used without activating it)."""
+    if shutil.which(cmd[0]) is None:
+        sibling = Path(sys.executable).parent / cmd[0]
+        if sibling.exists():
+            return [str(sibling), *cmd[1:]]
+    return cmd
+
+
 class LocalRunner:
     """Runs one spec to the end. ``run()`` returns the process exit code."""
 
@@ -192,7 +202,7 @@ class LocalRunner:
         self.configs.mkdir(parents=True, exist_ok=True)
         config_path = self.configs / f"{key.id}.yaml"
         config_path.write_text(yaml.safe_dump(stage_config(self.spec, key, self.run_uri), sort_keys=False))
-        cmd = stage_command(self.spec, key, str(config_path))
+        cmd = _resolve_executable(stage_command(self.spec, key, str(config_path)))
         log_path = self.logs / f"{key.id}.log"
         env = dict(os.environ)
         # Share the cores: each child gets its slice unless the user chose otherwise.
