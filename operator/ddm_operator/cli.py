@@ -55,7 +55,7 @@ def validate_file(path: Path) -> list[str]:
         return [f"not valid YAML: {str(err).splitlines()[0]}"]
     if not docs:
         return ["empty file: expected a DecentralizedDiffusion manifest"]
-    lines = []
+    lines: list[str] = []
     for i, doc in enumerate(docs):
         prefix = f"document {i}: " if len(docs) > 1 else ""
         lines.extend(prefix + line for line in validate_document(doc))

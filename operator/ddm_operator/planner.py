@@ -51,7 +51,7 @@ class StageKey:
     @property
     def id(self) -> str:
         """``cluster``, ``expert-003``, ...: the same id the trainer's progress files use."""
-        return layout.stage_id(self.stage, self.index)
+        return str(layout.stage_id(self.stage, self.index))
 
     def __str__(self) -> str:
         return self.id
@@ -208,12 +208,13 @@ def _is_dead(obs: StageObservation, max_retries: int) -> bool:
 def _stage_phase(obs: StageObservation, dead: bool) -> StagePhase:
     if obs.state is State.FAILED:
         return "Failed" if dead else "Retrying"
-    return {
+    phases: dict[State, StagePhase] = {
         State.ABSENT: "Pending",
         State.RUNNING: "Running",
         State.SUCCEEDED: "Succeeded",
         State.SUSPENDED: "Suspended",
-    }[obs.state]
+    }
+    return phases[obs.state]
 
 
 def _stage_status(obs: StageObservation, max_retries: int) -> StageStatus:
