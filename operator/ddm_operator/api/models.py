@@ -311,6 +311,12 @@ RULES: tuple[Rule, ...] = (
         got=lambda s: f"indices={sorted({e for o in s.experts.overrides for e in o.experts})}, numClusters={s.clustering.num_clusters}",
     ),
     Rule(
+        at=(), field="experts.classConditional",
+        cel="!has(self.experts.classConditional) || !self.experts.classConditional || has(self.dataset.classField)",
+        message="needs spec.dataset.classField (the per-sample key of the class index)",
+        check=lambda s: not s.experts.class_conditional or s.dataset.class_field is not None,
+    ),
+    Rule(
         at=("storage",), field="credentialsSecret",
         cel="!has(self.credentialsSecret) || self.uri.startsWith('s3://')",
         message="is only meaningful with an s3:// spec.storage.uri",
