@@ -124,3 +124,25 @@ def test_sample_stage_cli_writes_grid_npz_and_manifest(run_store: FileStore, tmp
     with pytest.raises(ConfigError, match="strategy.*'top-two'"):
         load_config("sample", str(bad))
     assert main(["sample", "--config", str(bad)]) == 2
+
+
+@pytest.mark.parametrize("preset,size,channels,k", [("Router-T/4", 16, 1, 4), ("Router-N/4", 8, 3, 2),
+                                                    ("Router-T/2", 8, 3, 8)])
+def test_router_forward_flops_match_torch_flop_counter(preset: str, size: int, channels: int, k: int):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    router = build_router_from_spec(RouterSpec(preset, size, channels, k))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math path: attention as bmm
+        logits = router(torch.randn(2, channels, size, size), torch.rand(2))
+    assert logits.shape == (2, k)
+    assert router.forward_flops(batch=2) == counter.get_total_flops()
+
+
+def test_router_presets_are_validated():
+    with pytest.raises(ConfigError, match="unknown router preset 'Router-XL/2'"):
+        build_router_from_spec(RouterSpec("Router-XL/2", 32, 3, 4))
+    with pytest.raises(ConfigError, match="not a multiple"):
+        build_router_from_spec(RouterSpec("Router-T/4", 18, 3, 4))
+    with pytest.raises(ConfigError, match="num_clusters >= 2"):
+        build_router_from_spec(RouterSpec("Router-T/4", 16, 3, 1))
