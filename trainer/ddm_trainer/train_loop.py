@@ -30,7 +30,7 @@ from .progress import Reporter, preempt_requested
 from .runtime import Runtime, autocast, barrier, rank_seed, rng_state, seed_everything, set_rng_state, setup_runtime
 from .store import Store
 
-__all__ = ["Trainer", "TrainerConfig", "LossFn", "Stream", "move_to"]
+__all__ = ["Trainer", "TrainerConfig", "LossFn", "Stream", "move_to", "compile_model"]
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
 
@@ -81,7 +81,7 @@ class Trainer:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+            self.train_model = compile_model(self.train_model, self.model)
         self.step = 0
         self.losses: list[float] = []  # one per step, rank-0 view (mean over ranks)
         self.last_grad_norm = 0.0
@@ -241,6 +241,17 @@ class Trainer:
         self.step = int(final.config.get("step") or self.cfg.steps)
         self.losses = json.loads(self.store.read_committed(layout.final(self.stage_dir), "losses.json"))
         return self.losses
+
+
+def compile_model(train_model: nn.Module, model: nn.Module) -> nn.Module:
+    """torch.compile: per block when the model has a ``blocks`` list (DiT, routers) — one compiled block serves
+    every identical block, so compiling XL/2 takes seconds, at the whole-model throughput (measured on H200)."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+        for block in blocks:
+            block.compile()
+        return train_model
+    return torch.compile(train_model)  # type: ignore[return-value]
 
 
 def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
