@@ -50,18 +50,22 @@ class CombinedSampler:
     experts: one module or loader per cluster, index = cluster id. router: module (x, t) -> logits (B, K), or a
     loader, or None for ``oracle-C``. devices: one device per expert (default: ``device``). cfg_scale: classifier-free
     guidance scale for class-conditional experts; 1 means no guidance; ``null_label`` is the unconditional class id.
+    dtype: the ODE state's dtype; precision="bf16" runs the networks under bf16 autocast (the state stays ``dtype``).
     """
 
     def __init__(self, experts: Sequence[ExpertSource], router: ExpertSource | None, strategy: Strategy | str,
                  steps: int = 50, method: Method = "euler", cfg_scale: float = 1.0, device: str | torch.device = "cpu",
                  devices: Sequence[str | torch.device] | None = None, router_num_clusters: int | None = None,
-                 null_label: int | None = None, dtype: torch.dtype = torch.float32):
+                 null_label: int | None = None, dtype: torch.dtype = torch.float32,
+                 precision: Literal["fp32", "bf16"] = "fp32"):
         self.strategy = parse_strategy(strategy)
         self.num_experts = len(experts)
         if self.num_experts == 0:
             raise ConfigError("no experts given to the sampler")
         if steps < 1:
             raise ConfigError(f"steps must be >= 1, got {steps}")
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"unknown precision {precision!r} (choose fp32 or bf16)")
         if method not in ("euler", "heun"):
             raise ConfigError(f"unknown ODE method {method!r} (choose euler or heun)")
         if devices is not None and len(devices) != self.num_experts:
@@ -81,7 +85,11 @@ class CombinedSampler:
         self.devices = [torch.device(d) for d in devices] if devices is not None else [self.device] * self.num_experts
         self.null_label = null_label
         self.dtype = dtype
+        self.precision = precision
         self._stats = SampleStats()
+
+    def _autocast(self, device: torch.device) -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # -- lazy loading --------------------------------------------------------------------------------------------
     def expert(self, k: int) -> nn.Module:
@@ -107,7 +115,8 @@ class CombinedSampler:
             return expert_weights(torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device),
                                   self.strategy)
         router = self.router()
-        logits = router(x, t)  # (B, K)
+        with self._autocast(self.device):
+            logits = router(x, t)  # (B, K)
         if logits.shape[-1] != self.num_experts:
             raise ConfigError(f"router gives {logits.shape[-1]} logits but {self.num_experts} experts were given")
         self._stats.router_nfe += x.shape[0]
@@ -118,17 +127,18 @@ class CombinedSampler:
     def _expert_velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         model = self.expert(k)
         dev = self.devices[k]
-        xk, tk = x.to(dev), t.to(dev)
-        guided = y is not None and self.cfg_scale != 1.0
-        if guided:
-            if self.null_label is None:
-                raise ConfigError(f"cfg_scale={self.cfg_scale} needs the experts' null (unconditional) label")
-            y_null = torch.full_like(y, self.null_label)
-            both = model(torch.cat([xk, xk]), torch.cat([tk, tk]), torch.cat([y, y_null]).to(dev))  # (2b, C, H, W)
-            cond, uncond = both.chunk(2)
-            v = uncond + self.cfg_scale * (cond - uncond)
-        else:
-            v = model(xk, tk, y.to(dev) if y is not None else None)  # (b, C, H, W)
+        xk, tk, yk = x.to(dev), t.to(dev), (y.to(dev) if y is not None else None)
+        guided = yk is not None and self.cfg_scale != 1.0
+        with self._autocast(dev):
+            if guided:
+                if self.null_label is None:
+                    raise ConfigError(f"cfg_scale={self.cfg_scale} needs the experts' null (unconditional) label")
+                y_null = torch.full_like(yk, self.null_label)
+                both = model(torch.cat([xk, xk]), torch.cat([tk, tk]), torch.cat([yk, y_null]))  # (2b, C, H, W)
+                cond, uncond = both.to(self.dtype).chunk(2)
+                v = uncond + self.cfg_scale * (cond - uncond)  # (b, C, H, W)
+            else:
+                v = model(xk, tk, yk)  # (b, C, H, W)
         evals = x.shape[0] * (2 if guided else 1)
         self._stats.nfe += evals
         self._stats.expert_calls[k] = self._stats.expert_calls.get(k, 0) + evals
@@ -141,11 +151,14 @@ class CombinedSampler:
         """u(x_t, t) = sum_k w_k u_k, evaluating each expert only on the samples that weight it."""
         w = self.weights(x, t, generator)  # (B, K)
         u = torch.zeros_like(x)
+        shape = (-1, *([1] * (x.dim() - 1)))
         for k in needed_experts(w):
             idx = torch.nonzero(w[:, k] > 0).flatten()  # (b,)
+            if idx.numel() == x.shape[0]:  # the whole batch: no gather/scatter copies
+                u += w[:, k].view(shape) * self._expert_velocity(k, x, t, y)
+                continue
             vk = self._expert_velocity(k, x[idx], t[idx], y[idx] if y is not None else None)  # (b, C, H, W)
-            wk = w[idx, k].view(-1, *([1] * (x.dim() - 1)))  # (b, 1, 1, 1)
-            u.index_add_(0, idx, wk * vk)
+            u.index_add_(0, idx, w[idx, k].view(shape) * vk)
         return u
 
     # -- the ODE -------------------------------------------------------------------------------------------------

@@ -146,3 +146,13 @@ def test_router_presets_are_validated():
         build_router_from_spec(RouterSpec("Router-T/4", 18, 3, 4))
     with pytest.raises(ConfigError, match="num_clusters >= 2"):
         build_router_from_spec(RouterSpec("Router-T/4", 16, 3, 1))
+
+
+def test_bf16_autocast_stays_close_to_fp32(run_store: FileStore):
+    fp32, _ = generate(run_store, "top-2", n=4, batch_size=4, steps=3, seed=3)
+    bf16, stats = generate(run_store, "top-2", n=4, batch_size=4, steps=3, seed=3, precision="bf16")
+    assert bf16.dtype == torch.float32 and stats["precision"] == "bf16"
+    assert not torch.equal(fp32, bf16)  # autocast really ran in bf16
+    assert (fp32 - bf16).abs().max() < 0.1
+    with pytest.raises(ConfigError, match="'fp8'"):
+        generate(run_store, "top-2", n=1, steps=1, precision="fp8")

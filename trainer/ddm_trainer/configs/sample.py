@@ -30,6 +30,8 @@ class SampleConfig(StageBase):
     nrow: int = Field(8, ge=1, description="Images per row of the grid")
     grid_max: int = Field(64, ge=1, description="At most this many images in grid.png")
     use_ema: bool = Field(True, description="Use the experts' EMA weights")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: networks under bf16 autocast (GPU); the "
+                                                                    "ODE state stays fp32")
     expert_devices: list[str] | None = Field(None, description="One device per expert (e.g. cuda:0, cuda:1, ...); "
                                                                "default: all on `device`")
 

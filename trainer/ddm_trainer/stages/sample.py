@@ -139,11 +139,12 @@ def _labels(n: int, num_classes: int | None, labels: Sequence[int] | None, seed:
 def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, steps: int = 50, method: str = "euler",
              seed: int = 0, device: str | torch.device = "cpu", cfg_scale: float = 1.0,
              labels: Sequence[int] | None = None, expert_devices: Sequence[str] | None = None,
-             use_ema: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+             use_ema: bool = True, precision: str = "fp32") -> tuple[torch.Tensor, dict[str, Any]]:
     """Draw n images with ``strategy``; returns (images (N, C, H, W) in [-1, 1] on the CPU, stats).
 
     stats: nfe (expert evaluations per image), router_nfe, gflops_per_sample, expert_calls, labels (list or None),
     strategy, steps, method, cfg_scale, n. Deterministic for a seed (noise, labels and sample-K draws).
+    precision="bf16" runs router and experts under bf16 autocast (the ODE state stays fp32): for GPUs.
     """
     from ..stages.router import load_router
 
@@ -154,7 +155,8 @@ def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, step
     router_src = (lambda: load_router(run_store, "cpu")) if ensemble.router_k is not None else None
     sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
                               cfg_scale=cfg_scale, device=device, devices=expert_devices,
-                              router_num_clusters=ensemble.router_k, null_label=spec0.num_classes)
+                              router_num_clusters=ensemble.router_k, null_label=spec0.num_classes,
+                              precision=precision)  # type: ignore[arg-type]
     x1 = draw_noise(n, (spec0.channels, spec0.image_size, spec0.image_size), seed)  # (N, C, H, W)
     out = []
     for start in range(0, n, batch_size):
@@ -163,6 +165,7 @@ def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, step
         out.append(x.clamp(-1, 1).float().cpu())
     stats = sampler.stats(n).as_dict()
     stats.update(strategy=parse_strategy(strategy).name, steps=steps, method=method, cfg_scale=cfg_scale, n=n,
+                 precision=precision,
                  labels=y_all.tolist() if y_all is not None else None)
     return torch.cat(out), stats
 
@@ -190,7 +193,8 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
 
     store = open_store(cfg.run_uri)
     images, stats = generate(store, cfg.strategy, cfg.n, cfg.batch_size, cfg.steps, cfg.method, cfg.seed,
-                             resolve_device(cfg.device), cfg.cfg_scale, cfg.labels, cfg.expert_devices, cfg.use_ema)
+                             resolve_device(cfg.device), cfg.cfg_scale, cfg.labels, cfg.expert_devices, cfg.use_ema,
+                             cfg.precision)
     name = cfg.name or parse_strategy(cfg.strategy).name
     buf = io.BytesIO()
     labels = np.asarray(stats["labels"] if stats["labels"] is not None else [], dtype=np.int64)
