@@ -37,7 +37,7 @@ from ..planner import Observed, Plan, StageKey, StageObservation, State
 from ..stages import all_keys, stage_command, stage_config
 
 POLL_S = 0.5
-STOP_GRACE_S = 300.0  # a child saving a big checkpoint on SIGTERM gets this long before SIGKILL
+STOP_GRACE_S = 120.0  # a child saving a checkpoint on SIGTERM gets this long before SIGKILL (Ctrl-C twice: at once)
 INTERRUPTED = 130
 TAIL_LINES = 15
 
@@ -223,8 +223,8 @@ class LocalRunner:
         if self.tty:
             from tqdm import tqdm
 
-            child.bar = tqdm(total=None, desc=f"{key.id:<11}", position=self._free_position(), leave=False,
-                             file=self.out, dynamic_ncols=True)
+            child.bar = tqdm(total=None, desc=f"{key.id:<11}", unit="step", position=self._free_position(),
+                             leave=False, file=self.out, dynamic_ncols=True)
         self.state.running[key] = child
         self.state.attempts[key] = attempt
         self.state.finished.pop(key, None)
@@ -246,7 +246,7 @@ class LocalRunner:
                 child.total = ev["total"]
             if child.bar is not None:
                 if child.total is not None and child.bar.total != child.total:
-                    child.bar.reset(total=child.total)
+                    child.bar.total = child.total  # not reset(): the rate stays steps per second since launch
                 child.bar.n = child.step
                 if isinstance(ev.get("loss"), (int, float)):
                     child.bar.set_postfix(loss=f"{ev['loss']:.4g}", refresh=False)
