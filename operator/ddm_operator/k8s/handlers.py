@@ -238,9 +238,23 @@ def _compact(status: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- reconcile
 
 
-def reconcile(namespace: str, name: str) -> float | None:
-    """One level-triggered pass over a DDM; returns seconds until a waiting retry is due (or None)."""
-    with _lock(f"{namespace}/{name}"):  # read inside the lock: a pass never plans from a status another just replaced
+_queued: set[str] = set()
+
+
+def reconcile(namespace: str, name: str, coalesce: bool = False) -> float | None:
+    """One level-triggered pass over a DDM; returns seconds until a waiting retry is due (or None).
+
+    With ``coalesce``, a pass is skipped when another is already waiting for this DDM: that one reads the DDM and its
+    children after we were called, so it sees everything we would (K experts finishing together cost one pass).
+    """
+    key = f"{namespace}/{name}"
+    with _locks_guard:
+        if coalesce and key in _queued:
+            return None
+        _queued.add(key)
+    with _lock(key):  # read inside the lock: a pass never plans from a status another just replaced
+        with _locks_guard:
+            _queued.discard(key)
         return _reconcile_locked(namespace, name)
 
 
@@ -345,7 +359,7 @@ def on_change(namespace: str, name: str, **_: Any) -> None:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL_S, initial_delay=INTERVAL_S)
 def on_timer(namespace: str, name: str, **_: Any) -> None:
-    reconcile(namespace, name)
+    reconcile(namespace, name, coalesce=True)
 
 
 _finished_seen: set[tuple[str, str]] = set()
@@ -368,7 +382,7 @@ def on_job_finished(meta: Any, namespace: str, type: str | None, **_: Any) -> No
     _finished_seen.add(marker)
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == b.KIND:
-            reconcile(namespace, ref["name"])
+            reconcile(namespace, ref["name"], coalesce=True)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_uses_remote)
