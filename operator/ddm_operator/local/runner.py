@@ -337,7 +337,8 @@ class LocalRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "spec.yaml").write_text(self.spec_path.read_text())
         self.say(f"[ddm] run {self.name}: store {self.run_uri}, logs {self.logs}, up to {self.parallel} at once")
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        # Ctrl-C, and a plain `kill`: children live in their own sessions, so only we can stop them.
+        previous = {sig: signal.signal(sig, self._on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)}
         started = time.monotonic()
         try:
             plan = self.step()
@@ -364,7 +365,8 @@ class LocalRunner:
                          + (f" --run-dir {self.run_dir}" if self.run_dir != self._default_dir() else ""))
                 return INTERRUPTED
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if self.state.running:  # an unexpected exception: never leave orphans behind
                 self._signal_children(signal.SIGTERM)
                 self._wait_children()
