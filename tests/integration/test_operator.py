@@ -311,7 +311,8 @@ def test_retry_then_permanent_failure_degrades_and_continues(operator: Operator,
     status = h.wait_phase("deg", "Degraded")
     assert status["expertsReady"] == 3
     assert "deg-expert-001-a2" not in h.jobs() and "deg-expert-002-a2" not in h.jobs()
-    assert any("expert 0 Running -> Retrying" in e for e in h.events("deg"))
+    events = "\n".join(h.events("deg"))
+    assert "expert 0 Running -> Retrying" in events and "expert 0 retried as deg-expert-000-a2" in events, events
 
 
 def test_below_min_experts_fails_and_cancels_the_rest(operator: Operator, h: Harness, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -37,6 +38,7 @@ from .multicluster import ClusterClients
 from .observe import JobState, job_state, latest_attempts
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "5"))
+LAUNCH_THREADS = 4
 CONFIG_PATH = f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"
 log = logging.getLogger("ddm_operator")
 
@@ -226,7 +228,9 @@ def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionS
     for e in new.experts:
         prev = old_experts.get(e.index)
         was = prev.phase if prev else "Pending"
-        if was != e.phase or (prev and prev.job_name != e.job_name):
+        if prev and prev.job_name and e.job_name and prev.job_name != e.job_name:
+            out.append(("ExpertRetried", f"expert {e.index} retried as {e.job_name} (after {prev.job_name})"))
+        elif was != e.phase:
             out.append(("ExpertChanged", f"expert {e.index} {was} -> {e.phase}" + (f" ({e.job_name})" if e.job_name else "")))
     return out
 
@@ -289,9 +293,12 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
         return INTERVAL_S
     plan = pl.plan(spec, observed)
+    launches = [a for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))]
+    if launches:  # independent children: create them side by side (K experts + router at once)
+        with ThreadPoolExecutor(max_workers=min(len(launches), LAUNCH_THREADS)) as pool:
+            list(pool.map(lambda a: _launch(job_request(spec, owner, a.key, a.attempt)), launches))
     for action in plan.actions:
         if isinstance(action, (pl.Launch, pl.Retry)):
-            _launch(job_request(spec, owner, action.key, action.attempt))
             latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
                                              name=b.child_name(name, action.key.id, action.attempt),
                                              phase="Pending", cluster=_placement_of(spec, action.key)[0].target_cluster)
