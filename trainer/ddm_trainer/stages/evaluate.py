@@ -161,7 +161,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
             images, stats = generate(store, name, cfg.n_samples, cfg.batch_size, cfg.steps, cfg.method, cfg.seed,
                                      device, cfg.cfg_scale, use_ema=cfg.use_ema)
         fake = fid.extract_features(extractor, images, cfg.batch_size)  # (N, 2048)
-        fid_value = fid.fid_from_features(real, fake)
+        fid_value = fid.fid_from_features(real, fake, device)
         kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
         if not math.isfinite(fid_value):
             raise DataError(f"strategy {name!r}: FID is {fid_value} (non-finite samples?)")
