@@ -72,12 +72,12 @@ def helm_binary() -> str | None:
 def test_kept_rendering_matches_helm_template() -> None:
     shows = ["serviceaccount", "clusterrole-framework", "clusterrolebinding-framework", "role-application",
              "rolebinding-application"]
-    args = [helm_binary(), "template", "ddm-operator", str(CHART), "--namespace", "ddm-system",
+    args = [helm_binary(), "template", "ddm-operator", str(CHART), "--kube-version", "1.37.2", "--namespace", "ddm-system",
             "--set", "watchNamespaces={ddm-system}"] + [a for s in shows for a in ("--show-only", f"templates/{s}.yaml")]
     rendered = subprocess.run(args, check=True, capture_output=True, text=True).stdout  # type: ignore[arg-type]
     kept = (CHART / "rbac-rendered.yaml").read_text()
     assert [d for d in yaml.safe_load_all(rendered) if d] == [d for d in yaml.safe_load_all(kept) if d]
-    cluster_wide = subprocess.run([helm_binary(), "template", "x", str(CHART)], check=True,  # type: ignore[list-item]
+    cluster_wide = subprocess.run([helm_binary(), "template", "x", str(CHART), "--kube-version", "1.37.2"], check=True,  # type: ignore[list-item]
                                   capture_output=True, text=True).stdout
     kinds = {d["kind"] for d in yaml.safe_load_all(cluster_wide) if d}
     assert {"ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"} <= kinds and "Role" not in kinds
