@@ -4,7 +4,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 # Real Kubernetes control plane for the k8s tests: built from Go modules once, cached outside the tree.
-scripts/testenv-build.sh >/dev/null || { echo "scripts/testenv-build.sh failed: cannot run the k8s tests" >&2; exit 1; }
+# helm too: chart tests render with it. DDM_TESTENV_BIN tells tests where the binaries are.
+scripts/testenv-build.sh --helm >/dev/null || { echo "scripts/testenv-build.sh failed: cannot run the k8s tests" >&2; exit 1; }
+DDM_TESTENV_BIN="$(scripts/testenv-build.sh --print-bin)"
+export DDM_TESTENV_BIN
 .venv/bin/python -m pytest "$@"
 rc=$?
 # pytest exit code 5 = no tests collected: treat as a failure of the suite's wiring, not a pass.

@@ -3,7 +3,7 @@
 # into a per-version cache dir outside the tree, and downloads the Kubeflow CRDs from the Go module cache.
 # Non-interactive and idempotent: a second run with the binaries present only prints the paths.
 #
-# Usage: scripts/testenv-build.sh [--extras]    (--extras also builds helm and kwok)
+# Usage: scripts/testenv-build.sh [--helm] [--kwok] [--extras (both)] | --print-bin (the bin dir, builds nothing)
 # Output (stdout, one KEY=VALUE per line, parsed by tests/fixtures/k8s.py):
 #   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>
 # Env: DDM_K8S_VERSION (v1.37.2), DDM_TESTENV_CACHE (~/.cache/ddm-testenv), DDM_TESTENV_BIN (overrides the bin dir).
@@ -19,11 +19,15 @@ BIN="${DDM_TESTENV_BIN:-$CACHE/$K8S_VERSION/bin}"
 MODULE_DIR="$(cd "$(dirname "$0")/../tools/testenv" && pwd)"
 CORE_BINARIES=(etcd kube-apiserver kube-controller-manager kubectl)
 
-BUILD_EXTRAS=0
+BUILD_HELM=0
+BUILD_KWOK=0
 for arg in "$@"; do
   case "$arg" in
-    --extras) BUILD_EXTRAS=1 ;;
-    *) echo "testenv-build: unknown argument '$arg' (expected --extras)" >&2; exit 2 ;;
+    --helm) BUILD_HELM=1 ;;
+    --kwok) BUILD_KWOK=1 ;;
+    --extras) BUILD_HELM=1; BUILD_KWOK=1 ;;
+    --print-bin) echo "$BIN"; exit 0 ;;
+    *) echo "testenv-build: unknown argument '$arg' (expected --helm, --kwok, --extras, --print-bin)" >&2; exit 2 ;;
   esac
 done
 
@@ -72,14 +76,29 @@ build_core() {
   mkdir -p "$BIN" && mv "$staging"/* "$BIN/" && rmdir "$staging"
 }
 
-build_extras() {
-  [ -x "$BIN/helm" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+build_helm() {
+  # Helm's Makefile link flags: its version, and the Kubernetes version `helm template` and lint assume (else 1.20).
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  local pkg
+  for pkg in pkg/lint/rules pkg/chartutil; do
+    helm_ldflags+=" -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$minor"
+  done
+  [ -x "$BIN/helm" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "$helm_ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+build_kwok() {
   [ -x "$BIN/kwok" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 }
 
 module_dir() {  # prints the module cache dir of module@version, downloading it if needed
   (cd "$MODULE_DIR" && go mod download -json "$1" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
 }
+
+# Concurrent runs (several pytest sessions, make test) wait for one build instead of racing on the same dir.
+mkdir -p "$(dirname "$BIN")"
+exec 9>"$BIN.lock"
+flock 9
 
 missing=0
 for name in "${CORE_BINARIES[@]}"; do [ -x "$BIN/$name" ] || missing=1; done
@@ -90,7 +109,8 @@ if [ "$missing" = 1 ]; then
   build_core
   log "built ${CORE_BINARIES[*]} in $(( $(date +%s) - started ))s"
 fi
-if [ "$BUILD_EXTRAS" = 1 ]; then build_extras; fi
+if [ "$BUILD_HELM" = 1 ]; then build_helm; fi
+if [ "$BUILD_KWOK" = 1 ]; then build_kwok; fi
 
 training_operator_dir="$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")"
 trainer_v2_dir="$(module_dir "github.com/kubeflow/trainer/v2@$TRAINER_V2_VERSION")"
