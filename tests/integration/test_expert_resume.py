@@ -201,3 +201,30 @@ def test_cli_non_finite_loss_exits_4_without_checkpointing_the_bad_state(tmp_pat
     assert committed, "the good steps before divergence should have been checkpointed"
     assert all(int(p.rsplit("-", 1)[1]) < bad_step for p in committed), (committed, bad_step)
     assert store.read_manifest(layout.final("experts/monolith")) is None
+
+
+@pytest.mark.slow
+def test_cli_two_process_ddp_on_cpu_checkpoints_every_rank_and_resumes(tmp_path: Path, data: DataConfig) -> None:
+    """torchrun, 2 ranks (gloo): rank 0 writes, every rank's stream/RNG state is in the checkpoint, resume works."""
+    run_uri = str(tmp_path / "ddp")
+    config = write_expert_config(tmp_path / "ddp.yaml", run_uri, data, steps=6, ckpt_every=2, keep_checkpoints=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDM_TEST_CRASH_AT": "after_manifest:step=4"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ddm_trainer.cli", "expert", "--config", str(config)]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0  # rank 0 was SIGKILLed right after committing step 4
+    store = open_store(run_uri)
+    prefix = latest_checkpoint(store, "experts/monolith")
+    assert prefix == layout.checkpoint("experts/monolith", 4)
+    from ddm_trainer.checkpoint import load_checkpoint
+
+    state = load_checkpoint(store, prefix)
+    assert state["world_size"] == 2 and [s["stream"]["rank"] for s in state["per_rank"]] == [0, 1]
+    assert not torch.equal(state["per_rank"][0]["generator"], state["per_rank"][1]["generator"])  # seed per rank
+
+    env.pop("DDM_TEST_CRASH_AT")
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '"event": "resumed"' in resumed.stdout
+    final = load_final(store, "experts/monolith")
+    assert final.config["step"] == 6 and final.config["trainer"]["steps"] == 6
