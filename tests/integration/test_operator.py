@@ -373,6 +373,7 @@ def test_expert_on_second_cluster_and_remote_cleanup(operator: Operator, h: Harn
         client.CoreV1Api(api_b).delete_namespace(h.ns)
 
 
+@pytest.mark.slow
 def test_crash_safety_sigkill_at_ten_points(operator: Operator, h: Harness, tmp_path: Path) -> None:
     """SIGKILL a warm operator at 10 points of a K=4 run, several mid-reconcile; each restart must neither duplicate
     nor lose a stage (deterministic names + create-or-adopt + re-planning from observed children)."""
