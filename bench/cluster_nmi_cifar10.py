@@ -48,7 +48,7 @@ def main() -> None:
     chunks = []
     for start in range(0, len(keys), args.batch_size):
         chunks.append(encoder.embed(source.load(keys[start : start + args.batch_size]).images, args.batch_size))
-        print(f"\rembedded {start + len(chunks[-1])}/{len(keys)}", end="", file=sys.stderr)
+        print(f"\rembedded {start + len(chunks[-1])}/{len(keys)}", end="", file=sys.stderr, flush=True)
     features = np.concatenate(chunks)  # (N, D)
     embed_s = time.perf_counter() - t0
     print(f"\n{len(keys)} images -> {features.shape} with {args.encoder}@{encoder.resolution} in {embed_s:.0f} s")
