@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_remapped_extractor_matches_torchscript(fashion_mnist_dir: Path) -> None:
     from ddm_trainer.configs.common import DataConfig
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
         ts_path = fid.torchscript_path()
         weights = fid.inception_weights_path()
