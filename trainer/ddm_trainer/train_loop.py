@@ -153,6 +153,17 @@ class Trainer:
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
+    def _preempt_agreed(self) -> bool:
+        """SIGTERM seen. Under DDP every rank must stop at the same step (the checkpoint is collective), so the flag
+        is all-reduced, but only every ``log_every`` steps to keep host syncs out of the other steps."""
+        if not self.rt.distributed:
+            return preempt_requested()
+        if self.step % self.cfg.log_every:
+            return False
+        flag = torch.tensor([1.0 if preempt_requested() else 0.0], device=self.rt.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _flush(self, pending: list[torch.Tensor], first_step: int) -> None:
         """Sync the pending per-step losses (one device sync per call), check finiteness, append to history."""
         if not pending:
@@ -182,7 +193,7 @@ class Trainer:
         images_per_step = self.cfg.batch_size * self.rt.world_size
         self.model.train()
         while self.step < self.cfg.steps:
-            if preempt_requested():
+            if self._preempt_agreed():
                 self._flush(pending, self.step - len(pending))
                 prefix = self.save()
                 raise PreemptedError(f"preempted (SIGTERM) at step {self.step}; checkpoint saved at "
