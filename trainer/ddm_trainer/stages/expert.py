@@ -93,6 +93,9 @@ def run(cfg: ExpertConfig) -> None:
     from ..train_loop import Trainer
 
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    spec = model_spec(cfg)
+    model = build_from_spec(spec)  # first: a bad preset fails before any data is read
     store = open_store(cfg.run_uri)
     stage_dir = stage_dir_of(cfg.cluster_index)
     keys = None
@@ -107,9 +110,6 @@ def run(cfg: ExpertConfig) -> None:
             and source.num_classes > cfg.num_classes:
         raise DataError(f"data.uri {cfg.data.uri} has {source.num_classes} classes but num_classes={cfg.num_classes}")
     stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    spec = model_spec(cfg)
-    model = build_from_spec(spec)
     reporter = Reporter("expert", cfg.cluster_index, cfg.train.steps, store) if rt.is_main else None
     trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)
