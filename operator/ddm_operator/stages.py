@@ -105,11 +105,14 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
     if key.stage == "router":
         r = spec.router
         _, per_node = world_size(spec, key)
+        # EMA decay: the experts' (the router samples with its EMA; the trainer's 0.9999 default would leave a
+        # short run's EMA at its random initialisation).
         return {**base, "device": _device(spec, r.gpus_per_node), "data": _data(spec),
                 "preset": r.preset.replace("DiT-", "Router-"), "num_clusters": spec.num_experts,
                 "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
-                          "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every}}
+                          "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
+                          "ema_decay": spec.experts.ema_decay}}
     if key.stage == "evaluate":
         v = spec.evaluation
         reference = v.reference_samples or v.num_samples
@@ -121,11 +124,12 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         if spec.distillation is None:
             raise ValueError("spec.distillation is not set: there is no distill stage")
         s = spec.distillation
-        # The spec has one precision and checkpoint interval for trained models: the experts'.
+        # The spec has one precision, checkpoint interval and EMA decay for trained models: the experts'.
         return {**base, "device": _device(spec, spec.experts.gpus_per_node), "data": _data(spec),
                 "model": s.student_preset, "teacher": s.teacher, "sample_grid": _preview(spec),
                 "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
-                          "precision": spec.experts.precision, "ckpt_every": spec.experts.checkpoint_every}}
+                          "precision": spec.experts.precision, "ckpt_every": spec.experts.checkpoint_every,
+                          "ema_decay": spec.experts.ema_decay}}
     raise ValueError(f"unknown stage {key.stage!r}")
 
 

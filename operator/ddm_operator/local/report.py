@@ -282,7 +282,8 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
     if inputs.grids:
         figs = []
         sections_md += ["## Samples", ""]
-        for strategy, png in sorted(inputs.grids.items()):
+        table_order = {r["strategy"]: i for i, r in enumerate(inputs.fid_rows)}
+        for strategy, png in sorted(inputs.grids.items(), key=lambda kv: (table_order.get(kv[0], 99), kv[0])):
             name = f"samples-{strategy}.png"
             (out / name).write_bytes(png)
             figs.append(f"<figure>{_img(name, png, strategy)}<figcaption>{html.escape(strategy)}</figcaption></figure>")

@@ -72,6 +72,13 @@ def test_router_maps_dit_preset_and_k() -> None:
     assert cfg["num_clusters"] == obj.spec.clustering.num_clusters
 
 
+def test_router_and_student_average_like_the_experts() -> None:
+    # A short run must not sample from an EMA still at its random initialisation (trainer default 0.9999).
+    obj = _spec(experts__emaDecay=0.995)
+    assert stage_config(obj.spec, ROUTER, "/r")["train"]["ema_decay"] == 0.995
+    assert stage_config(obj.spec, DISTILL, "/r")["train"]["ema_decay"] == 0.995
+
+
 def test_distill_only_when_enabled() -> None:
     assert DISTILL in all_keys(_spec().spec)
     off = _spec(distillation__enabled=False)
