@@ -19,6 +19,7 @@ from ddm_trainer.store import Store
 
 ROUTER_EVAL = f"{layout.ROUTER}/eval"  # the router stage commits accuracy.json + accuracy_vs_t.png here
 EXPERT_REPORT = "report"  # experts/NNN/report: loss_curve.json + samples.png, committed by the expert stage
+FID_HEADERS = ("strategy", "FID", "KID", "NFE", "GFLOPs/sample", "N")
 FID_COLUMNS = ("strategy", "fid", "kid", "nfe", "gflops_per_sample", "n")
 
 
@@ -159,6 +160,12 @@ def _read_expert_reports(store: Store, out: ReportInputs) -> None:
                                           if isinstance(v, (int, float))]
 
 
+def _read_student(store: Store, out: ReportInputs) -> None:
+    key = f"{layout.DISTILLATION}/{EXPERT_REPORT}/samples.png"
+    if store.read_manifest(f"{layout.DISTILLATION}/{EXPERT_REPORT}") is not None and store.exists(key):
+        out.expert_grids["student (distilled)"] = store.get_bytes(key)
+
+
 def gather(store: Store, run_dir: Path) -> ReportInputs:
     out = ReportInputs()
     _read_evaluation(store, out)
@@ -166,6 +173,7 @@ def gather(store: Store, run_dir: Path) -> ReportInputs:
     _read_router_accuracy(store, out)
     out.loss_curves = read_loss_curves(run_dir / "logs")
     _read_expert_reports(store, out)
+    _read_student(store, out)
     return out
 
 
@@ -270,11 +278,11 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
     sections_md: list[str] = [f"# {title}", "", f"Run store: `{store.uri}`", ""]
 
     if inputs.fid_rows:
-        head = "".join(f"<th>{c}</th>" for c in FID_COLUMNS)
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in FID_HEADERS)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in FID_COLUMNS) + "</tr>"
                        for r in inputs.fid_rows)
         sections_html.append(f"<h2>Sample quality per routing strategy</h2><table><tr>{head}</tr>{body}</table>")
-        sections_md += ["## Sample quality per routing strategy", "", "| " + " | ".join(FID_COLUMNS) + " |",
+        sections_md += ["## Sample quality per routing strategy", "", "| " + " | ".join(FID_HEADERS) + " |",
                         "|" + "---|" * len(FID_COLUMNS)]
         sections_md += ["| " + " | ".join(_fmt(r[c]) for c in FID_COLUMNS) + " |" for r in inputs.fid_rows]
         sections_md.append("")
@@ -306,13 +314,13 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
 
     if inputs.expert_grids:
         figs = []
-        sections_md += ["## Each expert alone", ""]
+        sections_md += ["## Each expert alone (and the distilled student)", ""]
         for stage, png in sorted(inputs.expert_grids.items()):
-            name = f"{stage}-samples.png"
+            name = f"{stage.split()[0]}-samples.png"
             (out / name).write_bytes(png)
             figs.append(f"<figure>{_img(name, png, stage, 256)}<figcaption>{stage}</figcaption></figure>")
             sections_md += [f"![{stage}]({name})", ""]
-        sections_html.append("<h2>Each expert alone</h2><div class=grid>" + "".join(figs) + "</div>")
+        sections_html.append("<h2>Each expert alone (and the distilled student)</h2><div class=grid>" + "".join(figs) + "</div>")
 
     if inputs.loss_curves:
         _plot_losses(inputs.loss_curves, out / "losses.png")

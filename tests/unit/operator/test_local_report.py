@@ -32,6 +32,7 @@ def test_report_ties_fid_grids_clusters_losses_and_router(tmp_path: Path) -> Non
                                 "grids/top1.png": _png(200)})
     store.commit("experts/001/report", {"samples.png": _png(120), "loss_curve.json": json.dumps(
         {"step": [1, 2], "loss": [0.9, 0.8]}).encode()})
+    store.commit("distillation/report", {"samples.png": _png(60)})
     logs = tmp_path / "run" / "logs"
     logs.mkdir()
     (logs / "expert-000.progress.jsonl").write_text(
@@ -42,7 +43,7 @@ def test_report_ties_fid_grids_clusters_losses_and_router(tmp_path: Path) -> Non
     out = tmp_path / "run" / "report"
     assert "<td>41.5</td>" in html and "<td>top1</td>" in html
     for name in ("samples-full.png", "samples-top1.png", "cluster-sizes.png", "cluster-examples.png",
-                 "losses.png", "router-accuracy.png", "expert-001-samples.png"):
+                 "losses.png", "router-accuracy.png", "expert-001-samples.png", "student-samples.png"):
         assert f'src="{name}"' in html
         assert Image.open(out / name).size[0] > 0  # a real PNG
     from ddm_operator.local.report import gather
@@ -50,6 +51,7 @@ def test_report_ties_fid_grids_clusters_losses_and_router(tmp_path: Path) -> Non
     curves = gather(store, tmp_path / "run").loss_curves
     assert curves["expert-000"] == [(1, 1.0), (2, 0.5), (3, 1 / 3)] and curves["expert-001"] == [(1, 0.9), (2, 0.8)]
     md = (out / "index.md").read_text()
+    assert "| strategy | FID | KID | NFE | GFLOPs/sample | N |" in md
     assert "| full | 41.5 | 0.02 | 60 | 1.5 | 200 |" in md
 
 
