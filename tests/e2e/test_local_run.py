@@ -32,7 +32,7 @@ def _spec(data_dir: Path, run_dir: Path) -> dict[str, object]:
             "dataset": {"uri": str(data_dir), "imageSize": 16, "channels": 1, "limit": 200},
             "clustering": {"encoder": "raw-pixels", "fineClusters": 8, "numClusters": 2},
             "experts": {"modelPreset": "DiT-T/4", "steps": 30, "batchSize": 16, "lr": 0.001, "precision": "fp32",
-                        "checkpointEvery": 3, "gpusPerNode": 0},
+                        "checkpointEvery": 10, "gpusPerNode": 0},
             "router": {"preset": "DiT-T/4", "steps": 10, "batchSize": 16, "precision": "fp32", "gpusPerNode": 0},
             "evaluation": {"strategies": STRATEGIES, "numSamples": 8, "steps": 2},
             "distillation": {"enabled": True, "studentPreset": "DiT-T/4", "steps": 2, "batchSize": 8},
