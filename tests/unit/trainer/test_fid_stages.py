@@ -207,12 +207,18 @@ def test_distillation_resumes_exactly_after_a_kill(run_store: FileStore, data: A
 
     other = FileStore(tmp_path / "unbroken")
     shutil.copytree(run_store.root, other.root)
-    distill.run(_distill_cfg(other, data, steps=4, ckpt_every=2))
-    cfg = _distill_cfg(run_store, data, steps=4, ckpt_every=2)
-    cfg_file = tmp_path / "distill.json"
-    cfg_file.write_text(cfg.model_dump_json())
-    cmd = [sys.executable, "-m", "ddm_trainer.cli", "distill", "--config", str(cfg_file)]
-    env = {**os.environ, "DDM_TEST_CRASH_AT": "after_manifest:step=2", "OMP_NUM_THREADS": "1"}
+
+    def command(store: FileStore, name: str) -> list[str]:
+        cfg_file = tmp_path / name
+        cfg_file.write_text(_distill_cfg(store, data, steps=4, ckpt_every=2).model_dump_json())
+        return [sys.executable, "-m", "ddm_trainer.cli", "distill", "--config", str(cfg_file)]
+
+    # Both runs in subprocesses with one thread: bitwise equality needs the same reduction order on both sides.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    unbroken = subprocess.run(command(other, "unbroken.json"), env=env, capture_output=True, text=True, timeout=300)
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    cmd = command(run_store, "distill.json")
+    env["DDM_TEST_CRASH_AT"] = "after_manifest:step=2"
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert latest_checkpoint(run_store, layout.DISTILLATION) is not None
