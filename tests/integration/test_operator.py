@@ -271,6 +271,13 @@ def test_full_sequence_k4_status_events_and_garbage_collection(operator: Operato
     h.succeed("seq-router-a1")
     h.wait_jobs("seq-evaluate-a1")
     h.wait_phase("seq", "Evaluating")
+    # The evaluation's committed table (as the trainer writes it) becomes status results and the Best FID column.
+    from ddm_trainer.store import FileStore
+
+    table = [{"strategy": "full", "fid": 12.5, "kid_mean": 0.01, "nfe": 200.0, "gflops_per_sample": 9.0, "n": 100},
+             {"strategy": "top1", "fid": 9.25, "kid_mean": 0.008, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 100},
+             {"strategy": "monolith", "fid": 7.0, "kid_mean": 0.005, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 100}]
+    FileStore(tmp_path / "runs" / h.ns / "seq").commit("evaluation", {"results.json": b"{}"}, {"table": table})
     h.succeed("seq-evaluate-a1")
     h.wait_jobs("seq-distill-a1")
     h.wait_phase("seq", "Distilling")
@@ -284,7 +291,11 @@ def test_full_sequence_k4_status_events_and_garbage_collection(operator: Operato
     for expected in ("clustering Running -> Succeeded", "expert 3 Running -> Succeeded", "phase Training -> Evaluating",
                      "phase Distilling -> Succeeded"):
         assert expected in events, events
-    assert "Succeeded" in h.plane.kubectl("get", "ddm", "-n", h.ns).stdout
+    assert status["bestFid"] == 9.25, status  # top1; the monolith row is a baseline, not a DDM result
+    assert [r["strategy"] for r in status["results"]["fid"]] == ["full", "top1", "monolith"]
+    assert status["results"]["artifacts"]["expert-003"].endswith("/seq/experts/003/final")
+    out = h.plane.kubectl("get", "ddm", "-n", h.ns).stdout
+    assert re.search(r"seq\s+Succeeded\s+4\s+4\s+\S+\s+9\.25", out), out
 
     # Deleting the DDM: the garbage collector removes every child through the owner references.
     h.custom.delete_namespaced_custom_object(GROUP, VERSION, h.ns, PLURAL, "seq")

@@ -220,10 +220,14 @@ def fid_from_features(real: Tensor, fake: Tensor, device: str | torch.device = "
 
 def kid_from_features(real: Tensor, fake: Tensor, subset_size: int = 1000, subsets: int = 100,
                       seed: int = 0) -> tuple[float, float]:
-    """torchmetrics' KID (mean, std over random subsets); subset size is capped by the smaller set."""
+    """torchmetrics' KID (mean, std over random subsets).
+
+    The subset size is capped at half the smaller set: subsets as large as the set are all the same draw, which makes
+    the reported std a meaningless 0.
+    """
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    size = min(subset_size, real.shape[0], fake.shape[0])
+    size = max(2, min(subset_size, real.shape[0] // 2, fake.shape[0] // 2))
     metric = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=size)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)

@@ -427,8 +427,10 @@ class RouterStatus(ApiModel):
 class StrategyResult(ApiModel):
     strategy: str
     fid: float
+    kid: float | None = None
     num_samples: int | None = None
-    nfe: int | None = None
+    nfe: float | None = Field(None, description="Expert evaluations per sample (fractional for nucleus/sample-k)")
+    gflops_per_sample: float | None = None
 
 
 class Results(ApiModel):

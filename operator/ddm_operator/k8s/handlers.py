@@ -21,6 +21,7 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from ddm_trainer import layout
 from ddm_trainer.errors import DDMError
 
 from .. import planner as pl
@@ -32,6 +33,8 @@ from ..api.models import (
     DecentralizedDiffusionSpec,
     DecentralizedDiffusionStatus,
     Placement,
+    Results,
+    StrategyResult,
 )
 from . import builders as b
 from .multicluster import ClusterClients
@@ -148,17 +151,41 @@ def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
 
 def _progress_step(spec: DecentralizedDiffusionSpec, namespace: str, name: str, key: str) -> int:
     """Latest step of a running stage from ``<run>/progress/<key>.json`` (advisory: 0 when unreadable)."""
-    run = stages.run_uri(spec, namespace, name)
     try:
-        from ddm_trainer.store import open_store
-
-        store = _stores.get(run)
-        if store is None:
-            store = _stores[run] = open_store(run, check_bucket=False)
-        report = store.get_json(f"progress/{key}.json")
+        report = _run_store(spec, namespace, name).get_json(f"progress/{key}.json")
         return int(report.get("step") or 0)
     except Exception:  # no report yet, store unreachable from the operator, ...: progress is advisory
         return 0
+
+
+def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Any:
+    from ddm_trainer.store import open_store
+
+    run = stages.run_uri(spec, namespace, name)
+    store = _stores.get(run)
+    if store is None:
+        store = _stores[run] = open_store(run, check_bucket=False)
+    return store
+
+
+def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Results | None:
+    """The committed evaluation table as status results (None until the evaluation's manifest is readable)."""
+    try:
+        store = _run_store(spec, namespace, name)
+        manifest = store.read_manifest(layout.EVALUATION)
+    except Exception:  # store unreachable from the operator: results stay empty, the run is unaffected
+        return None
+    if manifest is None:
+        return None
+    rows = [StrategyResult(strategy=r["strategy"], fid=r["fid"], kid=r.get("kid_mean"), num_samples=r.get("n"),
+                           nfe=r.get("nfe"), gflops_per_sample=r.get("gflops_per_sample"))
+            for r in manifest.get("table", []) if r.get("fid") is not None]
+    artifacts = {f"expert-{k:03d}": store.url(layout.final(layout.expert(k))) for k in range(spec.num_experts)}
+    artifacts["router"] = store.url(layout.final(layout.ROUTER))
+    artifacts["evaluation"] = store.url(f"{layout.EVALUATION}/results.json")
+    if spec.distill_enabled:
+        artifacts["student"] = store.url(layout.final(layout.DISTILLATION))
+    return Results(fid=rows, artifacts=artifacts)
 
 
 def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> tuple[pl.Observed, dict[str, JobState]]:
@@ -193,7 +220,7 @@ def _now_rfc3339() -> str:
 
 
 def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[str, JobState],
-               generation: int | None) -> DecentralizedDiffusionStatus:
+               generation: int | None, results: Results | None = None) -> DecentralizedDiffusionStatus:
     stage_jobs = plan.stages.model_copy(deep=True)
     for field, key in (("clustering", "cluster"), ("router", "router"), ("evaluation", "evaluate"),
                        ("distillation", "distill")):
@@ -209,8 +236,13 @@ def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[st
         conditions=pl.merge_conditions(old.conditions, plan.conditions, _now_rfc3339(), generation),
         observed_generation=generation, stages=stage_jobs, experts=experts,
         experts_ready=plan.experts_ready, experts_total=plan.experts_total, router=plan.router,
-        best_fid=old.best_fid, results=old.results,
+        best_fid=_best_fid(results) if results else old.best_fid, results=results or old.results,
     )
+
+
+def _best_fid(results: Results) -> float | None:
+    """The best routing strategy's FID (the monolith baseline row is a reference, not a DDM result)."""
+    return min((r.fid for r in results.fid if r.strategy != "monolith"), default=None)
 
 
 def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionStatus) -> list[tuple[str, str]]:
@@ -314,7 +346,11 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             **observed.stages,
             **{k: pl.StageObservation(pl.State.RUNNING, attempts=latest[k.id].attempt, cluster=latest[k.id].cluster)
                for k in launched}}))
-    new = _status_of(plan, old, latest, generation)
+    evaluation = latest.get(pl.EVALUATE.id)
+    results = None
+    if evaluation is not None and evaluation.phase == "Succeeded" and not (old.results and old.results.fid):
+        results = _results(spec, namespace, name)  # once: the committed table does not change afterwards
+    new = _status_of(plan, old, latest, generation, results)
     wire = new.to_wire()
     if wire != _compact(old.to_wire()):
         _patch_status(namespace, name, wire)

@@ -27,7 +27,7 @@ class EvaluateConfig(StageBase):
     steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
     method: Literal["euler", "heun"] = "euler"
     cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional experts)")
-    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the smaller set's size)")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at half the smaller set's size)")
     kid_subsets: int = Field(100, ge=1)
     grid_count: int = Field(64, ge=0, description="Images in each strategy's PNG grid (0: none)")
     grid_nrow: int = Field(8, ge=1)
