@@ -87,7 +87,9 @@ class Operator:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.liveness = f"http://127.0.0.1:{port}/healthz"
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "DDM_RECONCILE_INTERVAL_S": str(self.interval_s)}
+        # No store credentials of its own: the operator must read a run's store with the run's credentials Secret.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DDM_S3"))}
+        env.update(KUBECONFIG=str(self.kubeconfig), DDM_RECONCILE_INTERVAL_S=str(self.interval_s))
         kopf = Path(sys.executable).parent / "kopf"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -353,6 +355,30 @@ def test_suspend_and_resume(operator: Operator, h: Harness, tmp_path: Path) -> N
     wait_for(lambda: not any(h.jobs()[n]["spec"]["runPolicy"]["suspend"] for n in names[1:]), "jobs resumed")
     h.wait_phase("sus", "Training")
     assert len(h.jobs()) == 4
+
+
+def test_s3_run_read_with_the_credentials_secret(s3_env: Any, operator: Operator, h: Harness, tmp_path: Path) -> None:
+    """Progress and results of an s3:// run reach status through spec.storage.credentialsSecret alone."""
+    from ddm_trainer.store import open_store
+
+    h.core.create_namespaced_secret(h.ns, {"metadata": {"name": "s3-creds"}, "stringData": s3_env.env()})
+    base = s3_env.fresh_uri("operator")
+    h.create("s3run", ddm_spec(2, tmp_path, storage={"uri": base, "credentialsSecret": "s3-creds"}))
+    h.wait_jobs("s3run-cluster-a1")
+    h.succeed("s3run-cluster-a1")
+    h.wait_jobs("s3run-expert-000-a1", "s3run-expert-001-a1", "s3run-router-a1")
+    run = open_store(f"{base}/{h.ns}/s3run")  # the test's own (environment) credentials, as a trainer pod has
+    run.put_json("progress/expert-001.json", {"stage": "expert", "index": 1, "event": "progress", "step": 21})
+    h.job_status("s3run-expert-001-a1", ("Created", ""), ("Running", ""))
+    wait_for(lambda: h.status("s3run")["experts"][1].get("step") == 21, "expert 1 progress from s3")
+    for name in ("s3run-expert-000-a1", "s3run-expert-001-a1", "s3run-router-a1"):
+        h.succeed(name)
+    h.wait_jobs("s3run-evaluate-a1")
+    run.commit("evaluation", {"results.json": b"{}"}, {"table": [{"strategy": "top1", "fid": 4.5, "nfe": 20.0, "n": 50}]})
+    h.succeed("s3run-evaluate-a1")
+    status = h.wait_phase("s3run", "Succeeded")
+    assert status["bestFid"] == 4.5
+    assert status["results"]["artifacts"]["router"] == f"{base}/{h.ns}/s3run/router/final"
 
 
 def test_expert_on_second_cluster_and_remote_cleanup(operator: Operator, h: Harness, k8s_cluster_b: Any,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddm_trainer.errors import ConfigError, MissingArtifactError
+from ddm_trainer.errors import ConfigError, MissingArtifactError, StoreError
 from ddm_trainer.store import S3Store, open_store
 
 pytestmark = pytest.mark.integration
@@ -50,6 +50,21 @@ def test_missing_endpoint_is_config_error(s3_env, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="DDM_S3_ENDPOINT"):
         open_store(f"s3://{s3_env.bucket}/run")
+
+
+def test_explicit_credentials_replace_the_environment(s3_env, monkeypatch):
+    """The operator opens a run's store with its credentials Secret's data, whatever its own environment holds."""
+    writer = open_store(s3_env.fresh_uri("secret"))
+    writer.commit("evaluation", {"results.json": b"{}"}, {"table": []})
+    secret = {k: v for k, v in s3_env.env().items() if k.startswith(("DDM_S3", "AWS_"))}
+    for name in ("DDM_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    reader = open_store(writer.uri, env=secret)
+    assert reader.read_manifest("evaluation")["table"] == []
+    wrong = open_store(writer.uri, check_bucket=False, env={**secret, "AWS_SECRET_ACCESS_KEY": "not-the-key"})
+    with pytest.raises(StoreError):  # the server refuses a wrong key: the Secret's values are really what is used
+        wrong.read_manifest("evaluation")
 
 
 def test_data_shards_read_from_s3(s3_env, tmp_path):

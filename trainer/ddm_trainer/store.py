@@ -19,7 +19,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 from .errors import ConfigError, MissingArtifactError, StoreError
@@ -265,14 +265,12 @@ class S3Store(Store):
         return None
 
 
-def _minio_client() -> Any:
+def _minio_client(env: Mapping[str, str] | None = None) -> Any:
+    """A client from ``env`` (default: the process environment; the operator passes a Secret's data instead)."""
     from minio import Minio
 
-    endpoint = (
-        os.environ.get("DDM_S3_ENDPOINT")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    env = os.environ if env is None else env
+    endpoint = env.get("DDM_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if not endpoint:
         raise ConfigError("s3:// store needs an endpoint: set DDM_S3_ENDPOINT (e.g. http://127.0.0.1:8333)")
     parsed = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
@@ -280,22 +278,27 @@ def _minio_client() -> Any:
         raise ConfigError(f"DDM_S3_ENDPOINT is not a host[:port] URL: {endpoint!r}")
     return Minio(
         parsed.netloc,
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        region=os.environ.get("AWS_REGION") or None,
+        access_key=env.get("AWS_ACCESS_KEY_ID"),
+        secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        region=env.get("AWS_REGION") or None,
         secure=parsed.scheme == "https",
     )
 
 
-def open_store(uri: str, check_bucket: bool = True) -> Store:
-    """``file:///abs/dir``, a plain local path, or ``s3://bucket[/prefix]``."""
+def open_store(uri: str, check_bucket: bool = True, env: Mapping[str, str] | None = None) -> Store:
+    """``file:///abs/dir``, a plain local path, or ``s3://bucket[/prefix]``.
+
+    ``env`` supplies the S3 endpoint and credentials (same names as the environment variables) instead of
+    ``os.environ``: the operator reads them from the run's credentials Secret.
+    """
     if not uri or not isinstance(uri, str):
         raise ConfigError(f"store URI must be a non-empty string, got {uri!r}")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ConfigError(f"s3 URI has no bucket: {uri!r}")
-        return S3Store(parsed.netloc, parsed.path, check_bucket=check_bucket)
+        client = _minio_client(env) if env is not None else None
+        return S3Store(parsed.netloc, parsed.path, client=client, check_bucket=check_bucket)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"file URI must be file:///absolute/path, got {uri!r}")

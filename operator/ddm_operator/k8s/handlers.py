@@ -9,6 +9,7 @@ Children have deterministic names; creating one that exists (409) adopts it, so 
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 import os
@@ -159,12 +160,19 @@ def _progress_step(spec: DecentralizedDiffusionSpec, namespace: str, name: str, 
 
 
 def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Any:
+    """The run's store, with the same credentials Secret the stage pods get (never the operator's own)."""
     from ddm_trainer.store import open_store
 
     run = stages.run_uri(spec, namespace, name)
-    store = _stores.get(run)
+    secret = spec.storage.credentials_secret
+    cache_key = f"{run}|{namespace}/{secret}"
+    store = _stores.get(cache_key)
     if store is None:
-        store = _stores[run] = open_store(run, check_bucket=False)
+        env = None
+        if secret and run.startswith("s3://"):
+            data = _core().read_namespaced_secret(secret, namespace).data or {}
+            env = {k: base64.b64decode(v).decode() for k, v in data.items()}
+        store = _stores[cache_key] = open_store(run, check_bucket=False, env=env)
     return store
 
 
