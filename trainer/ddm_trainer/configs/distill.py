@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ..combine import STRATEGY_HELP, parse_strategy
-from ..errors import ConfigError
+from ..combine import STRATEGY_HELP
 from .common import DataConfig, StageBase
 from .expert import SampleGridConfig, TrainerConfig
+from .sample import StrategyName
 
 
 class DistillConfig(StageBase):
@@ -22,16 +22,8 @@ class DistillConfig(StageBase):
     teacher: Literal["expert-of-cluster", "ensemble"] = Field(
         "expert-of-cluster", description="expert-of-cluster: each image's own cluster expert (the paper); "
                                          "ensemble: the router-combined experts with `strategy`")
-    strategy: str = Field("full", description=f"Combination for teacher=ensemble: {STRATEGY_HELP}")
+    strategy: StrategyName = Field("full", description=f"Combination for teacher=ensemble: {STRATEGY_HELP}")
     t_dist: Literal["uniform", "logit_normal"] = "logit_normal"
     use_ema: bool = Field(True, description="Teachers use their EMA weights")
     train: TrainerConfig = TrainerConfig()
     sample_grid: SampleGridConfig = SampleGridConfig()
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, v: str) -> str:
-        try:
-            return parse_strategy(v).name
-        except ConfigError as e:
-            raise ValueError(str(e)) from None

@@ -8,9 +8,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..combine import STRATEGY_HELP, parse_strategy
-from ..errors import ConfigError
+from ..combine import STRATEGY_HELP
 from .common import DataConfig, StageBase
+from .sample import strategy_name
 
 MONOLITH_ROW = "monolith"  # the K=1 baseline (experts/monolith) as one more row of the table
 
@@ -41,10 +41,7 @@ class EvaluateConfig(StageBase):
             if s.strip().lower() == MONOLITH_ROW:
                 out.append(MONOLITH_ROW)
                 continue
-            try:
-                out.append(parse_strategy(s).name)
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
+            out.append(strategy_name(s))
         dup = sorted({s for s in out if out.count(s) > 1})
         if dup:
             raise ValueError(f"strategy {dup[0]!r} is listed twice")

@@ -5,19 +5,30 @@ which imports torch only inside its tensor functions).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from ..combine import STRATEGY_HELP, parse_strategy
 from ..errors import ConfigError
 from .common import StageBase
 
 
+def strategy_name(value: str) -> str:
+    """A strategy string in its canonical spelling ("Top-1" -> "top1"); unknown ones are a validation error."""
+    try:
+        return parse_strategy(value).name
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+StrategyName = Annotated[str, AfterValidator(strategy_name)]
+
+
 class SampleConfig(StageBase):
     """Writes ``samples/<name>/`` in the run store: grid.png, samples.npz (uint8 images + labels), NFE/GFLOPs."""
 
-    strategy: str = Field("full", description=f"How expert velocities are combined: {STRATEGY_HELP}")
+    strategy: StrategyName = Field("full", description=f"How expert velocities are combined: {STRATEGY_HELP}")
     n: int = Field(64, ge=1, description="Images to draw")
     batch_size: int = Field(64, ge=1)
     steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
@@ -34,11 +45,3 @@ class SampleConfig(StageBase):
                                                                     "ODE state stays fp32")
     expert_devices: list[str] | None = Field(None, description="One device per expert (e.g. cuda:0, cuda:1, ...); "
                                                                "default: all on `device`")
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, v: str) -> str:
-        try:
-            return parse_strategy(v).name
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
