@@ -87,6 +87,26 @@ class Block(nn.Module):
         return x + gate2.unsqueeze(1) * self.fc2(h)  # (B, T, D)
 
 
+def init_backbone(model: nn.Module) -> None:
+    """DiT's initialisation, shared by the DiT and the router: xavier linears, zero adaLN modulation (every block
+    and the final layer start as the identity), small timestep-MLP weights. Needs ``patch_embed``, ``t_embed``,
+    ``blocks`` and ``final_adaLN`` on the model."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.patch_embed.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    nn.init.normal_(model.t_embed[0].weight, std=0.02)
+    nn.init.normal_(model.t_embed[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN[-1].weight)
+        nn.init.zeros_(block.adaLN[-1].bias)
+    nn.init.zeros_(model.final_adaLN[-1].weight)
+    nn.init.zeros_(model.final_adaLN[-1].bias)
+
+
 class DiT(nn.Module):
     def __init__(self, image_size: int, channels: int, size: DiTSize, num_classes: int | None = None,
                  learn_sigma: bool = False):
@@ -117,24 +137,11 @@ class DiT(nn.Module):
         return self.num_classes
 
     def _init_weights(self) -> None:
-        # As in DiT: xavier linears, zero adaLN and output layers so every block starts as the identity.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.t_embed[0].weight, std=0.02)
-        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        init_backbone(self)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
-        for layer in (self.final_adaLN[-1], self.final_linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.final_linear.weight)  # the output starts at zero velocity
+        nn.init.zeros_(self.final_linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         B, p, g, C = x.shape[0], self.size.patch, self.grid, self.out_channels

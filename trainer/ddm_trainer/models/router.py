@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dit import FREQ_DIM, Block, DiTSize, modulate, sincos_2d, timestep_features
+from .dit import FREQ_DIM, Block, DiTSize, init_backbone, modulate, sincos_2d, timestep_features
 
 
 @dataclass(frozen=True)
@@ -58,23 +58,9 @@ class Router(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # DiT's scheme (every block starts as the identity); the head starts small so initial logits are ~uniform.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        init_backbone(self)  # DiT's scheme: every block starts as the identity
         nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.t_embed[0].weight, std=0.02)
-        nn.init.normal_(self.t_embed[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
-        nn.init.zeros_(self.final_adaLN[-1].weight)
-        nn.init.zeros_(self.final_adaLN[-1].bias)
-        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)  # small: initial logits are ~uniform
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) noisy images x_t, t: (B,) in [0, 1] -> logits (B, K)."""
