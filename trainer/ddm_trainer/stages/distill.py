@@ -117,14 +117,13 @@ def check_teachers(cfg: DistillConfig, store: Store, num_clusters: int) -> Any:
 def run(cfg: DistillConfig) -> list[float]:
     from ..clustering import load_assignments
     from ..data import open_source
-    from ..images import save_grid
     from ..models.dit import build_dit
     from ..progress import Reporter
     from ..runtime import setup_runtime, shutdown
     from ..sampler import CombinedSampler
     from ..store import open_store
     from ..train_loop import Trainer
-    from .expert import load_expert, sample_grid, write_report
+    from .expert import finish, load_expert
     from .router import load_router
 
     store = open_store(cfg.run_uri)
@@ -154,16 +153,7 @@ def run(cfg: DistillConfig) -> list[float]:
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=model_spec)
     losses = trainer.fit()
     if rt.is_main:
-        png = None
-        if cfg.sample_grid.count > 0:
-            labels = None
-            if spec.num_classes:
-                labels = torch.arange(cfg.sample_grid.count) % spec.num_classes
-            png = save_grid(sample_grid(trainer.ema, cfg.sample_grid, labels, cfg.seed, rt.device),
-                            nrow=cfg.sample_grid.nrow)
-        write_report(store, layout.DISTILLATION, losses, png)
-        if reporter:
-            reporter.close(step=trainer.step, loss=losses[-1] if losses else None,
-                           final=store.url(layout.final(layout.DISTILLATION)))
+        labels = torch.arange(cfg.sample_grid.count) % spec.num_classes if spec.num_classes else None
+        finish(trainer, store, layout.DISTILLATION, cfg.sample_grid, labels, cfg.seed, reporter)
     shutdown(rt)
     return losses

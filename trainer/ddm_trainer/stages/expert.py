@@ -84,9 +84,22 @@ def write_report(store: Store, stage_dir: str, losses: list[float], grid_png: by
     store.commit(f"{stage_dir}/{REPORT}", files)
 
 
+def finish(trainer: Any, store: Store, stage_dir: str, grid: SampleGridConfig, labels: torch.Tensor | None,
+           seed: int, reporter: Any) -> None:
+    """Rank 0 after training: an EMA sample grid and the loss curve as the stage's report, then the 'done' event."""
+    from ..images import save_grid
+
+    png = None
+    if grid.count > 0:
+        png = save_grid(sample_grid(trainer.ema, grid, labels, seed, trainer.rt.device), nrow=grid.nrow)
+    write_report(store, stage_dir, trainer.losses, png)
+    if reporter:
+        reporter.close(step=trainer.step, loss=trainer.losses[-1] if trainer.losses else None,
+                       final=store.url(layout.final(stage_dir)))
+
+
 def run(cfg: ExpertConfig) -> None:
     from ..data import open_source
-    from ..images import save_grid
     from ..progress import Reporter
     from ..runtime import setup_runtime, shutdown
     from ..store import open_store
@@ -113,20 +126,13 @@ def run(cfg: ExpertConfig) -> None:
     reporter = Reporter("expert", cfg.cluster_index, cfg.train.steps, store) if rt.is_main else None
     trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)
-    losses = trainer.fit()
+    trainer.fit()
     if rt.is_main:
-        png = None
-        if cfg.sample_grid.count > 0:
-            labels = None
-            if cfg.class_cond:  # the cluster's own label mix, so the grid shows what this expert covers
-                pick = (keys or source.keys())[: cfg.sample_grid.count]
-                batch_labels = source.load(pick).labels
-                labels = batch_labels.repeat(-(-cfg.sample_grid.count // len(pick)))[: cfg.sample_grid.count] \
-                    if batch_labels is not None else None
-            images = sample_grid(trainer.ema, cfg.sample_grid, labels, cfg.seed, rt.device)
-            png = save_grid(images, nrow=cfg.sample_grid.nrow)
-        write_report(store, stage_dir, losses, png)
-        if reporter:
-            reporter.close(step=trainer.step, loss=losses[-1] if losses else None,
-                           final=store.url(layout.final(stage_dir)))
+        labels = None
+        if cfg.class_cond and cfg.sample_grid.count > 0:  # the cluster's own label mix: what this expert covers
+            pick = (keys or source.keys())[: cfg.sample_grid.count]
+            batch_labels = source.load(pick).labels
+            labels = batch_labels.repeat(-(-cfg.sample_grid.count // len(pick)))[: cfg.sample_grid.count] \
+                if batch_labels is not None else None
+        finish(trainer, store, stage_dir, cfg.sample_grid, labels, cfg.seed, reporter)
     shutdown(rt)
