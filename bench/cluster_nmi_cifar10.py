@@ -52,7 +52,9 @@ def main() -> None:
     features = np.concatenate(chunks)  # (N, D)
     embed_s = time.perf_counter() - t0
     print(f"\n{len(keys)} images -> {features.shape} with {args.encoder}@{encoder.resolution} in {embed_s:.0f} s")
-    import faiss
+    from ddm_trainer.clustering import import_faiss
+
+    faiss = import_faiss()
 
     use_gpu = faiss.get_num_gpus() > 0
     tag_data = f"cifar10-train[{len(keys)}]"

@@ -53,3 +53,25 @@ def record(benchmark: str, metric: str, value: float, unit: str, reference: floa
     print(f"{benchmark}: {metric} = {value} {unit}" + (f" (reference {reference}, ratio {ratio:.3g})"
                                                        if reference else ""))
     return entry
+
+
+def add_openblas_arg(parser: Any) -> None:
+    parser.add_argument("--openblas", default="auto",
+                        help="faiss-cpu's OpenBLAS kernels: auto (ddm_trainer.clustering.import_faiss picks them from "
+                             "the CPU flags, as the trainer does), library (OpenBLAS's own CPU detection), or a "
+                             "kernel family name such as SkylakeX or Haswell")
+
+
+def import_faiss_for(choice: str) -> tuple[Any, str]:
+    """faiss loaded with the OpenBLAS kernels ``choice`` names, and a tag saying which ran (for metric names)."""
+    if choice == "library":
+        os.environ.pop("OPENBLAS_CORETYPE", None)
+        import faiss
+
+        return faiss, "openblas=library"
+    if choice != "auto":
+        os.environ["OPENBLAS_CORETYPE"] = choice
+    from ddm_trainer.clustering import import_faiss
+
+    faiss = import_faiss()
+    return faiss, f"openblas={os.environ.get('OPENBLAS_CORETYPE', 'library')}"

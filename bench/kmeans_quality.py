@@ -32,7 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    import faiss
+    from ddm_trainer.clustering import import_faiss
+
+    faiss = import_faiss()
 
     faiss.omp_set_num_threads(args.threads)
     datasets = {"synthetic-300k-x768": clustered_features(300_000, 768, modes=32, seed=0)[0],

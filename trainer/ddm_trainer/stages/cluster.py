@@ -14,7 +14,7 @@ import torch
 
 from .. import layout
 from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Clustering, examples_grid, hierarchical_kmeans,
-                          nmi, random_partition)
+                          import_faiss, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
 from ..data import Source, open_source
 from ..encoders import Encoder, build_encoder, resolve_device
@@ -67,9 +67,7 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
     reporter = Reporter("cluster", None, len(keys), store)
     if encoder is not None:
         features = _embed(source, keys, encoder, cfg.embed_batch_size, reporter)
-        import faiss
-
-        use_gpu = faiss.get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
+        use_gpu = import_faiss().get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
         reporter.event("progress", step=len(keys), phase="kmeans")
         result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
                                      cfg.max_cluster_fraction, use_gpu)
