@@ -1,12 +1,15 @@
 """The operator against a real control plane: `kopf run` as a subprocess, as the chart's least-privilege ServiceAccount.
 
-No kubelet runs pods, so each test plays the training operator: it patches PyTorchJob status (Running, Succeeded,
-Failed with an exit code in the message) and checks what the DDM operator does next.
+No kubelet runs pods, so most tests play the training operator: they patch PyTorchJob status (Running, Succeeded,
+Failed with an exit code in the message) and check what the DDM operator does next. The last test runs the jobs for
+real (``JobExecutor``): each PyTorchJob's container command, config and Secret env as a local process, training a
+tiny DDM into the real S3 server.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -464,3 +467,141 @@ def test_whole_chart_is_accepted_by_the_apiserver(k8s_cluster: Any, k8s_namespac
              "--skip-crds", *extra], check=True, capture_output=True, text=True).stdout
         out = k8s_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered).stdout
         assert "deployment.apps/ddm-operator created (server dry run)" in out, out
+
+
+# ---------------------------------------------------------------- the jobs it creates, executed for real
+
+
+class JobExecutor:
+    """Plays kubelet and the Kubeflow training operator for real: runs each PyTorchJob's Master container as a process.
+
+    What a pod would get, taken from the objects the DDM operator created and nothing else: the container's command
+    and env, its ConfigMap volume materialised at the mount path's stand-in, ``envFrom`` Secrets decoded. No host
+    store credentials leak in. Exit 0 -> Succeeded; else Failed with the exit code in the message, as the training
+    operator reports it (a signal N as 128 + N, as a container runtime does).
+    """
+
+    def __init__(self, h: Harness, workdir: Path) -> None:
+        self.h, self.workdir = h, workdir
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.exit_codes: dict[str, int] = {}
+
+    def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DDM_S3"))}
+        for source in container.get("envFrom", []):
+            secret = self.h.core.read_namespaced_secret(source["secretRef"]["name"], self.h.ns)
+            env.update({k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()})
+        env.update({e["name"]: e["value"] for e in container.get("env", [])})
+        return env
+
+    def _start(self, name: str, job: dict[str, Any]) -> None:
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        container = pod["containers"][0]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
+        root = self.workdir / name
+        for mount in container.get("volumeMounts", []):
+            local = root / mount["mountPath"].strip("/")
+            local.mkdir(parents=True)
+            cm = self.h.core.read_namespaced_config_map(volumes[mount["name"]]["configMap"]["name"], self.h.ns)
+            for file, text in (cm.data or {}).items():
+                (local / file).write_text(text)
+            command = [a.replace(mount["mountPath"], str(local)) for a in command]
+        with (self.workdir / f"{name}.log").open("wb") as log:
+            self.running[name] = subprocess.Popen(command, cwd=root, env=self._container_env(container), stdout=log,
+                                                  stderr=subprocess.STDOUT)
+        self.h.job_status(name, ("Created", ""), ("Running", ""))
+
+    def step(self) -> None:
+        """One kubelet sync: start new, unsuspended jobs (two at a time on 2 cores); report those that exited."""
+        for name, proc in list(self.running.items()):
+            if (rc := proc.poll()) is not None:
+                del self.running[name]
+                rc = 128 - rc if rc < 0 else rc
+                self.exit_codes[name] = rc
+                self.h.succeed(name) if rc == 0 else self.h.fail(name, rc)
+        for name, job in sorted(self.h.jobs().items()):
+            if len(self.running) >= 2:
+                break
+            if name not in self.running and name not in self.exit_codes and not job["spec"]["runPolicy"]["suspend"]:
+                self._start(name, job)
+
+    def kill(self, name: str) -> None:
+        """The node dies under the pod: SIGKILL, reported as exit code 137 on the next step()."""
+        self.running[name].kill()
+
+    def stop(self) -> None:
+        for proc in self.running.values():
+            proc.kill()
+            proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.stem}\n{p.read_text(errors='replace')[-1500:]}" for p in self.workdir.glob("*.log"))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_executed_jobs_train_a_whole_ddm_on_s3(s3_env: Any, operator: Operator, h: Harness, fashion_mnist_dir: Path,
+                                               tmp_path: Path) -> None:
+    """The PyTorchJobs and ConfigMaps the operator writes, run as pods would run them, train a whole tiny DDM on real
+    images into a real S3 store; expert 1's pod is killed after its first checkpoint, and its retry resumes from it;
+    the status then carries the real evaluation's FID table."""
+    from ddm_trainer import layout
+    from ddm_trainer.store import open_store
+
+    h.core.create_namespaced_secret(h.ns, {"metadata": {"name": "s3-creds"}, "stringData": s3_env.env()})
+    base = s3_env.fresh_uri("executed")
+    h.create("real", {
+        "dataset": {"uri": str(fashion_mnist_dir), "imageSize": 16, "channels": 1, "limit": 200},
+        "clustering": {"encoder": "raw-pixels", "fineClusters": 8, "numClusters": 2},
+        # 200 steps, a checkpoint every 10: a wide window to kill expert 1 between its first checkpoint and its end
+        "experts": {"modelPreset": "DiT-T/4", "steps": 200, "batchSize": 16, "lr": 0.001, "precision": "fp32",
+                    "checkpointEvery": 10, "gpusPerNode": 0},
+        "router": {"preset": "DiT-T/4", "steps": 10, "batchSize": 16, "precision": "fp32", "gpusPerNode": 0},
+        "evaluation": {"strategies": ["full", "top1"], "numSamples": 8, "steps": 2},
+        "distillation": {"enabled": True, "studentPreset": "DiT-T/4", "steps": 2, "batchSize": 8},
+        "storage": {"uri": base, "credentialsSecret": "s3-creds"},
+        "trainerImage": "ddm-trainer:test",
+        "failurePolicy": {"backoffSeconds": 0},
+    })
+    run = open_store(f"{base}/{h.ns}/real")  # the test's own (environment) credentials
+    executor = JobExecutor(h, tmp_path / "pods")
+    executor.workdir.mkdir()
+    victim, killed_after = "real-expert-001-a1", ""
+    try:
+        deadline = time.monotonic() + 600
+        while (phase := h.status("real").get("phase")) not in ("Succeeded", "Failed"):
+            assert time.monotonic() < deadline, f"still {phase} after 600 s\n{executor.logs()}"
+            executor.step()
+            if not killed_after and victim in executor.running:
+                if done := run.committed_prefixes(layout.checkpoints(layout.expert(1))):
+                    executor.kill(victim)
+                    killed_after = done[-1]
+            time.sleep(0.5)
+    finally:
+        executor.stop()
+    status = h.status("real")
+    assert phase == "Succeeded", f"{status}\n{executor.logs()}"
+
+    expected = ["real-cluster-a1", "real-expert-000-a1", "real-expert-001-a2", "real-router-a1", "real-evaluate-a1",
+                "real-distill-a1"]
+    assert killed_after, "expert 1 finished before the test could kill it"
+    # Each stage ran once and passed, but expert 1: killed (137, retryable) and retried once, alone.
+    assert executor.exit_codes == {**dict.fromkeys(expected, 0), victim: 137}, executor.logs()
+    resumed = [json.loads(line.split(" ", 1)[1]) for line in (executor.workdir / "real-expert-001-a2.log").read_text()
+               .splitlines() if line.startswith("DDM_PROGRESS ") and '"resumed"' in line]
+    assert len(resumed) == 1 and resumed[0]["step"] >= int(killed_after.rsplit("-", 1)[1]), (killed_after, resumed)
+    assert status["experts"][1]["retries"] == 1, status["experts"]
+    secret = s3_env.env()["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret not in json.dumps(job) for job in h.jobs().values()), "credentials inlined in a PyTorchJob"
+
+    # The status's table is the one the evaluation stage committed to S3.
+    table = run.read_manifest("evaluation")["table"]  # type: ignore[index]
+    assert [row["strategy"] for row in status["results"]["fid"]] == [row["strategy"] for row in table] == ["full", "top1"]
+    fids = [row["fid"] for row in table]
+    assert all(isinstance(f, float) and f > 0 for f in fids), table
+    assert status["bestFid"] == pytest.approx(min(fids))
+    for stage in (layout.expert(0), layout.expert(1), layout.ROUTER, layout.DISTILLATION):
+        assert run.read_manifest(layout.final(stage)) is not None, stage
+    assert status["expertsReady"] == 2
+    assert status["results"]["artifacts"]["student"] == run.url(layout.final(layout.DISTILLATION))
