@@ -99,6 +99,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         nodes, per_node = world_size(spec, key)
         return {**base, "seed": key.index, "device": _device(spec, e.gpus_per_node), "data": _data(spec),
                 "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
+                "num_classes": spec.dataset.num_classes if e.class_conditional else None,
                 "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
                 "train": {"steps": e.steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every}}

@@ -125,6 +125,9 @@ class DatasetSpec(ApiModel):
     class_field: str | None = Field(
         None, max_length=64, description="Per-sample key of the class index (e.g. cls); needed by classConditional experts"
     )
+    num_classes: int | None = Field(
+        None, ge=1, le=1_000_000, description="Number of classes (indices 0..N-1); needed by classConditional experts"
+    )
     caption_field: str | None = Field(None, max_length=64, description="Per-sample key of the caption")
     limit: int | None = Field(None, ge=1, description="Use only the first N samples")
 
@@ -315,6 +318,12 @@ RULES: tuple[Rule, ...] = (
         cel="!has(self.experts.classConditional) || !self.experts.classConditional || has(self.dataset.classField)",
         message="needs spec.dataset.classField (the per-sample key of the class index)",
         check=lambda s: not s.experts.class_conditional or s.dataset.class_field is not None,
+    ),
+    Rule(
+        at=(), field="experts.classConditional",
+        cel="!has(self.experts.classConditional) || !self.experts.classConditional || has(self.dataset.numClasses)",
+        message="needs spec.dataset.numClasses (every expert's label embedding has one row per class)",
+        check=lambda s: not s.experts.class_conditional or s.dataset.num_classes is not None,
     ),
     Rule(
         at=("storage",), field="credentialsSecret",

@@ -65,6 +65,16 @@ def test_expert_config_carries_its_cluster_and_per_process_batch() -> None:
         stage_config(obj.spec, expert_key(obj.spec.num_experts), "s3://bucket/run")
 
 
+def test_class_conditional_spec_gives_valid_configs_with_the_class_count() -> None:
+    obj = _spec(experts__classConditional=True, dataset__classField="cls", dataset__numClasses=10)
+    for key in all_keys(obj.spec):
+        config = _config_class(key.stage).model_validate(stage_config(obj.spec, key, "file:///tmp/run"))
+        if key.stage == "expert":
+            assert config.class_cond and config.num_classes == 10 and config.data.class_field == "cls"
+    unconditional = stage_config(_spec(dataset__numClasses=10).spec, expert_key(0), "file:///tmp/run")
+    assert unconditional["num_classes"] is None  # the class count alone does not make experts conditional
+
+
 def test_router_maps_dit_preset_and_k() -> None:
     obj = _spec()
     cfg = stage_config(obj.spec, ROUTER, "/tmp/run")
