@@ -66,6 +66,20 @@ def test_bad_specs_are_rejected_naming_the_field(k8s_cluster: Any, k8s_namespace
     assert field in message, message
 
 
+@pytest.mark.parametrize(("strategies", "ok"), [(["top-8", "sample-8", "oracle-7", "nucleus-1"], True),
+                                               (["top-9"], False), (["oracle-8"], False)])
+def test_strategy_bounds_follow_num_clusters_in_cel(k8s_cluster: Any, k8s_namespace: str, strategies: list[str],
+                                                    ok: bool) -> None:
+    """The CEL twin of the model's rule, at its edges (K = 8 in the example)."""
+    doc = load(ROOT / "examples" / "ddm-laion.yaml", k8s_namespace)
+    doc["spec"]["evaluation"]["strategies"] = strategies
+    with k8s_cluster.api_client() as api:
+        if ok:
+            create(api, k8s_namespace, doc, dry_run=True)
+        else:
+            assert "spec.evaluation.strategies" in rejection(lambda: create(api, k8s_namespace, doc, dry_run=True))
+
+
 @pytest.mark.parametrize(
     "change,field",
     [

@@ -283,6 +283,16 @@ def _spec_rule_strategies_unique(ev: EvaluationSpec) -> bool:
     return len(set(ev.strategies)) == len(ev.strategies)
 
 
+def _strategy_fits(strategy: str, num_clusters: int) -> bool:
+    """top-K / sample-K keep at most K = numClusters experts; oracle-C names a cluster 0..numClusters-1."""
+    kind, _, number = strategy.partition("-")
+    if kind in ("top", "sample") and number.isdigit():
+        return int(number) <= num_clusters
+    if kind == "oracle" and number.isdigit():
+        return int(number) < num_clusters
+    return True
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         at=("clustering",), field="fineClusters",
@@ -324,6 +334,15 @@ RULES: tuple[Rule, ...] = (
         cel="!has(self.experts.classConditional) || !self.experts.classConditional || has(self.dataset.numClasses)",
         message="needs spec.dataset.numClasses (every expert's label embedding has one row per class)",
         check=lambda s: not s.experts.class_conditional or s.dataset.num_classes is not None,
+    ),
+    Rule(
+        at=(), field="evaluation.strategies",
+        cel="!has(self.evaluation) || !has(self.evaluation.strategies) || self.evaluation.strategies.all(s,"
+            " (s.matches('^(top|sample)-[0-9]+$') ? int(s.substring(s.indexOf('-') + 1)) <= self.clustering.numClusters"
+            " : true) && (s.matches('^oracle-[0-9]+$') ? int(s.substring(7)) < self.clustering.numClusters : true))",
+        message="top-K and sample-K need K <= spec.clustering.numClusters; oracle-C needs C < numClusters (0-based)",
+        check=lambda s: all(_strategy_fits(x, s.clustering.num_clusters) for x in s.evaluation.strategies),
+        got=lambda s: f"strategies={s.evaluation.strategies}, numClusters={s.clustering.num_clusters}",
     ),
     Rule(
         at=("storage",), field="credentialsSecret",

@@ -129,3 +129,19 @@ def test_every_rule_blames_an_existing_field() -> None:
             node = props[name]
             if "anyOf" in node:
                 node = next(o for o in node["anyOf"] if o.get("type") != "null")
+
+
+@pytest.mark.parametrize(("strategies", "ok"), [
+    (["top-4", "sample-4", "oracle-3", "nucleus-1", "top1", "full"], True),  # the edges, K = 4
+    (["top-5"], False),
+    (["sample-5"], False),
+    (["oracle-4"], False),  # clusters are 0-based
+])
+def test_strategies_must_fit_the_number_of_experts(strategies: list[str], ok: bool) -> None:
+    doc = {"dataset": {"uri": "/data/fmnist"}, "clustering": {"numClusters": 4}, "experts": {"steps": 10},
+           "storage": {"uri": "runs/x"}, "evaluation": {"strategies": strategies}}
+    if ok:
+        assert DecentralizedDiffusionSpec.model_validate(doc).evaluation.strategies == strategies
+    else:
+        with pytest.raises(ValueError, match=r"spec\.evaluation\.strategies: top-K and sample-K need K"):
+            DecentralizedDiffusionSpec.model_validate(doc)

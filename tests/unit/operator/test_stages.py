@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddm_operator.api.models import DecentralizedDiffusion
+from ddm_operator.api.models import DIT_PRESETS, DecentralizedDiffusion
 from ddm_operator.stages import (CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key, parse_key, run_uri,
                                  stage_command, stage_config)
 from ddm_trainer.configs import STAGES
@@ -124,3 +124,30 @@ def test_parse_key_round_trips() -> None:
         assert parse_key(key.id) == key
     with pytest.raises(ValueError, match="unknown stage key"):
         parse_key("expert-x")
+
+
+# Every value an enum of the API allows, each alone on the local example: the trainer must accept what the operator
+# would hand it (a spec the API admits but a stage rejects fails only hours into a run, at that stage).
+_VARIANTS = [
+    *({"experts__modelPreset": p} for p in DIT_PRESETS),
+    *({"router__preset": p} for p in DIT_PRESETS),
+    *({"distillation__enabled": True, "distillation__studentPreset": p} for p in DIT_PRESETS),
+    *({"distillation__enabled": True, "distillation__teacher": t} for t in ("expert-of-cluster", "ensemble")),
+    *({"experts__precision": p, "router__precision": p} for p in ("fp32", "bf16")),
+    *({"evaluation__method": m} for m in ("euler", "heun")),
+    {"evaluation__strategies": ["full", "top1", "top-2", "sample-2", "nucleus-0.9", "nucleus-1", "oracle-2"]},
+    {"clustering__method": "random"},
+    {"clustering__maxClusterFraction": 0.5},
+    {"experts__gpusPerNode": 8, "experts__nodes": 4, "router__gpusPerNode": 8},
+    {"experts__classConditional": True, "dataset__classField": "cls", "dataset__numClasses": 10,
+     "evaluation__cfgScale": 4.0},
+    {"dataset__channels": 3, "dataset__imageSize": 64},
+    {"evaluation__referenceSamples": 50_000, "dataset__limit": 100},
+]
+
+
+@pytest.mark.parametrize("changes", _VARIANTS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())[:80])
+def test_every_allowed_spec_value_gives_configs_the_trainer_accepts(changes: dict[str, object]) -> None:
+    obj = _spec(**changes)
+    for key in all_keys(obj.spec):
+        _config_class(key.stage).model_validate(stage_config(obj.spec, key, "s3://bucket/run"))
