@@ -80,6 +80,21 @@ def test_strategy_bounds_follow_num_clusters_in_cel(k8s_cluster: Any, k8s_namesp
             assert "spec.evaluation.strategies" in rejection(lambda: create(api, k8s_namespace, doc, dry_run=True))
 
 
+@pytest.mark.parametrize(("image_size", "student", "blamed"), [
+    (32, "DiT-S/4", None), (30, "DiT-S/2", None), (30, "DiT-S/4", "spec.distillation.studentPreset")])
+def test_patch_rules_in_cel(k8s_cluster: Any, k8s_namespace: str, image_size: int, student: str,
+                            blamed: str | None) -> None:
+    """The CEL twins of the models' patch rules (the example's experts and router are /2)."""
+    doc = load(ROOT / "examples" / "ddm-laion.yaml", k8s_namespace)
+    doc["spec"]["dataset"]["imageSize"] = image_size
+    doc["spec"]["distillation"].update(enabled=True, studentPreset=student)
+    with k8s_cluster.api_client() as api:
+        if blamed is None:
+            create(api, k8s_namespace, doc, dry_run=True)
+        else:
+            assert blamed in rejection(lambda: create(api, k8s_namespace, doc, dry_run=True))
+
+
 @pytest.mark.parametrize(
     "change,field",
     [

@@ -283,6 +283,25 @@ def _spec_rule_strategies_unique(ev: EvaluationSpec) -> bool:
     return len(set(ev.strategies)) == len(ev.strategies)
 
 
+def _patch(preset: str) -> int:
+    """'DiT-XL/2' -> 2."""
+    return int(preset.rsplit("/", 1)[1])
+
+
+def _patch_rule(section: str, field: str, attr: Callable[[Any], str | None], enabled: str = "") -> Rule:
+    """``spec.<section>.<field>`` (a DiT preset) must tile spec.dataset.imageSize into whole patches."""
+    preset = f"self.{section}.{field}"
+    guard = f"!has(self.{section}) || !has({preset})" + (f" || !has(self.{section}.{enabled}) || !self.{section}.{enabled}"
+                                                        if enabled else "")
+    return Rule(
+        at=(), field=f"{section}.{field}",
+        cel=f"{guard} || self.dataset.imageSize % int({preset}.substring({preset}.lastIndexOf('/') + 1)) == 0",
+        message="patch size must divide spec.dataset.imageSize (e.g. a /4 preset needs a multiple of 4)",
+        check=lambda s: (p := attr(s)) is None or s.dataset.image_size % _patch(p) == 0,
+        got=lambda s: f"preset={attr(s)}, imageSize={s.dataset.image_size}",
+    )
+
+
 def _strategy_fits(strategy: str, num_clusters: int) -> bool:
     """top-K / sample-K keep at most K = numClusters experts; oracle-C names a cluster 0..numClusters-1."""
     kind, _, number = strategy.partition("-")
@@ -335,6 +354,10 @@ RULES: tuple[Rule, ...] = (
         message="needs spec.dataset.numClasses (every expert's label embedding has one row per class)",
         check=lambda s: not s.experts.class_conditional or s.dataset.num_classes is not None,
     ),
+    _patch_rule("experts", "modelPreset", lambda s: s.experts.model_preset),
+    _patch_rule("router", "preset", lambda s: s.router.preset),
+    _patch_rule("distillation", "studentPreset", lambda s: s.distillation.student_preset if s.distill_enabled else None,
+                enabled="enabled"),
     Rule(
         at=(), field="evaluation.strategies",
         cel="!has(self.evaluation) || !has(self.evaluation.strategies) || self.evaluation.strategies.all(s,"

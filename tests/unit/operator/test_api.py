@@ -145,3 +145,20 @@ def test_strategies_must_fit_the_number_of_experts(strategies: list[str], ok: bo
     else:
         with pytest.raises(ValueError, match=r"spec\.evaluation\.strategies: top-K and sample-K need K"):
             DecentralizedDiffusionSpec.model_validate(doc)
+
+
+@pytest.mark.parametrize(("changes", "blamed"), [
+    ({"dataset": {"uri": "/d", "imageSize": 30}}, None),  # every default preset is /2
+    ({"dataset": {"uri": "/d", "imageSize": 30}, "router": {"preset": "DiT-S/4"}}, "spec.router.preset"),
+    ({"dataset": {"uri": "/d", "imageSize": 30}, "distillation": {"studentPreset": "DiT-S/4"}}, None),  # disabled
+    ({"dataset": {"uri": "/d", "imageSize": 30}, "distillation": {"enabled": True, "studentPreset": "DiT-S/4"}},
+     "spec.distillation.studentPreset"),
+    ({"dataset": {"uri": "/d", "imageSize": 31}}, "spec.experts.modelPreset"),
+])
+def test_presets_must_tile_the_image(changes: dict[str, object], blamed: str | None) -> None:
+    doc = {"clustering": {"numClusters": 4}, "experts": {"steps": 10}, "storage": {"uri": "runs/x"}, **changes}
+    if blamed is None:
+        DecentralizedDiffusionSpec.model_validate(doc)
+    else:
+        with pytest.raises(ValueError, match=re.escape(f"{blamed}: patch size must divide")):
+            DecentralizedDiffusionSpec.model_validate(doc)
