@@ -48,17 +48,39 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> An
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def helm_binary() -> str | None:
+    helm = shutil.which("helm") or str(Path(os.environ.get("DDM_TESTENV_BIN", "/nonexistent")) / "helm")
+    return helm if Path(helm).is_file() else None
+
+
 def render_rbac(namespace: str, release: str) -> str:
     """The chart's RBAC for a single-namespace install: `helm template` when helm exists, else the kept rendering."""
-    helm = shutil.which("helm") or str(Path(os.environ.get("DDM_TESTENV_BIN", "/nonexistent")) / "helm")
+    helm = helm_binary()
     shows = ["serviceaccount", "clusterrole-framework", "clusterrolebinding-framework", "role-application",
              "rolebinding-application"]
-    if Path(helm).is_file():
+    if helm is not None:
         args = [helm, "template", release, str(CHART), "--kube-version", "1.37.2", "--namespace", namespace, "--set", f"watchNamespaces={{{namespace}}}"]
         args += [a for s in shows for a in ("--show-only", f"templates/{s}.yaml")]
         return subprocess.run(args, check=True, capture_output=True, text=True).stdout
     text = (CHART / "rbac-rendered.yaml").read_text()
     return text.replace("ddm-system", namespace).replace("ddm-operator", release)
+
+
+def chart_operator_command(namespace: str, port: int, interval_s: float) -> tuple[list[str], dict[str, str]]:
+    """The operator's command line and env exactly as the chart's Deployment runs them (when helm is built)."""
+    helm = helm_binary()
+    if helm is None:
+        return ([str(Path(sys.executable).parent / "kopf"), "run", "--standalone", "-m", "ddm_operator.k8s.handlers",
+                 f"--namespace={namespace}", f"--liveness=http://127.0.0.1:{port}/healthz"],
+                {"DDM_RECONCILE_INTERVAL_S": f"{interval_s:g}"})
+    rendered = subprocess.run(
+        [helm, "template", "ddm-operator", str(CHART), "--kube-version", "1.37.2", "--namespace", namespace,
+         "--set", f"watchNamespaces={{{namespace}}}", "--set", f"livenessProbe.port={port}",
+         "--set-string", f"reconcileIntervalSeconds={interval_s:g}", "--show-only", "templates/deployment.yaml"],
+        check=True, capture_output=True, text=True).stdout
+    container = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]
+    command = [str(Path(sys.executable).parent / container["command"][0]), *container.get("args", [])]
+    return command, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
 def inline_kubeconfig(path: Path) -> str:
@@ -77,7 +99,7 @@ def inline_kubeconfig(path: Path) -> str:
 
 
 class Operator:
-    """`kopf run` in its own process group; kill() is SIGKILL, the crash the continuity docs warn about."""
+    """The operator as the chart's Deployment runs it, in its own process group; kill() is SIGKILL (a node crash)."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval_s: float = 1.0) -> None:
         self.kubeconfig, self.namespace, self.log_path, self.interval_s = kubeconfig, namespace, log_path, interval_s
@@ -92,13 +114,11 @@ class Operator:
         self.liveness = f"http://127.0.0.1:{port}/healthz"
         # No store credentials of its own: the operator must read a run's store with the run's credentials Secret.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DDM_S3"))}
-        env.update(KUBECONFIG=str(self.kubeconfig), DDM_RECONCILE_INTERVAL_S=str(self.interval_s))
-        kopf = Path(sys.executable).parent / "kopf"
+        command, chart_env = chart_operator_command(self.namespace, port, self.interval_s)
+        env.update(chart_env, KUBECONFIG=str(self.kubeconfig))
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [str(kopf), "run", "--standalone", "-m", "ddm_operator.k8s.handlers", "--namespace", self.namespace,
-             f"--liveness={self.liveness}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     cwd=ROOT)
         log.close()
         self.starts += 1
 
@@ -458,8 +478,8 @@ def test_crash_safety_sigkill_at_ten_points(operator: Operator, h: Harness, tmp_
 
 def test_whole_chart_is_accepted_by_the_apiserver(k8s_cluster: Any, k8s_namespace: str) -> None:
     """Both install modes of the chart, server-side dry run (RBAC, Deployment, ServiceAccount validate)."""
-    helm = shutil.which("helm") or str(Path(os.environ.get("DDM_TESTENV_BIN", "/nonexistent")) / "helm")
-    if not Path(helm).is_file():
+    helm = helm_binary()
+    if helm is None:
         pytest.skip("helm not built (scripts/testenv-build.sh --extras)")
     for extra in ([], ["--set", f"watchNamespaces={{{k8s_namespace}}}"]):
         rendered = subprocess.run(
