@@ -48,7 +48,7 @@ def make_trainer(store: FileStore, data: DataConfig, init_seed: int, loss_hook: 
     rt = setup_runtime("cpu", deterministic=True)
     torch.manual_seed(init_seed)  # a resumed trainer starts from different weights: only the checkpoint can fix that
     model = build_dit("DiT-N/4", data.image_size, data.channels, num_classes=10)
-    stream = open_source(data).stream(cfg.batch_size, seed=3)
+    stream = open_source(data).stream(cfg.batch_size, seed=3, prefetch=cfg.prefetch)  # 2 by default: decoded ahead
     calls = [0]
 
     def loss_fn(m: torch.nn.Module, batch: Any, gen: torch.Generator) -> torch.Tensor:

@@ -21,9 +21,11 @@ import glob
 import gzip
 import io
 import os
+import queue
 import re
 import struct
 import tarfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,7 @@ class Source:
         self._index: dict[str, int] = {}
         self._decoded: dict[int, np.ndarray] = {}
         self._decoded_bytes = 0
+        self._lock = threading.RLock()  # a stream's prefetch thread and the caller share the decode caches
 
     def _finish(self) -> None:
         if self.cfg.limit is not None:
@@ -211,7 +214,7 @@ class Source:
         return self._batch(np.asarray(idx, dtype=np.int64))
 
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-               keys: Collection[str] | None = None, drop_last: bool = True) -> "Stream":
+               keys: Collection[str] | None = None, drop_last: bool = True, prefetch: int = 0) -> "Stream":
         if keys is None:
             indices = np.arange(len(self._keys), dtype=np.int64)
         else:
@@ -222,7 +225,7 @@ class Source:
             indices = np.asarray(sorted(self._index[k] for k in wanted), dtype=np.int64)
         if len(indices) == 0:
             raise DataError(f"empty key selection for {self.cfg.uri}")
-        return Stream(self, indices, batch_size, seed, rank, world_size, drop_last)
+        return Stream(self, indices, batch_size, seed, rank, world_size, drop_last, prefetch)
 
     # internals
     def _group_of(self, i: int) -> int:
@@ -245,7 +248,8 @@ class Source:
         return arr
 
     def _batch(self, idx: np.ndarray) -> ImageBatch:
-        arrs = np.stack([self._image(int(i)) for i in idx])  # (B, C, H, W) uint8
+        with self._lock:
+            arrs = np.stack([self._image(int(i)) for i in idx])  # (B, C, H, W) uint8
         images = torch.from_numpy(arrs).float().div_(127.5).sub_(1.0)  # (B, C, H, W) in [-1, 1]
         labels = None if self._label_ids is None else torch.from_numpy(self._label_ids[idx].copy())
         return ImageBatch(images=images, labels=labels, keys=[self._keys[int(i)] for i in idx])
@@ -430,14 +434,20 @@ class Stream:
 
     Every rank gets the same number of samples per epoch (the tail that does not divide evenly is dropped), so
     data-parallel ranks take the same number of steps. ``state_dict()`` after a batch resumes at the next one.
+
+    ``prefetch`` > 0 decodes that many batches ahead in one background thread, in order, so decoding overlaps the
+    training step; the batches and ``state_dict()`` are exactly those without prefetch (the order is planned from
+    the position, and the state is that of the last batch handed out).
     """
 
     def __init__(self, source: Source, indices: np.ndarray, batch_size: int, seed: int, rank: int,
-                 world_size: int, drop_last: bool):
+                 world_size: int, drop_last: bool, prefetch: int = 0):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if prefetch < 0:
+            raise DataError(f"prefetch must be >= 0, got {prefetch}")
         per_rank = len(indices) // world_size
         if per_rank == 0 or (drop_last and per_rank < batch_size):
             raise DataError(f"{len(indices)} samples over {world_size} ranks cannot fill a batch of {batch_size} "
@@ -446,12 +456,16 @@ class Stream:
         self.batch_size, self.seed, self.rank, self.world_size, self.drop_last = (
             batch_size, seed, rank, world_size, drop_last)
         self.epoch, self.pos = 0, 0
+        self.prefetch = prefetch
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
+        self._queue: queue.Queue[Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
             if self.source._grouped():  # bounded memory: shard order, then samples within each shard
                 groups = np.asarray([self.source._group_of(int(i)) for i in self.indices])
                 order = []
@@ -463,8 +477,18 @@ class Stream:
                 full = self.indices[rng.permutation(len(self.indices))]
             usable = (len(full) // self.world_size) * self.world_size
             self._order = full[:usable][self.rank :: self.world_size]
-            self._order_epoch = self.epoch
+            self._order_epoch = epoch
         return self._order
+
+    def _advance(self, epoch: int, pos: int) -> tuple[np.ndarray, int, int]:
+        """(sample indices of the batch after position (epoch, pos), the position after it)."""
+        order = self._epoch_order(epoch)
+        remaining = len(order) - pos
+        if remaining <= 0 or (self.drop_last and remaining < self.batch_size):
+            epoch, pos = epoch + 1, 0
+            order = self._epoch_order(epoch)
+        chunk = order[pos : pos + self.batch_size]
+        return chunk, epoch, pos + len(chunk)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -475,14 +499,53 @@ class Stream:
         return self
 
     def __next__(self) -> ImageBatch:
-        order = self._epoch_order()
-        remaining = len(order) - self.pos
-        if remaining <= 0 or (self.drop_last and remaining < self.batch_size):
-            self.epoch, self.pos = self.epoch + 1, 0
-            order = self._epoch_order()
-        chunk = order[self.pos : self.pos + self.batch_size]
-        self.pos += len(chunk)
-        return self.source._batch(chunk)
+        if not self.prefetch:
+            chunk, self.epoch, self.pos = self._advance(self.epoch, self.pos)
+            return self.source._batch(chunk)
+        if self._thread is None:
+            self._start_prefetch()
+        assert self._queue is not None
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._stop_prefetch()
+            raise item
+        batch, self.epoch, self.pos = item
+        return batch  # type: ignore[no-any-return]
+
+    def _start_prefetch(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(self._queue, self.epoch, self.pos),
+                                        name="ddm-data-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self, out: queue.Queue[Any], epoch: int, pos: int) -> None:
+        """The prefetch thread: batches from (epoch, pos) on, each with the position after it; an error ends it."""
+        try:
+            while not self._stop.is_set():
+                chunk, epoch, pos = self._advance(epoch, pos)
+                item: Any = (self.source._batch(chunk), epoch, pos)
+                self._put(out, item)
+        except BaseException as exc:  # handed to the consumer, who raises it (DataError keeps its exit code)
+            self._put(out, exc)
+
+    def _put(self, out: queue.Queue[Any], item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _stop_prefetch(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread, self._queue = None, None
+
+    def close(self) -> None:
+        """Stop the prefetch thread (batches decoded ahead are dropped; the position stays)."""
+        self._stop_prefetch()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
@@ -493,4 +556,5 @@ class Stream:
             mine = len(self.indices) if field == "num_samples" else getattr(self, field)
             if state.get(field) != mine:
                 raise DataError(f"data stream state has {field}={state.get(field)}, this stream has {mine}")
+        self._stop_prefetch()  # batches decoded ahead belong to the old position
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

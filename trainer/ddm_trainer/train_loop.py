@@ -187,6 +187,16 @@ class Trainer:
         if ckpt.has_final(self.store, self.stage_dir):
             return self._load_finished()
         self.resume()
+        try:
+            self._run_steps()
+        finally:
+            if callable(close := getattr(self.stream, "close", None)):
+                close()  # a prefetching stream's thread must not outlive the loop that reads it
+        self._save_final()
+        return self.losses
+
+    def _run_steps(self) -> None:
+        """Steps from the current one to cfg.steps, checkpointing on the way and on preemption."""
         it = iter(self.stream)
         pending: list[torch.Tensor] = []
         window_start, window_steps = time.perf_counter(), 0
@@ -229,8 +239,6 @@ class Trainer:
             if at_ckpt:
                 self.save()
         self._flush(pending, self.step - len(pending))
-        self._save_final()
-        return self.losses
 
     def _save_final(self) -> None:
         if self.rt.is_main:

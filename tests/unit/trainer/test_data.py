@@ -169,3 +169,35 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["in-memory", "shard-at-a-time"])
+def test_prefetch_gives_the_same_batches_and_states(tmp_path, monkeypatch, grouped):
+    write_shards(_tiny_samples(60), tmp_path, shard_size=10)
+    if grouped:
+        monkeypatch.setenv("DDM_DATA_CACHE_BYTES", "2000")
+    plain = open_source(DataConfig(uri=str(tmp_path), image_size=8)).stream(batch_size=7, seed=3)
+    ahead = open_source(DataConfig(uri=str(tmp_path), image_size=8)).stream(batch_size=7, seed=3, prefetch=3)
+    for _ in range(20):  # 8 batches per epoch: crosses two epoch boundaries
+        want, got = next(plain), next(ahead)
+        assert got.keys == want.keys and torch.equal(got.images, want.images)
+        assert ahead.state_dict() == plain.state_dict()  # the last batch handed out, not the last one decoded
+    state = ahead.state_dict()
+    expected = [next(plain).keys for _ in range(5)]
+    ahead.load_state_dict(state)  # drops what was decoded ahead, continues from the state
+    assert [next(ahead).keys for _ in range(5)] == expected
+    ahead.close()
+    assert ahead._thread is None and ahead.state_dict() == plain.state_dict()
+
+
+def test_prefetch_hands_a_decode_error_to_the_consumer(tmp_path):
+    shard = tmp_path / "bad-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.png", _png()), ("b.png", _png()), ("broken.png", b"\x89PNG not really")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = open_source(DataConfig(uri=str(shard), image_size=8)).stream(batch_size=3, seed=0, prefetch=2)
+    with pytest.raises(DataError, match=r"bad-000000.tar key broken"):
+        next(stream)
+    assert stream._thread is None  # the failed thread is gone, not left spinning

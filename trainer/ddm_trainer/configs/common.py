@@ -49,7 +49,6 @@ class StageBase(StrictModel):
     run_uri: str = Field(description="Root of the run's artifacts: a local directory, file:// or s3:// URI")
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    num_workers: int = Field(0, ge=0, description="Data-loader worker processes")
 
     @field_validator("run_uri")
     @classmethod

@@ -28,6 +28,7 @@ class TrainerConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the last N committed checkpoints")
     log_every: int = Field(50, ge=1, description="Progress line (and the loss-finiteness check) every N steps")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms: bitwise-exact resume")
+    prefetch: int = Field(2, ge=0, le=64, description="Batches decoded ahead in a background thread (0: in the step)")
 
 
 class SampleGridConfig(StrictModel):

@@ -138,7 +138,8 @@ def run(cfg: DistillConfig) -> list[float]:
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
     cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
     source = open_source(cfg.data, store)
-    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=list(cluster_of))
+    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=list(cluster_of),
+                           prefetch=cfg.train.prefetch)
     experts = [load_expert(store, layout.expert(k), rt.device, ema=cfg.use_ema).requires_grad_(False)
                for k in range(num_clusters)]
     if cfg.teacher == "ensemble":

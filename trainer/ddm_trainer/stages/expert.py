@@ -122,7 +122,8 @@ def run(cfg: ExpertConfig) -> None:
     if cfg.class_cond and source.num_classes is not None and cfg.num_classes is not None \
             and source.num_classes > cfg.num_classes:
         raise DataError(f"data.uri {cfg.data.uri} has {source.num_classes} classes but num_classes={cfg.num_classes}")
-    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys)
+    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys,
+                           prefetch=cfg.train.prefetch)
     reporter = Reporter("expert", cfg.cluster_index, cfg.train.steps, store) if rt.is_main else None
     trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)

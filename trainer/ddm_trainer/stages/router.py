@@ -156,7 +156,8 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
 
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
     source = open_source(cfg.data, store)
-    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys)
+    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys,
+                           prefetch=cfg.train.prefetch)
     spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters)
     model = build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters)
     reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
