@@ -47,7 +47,7 @@ def openblas_coretype(flags: frozenset[str]) -> str | None:
     return next((name for name, needs in OPENBLAS_CORETYPES if needs <= flags), None)
 
 
-def import_faiss(environ: dict[str, str] | None = None, cpuinfo: str = "/proc/cpuinfo"):  # noqa: ANN201
+def import_faiss(cpuinfo: str = "/proc/cpuinfo"):  # noqa: ANN201
     """``import faiss``, with the OpenBLAS bundled in the faiss-cpu wheel told which kernels to run.
 
     That OpenBLAS (0.3.15, 2021) picks its kernels by CPU model, and on the H200 machine (a recent Xeon seen through
@@ -55,11 +55,10 @@ def import_faiss(environ: dict[str, str] | None = None, cpuinfo: str = "/proc/cp
     OPENBLAS_CORETYPE=SkylakeX (bench/faiss_scaling.py). The CPU flags say what the cores can run, so the kernel
     family is chosen from them. OpenBLAS reads the variable once, when faiss first loads; a value already set wins.
     """
-    env = os.environ if environ is None else environ
-    if "faiss" not in sys.modules and not env.get("OPENBLAS_CORETYPE"):
+    if "faiss" not in sys.modules and not os.environ.get("OPENBLAS_CORETYPE"):
         coretype = openblas_coretype(cpu_flags(cpuinfo))
         if coretype:
-            env["OPENBLAS_CORETYPE"] = coretype
+            os.environ["OPENBLAS_CORETYPE"] = coretype
     import faiss
 
     return faiss
