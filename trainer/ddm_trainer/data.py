@@ -507,7 +507,7 @@ class Stream:
         assert self._queue is not None
         item = self._queue.get()
         if isinstance(item, BaseException):
-            self._stop_prefetch()
+            self.close()
             raise item
         batch, self.epoch, self.pos = item
         return batch  # type: ignore[no-any-return]
@@ -537,15 +537,12 @@ class Stream:
             except queue.Full:
                 continue
 
-    def _stop_prefetch(self) -> None:
+    def close(self) -> None:
+        """Stop the prefetch thread (batches decoded ahead are dropped; the position stays)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread, self._queue = None, None
-
-    def close(self) -> None:
-        """Stop the prefetch thread (batches decoded ahead are dropped; the position stays)."""
-        self._stop_prefetch()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
@@ -556,5 +553,5 @@ class Stream:
             mine = len(self.indices) if field == "num_samples" else getattr(self, field)
             if state.get(field) != mine:
                 raise DataError(f"data stream state has {field}={state.get(field)}, this stream has {mine}")
-        self._stop_prefetch()  # batches decoded ahead belong to the old position
+        self.close()  # batches decoded ahead belong to the old position
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
