@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures.k8s import helm_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 
@@ -46,11 +46,6 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> An
             return last
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def helm_binary() -> str | None:
-    helm = shutil.which("helm") or str(Path(os.environ.get("DDM_TESTENV_BIN", "/nonexistent")) / "helm")
-    return helm if Path(helm).is_file() else None
 
 
 def render_rbac(namespace: str, release: str) -> str:

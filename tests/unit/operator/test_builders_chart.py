@@ -1,14 +1,13 @@
 """The Helm chart: documented values, a hardened Deployment, least-privilege RBAC, and the kept RBAC rendering."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from fixtures.k8s import helm_binary
 
 CHART = Path(__file__).resolve().parents[3] / "charts" / "ddm-operator"
 
@@ -61,11 +60,6 @@ def test_rendered_rbac_is_least_privilege() -> None:
     assert by_resource["secrets"] == {"get"} and by_resource["configmaps"] == {"get", "create"}
     assert by_resource["decentralizeddiffusions/status"] == {"patch"}
     assert all("*" not in r["resources"] and "*" not in r["apiGroups"] for r in rules)  # type: ignore[operator]
-
-
-def helm_binary() -> str | None:
-    candidates = [shutil.which("helm"), str(Path(os.environ.get("DDM_TESTENV_BIN", "/nonexistent")) / "helm")]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
 
 
 @pytest.mark.skipif(helm_binary() is None, reason="helm not built (scripts/testenv-build.sh --extras)")
