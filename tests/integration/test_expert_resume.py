@@ -228,3 +228,51 @@ def test_cli_two_process_ddp_on_cpu_checkpoints_every_rank_and_resumes(tmp_path:
     assert '"event": "resumed"' in resumed.stdout
     final = load_final(store, "experts/monolith")
     assert final.config["step"] == 6 and final.config["trainer"]["steps"] == 6
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The torchrun worker process of ``rank`` (its RANK environment variable), found through /proc."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_cli_ddp_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path, data: DataConfig) -> None:
+    """A node drain may signal one worker first: every rank must stop within one step at the same step, with a
+    checkpoint of that step (the checkpoint is collective; a rank left training would hang)."""
+    run_uri = str(tmp_path / "ddp")
+    # log_every far away: the stop must not wait for a progress line (it once did, under DDP).
+    config = write_expert_config(tmp_path / "ddp.yaml", run_uri, data, steps=10_000, ckpt_every=2, log_every=5_000,
+                                 keep_checkpoints=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ddm_trainer.cli", "expert", "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # rank 0's checkpoint lines: training is under way on both ranks
+            if '"event": "checkpoint"' in line and '"step": 4,' in line:
+                break
+        pid = _worker_pid(proc.pid, rank=1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)  # rank 1 only
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    steps = {int(m) for m in __import__("re").findall(r"preempted \(SIGTERM\) at step (\d+)", err)}
+    assert len(steps) == 1, err[-3000:]  # both ranks report the same step
+    assert err.count("preempted (SIGTERM) at step") == 2, err[-3000:]
+    step = steps.pop()
+    assert 4 <= step < 100
+    store = open_store(run_uri)
+    assert latest_checkpoint(store, "experts/monolith") == layout.checkpoint("experts/monolith", step)

@@ -15,9 +15,10 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -103,6 +104,79 @@ def latest_checkpoint(store: Store, stage_dir: str) -> str | None:
 
 def load_checkpoint(store: Store, prefix: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return from_bytes(store.read_committed(prefix, STATE_FILE), map_location, trusted=True)
+
+
+def load_latest_checkpoint(store: Store, stage_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """(prefix, state) of the newest checkpoint whose state verifies, reading its state file once (the hash check
+    and the load share the read); torn or corrupt ones are skipped. Tensors load on the CPU: the caller puts each
+    piece on its device (module and optimizer ``load_state_dict`` copy to their parameters' device; RNG states
+    must stay CPU byte tensors)."""
+    for prefix in reversed(store.committed_prefixes(layout.checkpoints(stage_dir))):
+        try:
+            data = store.read_committed(prefix, STATE_FILE)
+        except (MissingArtifactError, ValueError, KeyError):
+            continue
+        return prefix, from_bytes(data, "cpu", trusted=True)
+    return None
+
+
+def to_host(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor copied to host memory: a snapshot that training may not change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so training waits only for the device-to-host snapshot.
+
+    ``submit`` waits for the previous write (at most one in flight: host memory holds one snapshot), snapshots the
+    state and starts serialising, uploading and committing it; ``wait`` joins the write in flight and re-raises its
+    error in the training thread. A process killed mid-write leaves the previous checkpoint as the newest that
+    verifies (manifest-last), exactly as a synchronous save would.
+    """
+
+    def __init__(self, store: Store, stage_dir: str, keep: int,
+                 on_commit: Callable[[int, str, dict[str, float]], None] | None = None):
+        self.store, self.stage_dir, self.keep, self.on_commit = store, stage_dir, keep, on_commit
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, step: int, state: dict[str, Any], config: dict[str, Any], blocking: bool = False) -> float:
+        """Start committing ``state`` as the checkpoint of ``step``; returns the seconds training was held up."""
+        start = time.perf_counter()
+        self.wait()
+        host = to_host(state)
+        stall = time.perf_counter() - start
+        if blocking:
+            self._write(step, host, config, stall)
+            self.wait()
+            return time.perf_counter() - start
+        self._thread = threading.Thread(target=self._write, args=(step, host, config, stall),
+                                        name=f"ddm-checkpoint-{step}")
+        self._thread.start()
+        return stall
+
+    def _write(self, step: int, host: dict[str, Any], config: dict[str, Any], stall: float) -> None:
+        try:
+            start = time.perf_counter()
+            prefix = save_checkpoint(self.store, self.stage_dir, step, host, config, self.keep)
+            if self.on_commit:
+                self.on_commit(step, prefix, {"stall_s": stall, "write_s": time.perf_counter() - start})
+        except BaseException as exc:  # re-raised by wait() in the training thread
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @dataclass

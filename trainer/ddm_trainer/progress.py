@@ -79,8 +79,8 @@ class Reporter:
                                   refresh=False)
             self._bar.refresh()
 
-    def checkpoint(self, step: int, uri: str) -> None:
-        self.event("checkpoint", force_store=True, step=step, checkpoint=uri)
+    def checkpoint(self, step: int, uri: str, **fields: Any) -> None:
+        self.event("checkpoint", force_store=True, step=step, checkpoint=uri, **fields)
 
     def close(self, **fields: Any) -> None:
         self.event("done", force_store=True, **fields)

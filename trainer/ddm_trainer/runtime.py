@@ -91,10 +91,19 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def host_byte_tensor(state: torch.Tensor) -> torch.Tensor:
+    """An RNG state as torch wants it back: a CPU uint8 tensor, wherever ``map_location`` put it on loading."""
+    return state.detach().to(device="cpu", dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore ``rng_state()``'s output, whatever device a checkpoint loader moved its tensors to. CUDA states are
+    restored per device index; states of devices this process does not see are ignored (fewer GPUs than the
+    writer's process saw: their generators are never used here)."""
+    torch.set_rng_state(host_byte_tensor(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(host_byte_tensor(cuda_state), index)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 

@@ -1,9 +1,14 @@
 """A generic checkpointed training loop with exact resume: experts (flow loss), router (cross-entropy), distillation.
 
 ``Trainer(model, loss_fn, stream, store, stage_dir, cfg, reporter).fit()`` runs to ``cfg.steps``:
-AdamW (fused on CUDA), EMA initialised by copy, bf16 autocast, optional torch.compile, grad clipping, DDP under
-torchrun. It resumes from the newest committed checkpoint that verifies, checkpoints every ``cfg.ckpt_every`` steps
-and on SIGTERM (then raises PreemptedError), and commits final weights (model + EMA + config) at the end.
+AdamW (fused on CUDA), EMA initialised by copy, bf16 autocast, regional torch.compile (by default on CUDA), grad
+clipping, DDP under torchrun. It resumes from the newest committed checkpoint that verifies, checkpoints every
+``cfg.ckpt_every`` steps in the background (training waits only for the device-to-host copy) and on SIGTERM
+(synchronously, within one optimizer step on every rank; then raises PreemptedError), and commits final weights
+(model + EMA + config) at the end.
+
+Device independence: checkpoints load on the CPU; modules and the optimizer copy their state to their own
+device, RNG states go back as CPU byte tensors, so a checkpoint written on any device resumes on any device.
 
 Exact resume: model, EMA, optimizer, step, loss history, the stream's ``state_dict()``, the loss generator and all
 global RNG states are saved, so N steps + kill + resume + N steps equals 2N steps bitwise (with cfg.deterministic).
@@ -24,10 +29,12 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import layout
 from .configs.expert import TrainerConfig
 from .errors import NonFiniteLossError, PreemptedError
 from .progress import Reporter, preempt_requested
-from .runtime import Runtime, autocast, barrier, rank_seed, rng_state, seed_everything, set_rng_state, setup_runtime
+from .runtime import (Runtime, autocast, barrier, host_byte_tensor, rank_seed, rng_state, seed_everything,
+                      set_rng_state, setup_runtime)
 from .store import Store
 
 __all__ = ["Trainer", "TrainerConfig", "LossFn", "Stream", "move_to", "compile_model"]
@@ -80,8 +87,13 @@ class Trainer:
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
+        self.compiled = cfg.compile if cfg.compile is not None else self.rt.device.type == "cuda"
+        if self.compiled:
             self.train_model = compile_model(self.train_model, self.model)
+        self.writer = ckpt.CheckpointWriter(store, stage_dir, cfg.keep_checkpoints, self._committed)
+        # Preemption votes travel over a CPU (gloo) group: agreeing on a stop costs no device sync per step.
+        self._vote_group = torch.distributed.new_group(backend="gloo") if self.rt.distributed else None
+        self._vote: tuple[torch.Tensor, Any] | None = None
         self.step = 0
         self.losses: list[float] = []  # one per step, rank-0 view (mean over ranks)
         self.last_grad_norm = 0.0
@@ -116,27 +128,34 @@ class Trainer:
         local = per_rank[self.rt.rank] if self.rt.rank < len(per_rank) else per_rank[0]
         self.stream.load_state_dict(local["stream"])
         set_rng_state(local["rng"])
-        self.generator.set_state(local["generator"])
+        self.generator.set_state(host_byte_tensor(local["generator"]))
 
-    def save(self) -> str:
+    def save(self, blocking: bool = True) -> str:
+        """Checkpoint the current step; ``blocking=False`` returns once the state is copied to host memory and
+        commits it in the background (``self.writer.wait()`` joins it). Every rank must call it (collective)."""
         state = self.state_dict()  # every rank joins the gather
-        prefix = ""
+        prefix = layout.checkpoint(self.stage_dir, self.step)
         if self.rt.is_main:
             config = {"trainer": self.cfg.model_dump(mode="json"), "stage": self.stage_config, "model": self.model_spec}
-            prefix = ckpt.save_checkpoint(self.store, self.stage_dir, self.step, state, config,
-                                          self.cfg.keep_checkpoints)
-            if self.reporter:
-                self.reporter.checkpoint(self.step, self.store.url(prefix))
-        barrier(self.rt)
+            self.writer.submit(self.step, state, config, blocking=blocking)
+        if blocking:
+            barrier(self.rt)
         return prefix
 
-    def resume(self) -> bool:
-        prefix = ckpt.latest_checkpoint(self.store, self.stage_dir)
-        if prefix is None:
-            return False
-        self.load_state_dict(ckpt.load_checkpoint(self.store, prefix, map_location=self.rt.device))
+    def _committed(self, step: int, prefix: str, timing: dict[str, float]) -> None:
         if self.reporter:
-            self.reporter.event("resumed", step=self.step, checkpoint=self.store.url(prefix))
+            self.reporter.checkpoint(step, self.store.url(prefix), **timing)
+
+    def resume(self) -> bool:
+        start = time.perf_counter()
+        found = ckpt.load_latest_checkpoint(self.store, self.stage_dir)
+        if found is None:
+            return False
+        prefix, state = found
+        self.load_state_dict(state)
+        if self.reporter:
+            self.reporter.event("resumed", step=self.step, checkpoint=self.store.url(prefix),
+                                seconds=time.perf_counter() - start)
         return True
 
     # -- loop ----------------------------------------------------------------------------------------------------
@@ -154,15 +173,27 @@ class Trainer:
             eb.copy_(b)
 
     def _preempt_agreed(self) -> bool:
-        """SIGTERM seen. Under DDP every rank must stop at the same step (the checkpoint is collective), so the flag
-        is all-reduced, but only every ``log_every`` steps to keep host syncs out of the other steps."""
+        """SIGTERM seen. Under DDP every rank must stop at the same step (the checkpoint is collective): each step
+        starts a MAX all-reduce of this rank's flag on the CPU group and reads the one started a step earlier, so
+        every rank sees the same answer at the same step, a signal on any rank stops all of them within one
+        optimizer step, and no step waits on the device."""
         if not self.rt.distributed:
             return preempt_requested()
-        if self.step % self.cfg.log_every:
-            return False
-        flag = torch.tensor([1.0 if preempt_requested() else 0.0], device=self.rt.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        agreed = False
+        if self._vote is not None:
+            flag, work = self._vote
+            work.wait()
+            agreed = bool(flag.item())
+        flag = torch.tensor([1 if preempt_requested() else 0], dtype=torch.int32)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._vote_group,
+                                            async_op=True)
+        self._vote = (flag, work)
+        return agreed
+
+    def _finish_votes(self) -> None:
+        if self._vote is not None:
+            self._vote[1].wait()  # every rank started the same number of votes: none is left hanging
+            self._vote = None
 
     def _flush(self, pending: list[torch.Tensor], first_step: int) -> None:
         """Sync the pending per-step losses (one device sync per call), check finiteness, append to history."""
@@ -189,6 +220,7 @@ class Trainer:
         self.resume()
         try:
             self._run_steps()
+            self.writer.wait()  # the last background checkpoint is committed (or its error raised) before final
         finally:
             if callable(close := getattr(self.stream, "close", None)):
                 close()  # a prefetching stream's thread must not outlive the loop that reads it
@@ -202,10 +234,11 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         images_per_step = self.cfg.batch_size * self.rt.world_size
         self.model.train()
+        first_step = self.step
         while self.step < self.cfg.steps:
             if self._preempt_agreed():
                 self._flush(pending, self.step - len(pending))
-                prefix = self.save()
+                prefix = self.save(blocking=True)  # waits for a background write in flight, then commits this one
                 raise PreemptedError(f"preempted (SIGTERM) at step {self.step}; checkpoint saved at "
                                      f"{self.store.url(prefix)}")
             try:
@@ -227,6 +260,9 @@ class Trainer:
             pending.append(torch.stack([loss.detach().float(), grad_norm.detach().float()]))  # (2,)
             self.step += 1
             window_steps += 1
+            if self.step == first_step + 1 and self.compiled:
+                self._report_compile(window_start)
+                window_start, window_steps = time.perf_counter(), 0  # throughput lines exclude compilation
             at_ckpt = self.step % self.cfg.ckpt_every == 0 and self.step < self.cfg.steps
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps or at_ckpt:
                 self._flush(pending, self.step - len(pending))
@@ -237,8 +273,17 @@ class Trainer:
                                          lr=self._lr(self.step - 1), grad_norm=self.last_grad_norm)
                 window_start, window_steps = now, 0
             if at_ckpt:
-                self.save()
+                self.save(blocking=False)
+        self._finish_votes()
         self._flush(pending, self.step - len(pending))
+
+    def _report_compile(self, started: float) -> None:
+        """The first step of a compiled model includes compiling it: say how long it took (the device's queue is
+        drained first, so the figure is wall time, not launch time)."""
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        if self.reporter and self.rt.is_main:
+            self.reporter.event("compiled", step=self.step, compile_s=time.perf_counter() - started)
 
     def _save_final(self) -> None:
         if self.rt.is_main:
@@ -251,8 +296,6 @@ class Trainer:
 
     def _load_finished(self) -> list[float]:
         import json
-
-        from . import layout
 
         final = ckpt.load_final(self.store, self.stage_dir, map_location=self.rt.device)
         self.model.load_state_dict(final.model)

@@ -23,7 +23,8 @@ class TrainerConfig(StrictModel):
     ema_decay: float = Field(0.9999, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; null disables clipping")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (CUDA or CPU) or plain fp32")
-    compile: bool = Field(False, description="torch.compile the model for training")
+    compile: bool | None = Field(None, description="Regional torch.compile (per transformer block) for training; "
+                                                   "null: on CUDA only (CPU compiles cost more than they save)")
     ckpt_every: int = Field(1000, ge=1, description="Checkpoint every N steps (and on SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the last N committed checkpoints")
     log_every: int = Field(50, ge=1, description="Progress line (and the loss-finiteness check) every N steps")
