@@ -18,7 +18,7 @@ from .planner import CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key
 
 __all__ = [
     "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "expert_key",
-    "all_keys", "stage_config", "stage_command", "run_uri", "world_size", "parse_key",
+    "all_keys", "stage_config", "stage_command", "run_uri", "world_size", "parse_key", "grace_period_seconds",
 ]
 
 CONFIG_FILE_NAME = "config.yaml"
@@ -56,7 +56,40 @@ def world_size(spec: DecentralizedDiffusionSpec, key: StageKey) -> tuple[int, in
         return spec.experts.nodes, max(spec.experts.gpus_per_node, 1)
     if key.stage == "router":
         return 1, max(spec.router.gpus_per_node, 1)
+    if key.stage == "evaluate":
+        return 1, max(spec.evaluation.gpus_per_node, 1)
     return 1, 1
+
+
+# (hidden width, depth) of each DiT preset family: the trainer's ddm_trainer.models.dit.DIT_PRESETS, kept here so
+# the operator stays torch-free (a unit test compares the two).
+PRESET_SIZES = {"T": (128, 4), "S": (384, 12), "B": (768, 12), "L": (1024, 24), "XL": (1152, 28)}
+# A checkpoint holds fp32 weights, EMA and AdamW's two moments: 16 bytes per parameter. The grace period covers
+# writing it at a conservative store rate (the H200 run measured DiT-XL/2's 10.8 GB synchronous save, see
+# BENCHMARKS.md) plus process start-up of the save path.
+CHECKPOINT_BYTES_PER_PARAM = 16
+GRACE_WRITE_BYTES_PER_S = 100e6
+GRACE_BASE_S = 60
+
+
+def preset_params(preset: str) -> int:
+    """Approximate parameters of a DiT/Router preset: 18 D^2 per block (QKV 3, projection 1, MLP 8, adaLN 6)."""
+    family = preset.split("-", 1)[1].split("/", 1)[0]
+    width, depth = PRESET_SIZES[family]
+    return 18 * width * width * depth
+
+
+def grace_period_seconds(spec: DecentralizedDiffusionSpec, key: StageKey) -> int:
+    """terminationGracePeriodSeconds of a stage's pods: the experts' spec value for experts, else enough to commit the checkpoint
+    of the stage's model after SIGTERM (rounded up to 30 s)."""
+    if key.stage == "expert" and spec.experts.termination_grace_period_seconds is not None:
+        return spec.experts.termination_grace_period_seconds
+    preset = {"expert": spec.experts.model_preset, "router": spec.router.preset,
+              "distill": spec.distillation.student_preset if spec.distillation else None}.get(key.stage)
+    if preset is None:  # clustering and evaluation commit small results: the Kubernetes default is plenty
+        return 30 + GRACE_BASE_S
+    seconds = GRACE_BASE_S + preset_params(preset) * CHECKPOINT_BYTES_PER_PARAM / GRACE_WRITE_BYTES_PER_S
+    return int(-(-seconds // 30) * 30)
 
 
 def _per_process(global_batch: int, processes: int) -> int:
@@ -84,6 +117,11 @@ def _device(spec: DecentralizedDiffusionSpec, gpus_per_node: int | None) -> str:
     return "cpu" if gpus_per_node == 0 else "auto"
 
 
+def _compile(enabled: bool) -> bool | None:
+    """Spec ``compile: true`` -> the trainer's null (compile on CUDA only); false -> never."""
+    return None if enabled else False
+
+
 def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) -> dict[str, Any]:
     """The trainer config (a plain dict, snake_case) that runs stage ``key`` of this spec under ``run_uri``."""
     base: dict[str, Any] = {"run_uri": run_uri}
@@ -102,7 +140,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "num_classes": spec.dataset.num_classes if e.class_conditional else None,
                 "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
                 "train": {"steps": e.steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
-                          "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every}}
+                          "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,
+                          "compile": _compile(e.compile)}}
     if key.stage == "router":
         r = spec.router
         _, per_node = world_size(spec, key)
@@ -113,14 +152,17 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
-                          "ema_decay": spec.experts.ema_decay}}
+                          "ema_decay": spec.experts.ema_decay, "compile": _compile(r.compile)}}
     if key.stage == "evaluate":
         v = spec.evaluation
         reference = v.reference_samples or v.num_samples
         if spec.dataset.limit is not None:
             reference = min(reference, spec.dataset.limit)  # cannot reference more images than the run reads
-        return {**base, "data": _data(spec), "strategies": list(v.strategies), "n_samples": max(v.num_samples, 2),
-                "reference_n": max(reference, 2), "steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale}
+        return {**base, "device": _device(spec, v.gpus_per_node), "data": _data(spec),
+                "strategies": list(v.strategies), "n_samples": max(v.num_samples, 2),
+                "reference_n": max(reference, 2), "steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale,
+                "batch_size": v.batch_size, "compile": _compile(v.compile),
+                "precision": spec.experts.precision}
     if key.stage == "distill":
         if spec.distillation is None:
             raise ValueError("spec.distillation is not set: there is no distill stage")
@@ -130,7 +172,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "model": s.student_preset, "teacher": s.teacher, "sample_grid": _preview(spec),
                 "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
                           "precision": spec.experts.precision, "ckpt_every": spec.experts.checkpoint_every,
-                          "ema_decay": spec.experts.ema_decay}}
+                          "ema_decay": spec.experts.ema_decay, "compile": _compile(s.compile)}}
     raise ValueError(f"unknown stage {key.stage!r}")
 
 

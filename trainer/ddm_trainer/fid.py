@@ -212,7 +212,8 @@ def fid_from_features(real: Tensor, fake: Tensor, device: str | torch.device = "
     """torchmetrics' Frechet distance between two (N, 2048) feature sets (float64, computed on ``device``)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Features(real.shape[1])).to(device)
+    # sync_on_compute=False: under torchrun only rank 0 computes, on features it has already gathered
+    metric = FrechetInceptionDistance(feature=_Features(real.shape[1]), sync_on_compute=False).to(device)
     metric.update(real.to(device, torch.float64), real=True)
     metric.update(fake.to(device, torch.float64), real=False)
     return float(metric.compute())
@@ -228,7 +229,8 @@ def kid_from_features(real: Tensor, fake: Tensor, subset_size: int = 1000, subse
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = max(2, min(subset_size, real.shape[0] // 2, fake.shape[0] // 2))
-    metric = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=size)
+    metric = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=size,
+                                      sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):

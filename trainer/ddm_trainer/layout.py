@@ -5,6 +5,7 @@ Every directory below that holds a ``MANIFEST.json`` is committed; anything else
 from __future__ import annotations
 
 CLUSTERING = "clustering"  # MANIFEST.json + assignments.npz (keys, cluster ids), centroids, sizes
+CLUSTER_SHARDS = f"{CLUSTERING}/shards"  # MANIFEST.json + index.json; <k>/<k>-<j>.tar: cluster k's samples
 EXPERTS = "experts"
 ROUTER = "router"
 EVALUATION = "evaluation"  # MANIFEST.json + results.json (FID table), grids
@@ -14,6 +15,10 @@ PROGRESS = "progress"  # progress/<stage-id>.json: latest progress line of each 
 
 def expert(k: int) -> str:
     return f"{EXPERTS}/{k:03d}"
+
+
+def cluster_shard(k: int, j: int) -> str:
+    return f"{CLUSTER_SHARDS}/{k:03d}/{k:03d}-{j:06d}.tar"
 
 
 def checkpoints(stage_dir: str) -> str:

@@ -190,3 +190,26 @@ def draw_noise(n: int, shape: Sequence[int], seed: int, dtype: torch.dtype = tor
     """x1 ~ N(0, I) of shape (n, *shape), the same for a seed on any device (drawn on the CPU)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(n, *shape, generator=gen, dtype=dtype)
+
+
+NOISE_BLOCK = 1024  # samples per independently seeded block of noise
+
+
+def noise_range(start: int, stop: int, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Samples [start, stop) of an endless, seeded stream of x1 ~ N(0, I): sample i is the same whatever range,
+    batch size or number of ranks asks for it, and no process draws more than the blocks it needs."""
+    out = []
+    for block in range(start // NOISE_BLOCK, -(-stop // NOISE_BLOCK)):
+        lo, hi = max(start - block * NOISE_BLOCK, 0), min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
+        out.append(draw_noise(NOISE_BLOCK, shape, seed * 1_000_003 + block)[lo:hi])
+    return torch.cat(out) if out else torch.zeros(0, *shape)
+
+
+def labels_range(start: int, stop: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Uniform class labels for samples [start, stop), per sample as stable as ``noise_range``."""
+    out = []
+    for block in range(start // NOISE_BLOCK, -(-stop // NOISE_BLOCK)):
+        lo, hi = max(start - block * NOISE_BLOCK, 0), min(stop - block * NOISE_BLOCK, NOISE_BLOCK)
+        gen = torch.Generator().manual_seed((seed + 1) * 1_000_003 + block)
+        out.append(torch.randint(0, num_classes, (NOISE_BLOCK,), generator=gen)[lo:hi])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

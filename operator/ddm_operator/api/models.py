@@ -149,7 +149,12 @@ class ExpertsSpec(ApiModel):
     lr: float = Field(1e-4, gt=0, le=1)
     ema_decay: float = Field(0.9999, ge=0, le=1)
     precision: Literal["fp32", "bf16"] = "bf16"
+    compile: bool = Field(True, description="Regional torch.compile on CUDA (no effect on CPU); false to debug")
     checkpoint_every: int = Field(5000, gt=0)
+    termination_grace_period_seconds: int | None = Field(
+        None, ge=1, le=86_400,
+        description="Pod grace period after SIGTERM, for the checkpoint to commit (default: from the preset's size)",
+    )
     class_conditional: bool = False
     label_dropout: float = Field(0.1, ge=0, le=1)
     gpus_per_node: int = Field(1, ge=0, le=64)
@@ -174,6 +179,7 @@ class RouterSpec(ApiModel):
     batch_size: int = Field(256, gt=0, le=1_000_000)
     lr: float = Field(1e-4, gt=0, le=1)
     precision: Literal["fp32", "bf16"] = "bf16"
+    compile: bool = Field(True, description="Regional torch.compile on CUDA (no effect on CPU)")
     gpus_per_node: int = Field(1, ge=0, le=64)
     placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
 
@@ -188,6 +194,9 @@ class EvaluationSpec(ApiModel):
     method: Literal["euler", "heun"] = "euler"
     reference_samples: int | None = Field(None, ge=1, description="Real images for FID statistics (default: numSamples)")
     cfg_scale: float = Field(1.0, ge=0, le=100, description="Classifier-free guidance scale (class-conditional experts)")
+    batch_size: int | None = Field(None, ge=1, le=65_536, description="Images per sampling batch and GPU (default: 1024 on a GPU, 256 on a CPU)")
+    compile: bool = Field(True, description="Regional torch.compile of experts and router on CUDA")
+    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs sampling in parallel (torchrun ranks, disjoint seeds)")
     placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
 
     @field_validator("strategies")
@@ -206,6 +215,7 @@ class DistillationSpec(ApiModel):
     steps: int = Field(100_000, gt=0, le=100_000_000)
     batch_size: int = Field(256, gt=0, le=1_000_000)
     lr: float = Field(1e-4, gt=0, le=1)
+    compile: bool = Field(True, description="Regional torch.compile of the student on CUDA")
     placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
 
 

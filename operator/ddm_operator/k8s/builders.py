@@ -119,6 +119,7 @@ class JobRequest:
     restarts_in_place: int = 3  # runPolicy.backoffLimit: pod restarts for retryable exit codes before the job fails
     image_pull_policy: str = "IfNotPresent"
     service_account_name: str | None = None
+    termination_grace_period_seconds: int | None = None  # after SIGTERM: time for the checkpoint to commit
 
     @property
     def name(self) -> str:
@@ -206,6 +207,8 @@ def _pod_template(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
         spec["priorityClassName"] = p.priority_class_name
     if req.service_account_name:
         spec["serviceAccountName"] = req.service_account_name
+    if req.termination_grace_period_seconds is not None:
+        spec["terminationGracePeriodSeconds"] = req.termination_grace_period_seconds
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 

@@ -100,7 +100,7 @@ def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[P
     if key.stage == "router":
         return spec.router.placement, spec.router.gpus_per_node
     if key.stage == "evaluate":
-        return spec.evaluation.placement, 1
+        return spec.evaluation.placement, spec.evaluation.gpus_per_node
     if key.stage == "distill" and spec.distillation is not None:
         return spec.distillation.placement, 1
     return spec.experts.placement, spec.experts.gpus_per_node
@@ -122,6 +122,7 @@ def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageK
         owner=owner, key=key.id, attempt=attempt, image=spec.trainer_image,
         command=stages.stage_command(spec, key, CONFIG_PATH), config=stages.stage_config(spec, key, run),
         nodes=nodes, placement=placement, credentials_secret=spec.storage.credentials_secret,
+        termination_grace_period_seconds=stages.grace_period_seconds(spec, key),
         restarts_in_place=spec.failure_policy.max_retries_per_stage if key.stage != "expert" else
         spec.failure_policy.max_retries_per_expert,
     )

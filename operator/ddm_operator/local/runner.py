@@ -34,10 +34,11 @@ from ddm_trainer.store import Store, open_store
 from .. import planner
 from ..api.models import DecentralizedDiffusionSpec
 from ..planner import Observed, Plan, StageKey, StageObservation, State
-from ..stages import all_keys, stage_command, stage_config
+from ..stages import all_keys, grace_period_seconds, stage_command, stage_config
 
 POLL_S = 0.5
-STOP_GRACE_S = 120.0  # a child saving a checkpoint on SIGTERM gets this long before SIGKILL (Ctrl-C twice: at once)
+# A child saving a checkpoint on SIGTERM gets its stage's grace period (the pods' terminationGracePeriodSeconds)
+# before SIGKILL; Ctrl-C twice kills at once.
 INTERRUPTED = 130
 TAIL_LINES = 15
 
@@ -306,7 +307,8 @@ class LocalRunner:
         self._signal_children(signal.SIGTERM)
 
     def _wait_children(self) -> None:
-        deadline = time.monotonic() + STOP_GRACE_S
+        grace = max((grace_period_seconds(self.spec, key) for key in self.state.running), default=0)
+        deadline = time.monotonic() + grace
         while self.state.running and time.monotonic() < deadline:
             self._drain_events()
             self._reap()

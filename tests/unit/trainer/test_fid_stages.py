@@ -128,6 +128,53 @@ def test_evaluate_writes_table_grids_and_reuses_reference(run_store: FileStore, 
     assert again["table"][0]["fid"] == pytest.approx(rows["top1"]["fid"], rel=1e-6)  # same seed, same samples
 
 
+def test_sample_batches_do_not_depend_on_the_number_of_ranks(run_store: FileStore) -> None:
+    """Ranks draw disjoint batches whose union is exactly the single-process draw (noise per sample index)."""
+    from ddm_trainer.stages.sample import Draw, sample_batches, sampler_for
+
+    sampler, spec = sampler_for(run_store, "sample-1", steps=2)
+    draw = Draw(n=10, batch_size=3, seed=4)
+    single = {start: x for start, x, _ in sample_batches(sampler, spec, draw)}
+    shared = {start: x for rank in range(3) for start, x, _ in sample_batches(sampler, spec, draw, rank, 3)}
+    assert sorted(single) == sorted(shared) == [0, 3, 6, 9]
+    assert all(torch.equal(single[k], shared[k]) for k in single)
+    assert sum(x.shape[0] for x in single.values()) == 10
+
+
+@pytest.mark.slow
+def test_restarted_evaluation_goes_on_with_the_next_strategy(run_store: FileStore, data: Any,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        fid.inception_weights_path()
+    except fid.FIDSetupError as e:
+        pytest.skip(str(e))
+    cfg = _eval_cfg(run_store, data, strategies=["full", "top1"])
+    real_strategy = evaluate.evaluate_strategy
+    sampled: list[str] = []
+
+    def crash_on_top1(cfg: Any, store: Any, name: str, *args: Any) -> Any:
+        sampled.append(name)
+        if name == "top1":
+            raise RuntimeError("node lost")
+        return real_strategy(cfg, store, name, *args)
+
+    monkeypatch.setattr(evaluate, "evaluate_strategy", crash_on_top1)
+    with pytest.raises(RuntimeError, match="node lost"):
+        evaluate.run(cfg)
+    assert run_store.read_manifest(layout.EVALUATION) is None
+    assert run_store.read_manifest(evaluate.strategy_prefix("full")) is not None
+    sampled.clear()
+    monkeypatch.setattr(evaluate, "evaluate_strategy", lambda cfg, store, name, *a: (sampled.append(name),
+                                                                                    real_strategy(cfg, store, name, *a))[1])
+    result = evaluate.run(cfg)
+    assert sampled == ["top1"]  # full's committed row is reused
+    assert [r["strategy"] for r in result["table"]] == ["full", "top1"]
+    # Other settings are another row: it is sampled again.
+    sampled.clear()
+    evaluate.run(cfg.model_copy(update={"steps": 3}))
+    assert sampled == ["full", "top1"]
+
+
 # -- monolith baseline ---------------------------------------------------------------------------------------------
 def _stream_samples(store: FileStore, stage_dir: str) -> int:
     """How many samples the data stream of a stage's newest checkpoint draws from."""
@@ -230,3 +277,34 @@ def test_distillation_resumes_exactly_after_a_kill(run_store: FileStore, data: A
     ours, theirs = load_final(run_store, layout.DISTILLATION), load_final(other, layout.DISTILLATION)
     for name, tensor in theirs.model.items():
         assert torch.equal(ours.model[name], tensor), name
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_matches_one_process(run_store: FileStore, data: Any, tmp_path: Path) -> None:
+    """torchrun with 2 CPU ranks (gloo): each samples half, rank 0 gathers the features; the FID is the one a
+    single process gets from the same seed."""
+    try:
+        fid.inception_weights_path()
+    except fid.FIDSetupError as e:
+        pytest.skip(str(e))
+    single = evaluate.run(_eval_cfg(run_store, data, strategies=["top1"], batch_size=3))
+    two = FileStore(tmp_path / "two")
+    for key in run_store.list(""):
+        if not key.startswith(layout.EVALUATION):
+            two.put_bytes(key, run_store.get_bytes(key))
+    cfg_file = tmp_path / "eval.json"
+    cfg_file.write_text(_eval_cfg(two, data, strategies=["top1"], batch_size=3).model_dump_json())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        try:
+            code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                   "2", "-m", "ddm_trainer.cli", "evaluate", "--config", str(cfg_file)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    assert code == 0, log.read_text()[-4000:]
+    row = json.loads(two.read_committed(layout.EVALUATION, "results.json"))["table"][0]
+    assert json.loads(two.read_committed(layout.EVALUATION, "results.json"))["world_size"] == 2
+    assert row["fid"] == pytest.approx(single["table"][0]["fid"], rel=1e-4)
+    assert row["nfe"] == single["table"][0]["nfe"] and row["n"] == 10

@@ -36,6 +36,9 @@ class DataConfig(StrictModel):
     class_field: str | None = Field("cls", description="Per-sample key holding the class index (None: unconditional)")
     caption_field: str | None = Field(None, description="Per-sample key holding a caption")
     limit: int | None = Field(None, ge=1, description="Use only the first N samples (smoke tests, demos)")
+    workers: int | None = Field(None, ge=0, le=64,
+                                description="Decode processes per rank for an expert's cluster shards (0: decode in "
+                                            "the stream's thread; null: min(4, CPU cores / local ranks))")
 
     @field_validator("uri")
     @classmethod

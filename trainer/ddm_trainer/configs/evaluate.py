@@ -23,7 +23,11 @@ class EvaluateConfig(StageBase):
                                   description=f"Rows of the table: {STRATEGY_HELP}, or '{MONOLITH_ROW}'")
     n_samples: int = Field(10_000, ge=2, description="Generated images per strategy (FID-N)")
     reference_n: int = Field(10_000, ge=2, description="Training images in the reference statistics")
-    batch_size: int = Field(256, ge=1, description="Sampling and Inception batch size")
+    batch_size: int | None = Field(None, ge=1, description="Images per sampling batch and process (null: 1024 on "
+                                                            "a GPU, 256 on a CPU)")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Networks under bf16 autocast (the ODE state "
+                                                                    "stays fp32)")
+    compile: bool | None = Field(None, description="Regional torch.compile of experts and router (null: on CUDA)")
     steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
     method: Literal["euler", "heun"] = "euler"
     cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional experts)")

@@ -1,6 +1,9 @@
-"""The cluster stage: embed every sample, cluster, commit assignments under ``<run>/clustering``.
+"""The cluster stage: embed every sample, cluster, commit assignments under ``<run>/clustering``, then write each
+cluster's samples as shards of their own under ``<run>/clustering/shards`` (``cluster_shards``), committed apart.
 
-Runs at least once safely: a committed clustering with the same config is kept as is (a re-run is a no-op).
+Runs at least once safely: a committed clustering with the same config is kept as is; only its shards are written
+when they are missing (a run clustered before shards existed, or killed while writing them); with both committed
+a re-run is a no-op. ``data.workers`` is not part of the config compared: it does not change the result.
 """
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ import numpy as np
 import torch
 
 from .. import layout
-from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Clustering, examples_grid, hierarchical_kmeans,
-                          import_faiss, nmi, random_partition)
+from ..cluster_shards import write_cluster_shards
+from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments, Clustering, examples_grid,
+                          hierarchical_kmeans, import_faiss, load_assignments, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
 from ..data import Source, open_source
 from ..encoders import Encoder, build_encoder, resolve_device
 from ..progress import Reporter
-from ..store import open_store
+from ..store import Store, open_store
 
 
 def _embed(source: Source, keys: list[str], encoder: Encoder, batch_size: int, reporter: Reporter) -> np.ndarray:
@@ -50,16 +54,29 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_shards(store: Store, source: Source, assignments: Assignments, reporter: Reporter) -> None:
+    manifest = write_cluster_shards(store, source, assignments, reporter)
+    print(f"cluster: {manifest['num_shards']} shards of up to {manifest['samples_per_shard']} samples at "
+          f"{store.url(layout.CLUSTER_SHARDS)}", file=sys.stderr)
+
+
 def run(cfg: ClusterConfig) -> dict[str, Any]:
     store = open_store(cfg.run_uri)
-    config = cfg.model_dump(mode="json")
+    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}})
     encoder = None
     if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
         encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
     previous = store.read_manifest(layout.CLUSTERING)
     if previous is not None and previous.get("config") == config:
-        print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
-              file=sys.stderr)
+        if store.read_manifest(layout.CLUSTER_SHARDS) is not None:
+            print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
+                  file=sys.stderr)
+            return previous
+        assignments = load_assignments(store)
+        reporter = Reporter("cluster", None, len(assignments.keys), store)
+        _write_shards(store, open_source(cfg.data, store), assignments, reporter)
+        reporter.close(step=len(assignments.keys), num_clusters=cfg.num_clusters, sizes=assignments.sizes,
+                       nmi=previous.get("nmi"))
         return previous
 
     source = open_source(cfg.data, store)
@@ -97,6 +114,7 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
             files[EXAMPLES] = grid
     store.delete_prefix(layout.CLUSTERING)  # an old clustering with another config must not mix with this one
     manifest = store.commit(layout.CLUSTERING, files, meta)
+    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter)
     reporter.close(step=len(keys), num_clusters=cfg.num_clusters, sizes=sizes, nmi=score)
     print(f"cluster: {cfg.num_clusters} clusters of {len(keys)} samples, sizes {sizes}"
           + (f", NMI with classes {score:.3f}" if score is not None else ""), file=sys.stderr)

@@ -8,6 +8,12 @@ Reference Inception features of the training data are cached in the run store un
 ``evaluation/reference/<key>/`` (key = data URI, image size, channels, limit, N, extractor), committed with a
 manifest, and reused by later runs. Results: ``evaluation/`` results.json, results.md, grids/<strategy>.png; the
 manifest's ``table`` holds the rows.
+
+Speed and restarts: networks run under bf16 autocast (the ODE state stays fp32), compiled per block on CUDA, in
+GPU-sized batches; under torchrun each rank draws a disjoint share of every strategy's images (noise and labels
+are per sample index, so the images do not depend on the number of ranks) and only Inception features travel to
+rank 0; samples go into Inception batch by batch and are never all held. Each strategy's row is committed under
+``evaluation/strategies/<name>/`` as soon as it is done, so a restarted evaluation goes on with the next one.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from ..errors import ConfigError, DataError, MissingArtifactError
 from ..store import Store
 
 REFERENCE = f"{layout.EVALUATION}/reference"
+STRATEGIES = f"{layout.EVALUATION}/strategies"  # <name>/: one committed row (manifest meta) and its grid
 EXTRACTOR_ID = "tf-inception-2015-12-05-pool3"
 
 
@@ -106,78 +113,150 @@ def validate(cfg: EvaluateConfig, store: Store) -> Any:
     return source
 
 
-def generate_monolith(store: Store, n: int, batch_size: int, steps: int, method: str, seed: int,
-                      device: torch.device, cfg_scale: float, use_ema: bool) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The K=1 baseline sampled exactly as an ensemble: the same noise, labels, ODE and cost accounting."""
-    from ..sampler import CombinedSampler, draw_noise
-    from .expert import MONOLITH, load_expert
-
-    model = load_expert(store, MONOLITH, "cpu", ema=use_ema)
-    num_classes = getattr(model, "num_classes", None)
-    sampler = CombinedSampler([model], None, "oracle-0", steps=steps, method=method,  # type: ignore[arg-type]
-                              cfg_scale=cfg_scale, device=device, null_label=num_classes)
-    x1 = draw_noise(n, (model.channels, model.image_size, model.image_size), seed)  # (N, C, H, W)
-    y_all = None
-    if num_classes:  # uniform labels, drawn as generate() draws them
-        y_all = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
-    out = []
-    for start in range(0, n, batch_size):
-        y = y_all[start : start + batch_size] if y_all is not None else None
-        out.append(sampler.sample(x1[start : start + batch_size], y, seed=seed * 1_000_003 + start).clamp(-1, 1)
-                   .float().cpu())
-    return torch.cat(out), sampler.stats(n).as_dict()
-
-
 def format_table(rows: list[Row]) -> str:
-    lines = ["| strategy | FID | KID (mean ± std) | NFE | GFLOPs/sample | N |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| strategy | FID | KID (mean ± std) | NFE | GFLOPs/sample | images/s | N |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.strategy} | {r.fid:.2f} | {r.kid_mean:.4f} ± {r.kid_std:.4f} | {r.nfe:.1f} | "
-                     f"{r.gflops_per_sample:.3g} | {r.n} |")
+                     f"{r.gflops_per_sample:.3g} | {r.n / max(r.seconds, 1e-9):.0f} | {r.n} |")
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    from ..images import save_grid
-    from ..progress import Reporter
-    from ..runtime import resolve_device
-    from ..store import open_store
-    from .sample import generate
+def row_key(cfg: EvaluateConfig, name: str) -> str:
+    """What decides a strategy's row: a committed row with another key is sampled again, not reused."""
+    ident = json.dumps({"strategy": name, "n": cfg.n_samples, "steps": cfg.steps, "method": cfg.method,
+                        "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "use_ema": cfg.use_ema,
+                        "precision": cfg.precision, "reference": reference_key(cfg.data, cfg.reference_n),
+                        "kid": [cfg.kid_subset_size, cfg.kid_subsets]}, sort_keys=True)
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
+
+def strategy_prefix(name: str) -> str:
+    return f"{STRATEGIES}/{name}"
+
+
+def committed_row(store: Store, name: str, key: str) -> tuple[Row, bytes | None] | None:
+    """The row (and grid) a previous attempt committed for this strategy with the same settings, if any."""
+    manifest = store.read_manifest(strategy_prefix(name))
+    if manifest is None or manifest.get("key") != key:
+        return None
+    grid = store.read_committed(strategy_prefix(name), "grid.png") if "grid.png" in manifest["files"] else None
+    return Row(**manifest["row"]), grid
+
+
+def _gather(rt: Any, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on rank 0 (rank order), ``[obj]`` without torchrun; other ranks get []."""
+    if not rt.distributed:
+        return [obj]
+    out: list[Any] = [None] * rt.world_size if rt.is_main else []
+    torch.distributed.gather_object(obj, out if rt.is_main else None, dst=0)
+    return out
+
+
+def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, extractor: torch.nn.Module,
+                      batch_size: int, compile: bool, real: torch.Tensor | None, reporter: Any,
+                      index: int) -> tuple[Row, bytes | None] | None:
+    """Sample this rank's share of the strategy's images, streaming each batch into Inception features; rank 0
+    gathers the features and sampling costs and returns the row and grid (other ranks return None)."""
+    from ..images import save_grid
+    from .expert import MONOLITH
+    from .sample import Draw, sample_batches, sampler_for
+
+    start_time = time.monotonic()
+    # The monolith is the K=1 baseline sampled exactly as an ensemble: same noise, labels, ODE and cost accounting.
+    strategy, dirs = ("oracle-0", [MONOLITH]) if name == MONOLITH_ROW else (name, None)
+    sampler, spec = sampler_for(store, strategy, cfg.steps, cfg.method, rt.device, cfg.cfg_scale,
+                                use_ema=cfg.use_ema, precision=cfg.precision, compile=compile, stage_dirs=dirs)
+    feats: list[tuple[int, torch.Tensor]] = []  # (first sample index, (b, 2048) float32)
+    grid: list[torch.Tensor] = []
+    done, last_report = 0, 0.0
+    draw = Draw(cfg.n_samples, batch_size, cfg.seed)
+    feature_batch = min(batch_size, 500)
+    for start, images, _ in sample_batches(sampler, spec, draw, rt.rank, rt.world_size):
+        feats.append((start, fid.extract_features(extractor, images, feature_batch).float()))
+        if start < cfg.grid_count:
+            grid.append(images[: cfg.grid_count - start].float().cpu())
+        done += images.shape[0]
+        now = time.monotonic()
+        if reporter and now - last_report >= 5.0:  # an estimate from rank 0's share
+            reporter.update(index, strategy=name, images=min(done * rt.world_size, cfg.n_samples),
+                            of=cfg.n_samples, images_per_s=done * rt.world_size / max(now - start_time, 1e-9))
+            last_report = now
+    totals = sampler.stats(1)
+    parts = _gather(rt, (feats, totals.nfe, totals.gflops_per_sample, grid))
+    if not rt.is_main:
+        return None
+    ordered = sorted((item for p in parts for item in p[0]), key=lambda f: f[0])
+    fake = torch.cat([f for _, f in ordered]).double()  # (N, 2048) in sample order
+    nfe = sum(p[1] for p in parts) / cfg.n_samples
+    gflops = sum(p[2] for p in parts) / cfg.n_samples
+    grid_images = torch.cat([g for p in parts for g in p[3]]) if cfg.grid_count > 0 else None
+    assert real is not None  # rank 0 holds the reference features
+    fid_value = fid.fid_from_features(real, fake, rt.device)
+    kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
+    if not math.isfinite(fid_value):
+        raise DataError(f"strategy {name!r}: FID is {fid_value} (non-finite samples?)")
+    row = Row(name, fid_value, kid_mean, kid_std, float(nfe), float(gflops), cfg.n_samples,
+              time.monotonic() - start_time)
+    png = save_grid(grid_images[: cfg.grid_count], nrow=cfg.grid_nrow) if grid_images is not None \
+        and len(grid_images) else None
+    return row, png
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Every strategy's row, each committed when it is done (a restarted evaluation goes on with the next one),
+    then the table. Under torchrun every rank samples a disjoint share of each strategy's images."""
+    from ..progress import Reporter
+    from ..runtime import barrier, setup_runtime, shutdown
+    from ..store import open_store
+
+    rt = setup_runtime(cfg.device)
     store = open_store(cfg.run_uri)
-    device = resolve_device(cfg.device)
     source = validate(cfg, store)
-    reporter = Reporter("evaluate", None, len(cfg.strategies), store)
-    reporter.event("reference", n=cfg.reference_n)
-    extractor = fid.build_extractor(device)
-    real = reference_features(store, cfg.data, cfg.reference_n, extractor, cfg.batch_size, source)
+    cuda = rt.device.type == "cuda"
+    batch_size = cfg.batch_size or (1024 if cuda else 256)
+    compile = cfg.compile if cfg.compile is not None else cuda
+    reporter = Reporter("evaluate", None, len(cfg.strategies), store) if rt.is_main else None
+    extractor = fid.build_extractor(rt.device)
+    real = None
+    if rt.is_main:
+        reporter.event("reference", n=cfg.reference_n)  # type: ignore[union-attr]
+        real = reference_features(store, cfg.data, cfg.reference_n, extractor, min(batch_size, 500), source)
     rows: list[Row] = []
     files: dict[str, bytes] = {}
     for i, name in enumerate(cfg.strategies):
-        start = time.monotonic()
-        if name == MONOLITH_ROW:
-            images, stats = generate_monolith(store, cfg.n_samples, cfg.batch_size, cfg.steps, cfg.method,
-                                              cfg.seed, device, cfg.cfg_scale, cfg.use_ema)
-        else:
-            images, stats = generate(store, name, cfg.n_samples, cfg.batch_size, cfg.steps, cfg.method, cfg.seed,
-                                     device, cfg.cfg_scale, use_ema=cfg.use_ema)
-        fake = fid.extract_features(extractor, images, cfg.batch_size)  # (N, 2048)
-        fid_value = fid.fid_from_features(real, fake, device)
-        kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
-        if not math.isfinite(fid_value):
-            raise DataError(f"strategy {name!r}: FID is {fid_value} (non-finite samples?)")
-        row = Row(name, fid_value, kid_mean, kid_std, float(stats["nfe"]), float(stats["gflops_per_sample"]),
-                  cfg.n_samples, time.monotonic() - start)
-        rows.append(row)
-        if cfg.grid_count > 0:
-            files[f"grids/{name}.png"] = save_grid(images[: cfg.grid_count], nrow=cfg.grid_nrow)
-        reporter.update(i + 1, strategy=name, fid=fid_value, kid=kid_mean)
-    table = [asdict(r) for r in rows]
-    result = {"table": table, "reference_n": cfg.reference_n, "data_uri": cfg.data.uri, "steps": cfg.steps,
-              "method": cfg.method, "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "extractor": EXTRACTOR_ID}
-    files["results.json"] = json.dumps(result, indent=2).encode()
-    files["results.md"] = (f"FID-{cfg.n_samples} vs {cfg.reference_n} training images ({cfg.data.uri}), "
-                           f"{cfg.steps} {cfg.method} steps\n\n" + format_table(rows)).encode()
-    store.commit(layout.EVALUATION, files, meta={"table": table})
-    reporter.close(step=len(rows), results=store.url(f"{layout.EVALUATION}/results.json"))
-    print(format_table(rows), flush=True)
+        key = row_key(cfg, name)
+        found = committed_row(store, name, key)
+        if found is None:
+            result = evaluate_strategy(cfg, store, name, rt, extractor, batch_size, compile, real, reporter, i)
+            if rt.is_main:
+                assert result is not None
+                row, png = result
+                store.commit(strategy_prefix(name), {"grid.png": png} if png else {},
+                             meta={"key": key, "row": asdict(row)})
+                found = result
+            barrier(rt)
+        elif reporter:
+            reporter.event("reused", strategy=name, uri=store.url(strategy_prefix(name)))
+        if rt.is_main:
+            row, png = found  # type: ignore[misc]
+            rows.append(row)
+            if png:
+                files[f"grids/{name}.png"] = png
+            reporter.update(i + 1, strategy=name, fid=row.fid, kid=row.kid_mean, seconds=row.seconds,  # type: ignore[union-attr]
+                            images_per_s=row.n / max(row.seconds, 1e-9))
+    result: dict[str, Any] = {}
+    if rt.is_main:
+        table = [asdict(r) for r in rows]
+        result = {"table": table, "reference_n": cfg.reference_n, "data_uri": cfg.data.uri, "steps": cfg.steps,
+                  "method": cfg.method, "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "extractor": EXTRACTOR_ID,
+                  "precision": cfg.precision, "world_size": rt.world_size, "batch_size": batch_size}
+        files["results.json"] = json.dumps(result, indent=2).encode()
+        files["results.md"] = (f"FID-{cfg.n_samples} vs {cfg.reference_n} training images ({cfg.data.uri}), "
+                               f"{cfg.steps} {cfg.method} steps\n\n" + format_table(rows)).encode()
+        store.commit(layout.EVALUATION, files, meta={"table": table})
+        reporter.close(step=len(rows), results=store.url(f"{layout.EVALUATION}/results.json"))  # type: ignore[union-attr]
+        print(format_table(rows), flush=True)
+    barrier(rt)
+    shutdown(rt)
     return result

@@ -112,18 +112,25 @@ def run(cfg: ExpertConfig) -> None:
     store = open_store(cfg.run_uri)
     stage_dir = stage_dir_of(cfg.cluster_index)
     keys = None
+    shards = None
     if cfg.cluster_index is not None:
+        from ..cluster_shards import open_cluster_shards
         from ..clustering import load_assignments
 
         keys = list(load_assignments(store).keys_of(cfg.cluster_index))
         if not keys:
             raise DataError(f"cluster_index {cfg.cluster_index} has no samples in {store.url(layout.CLUSTERING)}")
-    source = open_source(cfg.data, store)
+        shards = open_cluster_shards(store, cfg.cluster_index, cfg.data)  # None: clustered before shards existed
+    source = shards if shards is not None else open_source(cfg.data, store)
     if cfg.class_cond and source.num_classes is not None and cfg.num_classes is not None \
             and source.num_classes > cfg.num_classes:
         raise DataError(f"data.uri {cfg.data.uri} has {source.num_classes} classes but num_classes={cfg.num_classes}")
-    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys,
-                           prefetch=cfg.train.prefetch)
+    if shards is not None:  # only this cluster's shards, only this rank's where it owns whole shards
+        stream = shards.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, prefetch=cfg.train.prefetch,
+                               workers=cfg.data.workers, pin_memory=rt.device.type == "cuda")
+    else:
+        stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys,
+                               prefetch=cfg.train.prefetch)
     reporter = Reporter("expert", cfg.cluster_index, cfg.train.steps, store) if rt.is_main else None
     trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)

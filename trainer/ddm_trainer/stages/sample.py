@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..checkpoint import CONFIG_FILE, load_final
 from ..combine import parse_strategy
 from ..configs.sample import SampleConfig
 from ..errors import ConfigError, DataError, MissingArtifactError
-from ..sampler import CombinedSampler, draw_noise
+from ..sampler import CombinedSampler, labels_range, noise_range
 from ..store import MANIFEST, Store
 
 SAMPLES = "samples"  # samples/<name>/: MANIFEST.json, grid.png, samples.npz
@@ -110,63 +110,116 @@ def validate_ensemble(store: Store, strategy: str) -> Ensemble:
     return Ensemble(specs, router_k)
 
 
-def _expert_loader(store: Store, k: int, spec: ExpertSpec, use_ema: bool) -> Any:
+def _expert_loader(store: Store, stage_dir: str, spec: ExpertSpec, use_ema: bool, compile: bool = False) -> Any:
     def load() -> nn.Module:
         from ..models.dit import build_dit
 
-        final = load_final(store, layout.expert(k), map_location="cpu", with_model=not use_ema)
+        final = load_final(store, stage_dir, map_location="cpu", with_model=not use_ema)
         model = build_dit(spec.preset, spec.image_size, spec.channels, spec.num_classes)
         model.load_state_dict(final.ema if use_ema else final.model)
-        return model
+        return compile_blocks(model) if compile else model
 
     return load
 
 
-def _labels(n: int, num_classes: int | None, labels: Sequence[int] | None, seed: int) -> torch.Tensor | None:
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Regional torch.compile (one compiled block serves every identical block of every expert and the router)."""
+    for block in getattr(model, "blocks", []):
+        block.compile()
+    return model
+
+
+def _check_labels(num_classes: int | None, labels: Sequence[int] | None) -> None:
     if num_classes is None:
         if labels:
             raise ConfigError("labels were given but the experts are unconditional (num_classes is None)")
-        return None
-    if labels:
-        bad = [y for y in labels if not 0 <= y < num_classes]
-        if bad:
-            raise ConfigError(f"label {bad[0]} is outside [0, {num_classes}) of the experts' classes")
-        return torch.tensor([labels[i % len(labels)] for i in range(n)], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed + 1)
-    return torch.randint(0, num_classes, (n,), generator=gen)
+        return
+    bad = [y for y in labels or [] if not 0 <= y < num_classes]
+    if bad:
+        raise ConfigError(f"label {bad[0]} is outside [0, {num_classes}) of the experts' classes")
+
+
+@dataclass
+class Draw:
+    """What to draw: n images from the noise/label streams of ``seed`` (``labels`` cycled, else uniform)."""
+
+    n: int
+    batch_size: int
+    seed: int = 0
+    labels: Sequence[int] | None = None
+
+
+def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = "euler",
+                device: str | torch.device = "cpu", cfg_scale: float = 1.0,
+                expert_devices: Sequence[str] | None = None, use_ema: bool = True, precision: str = "fp32",
+                compile: bool = False, stage_dirs: Sequence[str] | None = None) -> tuple[CombinedSampler, ExpertSpec]:
+    """The validated ensemble of ``strategy`` as a sampler (weights load lazily), and the experts' spec.
+
+    ``stage_dirs`` replaces the experts with these stages' models (e.g. ``[experts/monolith]`` with
+    ``oracle-0``: the K=1 baseline sampled exactly like an ensemble)."""
+    from ..stages.router import load_router
+
+    if stage_dirs is None:
+        ensemble = validate_ensemble(run_store, strategy)
+        specs, dirs, router_k = ensemble.experts, [layout.expert(k) for k in range(len(ensemble.experts))], \
+            ensemble.router_k
+    else:
+        dirs = list(stage_dirs)
+        specs = [expert_spec(_final_config(run_store, d), run_store.url(layout.final(d))) for d in dirs]
+        router_k = None
+    spec0 = specs[0]
+    experts = [_expert_loader(run_store, d, s, use_ema, compile) for d, s in zip(dirs, specs)]
+    router_src = None
+    if router_k is not None:
+        router_src = (lambda: compile_blocks(load_router(run_store, "cpu"))) if compile else \
+            (lambda: load_router(run_store, "cpu"))
+    sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
+                              cfg_scale=cfg_scale, device=device, devices=expert_devices,
+                              router_num_clusters=router_k, null_label=spec0.num_classes,
+                              precision=precision)  # type: ignore[arg-type]
+    return sampler, spec0
+
+
+def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank: int = 0, world_size: int = 1,
+                   skip: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(start, images (b, C, H, W) in [-1, 1] on the sampler's device, labels) for this rank's batches.
+
+    Batch i covers samples [i * batch_size, ...) and goes to rank i % world_size; its noise, labels and sample-K
+    draws depend only on the sample indices and the seed, so any number of ranks draws the same images.
+    ``skip`` leaves out this rank's first batches (a resumed evaluation)."""
+    _check_labels(spec.num_classes, draw.labels)
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    batches = range(rank, -(-draw.n // draw.batch_size), world_size)
+    for i in list(batches)[skip:]:
+        start, stop = i * draw.batch_size, min((i + 1) * draw.batch_size, draw.n)
+        y = None
+        if spec.num_classes is not None:
+            y = (torch.tensor([draw.labels[j % len(draw.labels)] for j in range(start, stop)], dtype=torch.long)
+                 if draw.labels else labels_range(start, stop, spec.num_classes, draw.seed))
+        x = sampler.sample(noise_range(start, stop, shape, draw.seed), y, seed=draw.seed * 1_000_003 + start)
+        yield start, x.clamp(-1, 1), y
 
 
 def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, steps: int = 50, method: str = "euler",
              seed: int = 0, device: str | torch.device = "cpu", cfg_scale: float = 1.0,
              labels: Sequence[int] | None = None, expert_devices: Sequence[str] | None = None,
-             use_ema: bool = True, precision: str = "fp32") -> tuple[torch.Tensor, dict[str, Any]]:
+             use_ema: bool = True, precision: str = "fp32", compile: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Draw n images with ``strategy``; returns (images (N, C, H, W) in [-1, 1] on the CPU, stats).
 
     stats: nfe (expert evaluations per image), router_nfe, gflops_per_sample, expert_calls, labels (list or None),
     strategy, steps, method, cfg_scale, n. Deterministic for a seed (noise, labels and sample-K draws).
     precision="bf16" runs router and experts under bf16 autocast (the ODE state stays fp32): for GPUs.
     """
-    from ..stages.router import load_router
-
-    ensemble = validate_ensemble(run_store, strategy)
-    spec0 = ensemble.experts[0]
-    y_all = _labels(n, spec0.num_classes, labels, seed)
-    experts = [_expert_loader(run_store, k, s, use_ema) for k, s in enumerate(ensemble.experts)]
-    router_src = (lambda: load_router(run_store, "cpu")) if ensemble.router_k is not None else None
-    sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
-                              cfg_scale=cfg_scale, device=device, devices=expert_devices,
-                              router_num_clusters=ensemble.router_k, null_label=spec0.num_classes,
-                              precision=precision)  # type: ignore[arg-type]
-    x1 = draw_noise(n, (spec0.channels, spec0.image_size, spec0.image_size), seed)  # (N, C, H, W)
-    out = []
-    for start in range(0, n, batch_size):
-        y = y_all[start : start + batch_size] if y_all is not None else None
-        x = sampler.sample(x1[start : start + batch_size], y, seed=seed * 1_000_003 + start)
-        out.append(x.clamp(-1, 1).float().cpu())
+    sampler, spec = sampler_for(run_store, strategy, steps, method, device, cfg_scale, expert_devices, use_ema,
+                                precision, compile)
+    out, ys = [], []
+    for _, images, y in sample_batches(sampler, spec, Draw(n, batch_size, seed, labels)):
+        out.append(images.float().cpu())
+        if y is not None:
+            ys.append(y)
     stats = sampler.stats(n).as_dict()
     stats.update(strategy=parse_strategy(strategy).name, steps=steps, method=method, cfg_scale=cfg_scale, n=n,
-                 precision=precision,
-                 labels=y_all.tolist() if y_all is not None else None)
+                 precision=precision, labels=torch.cat(ys).tolist() if ys else None)
     return torch.cat(out), stats
 
 

@@ -1,0 +1,213 @@
+"""The expert stage as users run it, against the model-only step, on real shards: images/s, MFU, checkpoints.
+
+For each preset, in one command: the model-only training step of ``bench/expert_throughput.py`` (random data, no
+loader, no progress) and then ``ddm-train expert --config`` on one cluster of the CIFAR-10 shards, through the
+product's own config: the cluster stage's per-cluster shards, decode workers, EMA, progress lines, compile by
+default on CUDA. The stage's images/s is the median of its progress windows (each ``log_every`` steps, compile
+excluded: the trainer resets its window after the first step); ratio = stage / model-only (target >= 0.95). MFU =
+3 * forward FLOPs * images/s / the bf16 matmul rate measured first in the same command (target >= 0.55, XL/2).
+
+Checkpoints (``--checkpoint-preset``, DiT-XL/2 by default): a second run of that preset checkpoints every
+``--ckpt-every`` steps and is stopped by SIGTERM; its events give the checkpoint's size, the stall (how long the
+training loop waits for a device-to-host copy, while the write goes on in a background thread), the write time
+and the blocking save on SIGTERM; the stall at checkpointEvery 1000 is stall / (1000 * step time) (target <= 3%).
+Then the same command resumes it and reports the resume time (read once, on the CPU; states restored on the GPU).
+
+    python bench/stage_throughput.py --data datasets/cifar10                       # H200: S/2, B/2, XL/2
+    python bench/stage_throughput.py --data /usr/share/datasets/fashion-mnist --presets DiT-T/4 --batch 8 \\
+        --steps 12 --log-every 4 --checkpoint-preset DiT-T/4 --ckpt-every 4 --results-dir /tmp/r   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "trainer"))  # works without installing the project
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from common import RESULTS, machine_name, record  # noqa: E402
+from expert_throughput import bench_preset, matmul_rate  # noqa: E402
+
+BENCHMARK = "stage_throughput"
+TARGET_RATIO, TARGET_MFU, TARGET_STALL = 0.95, 0.55, 0.03
+DEFAULT_DATA = ROOT.parent / "shared/datasets/cifar10"
+
+
+def trainer_command() -> list[str]:
+    exe = shutil.which("ddm-train")
+    return [exe] if exe else [sys.executable, "-m", "ddm_trainer.cli"]
+
+
+def run_stage(stage: str, cfg: dict[str, Any], work: Path, name: str, stop_at_step: int | None = None,
+              timeout: float = 590) -> tuple[int, list[dict[str, Any]], float]:
+    """``ddm-train STAGE --config`` as a user runs it: (exit code, progress events, wall seconds). With
+    ``stop_at_step`` the process gets SIGTERM once a progress line reaches that step (a preemption)."""
+    from ddm_trainer.progress import parse_line
+
+    cfg_file = work / f"{name}.json"
+    cfg_file.write_text(json.dumps(cfg, indent=1))
+    log = (work / f"{name}.log").open("w")
+    start = time.perf_counter()
+    proc = subprocess.Popen([*trainer_command(), stage, "--config", str(cfg_file)], stdout=subprocess.PIPE,
+                            stderr=log, text=True, bufsize=1)
+    events: list[dict[str, Any]] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        ev = parse_line(line)
+        if ev is None:
+            continue
+        events.append(ev)
+        if stop_at_step is not None and ev.get("event") == "progress" and ev.get("step", 0) >= stop_at_step:
+            proc.send_signal(signal.SIGTERM)
+            stop_at_step = None
+        if time.perf_counter() - start > timeout:
+            proc.kill()
+    code = proc.wait()
+    log.close()
+    if code not in (0, 143) or (code == 143 and stop_at_step is not None):
+        sys.stderr.write((work / f"{name}.log").read_text()[-4000:])
+        raise SystemExit(f"{stage} {name} exited {code}; log {work / (name + '.log')}")
+    return code, events, time.perf_counter() - start
+
+
+def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: int, ckpt_every: int,
+                  batch: int) -> dict[str, Any]:
+    data = {"uri": args.data, "image_size": args.image_size, "channels": args.channels, "class_field": "cls"}
+    return {"run_uri": run_uri, "data": data, "cluster_index": 0, "model": preset, "class_cond": True,
+            "num_classes": 10, "device": args.device, "sample_grid": {"count": 0},
+            "train": {"steps": steps, "batch_size": batch, "lr": 1e-4, "precision": "bf16",
+                      "ckpt_every": ckpt_every, "log_every": args.log_every, "ema_decay": 0.9999}}
+
+
+def windows(events: list[dict[str, Any]]) -> list[float]:
+    """images/s of each progress window after the first (the first after compile still warms caches up)."""
+    rates = [e["images_per_s"] for e in events if e.get("event") == "progress" and "images_per_s" in e]
+    return rates[1:] if len(rates) > 2 else rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="shards (a dir of cifar10-train-*.tar.gz)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--presets", default="DiT-S/2,DiT-B/2,DiT-XL/2")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", default="600,400,160", help="stage steps per preset (one value: all)")
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--model-steps", type=int, default=30, help="timed model-only steps")
+    parser.add_argument("--checkpoint-preset", default="DiT-XL/2", help="'' skips the checkpoint runs")
+    parser.add_argument("--ckpt-every", type=int, default=40)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", default=None, help="run store and logs (default: a temporary directory)")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    presets = args.presets.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    steps = steps * len(presets) if len(steps) == 1 else steps
+    work = Path(args.work or tempfile.mkdtemp(prefix="ddm-stage-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    run_uri = str(work / "run")
+    machine, command = machine_name(), "python bench/stage_throughput.py " + " ".join(argv or sys.argv[1:])
+
+    def rec(metric: str, value: float, unit: str, reference: float | None = None, ratio: float | None = None,
+            **extra: Any) -> None:
+        entry = record(BENCHMARK, metric, round(value, 4), unit, reference, ratio, command, machine,
+                       args.results_dir)
+        if extra:  # details beside the record (setup, targets), same file
+            path = Path(args.results_dir) / f"{BENCHMARK}.json"
+            rows = json.loads(path.read_text())
+            rows[-1].update(extra)
+            path.write_text(json.dumps(rows, indent=2) + "\n")
+        del entry
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_rate(device, 8192 if device.type == "cuda" else 1024)
+    rec("matmul_peak_bf16" if device.type == "cuda" else "matmul_peak_fp32", peak / 1e12, "TFLOP/s")
+
+    # The cluster stage as users run it: it writes each cluster's shards, which the expert stage then streams.
+    cluster_cfg = {"run_uri": run_uri, "data": {"uri": args.data, "image_size": args.image_size,
+                                                "channels": args.channels, "class_field": "cls"},
+                   "method": "random", "num_clusters": 2, "device": args.device}
+    _, _, cluster_s = run_stage("cluster", cluster_cfg, work, "cluster")
+    print(f"cluster stage (random K=2, shards written): {cluster_s:.1f} s", flush=True)
+
+    model_args = argparse.Namespace(batch=args.batch, image_size=args.image_size, steps=args.model_steps, warmup=4,
+                                    precision="bf16", compile="regional" if device.type == "cuda" else "none",
+                                    compile_mode=None)
+    table = []
+    for preset, n in zip(presets, steps):
+        ref = bench_preset(preset, model_args, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _, events, wall = run_stage("expert", expert_config(args, run_uri + f"-{preset.replace('/', '')}", preset, n,
+                                                            10**9, args.batch), work, f"expert-{preset.replace('/', '')}")
+        rates = windows(events)
+        stage_ips = statistics.median(rates)
+        compile_s = next((e["compile_s"] for e in events if e.get("event") == "compiled"), None)
+        mfu = 3 * ref["fwd_gflops"] * 1e9 * stage_ips / peak
+        setup = f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps"
+        rec(f"{preset}/stage_images_per_s", stage_ips, "images/s", ref["images_per_s"], None, setup=setup,
+            reference_is="model-only step, same command", target_ratio=TARGET_RATIO)
+        rec(f"{preset}/stage_mfu", mfu, "fraction of measured bf16 matmul rate", TARGET_MFU if preset == "DiT-XL/2"
+            else None, None, setup=setup, reference_is="target MFU" if preset == "DiT-XL/2" else None)
+        if compile_s is not None:
+            rec(f"{preset}/compile_s", compile_s, "s", None, None, setup=setup)
+        table.append((preset, ref["images_per_s"], stage_ips, mfu, compile_s, wall))
+        print(f"{preset}: stage {stage_ips:.0f} images/s vs model-only {ref['images_per_s']:.0f} "
+              f"({stage_ips / ref['images_per_s']:.1%}), MFU {mfu:.1%}, compile {compile_s} s, wall {wall:.0f} s",
+              flush=True)
+
+    if args.checkpoint_preset:
+        preset = args.checkpoint_preset
+        n = steps[presets.index(preset)] if preset in presets else 160
+        uri = run_uri + "-ckpt"
+        cfg = expert_config(args, uri, preset, n, args.ckpt_every, args.batch)
+        stop = n - args.ckpt_every // 2  # after the periodic checkpoints, before the end
+        _, events, _ = run_stage("expert", cfg, work, "ckpt-run", stop_at_step=stop)
+        ckpts = [e for e in events if e.get("event") == "checkpoint"]
+        periodic, on_sigterm = ckpts[:-1], ckpts[-1]  # the last one is the blocking save on SIGTERM
+        rates = windows(events)
+        step_s = args.batch / statistics.median(rates)
+        ckpt_dir = Path(uri) / "experts/000/checkpoints"
+        latest = max((p for p in ckpt_dir.iterdir() if p.is_dir()), key=lambda p: p.name)
+        size = sum(f.stat().st_size for f in latest.rglob("*") if f.is_file())
+        stall = statistics.mean(e["stall_s"] for e in periodic) if periodic else on_sigterm["stall_s"]
+        write = statistics.mean(e["write_s"] for e in periodic) if periodic else on_sigterm["write_s"]
+        fraction = stall / (1000 * step_s)
+        rec(f"{preset}/checkpoint_bytes", size, "bytes", None, None)
+        rec(f"{preset}/checkpoint_stall_s", stall, "s", None, None, write_s=round(write, 3))
+        rec(f"{preset}/checkpoint_stall_fraction_at_1000", fraction, "fraction of 1000 steps' time", TARGET_STALL,
+            None, step_s=round(step_s, 5), reference_is="target")
+        rec(f"{preset}/checkpoint_on_sigterm_s", on_sigterm["stall_s"] + on_sigterm["write_s"], "s", None, None)
+        _, events, _ = run_stage("expert", cfg, work, "resume-run")
+        resumed = next(e for e in events if e.get("event") == "resumed")
+        rec(f"{preset}/resume_s", resumed["seconds"], "s", None, None, from_step=resumed["step"])
+        print(f"{preset} checkpoint: {size / 2**20:.0f} MiB, stall {stall:.3f} s (write {write:.2f} s in the "
+              f"background) = {fraction:.2%} of 1000 steps; on SIGTERM {on_sigterm['stall_s'] + on_sigterm['write_s']:.2f} s;"
+              f" resume {resumed['seconds']:.2f} s from step {resumed['step']}", flush=True)
+
+    print(f"\n{'preset':<10} {'model-only':>11} {'stage':>8} {'ratio':>7} {'MFU':>7} {'compile s':>10}")
+    for preset, ref_ips, ips, mfu, compile_s, _ in table:
+        print(f"{preset:<10} {ref_ips:>11.0f} {ips:>8.0f} {ips / ref_ips:>7.1%} {mfu:>7.1%} "
+              f"{compile_s if compile_s is None else round(compile_s, 1)!s:>10}")
+    print(f"matmul {peak / 1e12:.1f} TFLOP/s on {machine}; work dir {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""Each cluster's samples as shards of their own in the run store, and the stream an expert reads them with.
+
+Written by the cluster stage once its assignments are committed (``write_cluster_shards``): cluster k's samples, in
+the dataset's order, go to ``clustering/shards/<k>/<k>-<j>.tar`` (the image bytes as they were stored, the class
+as ``<key>.<class_field>``); then ``index.json`` names every shard with its sample count, size and sha256; then the
+manifest. Shards hold at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a
+multiple of 8 near-equal shards, so 1, 2, 4 or 8 ranks each own whole shards of equal sample counts.
+
+Read by the expert stage (``open_cluster_shards(...).stream(...)``), which then never opens the whole dataset:
+- rank r of W owns shards r, r+W, ... when W divides the shard count and reads no other; otherwise every rank
+  reads the cluster's shards and takes every W-th sample (as ``data.Stream`` does). Every rank takes the same
+  number of samples per epoch (the smallest rank's), so data-parallel ranks take the same number of steps.
+- epoch e permutes the rank's shards by (seed, e) and cuts them into windows of shards that fit in a third of
+  ``DDM_DATA_CACHE_BYTES``; samples are shuffled within a window. A cluster that fits is one window: a full
+  shuffle, fetched once and kept. Otherwise shards are fetched when the plan reaches their window, the next
+  window in background threads, and at most three windows are held (the one or two a batch spans, the next).
+- images are decoded in worker processes (``workers``), ``prefetch`` batches beyond those in flight. The order
+  of batches is planned from (seed, epoch, pos) alone, and each batch travels with the position after it, so
+  ``state_dict()`` is the position after the last batch handed out however far the workers have decoded ahead:
+  N steps + save + resume + N steps gives the batches of 2N steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import queue
+import sys
+import tarfile
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import layout
+from .clustering import Assignments
+from .configs.common import DataConfig
+from .data import IMAGE_EXTS, ImageBatch, Source, _cache_budget, tar_members
+from .decode import decode_batch, ignore_stop_signals
+from .errors import DataError, MissingArtifactError
+from .progress import Reporter
+from .store import Store
+
+INDEX = "index.json"  # {"data_uri", "class_field", "labeled", "num_classes", "clusters": [{"shards": [ShardInfo]}]}
+SHARD_SAMPLES = 4096
+SHARD_BYTES = 128 << 20
+MIN_SHARD_BYTES = 16 << 20
+SHARD_MULTIPLE = 8
+TAR_OVERHEAD = 1024 + 512  # per sample: two 512-byte headers, half a block of padding each
+READER = "cluster-shards"  # names this stream's positions in checkpoints, apart from data.Stream's
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    key: str  # under the run store
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    data_uri: str  # the cluster stage's data.uri
+    class_field: str | None  # its data.class_field
+    labeled: bool  # whether the samples had that field (written beside each image)
+    num_classes: int | None
+    clusters: list[list[ShardInfo]]
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+def shard_sizes(num_samples: int, samples_per_shard: int) -> list[int]:
+    """Sample counts of one cluster's shards: near-equal, a multiple of SHARD_MULTIPLE of them when possible."""
+    if num_samples == 0:
+        return []
+    count = -(-num_samples // samples_per_shard)
+    count = min(num_samples, -(-count // SHARD_MULTIPLE) * SHARD_MULTIPLE)
+    return [num_samples // count + (1 if j < num_samples % count else 0) for j in range(count)]
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0  # the same samples give the same bytes
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
+                         reporter: Reporter | None = None) -> dict[str, Any]:
+    """Write every cluster's shards, then commit their index; returns the manifest.
+
+    One pass over ``source`` in its order; each cluster fills one shard at a time, so at most one shard per
+    cluster is held in memory (shards are smaller when many clusters would not fit the cache budget together).
+    """
+    keys = source.keys()
+    if keys != assignments.keys:
+        raise DataError(f"data.uri {source.cfg.uri} now holds other samples than when it was clustered ({len(keys)} vs "
+                        f"{len(assignments.keys)} keys); re-cluster it under a new run_uri")
+    labels = source.labels()
+    probe = keys[:256]
+    sample_bytes = sum(len(source.encoded(k)[1]) for k in probe) // len(probe) + TAR_OVERHEAD
+    target_bytes = min(SHARD_BYTES, max(MIN_SHARD_BYTES, _cache_budget() // assignments.num_clusters))
+    per_shard = max(1, min(SHARD_SAMPLES, target_bytes // sample_bytes))
+    sizes = [shard_sizes(n, per_shard) for n in assignments.sizes]
+
+    store.delete_prefix(layout.CLUSTER_SHARDS)  # a shard plan killed half-way must not mix with this one
+    pending: list[list[tuple[str, bytes]]] = [[] for _ in sizes]  # the tar members of each cluster's next shard
+    filled = [0 for _ in sizes]  # samples in it
+    written: list[list[ShardInfo]] = [[] for _ in sizes]
+    for i, (key, k) in enumerate(zip(keys, assignments.cluster.tolist())):
+        ext, image = source.encoded(key)
+        pending[k].append((f"{key}.{ext}", image))
+        if labels is not None:
+            pending[k].append((f"{key}.{source.cfg.class_field}", str(labels[key]).encode()))
+        filled[k] += 1
+        if filled[k] == sizes[k][len(written[k])]:
+            shard_key = layout.cluster_shard(k, len(written[k]))
+            data = _tar(pending[k])
+            store.put_bytes(shard_key, data)
+            written[k].append(ShardInfo(shard_key, filled[k], len(data), hashlib.sha256(data).hexdigest()))
+            pending[k], filled[k] = [], 0
+            if reporter is not None:
+                reporter.update(i + 1, phase="shards")
+    index = {"data_uri": source.cfg.uri, "class_field": source.cfg.class_field, "labeled": labels is not None,
+             "num_classes": source.num_classes,
+             "clusters": [{"num_samples": sum(s.samples for s in shards), "shards": [asdict(s) for s in shards]}
+                          for shards in written]}
+    return store.commit(layout.CLUSTER_SHARDS, {INDEX: json.dumps(index, indent=1).encode()},
+                        {"num_clusters": len(written), "num_shards": sum(len(s) for s in written),
+                         "samples_per_shard": per_shard})
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+def load_shard_index(store: Store) -> ShardIndex | None:
+    """The committed per-cluster shard index, or None when the run has none (clustered before shards existed)."""
+    if store.read_manifest(layout.CLUSTER_SHARDS) is None:
+        return None
+    raw = json.loads(store.read_committed(layout.CLUSTER_SHARDS, INDEX))
+    return ShardIndex(raw["data_uri"], raw["class_field"], raw["labeled"], raw["num_classes"],
+                      [[ShardInfo(**s) for s in c["shards"]] for c in raw["clusters"]])
+
+
+def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig) -> ClusterShards | None:
+    """Cluster ``cluster``'s shards read as ``cfg`` says, or None (with the reason on stderr) when the run has no
+    shards of this data: the caller then reads ``cfg.uri`` whole, as before shards existed."""
+    index = load_shard_index(store)
+    if index is None:
+        reason = f"no per-cluster shards are committed at {store.url(layout.CLUSTER_SHARDS)}"
+    elif index.data_uri != cfg.uri:
+        reason = f"the cluster shards hold {index.data_uri}, not data.uri {cfg.uri}"
+    elif cfg.class_field is not None and index.class_field != cfg.class_field:
+        reason = f"the cluster shards were written with class_field {index.class_field}, not {cfg.class_field}"
+    else:
+        if not 0 <= cluster < len(index.clusters):
+            raise DataError(f"cluster {cluster} is outside 0..{len(index.clusters) - 1}")
+        labeled = cfg.class_field is not None and index.labeled  # unlabeled data streams labels=None, as a Source
+        return ClusterShards(store, index.clusters[cluster], cfg, cfg.class_field if labeled else None,
+                             index.num_classes if labeled else None)
+    print(f"data: {reason}; reading {cfg.uri} whole", file=sys.stderr)
+    return None
+
+
+@dataclass
+class _EncodedBatch:
+    """One batch before decoding: what the decode workers get and what the consumer hands out beside the images."""
+
+    images: list[bytes]
+    wheres: list[str]  # names the shard and key in a corrupt-image error
+    labels: np.ndarray | None  # (B,) int64
+    keys: list[str]
+
+
+Samples = list[tuple[str, dict[str, bytes]]]  # one shard's (key, extension -> bytes), in shard order
+
+
+class ClusterShards:
+    """One cluster's committed shards: the keys, labels and images an expert trains on, read shard by shard."""
+
+    def __init__(self, store: Store, shards: list[ShardInfo], cfg: DataConfig, label_field: str | None,
+                 num_classes: int | None):
+        if not shards:
+            raise DataError(f"the cluster has no shards under {store.url(layout.CLUSTER_SHARDS)}")
+        self.store, self.shards, self.cfg = store, shards, cfg
+        self.label_field, self.num_classes = label_field, num_classes
+
+    def __len__(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 0,
+               workers: int | None = None, pin_memory: bool = False) -> ShardStream:
+        """``workers``: decode processes (0: in the stream's thread, None: ``default_workers()``); ``pin_memory``:
+        page-locked images, for a CUDA consumer's non-blocking copies."""
+        return ShardStream(self, batch_size, seed, rank, world_size, prefetch,
+                           default_workers() if workers is None else workers, pin_memory)
+
+    def load(self, keys: Sequence[str]) -> ImageBatch:
+        """These samples, read from the shards in order until all are found: for a few keys near the start of the
+        cluster (the sample grid's labels), not for training."""
+        wanted, found = set(keys), {}
+        for s in range(len(self.shards)):
+            found.update({key: (s, parts) for key, parts in self.fetch(s) if key in wanted})
+            if len(found) == len(wanted):
+                break
+        missing = wanted - found.keys()
+        if missing:
+            raise DataError(f"{len(missing)} keys are not in this cluster's shards, e.g. {sorted(missing)[0]!r}")
+        encoded = self.encoded_batch([(found[k][0], k, found[k][1]) for k in keys])
+        images = torch.from_numpy(decode_batch(encoded.images, encoded.wheres, self.cfg.image_size,
+                                               self.cfg.channels))
+        labels = None if encoded.labels is None else torch.from_numpy(encoded.labels)
+        return ImageBatch(images=images, labels=labels, keys=encoded.keys)
+
+    def fetch(self, s: int) -> Samples:
+        """Shard ``s`` read, checked against its index entry and split into samples."""
+        info = self.shards[s]
+        url = self.store.url(info.key)
+        try:
+            data = self.store.get_bytes(info.key)
+        except MissingArtifactError:
+            raise DataError(f"cluster shard {url} does not exist") from None
+        if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+            raise DataError(f"cluster shard {url} does not match its index (size or sha256); delete "
+                            f"{self.store.url(layout.CLUSTER_SHARDS)} and re-run the cluster stage to rewrite them")
+        samples: Samples = []
+        for name, payload in tar_members(data, url):
+            key, _, ext = name.rpartition(".")  # written as <key>.<ext>: keys may hold dots
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = payload
+        if len(samples) != info.samples:
+            raise DataError(f"cluster shard {url} holds {len(samples)} samples, its index says {info.samples}")
+        return samples
+
+    def encoded_batch(self, entries: list[tuple[int, str, dict[str, bytes]]]) -> _EncodedBatch:
+        """(shard, key, parts) of each sample -> the batch's encoded images, labels and keys."""
+        images, wheres, labels = [], [], []
+        for s, key, parts in entries:
+            where = f"in shard {self.store.url(self.shards[s].key)} key {key}"
+            image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+            if image is None:
+                raise DataError(f"no .jpg/.jpeg/.png image {where}")
+            images.append(image)
+            wheres.append(where)
+            if self.label_field is not None:
+                raw = parts.get(self.label_field, b"")
+                try:
+                    labels.append(int(raw.decode().strip()))
+                except ValueError:
+                    raise DataError(f".{self.label_field} is not an integer {where}: {raw[:20]!r}") from None
+        label_ids = np.asarray(labels, dtype=np.int64) if self.label_field is not None else None
+        return _EncodedBatch(images, wheres, label_ids, [key for _, key, _ in entries])
+
+
+def default_workers() -> int:
+    """min(4, CPU cores / ranks on this host): enough to feed the fastest expert, cores left for the others."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+# -- streaming -----------------------------------------------------------------------------------------------------
+@dataclass
+class _EpochPlan:
+    order: np.ndarray  # (P,) sample ids (offset of the shard + index within it), this rank's, in batch order
+    window_of: np.ndarray  # (P,) the window of each sample's shard
+    windows: list[np.ndarray]  # shard ids of each window, in reading order
+
+
+class _ShardCache:
+    """The shards a stream needs now or next, fetched in background threads: a window's shards arrive together,
+    and the next window's while this one is being decoded."""
+
+    FETCH_THREADS = 4
+
+    def __init__(self, fetch: Callable[[int], Samples]):
+        self._fetch = fetch
+        self._pool: ThreadPoolExecutor | None = None
+        self._shards: dict[int, Future[Samples]] = {}
+
+    def read_ahead(self, shard_ids: Sequence[int]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.FETCH_THREADS, thread_name_prefix="ddm-shard-fetch")
+        for s in shard_ids:
+            if s not in self._shards:
+                self._shards[s] = self._pool.submit(self._fetch, s)
+
+    def get(self, s: int) -> Samples:
+        self.read_ahead([s])
+        return self._shards[s].result()
+
+    def retain(self, keep: set[int]) -> None:
+        for s in [s for s in self._shards if s not in keep]:
+            self._shards.pop(s).cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._shards.clear()
+
+
+class ShardStream:
+    """Infinite, shuffled, rank-disjoint, exactly resumable batches of one cluster's shards (see the module doc).
+
+    The protocol of ``data.Stream``: iterate for ``ImageBatch``es; ``state_dict()`` / ``load_state_dict()``;
+    ``close()`` stops the reader thread and the decode workers (the position stays; iterating starts them again).
+    """
+
+    def __init__(self, shards: ClusterShards, batch_size: int, seed: int, rank: int, world_size: int,
+                 prefetch: int, workers: int, pin_memory: bool):
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if prefetch < 0 or workers < 0:
+            raise DataError(f"prefetch and workers must be >= 0, got {prefetch} and {workers}")
+        counts = np.asarray([s.samples for s in shards.shards], dtype=np.int64)
+        self.owns_shards = len(counts) % world_size == 0
+        if self.owns_shards:
+            self._candidates = np.arange(rank, len(counts), world_size)
+            per_rank = min(int(counts[r::world_size].sum()) for r in range(world_size))
+        else:
+            self._candidates = np.arange(len(counts))
+            per_rank = int(counts.sum()) // world_size
+        if per_rank < batch_size:
+            raise DataError(f"{int(counts.sum())} samples over {world_size} ranks cannot fill a batch of "
+                            f"{batch_size} from {shards.store.url(layout.CLUSTER_SHARDS)}")
+        self.shards, self.per_rank = shards, per_rank
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.prefetch, self.workers, self.pin_memory = prefetch, workers, pin_memory
+        self.window = max(1, _cache_budget() // (3 * max(s.bytes for s in shards.shards)))
+        self.epoch, self.pos = 0, 0
+        self._offsets = np.concatenate([[0], np.cumsum(counts)])  # (S + 1,) first sample id of each shard
+        self._plans: dict[int, _EpochPlan] = {}
+        self._cache = _ShardCache(shards.fetch)
+        self._executor: ProcessPoolExecutor | None = None
+        self._queue: queue.Queue[Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.batch_size
+
+    # -- planning (from the position alone) ----------------------------------------------------------------------
+    def _plan(self, epoch: int) -> _EpochPlan:
+        plan = self._plans.get(epoch)
+        if plan is None:
+            rng = np.random.default_rng([self.seed, epoch])
+            shard_order = self._candidates[rng.permutation(len(self._candidates))]
+            windows = [shard_order[i : i + self.window] for i in range(0, len(shard_order), self.window)]
+            ids, window_of = [], []
+            for w, members in enumerate(windows):
+                samples = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in members])
+                ids.append(samples[rng.permutation(len(samples))])
+                window_of.append(np.full(len(samples), w))
+            order, where = np.concatenate(ids), np.concatenate(window_of)
+            if self.owns_shards:
+                keep = slice(0, self.per_rank)
+            else:
+                keep = slice(self.rank, self.per_rank * self.world_size, self.world_size)
+            plan = _EpochPlan(order[keep], where[keep], windows)
+            self._plans[epoch] = plan
+            while len(self._plans) > 2:  # this epoch and the next (read ahead across the boundary)
+                del self._plans[min(self._plans)]
+        return plan
+
+    def _next_batch(self, epoch: int, pos: int) -> tuple[_EncodedBatch, int, int]:
+        """The batch after position (epoch, pos), gathered from the shard cache, and the position after it."""
+        if self.per_rank - pos < self.batch_size:
+            epoch, pos = epoch + 1, 0
+        plan = self._plan(epoch)
+        ids = plan.order[pos : pos + self.batch_size]
+        spanned = np.unique(plan.window_of[pos : pos + self.batch_size])
+        after = int(spanned[-1]) + 1
+        upcoming = plan.windows[after] if after < len(plan.windows) else self._plan(epoch + 1).windows[0]
+        current = [int(s) for w in spanned for s in plan.windows[w]]
+        self._cache.retain(set(current) | {int(s) for s in upcoming})
+        self._cache.read_ahead(current + [int(s) for s in upcoming])
+        shard_of = np.searchsorted(self._offsets, ids, side="right") - 1
+        entries = []
+        for sample, s in zip(ids.tolist(), shard_of.tolist()):
+            key, parts = self._cache.get(s)[sample - int(self._offsets[s])]
+            entries.append((s, key, parts))
+        return self.shards.encoded_batch(entries), epoch, pos + len(ids)
+
+    # -- handing out ---------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[ImageBatch]:
+        return self
+
+    def __next__(self) -> ImageBatch:
+        if not self.prefetch and not self.workers:
+            encoded, self.epoch, self.pos = self._next_batch(self.epoch, self.pos)
+            return self._hand_out(self._decode_here(encoded), encoded)
+        if self._thread is None:
+            self._start()
+        assert self._queue is not None
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        pending, encoded, epoch, pos = item
+        try:
+            images = pending.result() if isinstance(pending, Future) else pending
+        except BaseException:
+            self.close()  # a corrupt image (DataError, naming shard and key) or a dead worker
+            raise
+        self.epoch, self.pos = epoch, pos
+        return self._hand_out(images, encoded)
+
+    def _decode_here(self, encoded: _EncodedBatch) -> np.ndarray:
+        return decode_batch(encoded.images, encoded.wheres, self.shards.cfg.image_size, self.shards.cfg.channels)
+
+    def _hand_out(self, images: np.ndarray, encoded: _EncodedBatch) -> ImageBatch:
+        tensor = torch.from_numpy(images)  # (B, C, H, W) float32 in [-1, 1]
+        if self.pin_memory:
+            tensor = tensor.pin_memory()
+        labels = None if encoded.labels is None else torch.from_numpy(encoded.labels)
+        return ImageBatch(images=tensor, labels=labels, keys=encoded.keys)
+
+    def _start(self) -> None:
+        if self.workers and self._executor is None:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            # not fork: the training process has CUDA and threads, which a forked child must not inherit
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=ignore_stop_signals)
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.workers + self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(self._queue, self.epoch, self.pos),
+                                        name="ddm-shard-stream", daemon=True)
+        self._thread.start()
+
+    def _produce(self, out: queue.Queue[Any], epoch: int, pos: int) -> None:
+        """The reader thread: plans batches from (epoch, pos) on, hands each to a decode worker (or decodes it) and
+        queues it with the position after it; an error is queued for the consumer to raise."""
+        cfg = self.shards.cfg
+        try:
+            while not self._stop.is_set():
+                encoded, epoch, pos = self._next_batch(epoch, pos)
+                pending: Any
+                if self._executor is not None:
+                    pending = self._executor.submit(decode_batch, encoded.images, encoded.wheres, cfg.image_size,
+                                                    cfg.channels)
+                else:
+                    pending = self._decode_here(encoded)
+                self._put(out, (pending, encoded, epoch, pos))
+        except BaseException as exc:
+            self._put(out, exc)
+
+    def _put(self, out: queue.Queue[Any], item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        if isinstance(item, tuple) and isinstance(item[0], Future):
+            item[0].cancel()
+
+    def _stop_reading(self) -> None:
+        """Stop the reader thread and drop what was decoded ahead (it belongs to the old position)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            assert self._queue is not None
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if isinstance(item, tuple) and isinstance(item[0], Future):
+                    item[0].cancel()
+            self._thread, self._queue = None, None
+
+    def close(self) -> None:
+        """Stop the reader thread, the decode workers and the shard fetches; the position stays."""
+        self._stop_reading()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._cache.close()
+
+    # -- position ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"reader": READER, "epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": len(self.shards),
+                "window": self.window}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position, with its window size, so the order is the one it was saved in."""
+        if state.get("reader") != READER:
+            raise DataError("the checkpoint's data position is one of the whole-dataset reader (saved before this "
+                            "run had cluster shards); this run reads cluster shards in another order")
+        for field in ("seed", "world_size", "num_samples"):
+            mine = len(self.shards) if field == "num_samples" else getattr(self, field)
+            if state.get(field) != mine:
+                raise DataError(f"data stream state has {field}={state.get(field)}, this stream has {mine}")
+        self._stop_reading()
+        self.window, self._plans = int(state["window"]), {}
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
