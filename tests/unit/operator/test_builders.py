@@ -118,3 +118,12 @@ def test_secret_data_round_trip() -> None:
         kubeconfig_from_secret_data({"other": encoded}, "Secret ns/b")
     with pytest.raises(ConfigError, match="not a base64 YAML"):
         kubeconfig_from_secret_data({"kubeconfig": "%%%"}, "Secret ns/b")
+
+
+def test_grace_period_reaches_every_replicas_pod() -> None:
+    """SIGTERM -> checkpoint commit -> exit must fit in the pod's grace period, on the workers' pods too."""
+    job = b.build_pytorchjob(request(termination_grace_period_seconds=180, nodes=2))
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["terminationGracePeriodSeconds"] == 180
+    default = b.build_pytorchjob(request())["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "terminationGracePeriodSeconds" not in default  # Kubernetes' own default (30 s) when none is given

@@ -151,3 +151,51 @@ def test_every_allowed_spec_value_gives_configs_the_trainer_accepts(changes: dic
     obj = _spec(**changes)
     for key in all_keys(obj.spec):
         _config_class(key.stage).model_validate(stage_config(obj.spec, key, "s3://bucket/run"))
+
+
+def test_preset_sizes_match_the_trainers_models() -> None:
+    """The operator is torch-free, so it keeps its own width/depth table; it must be the trainer's."""
+    from ddm_operator.stages import PRESET_SIZES, preset_params
+    from ddm_trainer.models.dit import DIT_PRESETS as TRAINER_PRESETS
+
+    for preset in DIT_PRESETS:
+        size = TRAINER_PRESETS[preset]
+        family = preset.split("-", 1)[1].split("/", 1)[0]
+        assert PRESET_SIZES[family] == (size.hidden, size.depth), preset
+    assert 650e6 < preset_params("DiT-XL/2") < 700e6  # the paper's 675M (embeddings left out)
+
+
+def test_grace_period_covers_the_checkpoint_and_the_spec_overrides_it() -> None:
+    from ddm_operator.stages import grace_period_seconds
+
+    xl = _spec(experts__modelPreset="DiT-XL/2").spec
+    small = _spec(experts__modelPreset="DiT-S/2").spec
+    # XL/2's checkpoint (fp32 weights, EMA, two AdamW moments) is ~10.8 GB: two minutes at 100 MB/s, plus start-up
+    assert grace_period_seconds(xl, expert_key(0)) == 180
+    assert grace_period_seconds(small, expert_key(0)) == 90
+    assert grace_period_seconds(xl, expert_key(0)) % 30 == 0
+    set_by_user = _spec(experts__terminationGracePeriodSeconds=900).spec
+    assert grace_period_seconds(set_by_user, expert_key(1)) == 900
+    assert grace_period_seconds(set_by_user, ROUTER) != 900  # the experts' field is the experts' only
+    assert grace_period_seconds(xl, EVALUATE) >= 30
+
+
+def test_compile_reaches_every_training_stage_and_evaluation() -> None:
+    on = _spec(distillation__enabled=True).spec
+    off = _spec(experts__compile=False, router__compile=False, evaluation__compile=False,
+                distillation__enabled=True, distillation__compile=False).spec
+    for key in (expert_key(0), ROUTER, DISTILL):
+        assert stage_config(on, key, "/r")["train"]["compile"] is None  # None: the trainer compiles on CUDA only
+        assert stage_config(off, key, "/r")["train"]["compile"] is False
+    assert stage_config(on, EVALUATE, "/r")["compile"] is None
+    assert stage_config(off, EVALUATE, "/r")["compile"] is False
+
+
+def test_evaluation_samples_on_every_gpu_of_its_pod() -> None:
+    from ddm_operator.stages import world_size
+
+    spec = _spec(evaluation__gpusPerNode=4, evaluation__batchSize=512, experts__precision="bf16").spec
+    assert world_size(spec, EVALUATE) == (1, 4)
+    cfg = stage_config(spec, EVALUATE, "/r")
+    assert cfg["batch_size"] == 512 and cfg["device"] != "cpu" and cfg["precision"] == "bf16"  # the experts' precision
+    assert "torchrun" in " ".join(stage_command(spec, EVALUATE, "/c.json"))
