@@ -91,6 +91,14 @@ def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: in
                       "ckpt_every": ckpt_every, "log_every": args.log_every, "ema_decay": 0.9999}}
 
 
+def fresh_run(run_uri: str, name: str) -> str:
+    """A run store of its own for one measurement, holding the clustering (and its shards) of ``run_uri``."""
+    target = f"{run_uri}-{name}"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(Path(run_uri) / "clustering", Path(target) / "clustering")
+    return target
+
+
 def windows(events: list[dict[str, Any]]) -> list[float]:
     """images/s of each progress window after the first (the first after compile still warms caches up)."""
     rates = [e["images_per_s"] for e in events if e.get("event") == "progress" and "images_per_s" in e]
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def rec(metric: str, value: float, unit: str, reference: float | None = None, ratio: float | None = None,
             **extra: Any) -> None:
-        entry = record(BENCHMARK, metric, round(value, 4), unit, reference, ratio, command, machine,
+        entry = record(BENCHMARK, metric, round(value, 6), unit, reference, ratio, command, machine,
                        args.results_dir)
         if extra:  # details beside the record (setup, targets), same file
             path = Path(args.results_dir) / f"{BENCHMARK}.json"
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = bench_preset(preset, model_args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        _, events, wall = run_stage("expert", expert_config(args, run_uri + f"-{preset.replace('/', '')}", preset, n,
+        _, events, wall = run_stage("expert", expert_config(args, fresh_run(run_uri, preset.replace('/', '')), preset, n,
                                                             10**9, args.batch), work, f"expert-{preset.replace('/', '')}")
         rates = windows(events)
         stage_ips = statistics.median(rates)
@@ -174,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint_preset:
         preset = args.checkpoint_preset
         n = steps[presets.index(preset)] if preset in presets else 160
-        uri = run_uri + "-ckpt"
+        uri = fresh_run(run_uri, "ckpt")
         cfg = expert_config(args, uri, preset, n, args.ckpt_every, args.batch)
-        stop = n - args.ckpt_every // 2  # after the periodic checkpoints, before the end
+        # SIGTERM on a progress line after the last periodic checkpoint, a window before the end
+        stop = (n - args.ckpt_every // 2) // args.log_every * args.log_every
         _, events, _ = run_stage("expert", cfg, work, "ckpt-run", stop_at_step=stop)
         ckpts = [e for e in events if e.get("event") == "checkpoint"]
         periodic, on_sigterm = ckpts[:-1], ckpts[-1]  # the last one is the blocking save on SIGTERM
@@ -194,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             None, step_s=round(step_s, 5), reference_is="target")
         rec(f"{preset}/checkpoint_on_sigterm_s", on_sigterm["stall_s"] + on_sigterm["write_s"], "s", None, None)
         _, events, _ = run_stage("expert", cfg, work, "resume-run")
-        resumed = next(e for e in events if e.get("event") == "resumed")
+        resumed = next((e for e in events if e.get("event") == "resumed"), None)
+        if resumed is None:
+            raise SystemExit(f"the SIGTERM at step {stop} came too late to stop the run; use more --steps")
         rec(f"{preset}/resume_s", resumed["seconds"], "s", None, None, from_step=resumed["step"])
         print(f"{preset} checkpoint: {size / 2**20:.0f} MiB, stall {stall:.3f} s (write {write:.2f} s in the "
               f"background) = {fraction:.2%} of 1000 steps; on SIGTERM {on_sigterm['stall_s'] + on_sigterm['write_s']:.2f} s;"

@@ -1,0 +1,120 @@
+"""The evaluate stage as users run it, against the ideal from the models' measured forward throughput.
+
+Takes a finished run (experts and router committed; e.g. the one ``examples/cifar10-h200.yaml`` makes), copies it
+without its evaluation, and runs ``ddm-train evaluate --config`` on it: FID-N (default 10,000) of each strategy,
+bf16, GPU-sized batches, compiled experts and router, samples streamed into Inception. Then, in this process, the
+forward throughput of one expert and of the router (compiled, bf16, the stage's batch size) is timed, and each
+strategy's ideal time is N * (NFE * t_expert + steps * t_router): pure network time, no ODE arithmetic, routing,
+Inception or start-up. ratio = ideal / measured (target >= 0.70). Images/s per strategy beside NFE and GFLOPs.
+
+    python bench/eval_throughput.py --run /tmp/cifar10-run --data 'datasets/cifar10/cifar10-train-*.tar.gz'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "trainer"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from common import RESULTS, machine_name, record  # noqa: E402
+
+BENCHMARK = "eval_throughput"
+TARGET = 0.70
+
+
+def forward_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int, num_classes: int | None,
+                    device: torch.device, reps: int = 20) -> float:
+    """Seconds per image of one bf16 forward at ``batch`` (compiled blocks warm)."""
+    x = torch.randn(batch, *shape, device=device)
+    t = torch.rand(batch, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device) if num_classes else None
+    args = (x, t, y) if y is not None else (x, t)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        for _ in range(3):
+            model(*args)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            model(*args)
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / (reps * batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a finished run directory")
+    parser.add_argument("--data", required=True, help="the run's dataset.uri (reference images)")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--strategies", default="full,top1,top-2,nucleus-0.9")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    from ddm_trainer.stages.sample import sampler_for
+    from ddm_trainer.store import open_store
+
+    device = torch.device("cuda")
+    work = Path(tempfile.mkdtemp(prefix="ddm-eval-bench-"))
+    run = work / "run"
+    shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("evaluation", "logs", "distill*", "report"))
+    cfg = {"run_uri": str(run), "data": {"uri": args.data, "image_size": 32, "channels": 3, "class_field": "cls"},
+           "strategies": args.strategies.split(","), "n_samples": args.n, "reference_n": args.n,
+           "steps": args.steps, "batch_size": args.batch, "precision": "bf16", "device": "cuda"}
+    cfg_file = work / "evaluate.json"
+    cfg_file.write_text(json.dumps(cfg))
+    exe = shutil.which("ddm-train")
+    start = time.perf_counter()
+    subprocess.run([*([exe] if exe else [sys.executable, "-m", "ddm_trainer.cli"]), "evaluate", "--config",
+                    str(cfg_file)], check=True)
+    wall = time.perf_counter() - start
+    results = json.loads((run / "evaluation" / "results.json").read_text())
+
+    store = open_store(str(run))
+    sampler, spec = sampler_for(store, "full", args.steps, "euler", device, precision="bf16", compile=True)
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    t_expert = forward_seconds(sampler.expert(0), shape, args.batch, spec.num_classes, device)
+    t_router = forward_seconds(sampler.router(), shape, args.batch, None, device)
+    machine, command = machine_name(), "python bench/eval_throughput.py " + " ".join(argv or sys.argv[1:])
+    rec = lambda metric, value, unit, reference=None, **extra: _record(args.results_dir, metric, value, unit,  # noqa: E731
+                                                                       reference, command, machine, extra)
+    rec("expert_forward_images_per_s", 1 / t_expert, "images/s", None, preset=spec.preset, batch=args.batch)
+    rec("router_forward_images_per_s", 1 / t_router, "images/s", None, batch=args.batch)
+    rec("evaluate_stage_wall_s", wall, "s", None, n=args.n, strategies=args.strategies)
+    print(f"\nexpert forward {1 / t_expert:.0f} images/s, router {1 / t_router:.0f} images/s (bf16, batch "
+          f"{args.batch}); evaluate stage {wall:.0f} s for {len(results['table'])} strategies at N={args.n}")
+    print(f"{'strategy':<12} {'FID':>7} {'NFE':>5} {'GFLOPs':>7} {'images/s':>9} {'s':>6} {'ideal s':>8} {'ratio':>6}")
+    for row in results["table"]:
+        ideal = args.n * (row["nfe"] * t_expert + args.steps * t_router)
+        ratio = ideal / row["seconds"]
+        ips = row["n"] / row["seconds"]
+        rec(f"{row['strategy']}/images_per_s", ips, "images/s", None, nfe=row["nfe"],
+            gflops_per_sample=row["gflops_per_sample"], n=row["n"])
+        rec(f"{row['strategy']}/time_vs_ideal", ideal / row["seconds"], "ideal s / measured s", TARGET,
+            measured_s=round(row["seconds"], 2), ideal_s=round(ideal, 2), reference_is="target")
+        rec(f"{row['strategy']}/fid{args.n // 1000}k", row["fid"], "FID", None, n=row["n"], steps=args.steps)
+        print(f"{row['strategy']:<12} {row['fid']:>7.2f} {row['nfe']:>5.1f} {row['gflops_per_sample']:>7.1f} "
+              f"{ips:>9.0f} {row['seconds']:>6.1f} {ideal:>8.1f} {ratio:>6.1%}")
+    return 0
+
+
+def _record(results_dir: str, metric: str, value: float, unit: str, reference: float | None, command: str,
+            machine: str, extra: dict) -> None:
+    record(BENCHMARK, metric, round(float(value), 4), unit, reference, None, command, machine, results_dir)
+    if extra:
+        path = Path(results_dir) / f"{BENCHMARK}.json"
+        rows = json.loads(path.read_text())
+        rows[-1].update(extra)
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# How the H200 figures in BENCHMARKS.md were taken: each step is one command on the GPU machine (repo root, the
+# CIFAR-10 train shards in datasets/cifar10, wheels of what the machine lacks in .whl/, results under $OUT).
+#   bench/h200.sh setup       # wheels -> /tmp/site, `ddm` and `ddm-train` on PATH, shards -> /tmp/datasets
+#   bench/h200.sh stage       # GPU resume tests, bench/stage_throughput.py, bench/data_throughput.py
+#   bench/h200.sh pipeline    # examples/cifar10-h200.yaml: ddm run, SIGTERM while the experts train, ddm run again
+#   bench/h200.sh eval        # bench/eval_throughput.py on the pipeline's experts (FID-10k of 4 strategies)
+# The Inception weights (95.7 MB, over one call's transfer limit) travel in parts: .device/inc{0,1,2}/part are
+# appended to /tmp/inception.pth by whichever call carries them (`bench/h200.sh inception`).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/trainer:$PWD/operator PATH=/tmp/bin:$PATH
+export DDM_INCEPTION_WEIGHTS=/tmp/inception.pth
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+
+inception() {
+  for p in .device/inc0 .device/inc1 .device/inc2; do
+    if [ -f $p/part ] && [ ! -f /tmp/$(basename $p).done ]; then cat $p/part >> /tmp/inception.pth && touch /tmp/$(basename $p).done; fi
+  done
+  ls -l /tmp/inception.pth
+}
+
+case "${1:-}" in
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    mkdir -p /tmp/bin
+    printf '#!/bin/sh\nexec python3 -m ddm_trainer.cli "$@"\n' > /tmp/bin/ddm-train
+    printf '#!/bin/sh\nexec python3 -m ddm_operator.cli "$@"\n' > /tmp/bin/ddm
+    chmod +x /tmp/bin/*
+    rm -rf /tmp/datasets && mkdir -p /tmp/datasets && cp -r datasets/cifar10 /tmp/datasets/
+    inception
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    ;;
+  inception) inception ;;
+  stage)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/trainer/test_resume_devices.py 2>&1 | tail -5 | tee "$OUT/resume_tests.txt"
+    timeout 380 python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
+      --steps 300,200,80 --model-steps 15 --ckpt-every 20 --work /tmp/stage-bench 2>&1 | tee "$OUT/stage_throughput.txt"
+    timeout 75 python3 bench/data_throughput.py --data /tmp/datasets/cifar10 --workers 0,4,8 --epochs 2 2>&1 \
+      | tee "$OUT/data_throughput.txt"
+    cp bench/results/stage_throughput.json bench/results/data_throughput.json "$OUT/" 2>/dev/null
+    ;;
+  pipeline)
+    inception
+    rm -rf /tmp/cifar10-run; [ -e datasets ] || ln -s /tmp/datasets datasets
+    start=$(date +%s)
+    # the first invocation is stopped by SIGTERM while the experts train, as a preemption would
+    timeout -s TERM "${STOP_AFTER:-150}" ddm run examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/pipeline-1.txt"
+    echo "first invocation exited $? after $(( $(date +%s) - start )) s"
+    ddm run examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/pipeline-2.txt"
+    echo "second invocation exited $?; both took $(( $(date +%s) - start )) s" | tee -a "$OUT/pipeline-2.txt"
+    grep -h '"event": "resumed"' /tmp/cifar10-run/logs/expert-*.log | tee "$OUT/resumed.txt"
+    cp /tmp/cifar10-run/evaluation/results.md "$OUT/" 2>/dev/null
+    ddm status examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/status.txt"
+    ;;
+  eval)
+    inception
+    timeout 560 python3 bench/eval_throughput.py --run /tmp/cifar10-run --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" 2>&1 \
+      | tee "$OUT/eval_throughput.txt"
+    cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
+    ;;
+  *) echo "usage: bench/h200.sh setup|inception|stage|pipeline|eval" >&2; exit 2 ;;
+esac
