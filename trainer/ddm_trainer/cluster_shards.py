@@ -40,7 +40,7 @@ import torch
 from . import layout
 from .clustering import Assignments
 from .configs.common import DataConfig
-from .data import IMAGE_EXTS, ImageBatch, Source, _cache_budget, tar_members
+from .data import IMAGE_EXTS, ImageBatch, Source, _cache_budget, put_until_stopped, tar_members
 from .decode import decode_batch, ignore_stop_signals
 from .errors import DataError, MissingArtifactError
 from .progress import Reporter
@@ -454,13 +454,7 @@ class ShardStream:
             self._put(out, exc)
 
     def _put(self, out: queue.Queue[Any], item: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        if isinstance(item, tuple) and isinstance(item[0], Future):
+        if not put_until_stopped(out, item, self._stop) and isinstance(item, tuple) and isinstance(item[0], Future):
             item[0].cancel()
 
     def _stop_reading(self) -> None:

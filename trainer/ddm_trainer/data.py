@@ -460,6 +460,17 @@ class ShardSource(Source):
         return self._ext_of[i], self._shard(self._shard_of[i])[self._keys[i]][self._ext_of[i]]
 
 
+def put_until_stopped(out: "queue.Queue[Any]", item: Any, stop: threading.Event) -> bool:
+    """Queue ``item`` for the consumer unless ``stop`` is set first; False when it was not queued."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def open_source(cfg: DataConfig, store: Store | None = None) -> Source:
     """Open ``cfg.uri`` (see module doc). Raises DataError for missing/empty/corrupt data."""
     files, fragment = _list_files(cfg.uri, store)
@@ -576,12 +587,7 @@ class Stream:
             self._put(out, exc)
 
     def _put(self, out: queue.Queue[Any], item: Any) -> None:
-        while not self._stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        put_until_stopped(out, item, self._stop)
 
     def close(self) -> None:
         """Stop the prefetch thread (batches decoded ahead are dropped; the position stays)."""
