@@ -41,12 +41,17 @@ def forward_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int, 
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         for _ in range(3):
             model(*args)
-        torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(reps):
             model(*args)
-        torch.cuda.synchronize(device)
+        sync(device)
     return (time.perf_counter() - start) / (reps * batch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,18 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strategies", default="full,top1,top-2,nucleus-0.9")
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu only checks that the benchmark runs (no compile, figures meaningless)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     from ddm_trainer.stages.sample import sampler_for
     from ddm_trainer.store import open_store
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="ddm-eval-bench-"))
     run = work / "run"
     shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("evaluation", "logs", "distill*", "report"))
     cfg = {"run_uri": str(run), "data": {"uri": args.data, "image_size": 32, "channels": 3, "class_field": "cls"},
            "strategies": args.strategies.split(","), "n_samples": args.n, "reference_n": args.n,
-           "steps": args.steps, "batch_size": args.batch, "precision": "bf16", "device": "cuda"}
+           "steps": args.steps, "batch_size": args.batch, "precision": "bf16", "device": args.device}
     cfg_file = work / "evaluate.json"
     cfg_file.write_text(json.dumps(cfg))
     exe = shutil.which("ddm-train")
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((run / "evaluation" / "results.json").read_text())
 
     store = open_store(str(run))
-    sampler, spec = sampler_for(store, "full", args.steps, "euler", device, precision="bf16", compile=True)
+    sampler, spec = sampler_for(store, "full", args.steps, "euler", device, precision="bf16",
+                                 compile=device.type == "cuda")
     shape = (spec.channels, spec.image_size, spec.image_size)
     t_expert = forward_seconds(sampler.expert(0), shape, args.batch, spec.num_classes, device)
     t_router = forward_seconds(sampler.router(), shape, args.batch, None, device)

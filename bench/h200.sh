@@ -3,6 +3,7 @@
 # CIFAR-10 train shards in datasets/cifar10, wheels of what the machine lacks in .whl/, results under $OUT).
 #   bench/h200.sh setup       # wheels -> /tmp/site, `ddm` and `ddm-train` on PATH, shards -> /tmp/datasets
 #   bench/h200.sh stage       # GPU resume tests, bench/stage_throughput.py, bench/data_throughput.py
+#   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
 #   bench/h200.sh pipeline    # examples/cifar10-h200.yaml: ddm run, SIGTERM while the experts train, ddm run again
 #   bench/h200.sh eval        # bench/eval_throughput.py on the pipeline's experts (FID-10k of 4 strategies)
 # The Inception weights (95.7 MB, over one call's transfer limit) travel in parts: .device/inc{0,1,2}/part are
@@ -40,12 +41,23 @@ case "${1:-}" in
       | tee "$OUT/data_throughput.txt"
     cp bench/results/stage_throughput.json bench/results/data_throughput.json "$OUT/" 2>/dev/null
     ;;
+  recheck)  # after a change to the training loop or the data path: DiT-S/2 again, DiT-XL/2's checkpoints, the data path
+    D="/tmp/datasets/cifar10/cifar10-train-*.tar.gz"
+    timeout 150 python3 bench/stage_throughput.py --data "$D" --presets DiT-S/2 --steps 300 --model-steps 15 \
+      --checkpoint-preset '' --work /tmp/stage-bench-s 2>&1 | tee "$OUT/stage_throughput_s2.txt"
+    # 120 steps, periodic checkpoints at 50 and 100, SIGTERM at step 80, then the resume
+    timeout 300 python3 bench/stage_throughput.py --data "$D" --presets DiT-XL/2 --steps 120 --ckpt-every 50 \
+      --checkpoint-only --work /tmp/stage-bench-ckpt 2>&1 | tee "$OUT/stage_throughput_ckpt.txt"
+    timeout 90 python3 bench/data_throughput.py --data /tmp/datasets/cifar10 --workers 0,4,8 --epochs 3 2>&1 \
+      | tee "$OUT/data_throughput.txt"
+    cp bench/results/stage_throughput.json bench/results/data_throughput.json "$OUT/" 2>/dev/null
+    ;;
   pipeline)
     inception
     rm -rf /tmp/cifar10-run; [ -e datasets ] || ln -s /tmp/datasets datasets
     start=$(date +%s)
     # the first invocation is stopped by SIGTERM while the experts train, as a preemption would
-    timeout -s TERM "${STOP_AFTER:-150}" ddm run examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/pipeline-1.txt"
+    timeout -s TERM "${STOP_AFTER:-90}" ddm run examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/pipeline-1.txt"
     echo "first invocation exited $? after $(( $(date +%s) - start )) s"
     ddm run examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/pipeline-2.txt"
     echo "second invocation exited $?; both took $(( $(date +%s) - start )) s" | tee -a "$OUT/pipeline-2.txt"
@@ -59,5 +71,5 @@ case "${1:-}" in
       | tee "$OUT/eval_throughput.txt"
     cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|stage|pipeline|eval" >&2; exit 2 ;;
+  *) echo "usage: bench/h200.sh setup|inception|stage|recheck|pipeline|eval" >&2; exit 2 ;;
 esac

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-steps", type=int, default=30, help="timed model-only steps")
     parser.add_argument("--checkpoint-preset", default="DiT-XL/2", help="'' skips the checkpoint runs")
     parser.add_argument("--ckpt-every", type=int, default=40)
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="only the checkpoint runs of --checkpoint-preset (size, stall, SIGTERM save, resume)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default=None, help="run store and logs (default: a temporary directory)")
     parser.add_argument("--results-dir", default=str(RESULTS))
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                     precision="bf16", compile="regional" if device.type == "cuda" else "none",
                                     compile_mode=None)
     table = []
-    for preset, n in zip(presets, steps):
+    for preset, n in zip(presets, steps) if not args.checkpoint_only else ():
         ref = bench_preset(preset, model_args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -424,12 +424,19 @@ class ShardStream:
         labels = None if encoded.labels is None else torch.from_numpy(encoded.labels)
         return ImageBatch(images=tensor, labels=labels, keys=encoded.keys)
 
-    def _start(self) -> None:
+    def start_workers(self) -> None:
+        """Start the decode processes now (they take seconds to come up), so that they are ready when the first
+        batch is asked for: call it before building and compiling the model. A no-op without workers."""
         if self.workers and self._executor is None:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             # not fork: the training process has CUDA and threads, which a forked child must not inherit
             self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=ignore_stop_signals)
+            for _ in range(self.workers):  # the pool starts a process per task it cannot hand to an idle one
+                self._executor.submit(int)
+
+    def _start(self) -> None:
+        self.start_workers()
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.workers + self.prefetch)
         self._thread = threading.Thread(target=self._produce, args=(self._queue, self.epoch, self.pos),

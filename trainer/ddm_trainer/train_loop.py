@@ -50,6 +50,9 @@ class Stream(Protocol):
 
 def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
+            # a copy from pageable memory waits for the device's queue to drain: the host could not run ahead
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to(v, device) for k, v in batch.items()}

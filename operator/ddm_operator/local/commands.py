@@ -77,6 +77,11 @@ def _guard(fn: Any) -> Any:
 
 
 # -- run -----------------------------------------------------------------------------------------------------------
+def default_parallel(spec: Any) -> int:
+    """Children at once when ``--parallel`` is not given: the spec's expert parallelism plus the router, else 2."""
+    return spec.parallelism + 1 if spec.parallelism else 2
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec_path = Path(args.spec)
     obj = load_spec(spec_path)
@@ -84,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     uri = local_run_uri(obj.spec, Path.cwd())
     if args.run_dir and not uri.startswith("s3://"):
         uri = str(run_dir)  # --run-dir moves a local store with it
-    runner = LocalRunner(obj.spec, spec_path, run_dir, uri, args.parallel, obj.metadata.name)
+    parallel = args.parallel or default_parallel(obj.spec)
+    runner = LocalRunner(obj.spec, spec_path, run_dir, uri, parallel, obj.metadata.name)
     return runner.run()
 
 
@@ -176,7 +182,8 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("run", help="run the whole pipeline locally (resumes when re-run)")
     p.add_argument("spec", metavar="SPEC.yaml")
     p.add_argument("--run-dir", default=None, help="logs, configs and report (default: the spec's local storage dir)")
-    p.add_argument("--parallel", type=int, default=2, metavar="N", help="stages running at once (default 2)")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="stages running at once (default: spec.parallelism + 1 for the router, else 2)")
     p.set_defaults(func=_guard(cmd_run))
 
     p = subparsers.add_parser("status", help="the stage table of a local run")
