@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kubectl) from Go modules
-# into a per-version cache dir outside the tree, and downloads the Kubeflow CRDs from the Go module cache.
+# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the
+# Kubeflow training operator's PyTorchJob controller (tools/training-operator) and kwok from Go modules into a
+# per-version cache dir outside the tree, and finds the Kubeflow CRDs in the Go module cache.
 # Non-interactive and idempotent: a second run with the binaries present only prints the paths.
 #
-# Usage: scripts/testenv-build.sh [--helm] [--kwok] [--extras (both)] | --print-bin (the bin dir, builds nothing)
+# Usage: scripts/testenv-build.sh [--helm] [--kwok (always built now; kept for old callers)] [--extras] | --print-bin
 # Output (stdout, one KEY=VALUE per line, parsed by tests/fixtures/k8s.py):
 #   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>
 # Env: DDM_K8S_VERSION (v1.37.2), DDM_TESTENV_CACHE (~/.cache/ddm-testenv), DDM_TESTENV_BIN (overrides the bin dir).
@@ -17,7 +18,7 @@ KWOK_VERSION="v0.8.0"
 CACHE="${DDM_TESTENV_CACHE:-$HOME/.cache/ddm-testenv}"
 BIN="${DDM_TESTENV_BIN:-$CACHE/$K8S_VERSION/bin}"
 MODULE_DIR="$(cd "$(dirname "$0")/../tools/testenv" && pwd)"
-CORE_BINARIES=(etcd kube-apiserver kube-controller-manager kubectl)
+CORE_BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
 
 BUILD_HELM=0
 BUILD_KWOK=0
@@ -87,6 +88,12 @@ build_helm() {
   [ -x "$BIN/helm" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "$helm_ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
+build_training_operator() {
+  # upstream's controller from github.com/kubeflow/training-operator, run by a main without its webhook
+  [ -x "$BIN/training-operator" ] || (cd "$MODULE_DIR/../training-operator" && go mod download &&
+    nice go build -trimpath -ldflags "-s -w" -o "$BIN/training-operator" .)
+}
+
 build_kwok() {
   [ -x "$BIN/kwok" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 }
@@ -109,8 +116,9 @@ if [ "$missing" = 1 ]; then
   build_core
   log "built ${CORE_BINARIES[*]} in $(( $(date +%s) - started ))s"
 fi
+build_training_operator
+build_kwok  # nodes and pods of the simulated GPU fleet
 if [ "$BUILD_HELM" = 1 ]; then build_helm; fi
-if [ "$BUILD_KWOK" = 1 ]; then build_kwok; fi
 
 training_operator_dir="$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")"
 trainer_v2_dir="$(module_dir "github.com/kubeflow/trainer/v2@$TRAINER_V2_VERSION")"
@@ -119,3 +127,4 @@ pytorchjob_crd="$training_operator_dir/manifests/base/crds/kubeflow.org_pytorchj
 echo "DDM_TESTENV_BIN=$BIN"
 echo "PYTORCHJOB_CRD=$pytorchjob_crd"
 echo "TRAINER_V2_CRDS=$trainer_v2_dir/manifests/base/crds"
+echo "KWOK_STAGES=$(module_dir "sigs.k8s.io/kwok@$KWOK_VERSION")/kustomize/stage"

@@ -2,7 +2,8 @@
 
 ``stage_config(spec, key, run_uri)`` is the one mapping from the DecentralizedDiffusion spec (camelCase API) to a
 trainer stage config (``ddm_trainer.configs.*``, snake_case); ``stage_command(spec, key, config_path)`` is the
-one command line that runs it (``ddm-train``, or ``torchrun`` when a stage spans several GPUs or nodes).
+one command line that runs it (``ddm-train``, or ``ddm-launch``, torchrun with the workers' own exit code, when a stage
+spans several GPUs or nodes).
 Torch-free: only plain dicts and strings; the trainer's pydantic classes validate the dicts (see the unit tests).
 
 Why not TorchX AppDefs: TorchX's stable release (0.7.0) pins ``urllib3<1.27``, which kubernetes 37 cannot install
@@ -177,7 +178,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
 
 
 def stage_command(spec: DecentralizedDiffusionSpec, key: StageKey, config_path: str) -> list[str]:
-    """``ddm-train STAGE --config PATH``; with several processes, the same under ``torchrun``.
+    """``ddm-train STAGE --config PATH``; with several processes, the same under ``ddm-launch`` (torchrun's own
+    launcher, exiting with the failed workers' most telling code where torchrun exits 1: ddm_trainer/launch.py).
 
     Multi-node runs rendezvous (c10d) at the PyTorchJob master's ``$(MASTER_ADDR):$(MASTER_PORT)``, which
     Kubernetes expands from the container's environment when it starts the pod.
@@ -185,7 +187,7 @@ def stage_command(spec: DecentralizedDiffusionSpec, key: StageKey, config_path: 
     nodes, per_node = world_size(spec, key)
     if nodes == 1 and per_node == 1:
         return ["ddm-train", key.stage, "--config", config_path]
-    launcher = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={per_node}"]
+    launcher = ["ddm-launch", f"--nnodes={nodes}", f"--nproc-per-node={per_node}"]
     if nodes > 1:
         launcher += ["--rdzv-backend=c10d", "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)", f"--rdzv-id={key.id}"]
     else:

@@ -1,7 +1,9 @@
 """The operator against a real control plane: `kopf run` as a subprocess, as the chart's least-privilege ServiceAccount.
 
-No kubelet runs pods, so most tests play the training operator: they patch PyTorchJob status (Running, Succeeded,
-Failed with an exit code in the message) and check what the DDM operator does next. The last test runs the jobs for
+No kubelet runs pods here, so most tests play the training operator as its source says it behaves: they patch
+PyTorchJob status (Running, Succeeded, Failed with the controller's own message) and leave the failed pod with its
+container's exit code, and check what the DDM operator does next (tests/integration/test_training_operator.py runs the
+real training operator, scheduler and kwok). The last test runs the jobs for
 real (``JobExecutor``): each PyTorchJob's container command, config and Secret env as a local process, training a
 tiny DDM into the real S3 server.
 """
@@ -198,8 +200,22 @@ class Harness:
         self.job_status(name, ("Created", ""), ("Running", ""), ("Succeeded", "PyTorchJob succeeded"))
 
     def fail(self, name: str, exit_code: int) -> None:
+        """What the training operator v1.9.4 and kubelet leave behind when the Master's container exits non-zero
+        under ``restartPolicy: Never``: the pod ``<job>-master-0`` (label training.kubeflow.org/job-name) whose
+        container ``pytorch`` terminated with the code, and the job Failed with the controller's own message, which
+        names no code (pkg/controller.v1/pytorch/pytorchjob_controller.go, UpdateJobStatus)."""
+        pod = {"metadata": {"name": f"{name}-master-0", "labels": {"training.kubeflow.org/job-name": name,
+                                                                    "training.kubeflow.org/replica-type": "master"}},
+               "spec": {"containers": [{"name": "pytorch", "image": "ddm-trainer:test"}], "restartPolicy": "Never"}}
+        self.core.create_namespaced_pod(self.ns, pod)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        terminated = {"exitCode": exit_code, "reason": "Error", "startedAt": now, "finishedAt": now}
+        self.core.patch_namespaced_pod_status(f"{name}-master-0", self.ns, {"status": {
+            "phase": "Failed", "containerStatuses": [{"name": "pytorch", "image": "ddm-trainer:test", "imageID": "",
+                                                      "ready": False, "restartCount": 0,
+                                                      "state": {"terminated": terminated}}]}})
         self.job_status(name, ("Created", ""), ("Running", ""),
-                        ("Failed", f"PyTorchJob {name} failed: Master replica exited with exit code {exit_code}"))
+                        ("Failed", f"PyTorchJob {name} is failed because 1 Master replica(s) failed."))
 
     def events(self, name: str) -> list[str]:
         items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
@@ -492,7 +508,7 @@ class JobExecutor:
 
     What a pod would get, taken from the objects the DDM operator created and nothing else: the container's command
     and env, its ConfigMap volume materialised at the mount path's stand-in, ``envFrom`` Secrets decoded. No host
-    store credentials leak in. Exit 0 -> Succeeded; else Failed with the exit code in the message, as the training
+    store credentials leak in. Exit 0 -> Succeeded; else Failed as the training
     operator reports it (a signal N as 128 + N, as a container runtime does).
     """
 

@@ -46,12 +46,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["ddm.io"]
   resources: ["decentralizeddiffusions/status"]
   verbs: ["patch"]
+# children carry blockOwnerDeletion: with OwnerReferencesPermissionEnforcement that needs update on the owner's finalizers
+- apiGroups: ["ddm.io"]
+  resources: ["decentralizeddiffusions/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]
+# a failed job's exit code is only in its pods' container statuses
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- if .Values.rbac.multiCluster }}
 - apiGroups: [""]
   resources: ["secrets"]

@@ -93,6 +93,10 @@ class Placement(ApiModel):
         None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN,
         description="Name of a Secret (in this namespace) holding a kubeconfig of the cluster to run on",
     )
+    pod_labels: dict[str, LabelValue] | None = Field(
+        None, max_length=32, description="Labels added to the stage's pods (the operator's own ddm.io/* labels win)")
+    pod_annotations: dict[str, Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
+        None, max_length=32, description="Annotations added to the stage's pods (e.g. a sidecar opt-out)")
 
     def merged_with(self, override: Placement | None) -> Placement:
         """This placement with every field the override sets replaced by the override's value."""

@@ -82,6 +82,8 @@ class Placement:
     priority_class_name: str | None = None
     queue_name: str | None = None  # Kueue LocalQueue
     target_cluster: str | None = None  # Secret (in the DDM's namespace) holding the kubeconfig of another cluster
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    pod_annotations: dict[str, str] = field(default_factory=dict)
 
 
 def placement_from_dict(d: dict[str, Any] | None) -> Placement:
@@ -99,6 +101,8 @@ def placement_from_dict(d: dict[str, Any] | None) -> Placement:
         priority_class_name=get("priorityClassName", "priority_class_name"),
         queue_name=get("kueueQueueName", "kueue_queue_name") or get("queueName", "queue_name"),
         target_cluster=get("targetCluster", "target_cluster"),
+        pod_labels=dict(get("podLabels", "pod_labels") or {}),
+        pod_annotations=dict(get("podAnnotations", "pod_annotations") or {}),
     )
 
 
@@ -116,7 +120,6 @@ class JobRequest:
     placement: Placement = field(default_factory=Placement)
     credentials_secret: str | None = None  # envFrom: DDM_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     suspend: bool = False
-    restarts_in_place: int = 3  # runPolicy.backoffLimit: pod restarts for retryable exit codes before the job fails
     image_pull_policy: str = "IfNotPresent"
     service_account_name: str | None = None
     termination_grace_period_seconds: int | None = None  # after SIGTERM: time for the checkpoint to commit
@@ -209,25 +212,41 @@ def _pod_template(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
         spec["serviceAccountName"] = req.service_account_name
     if req.termination_grace_period_seconds is not None:
         spec["terminationGracePeriodSeconds"] = req.termination_grace_period_seconds
-    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": {**p.pod_labels, **labels}}  # ours win: they select the children
+    if p.pod_annotations:
+        metadata["annotations"] = dict(p.pod_annotations)
+    return {"metadata": metadata, "spec": spec}
 
 
 def build_pytorchjob(req: JobRequest) -> dict[str, Any]:
-    """A PyTorchJob: one Master, ``nodes - 1`` Workers; restartPolicy ExitCode (128-255 restart in place, 1-127 fail)."""
+    """A PyTorchJob: one Master, ``nodes - 1`` Workers, ``restartPolicy: Never``.
+
+    One retry layer, the DDM operator's: a failed pod fails the job, and the operator makes a new attempt (a new
+    job) when the exit code is retryable and ``spec.failurePolicy`` allows one, so a stage's pods run exactly
+    1 + max retries times at most. Not ``ExitCode``: the training operator v1.9 then deletes and recreates a pod
+    that exited 128-255 with no limit at all (pkg/controller.v1/common/pod.go; ``backoffLimit`` only counts
+    container restarts, which a recreated pod does not have), so a stage preempted for ever would never fail.
+
+    A job placed on a Kueue queue is created without ``runPolicy.suspend``: Kueue's webhook suspends it and Kueue
+    alone unsuspends it on admission.
+    """
     labels = child_labels(req.owner, req.key, req.attempt)
     job_labels = dict(labels)
     if req.placement.queue_name:
         job_labels[LABEL_QUEUE] = req.placement.queue_name
     template = _pod_template(req, labels)
-    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if req.nodes > 1:
-        replicas["Worker"] = {"replicas": req.nodes - 1, "restartPolicy": "ExitCode", "template": template}
+        replicas["Worker"] = {"replicas": req.nodes - 1, "restartPolicy": "Never", "template": template}
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None"}  # failed pods stay: their exit codes are read
+    if not req.placement.queue_name:
+        run_policy["suspend"] = req.suspend
     return {
         "apiVersion": PYTORCHJOB_API_VERSION,
         "kind": "PyTorchJob",
         "metadata": _metadata(req, job_labels),
         "spec": {
-            "runPolicy": {"suspend": req.suspend, "backoffLimit": req.restarts_in_place, "cleanPodPolicy": "None"},
+            "runPolicy": run_policy,
             "pytorchReplicaSpecs": replicas,
         },
     }

@@ -39,7 +39,7 @@ from ..api.models import (
 )
 from . import builders as b
 from .multicluster import ClusterClients
-from .observe import JobState, job_state, latest_attempts
+from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "5"))
 LAUNCH_THREADS = 4
@@ -85,9 +85,36 @@ def _client_for(namespace: str, cluster: str | None) -> Any:
 
 def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
     selector = f"{b.LABEL_UID}={uid}"
-    items = _custom(_client_for(namespace, cluster)).list_namespaced_custom_object(
+    api_client = _client_for(namespace, cluster)
+    items = _custom(api_client).list_namespaced_custom_object(
         b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)["items"]
-    return [s for s in (job_state(j, cluster) for j in items) if s is not None]
+    states = []
+    for job in items:
+        pods = _pods_of(api_client, namespace, job) if _has_failed(job) else None
+        if (state := job_state(job, cluster, pods)) is not None:
+            states.append(state)
+    return states
+
+
+def _has_failed(job: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Failed" and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def _pods_of(api_client: Any, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A failed job's pods, where its exit codes are (the training operator keeps them: cleanPodPolicy None)."""
+    selector = f"{POD_JOB_NAME_LABEL}={job['metadata']['name']}"
+    pods = _core(api_client).list_namespaced_pod(namespace, label_selector=selector).items
+    return [k8s.ApiClient().sanitize_for_serialization(p) for p in pods]
+
+
+def clusters_of(spec: DecentralizedDiffusionSpec) -> set[str | None]:
+    """Every cluster a stage of this DDM runs in (None: the operator's own), from every stage's placement."""
+    placements = [spec.experts.placement_for(k) for k in range(spec.num_experts)]
+    placements += [spec.router.placement, spec.evaluation.placement]
+    if spec.distillation is not None:
+        placements.append(spec.distillation.placement)
+    return {None} | {p.target_cluster for p in placements}
 
 
 # ---------------------------------------------------------------- spec -> children
@@ -123,8 +150,6 @@ def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageK
         command=stages.stage_command(spec, key, CONFIG_PATH), config=stages.stage_config(spec, key, run),
         nodes=nodes, placement=placement, credentials_secret=spec.storage.credentials_secret,
         termination_grace_period_seconds=stages.grace_period_seconds(spec, key),
-        restarts_in_place=spec.failure_policy.max_retries_per_stage if key.stage != "expert" else
-        spec.failure_policy.max_retries_per_expert,
     )
 
 
@@ -144,6 +169,9 @@ def _launch(req: b.JobRequest) -> None:
 
 
 def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
+    if job.queued:  # Kueue admits, suspends and evicts it; writing the field would bypass its quota
+        log.info("%s is on a Kueue queue: its suspension is Kueue's (suspend=%s not written)", job.name, suspend)
+        return
     _custom(_client_for(namespace, job.cluster)).patch_namespaced_custom_object(
         b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, job.name, b.suspend_patch(suspend))
 
@@ -198,12 +226,13 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
 
 
 def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> tuple[pl.Observed, dict[str, JobState]]:
-    clusters = {spec.experts.placement_for(k).target_cluster for k in range(spec.num_experts)}
     jobs: list[JobState] = []
-    for cluster in sorted(clusters, key=lambda c: c or ""):
+    for cluster in sorted(clusters_of(spec), key=lambda c: c or ""):
         jobs += _list_jobs(namespace, uid, cluster)
     latest = latest_attempts(jobs)
-    state_of = {"Pending": pl.State.RUNNING, "Running": pl.State.RUNNING, "Suspended": pl.State.SUSPENDED,
+    # Queued: suspended by Kueue until admitted; to the plan it is launched and waiting (never unsuspended by us)
+    state_of = {"Pending": pl.State.RUNNING, "Queued": pl.State.RUNNING, "Running": pl.State.RUNNING,
+                "Suspended": pl.State.SUSPENDED,
                 "Succeeded": pl.State.SUCCEEDED, "Failed": pl.State.FAILED}
     observed: dict[pl.StageKey, pl.StageObservation] = {}
     for key_id, job in latest.items():
@@ -213,8 +242,12 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
             continue
         step = _progress_step(spec, namespace, name, key_id) if job.phase == "Running" else 0
         message = job.message if job.phase == "Failed" else ""
-        if job.exit_code is not None and job.phase == "Failed":
-            message = f"exit code {job.exit_code}: {message}".rstrip(": ")
+        if job.phase == "Failed":
+            code = (f"exit code {job.exit_code} ({'permanent' if job.permanent else 'retryable'})"
+                    if job.exit_code is not None else "no exit code (pods gone or never ran)")
+            message = f"{code}: {message}".rstrip(": ")
+        elif job.phase == "Queued":
+            message = "waiting for admission by Kueue"
         observed[key] = pl.StageObservation(
             state=state_of[job.phase], attempts=job.attempt, step=step, retryable=not job.permanent,
             failed_at=job.finished_at, message=message, cluster=job.cluster)
@@ -395,8 +428,10 @@ def probe(**_: Any) -> int:
 
 
 def _uses_remote(spec: Any, **_: Any) -> bool:
-    experts = (spec or {}).get("experts") or {}
+    spec = spec or {}
+    experts = spec.get("experts") or {}
     placements = [experts.get("placement") or {}] + [(o or {}).get("placement") or {} for o in experts.get("overrides") or []]
+    placements += [((spec.get(section) or {}).get("placement") or {}) for section in ("router", "evaluation", "distillation")]
     return any(p.get("targetCluster") for p in placements)
 
 
@@ -441,7 +476,7 @@ def on_job_finished(meta: Any, namespace: str, type: str | None, **_: Any) -> No
 def on_delete(namespace: str, uid: str, spec: Any, **_: Any) -> None:
     """Children in other clusters have no owner reference there: delete them before the DDM goes."""
     parsed = DecentralizedDiffusionSpec.model_validate(dict(spec))
-    clusters = {parsed.experts.placement_for(k).target_cluster for k in range(parsed.num_experts)} - {None}
+    clusters = clusters_of(parsed) - {None}
     selector = f"{b.LABEL_UID}={uid}"
     for cluster in sorted(c for c in clusters if c):
         try:

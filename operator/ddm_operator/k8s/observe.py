@@ -1,25 +1,24 @@
-"""What the children say: PyTorchJob objects -> per-stage-key attempt states, pure.
+"""What the children say: PyTorchJob objects (and their pods) -> per-stage-key attempt states, pure.
 
-How a failure is classified (the trainer's exit codes: 1-127 permanent, 128-255 retryable, see errors.ExitCode):
-with ``restartPolicy: ExitCode`` the training operator restarts retryable exits in place and marks the job
-Failed at once on a permanent exit. The Failed condition's message carries the exit code when the controller
-knows it (``... exit code 3``, ``exitCode: 3``); the operator reads it from there, or from the annotation
-``ddm.io/exit-code`` (set by whoever knows better, e.g. a pod-watching sidecar or a test). A Failed job with a
-code in 1-127 is permanent: retrying cannot help. Any other Failed job (retryable code, backoff limit or
-deadline exceeded, no code at all) counts as an infrastructure failure and gets a new attempt.
+How a failure is classified (the trainer's exit codes: 1-127 permanent, 128-255 retryable, see errors.ExitCode).
+The Kubeflow training operator v1.9 never writes an exit code into a job's conditions: with ``restartPolicy: Never``
+(what builders.py sets) a failed pod makes the job Failed with ``PyTorchJob <name> is failed because 1 Master
+replica(s) failed.`` (pkg/controller.v1/pytorch/pytorchjob_controller.go, UpdateJobStatus). The code is only in the
+pod's ``status.containerStatuses[name=pytorch].state.terminated.exitCode`` (pkg/controller.v1/common/pod.go reads it
+from there too), so the operator lists a failed job's pods (label ``training.kubeflow.org/job-name``) and takes the
+most telling code (``exit_code_of_pods``). A Failed job whose pods are gone, or that failed for another reason (deadline, a pod
+that never started), has no code and counts as an infrastructure failure: it gets a new attempt.
 """
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .builders import LABEL_ATTEMPT, LABEL_KEY
+from .builders import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_KEY, LABEL_QUEUE
 
-JobPhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
-ANNOTATION_EXIT_CODE = "ddm.io/exit-code"
-_EXIT_CODE = re.compile(r"exit[ _-]?code[\"']?\s*[:=]?\s*(\d+)", re.IGNORECASE)
+JobPhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
+POD_JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the training operator's JobNameLabel (common_types.go)
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,7 @@ class JobState:
     message: str = ""
     cluster: str | None = None  # targetCluster, None for the operator's own cluster
     finished_at: float | None = None  # epoch seconds of the Succeeded/Failed transition (for retry backoff)
+    queued: bool = False  # on a Kueue queue: Kueue owns runPolicy.suspend, the operator never writes it
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -42,20 +42,34 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-def exit_code_of(job: dict[str, Any], failed: dict[str, Any] | None) -> int | None:
-    annotations = (job.get("metadata") or {}).get("annotations") or {}
-    raw = annotations.get(ANNOTATION_EXIT_CODE)
-    if raw is not None and str(raw).isdigit():
-        return int(raw)
-    if failed:
-        match = _EXIT_CODE.search(f"{failed.get('reason', '')} {failed.get('message', '')}")
-        if match:
-            return int(match.group(1))
+def container_exit_code(pod: dict[str, Any], container: str = CONTAINER_NAME) -> int | None:
+    """The exit code of ``container`` if it terminated (a pod as the API returns it, camelCase keys)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") != container:
+            continue
+        terminated = (status.get("state") or {}).get("terminated") \
+            or (status.get("lastState") or {}).get("terminated")
+        if terminated and terminated.get("exitCode") is not None:
+            return int(terminated["exitCode"])
     return None
 
 
-def job_state(job: dict[str, Any], cluster: str | None = None) -> JobState | None:
-    """The state of one of our PyTorchJobs (a dict as the API returns it); None if it carries no DDM labels."""
+def exit_code_of_pods(pods: list[dict[str, Any]]) -> int | None:
+    """The most telling exit code of a failed job's pods: the highest retryable one (128-255) if any (a node lost
+    or preempted under one pod makes the others' collectives fail with plain errors, exit 1), else the first
+    permanent one, else None (0s and unterminated containers say nothing about the failure). The same rule as
+    ddm-launch applies to the workers inside one pod (ddm_trainer/launch.py)."""
+    codes = [c for c in (container_exit_code(p) for p in pods) if c]
+    retryable = [c for c in codes if c >= 128]
+    if retryable:
+        return max(retryable)
+    return codes[0] if codes else None
+
+
+def job_state(job: dict[str, Any], cluster: str | None = None, pods: list[dict[str, Any]] | None = None,
+              ) -> JobState | None:
+    """The state of one of our PyTorchJobs (a dict as the API returns it; ``pods``: its pods, read for a Failed
+    job's exit code); None if it carries no DDM labels."""
     meta = job.get("metadata") or {}
     labels = meta.get("labels") or {}
     key, attempt = labels.get(LABEL_KEY), labels.get(LABEL_ATTEMPT)
@@ -70,18 +84,18 @@ def job_state(job: dict[str, Any], cluster: str | None = None) -> JobState | Non
     elif failed:
         phase = "Failed"
     elif (spec.get("runPolicy") or {}).get("suspend"):
-        phase = "Suspended"
+        phase = "Queued" if labels.get(LABEL_QUEUE) else "Suspended"  # Kueue holds a queued job until admission
     elif _condition(status, "Running"):
         phase = "Running"
     else:
         phase = "Pending"
-    code = exit_code_of(job, failed) if phase == "Failed" else None
+    code = exit_code_of_pods(pods or []) if phase == "Failed" else None
     message = (failed or {}).get("message", "") if failed else ""
     done = failed or _condition(status, "Succeeded")
     finished_at = parse_time((done or {}).get("lastTransitionTime"))
     return JobState(key=key, attempt=int(attempt), name=meta.get("name", ""), phase=phase,
                     permanent=code is not None and 1 <= code <= 127, exit_code=code, message=message,
-                    cluster=cluster, finished_at=finished_at)
+                    cluster=cluster, finished_at=finished_at, queued=bool(labels.get(LABEL_QUEUE)))
 
 
 def parse_time(value: str | None) -> float | None:

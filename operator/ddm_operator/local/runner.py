@@ -155,7 +155,7 @@ def _pump_stdout(key: StageKey, stream: IO[bytes], log_path: Path, progress_path
 
 
 def _resolve_executable(cmd: list[str]) -> list[str]:
-    """``ddm-train``/``torchrun`` from PATH, else from beside this Python (a venv used without activating it)."""
+    """``ddm-train``/``ddm-launch`` from PATH, else from beside this Python (a venv used without activating it)."""
     if shutil.which(cmd[0]) is None:
         sibling = Path(sys.executable).parent / cmd[0]
         if sibling.exists():

@@ -40,7 +40,7 @@ def test_pytorchjob_single_node_has_master_only_and_exit_code_policy() -> None:
     (ref,) = meta["ownerReferences"]
     assert ref["uid"] == "1234-abcd" and ref["kind"] == "DecentralizedDiffusion" and ref["controller"] is True
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert list(replicas) == ["Master"] and replicas["Master"]["restartPolicy"] == "ExitCode"
+    assert list(replicas) == ["Master"] and replicas["Master"]["restartPolicy"] == "Never"
     pod = replicas["Master"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["name"] == "pytorch" and c["command"][:2] == ["ddm-train", "expert"]
@@ -57,13 +57,13 @@ def test_multi_node_and_placement_pass_through() -> None:
         "priorityClassName": "train-high", "queueName": "team-a-queue"})
     job = b.build_pytorchjob(request(nodes=3, placement=placement, suspend=True))
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Worker"]["replicas"] == 2 and replicas["Worker"]["restartPolicy"] == "ExitCode"
+    assert replicas["Worker"]["replicas"] == 2 and replicas["Worker"]["restartPolicy"] == "Never"
     pod = replicas["Worker"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "train-high"
     assert pod["tolerations"][0]["key"] == "gpu" and "nodeAffinity" in pod["affinity"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
-    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert "suspend" not in job["spec"]["runPolicy"]  # on a queue, suspension is Kueue's alone
 
 
 def test_configmap_carries_config_and_no_secret_values() -> None:

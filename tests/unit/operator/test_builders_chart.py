@@ -55,8 +55,10 @@ def rules_of(text: str) -> list[dict[str, object]]:
 def test_rendered_rbac_is_least_privilege() -> None:
     rules = rules_of((CHART / "rbac-rendered.yaml").read_text())
     verbs = {v for r in rules for v in r["verbs"]}  # type: ignore[attr-defined]
-    assert "*" not in verbs and "delete" not in verbs and "update" not in verbs
     by_resource = {res: set(r["verbs"]) for r in rules for res in r["resources"]}  # type: ignore[attr-defined]
+    assert "*" not in verbs and "delete" not in verbs
+    assert [res for res, v in by_resource.items() if "update" in v] == ["decentralizeddiffusions/finalizers"]
+    assert by_resource["pods"] == {"list"}
     assert by_resource["secrets"] == {"get"} and by_resource["configmaps"] == {"get", "create"}
     assert by_resource["decentralizeddiffusions/status"] == {"patch"}
     assert all("*" not in r["resources"] and "*" not in r["apiGroups"] for r in rules)  # type: ignore[operator]

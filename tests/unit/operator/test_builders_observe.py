@@ -7,7 +7,7 @@ from ddm_operator import planner as pl
 from ddm_operator.api.models import DecentralizedDiffusionSpec
 from ddm_operator.k8s import builders as b
 from ddm_operator.k8s.handlers import job_request
-from ddm_operator.k8s.observe import job_state, latest_attempts
+from ddm_operator.k8s.observe import exit_code_of_pods, job_state, latest_attempts
 
 OWNER = b.Owner(name="mnist", namespace="team-a", uid="u-1")
 SPEC = DecentralizedDiffusionSpec.model_validate({
@@ -18,12 +18,9 @@ SPEC = DecentralizedDiffusionSpec.model_validate({
 })
 
 
-def job(key: str, attempt: int, conditions: list[dict[str, Any]], suspend: bool = False,
-        annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def job(key: str, attempt: int, conditions: list[dict[str, Any]], suspend: bool = False) -> dict[str, Any]:
     req = b.JobRequest(owner=OWNER, key=key, attempt=attempt, image="i", command=["x"], config={}, suspend=suspend)
     manifest = b.build_pytorchjob(req)
-    if annotations:
-        manifest["metadata"]["annotations"] = annotations
     manifest["status"] = {"conditions": conditions}
     return manifest
 
@@ -32,21 +29,58 @@ def cond(kind: str, message: str = "", when: str = "2026-12-01T00:00:00Z") -> di
     return {"type": kind, "status": "True", "message": message, "lastTransitionTime": when}
 
 
+def pod(code: int | None, container: str = "pytorch", last_state: bool = False) -> dict[str, Any]:
+    """A pod as kubelet reports it: the container's terminated state carries the exit code."""
+    state = {"terminated": {"exitCode": code, "reason": "Error"}} if code is not None else {"running": {}}
+    status = {"name": container, "state": {"waiting": {}}, "lastState": state} if last_state else \
+        {"name": container, "state": state}
+    return {"metadata": {"name": "p"}, "status": {"containerStatuses": [status]}}
+
+
+# The training operator v1.9's own Failed message (pytorchjob_controller.go, UpdateJobStatus): no exit code in it.
+FAILED = "PyTorchJob mnist-expert-002-a1 is failed because 1 Master replica(s) failed."
+
+
 def test_job_phases_and_failure_classification() -> None:
     assert job_state(job("cluster", 1, [])).phase == "Pending"  # type: ignore[union-attr]
     assert job_state(job("cluster", 1, [cond("Created"), cond("Running")])).phase == "Running"  # type: ignore[union-attr]
     assert job_state(job("cluster", 1, [cond("Running")], suspend=True)).phase == "Suspended"  # type: ignore[union-attr]
     done = job_state(job("router", 1, [cond("Running"), cond("Succeeded")]))
     assert done is not None and done.phase == "Succeeded" and done.finished_at is not None
-    permanent = job_state(job("expert-002", 1, [cond("Failed", "Master replica exited with exit code 3")]))
+    failed = job("expert-002", 1, [cond("Failed", FAILED)])
+    permanent = job_state(failed, pods=[pod(3)])
     assert permanent is not None and permanent.permanent and permanent.exit_code == 3
-    retryable = job_state(job("expert-002", 1, [cond("Failed", "pod exitCode: 151")]))
-    assert retryable is not None and not retryable.permanent and retryable.exit_code == 151
-    unknown = job_state(job("expert-002", 1, [cond("Failed", "BackoffLimitExceeded")]))
+    retryable = job_state(failed, pods=[pod(143)])
+    assert retryable is not None and not retryable.permanent and retryable.exit_code == 143
+    # the message alone says nothing: without pods (deleted, never started) the failure is retried
+    unknown = job_state(failed, pods=[])
     assert unknown is not None and not unknown.permanent and unknown.exit_code is None
-    by_annotation = job_state(job("expert-002", 1, [cond("Failed")], annotations={"ddm.io/exit-code": "2"}))
-    assert by_annotation is not None and by_annotation.permanent
     assert job_state({"metadata": {"name": "foreign", "labels": {}}}) is None
+
+
+def test_the_most_telling_exit_code_of_a_jobs_pods() -> None:
+    # the master's node was lost (137); the workers' collectives then failed (1): retryable
+    assert exit_code_of_pods([pod(137), pod(1), pod(1)]) == 137
+    assert exit_code_of_pods([pod(2), pod(2), pod(0)]) == 2  # a bad config everywhere: permanent
+    assert exit_code_of_pods([pod(137), pod(143)]) == 143
+    assert exit_code_of_pods([pod(0), pod(None)]) is None
+    assert exit_code_of_pods([pod(3, container="sidecar")]) is None  # only the trainer's container counts
+    assert exit_code_of_pods([pod(4, last_state=True)]) == 4
+
+
+def test_a_job_on_a_kueue_queue_is_created_without_suspend_and_reads_as_queued() -> None:
+    req = job_request(SPEC, OWNER, pl.expert_key(1), 1)
+    manifest = b.build_pytorchjob(req)
+    assert "suspend" not in manifest["spec"]["runPolicy"]  # Kueue's webhook sets it; Kueue clears it on admission
+    manifest["spec"]["runPolicy"]["suspend"] = True
+    state = job_state(manifest)
+    assert state is not None and state.phase == "Queued" and state.queued
+
+
+def test_one_retry_layer_pods_never_restart_in_place() -> None:
+    manifest = b.build_pytorchjob(job_request(SPEC, OWNER, pl.expert_key(0), 1))
+    assert {r["restartPolicy"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()} == {"Never"}
+    assert "backoffLimit" not in manifest["spec"]["runPolicy"]
 
 
 def test_latest_attempt_wins() -> None:

@@ -104,13 +104,13 @@ def test_command_single_process_is_plain_ddm_train() -> None:
 
 def test_command_uses_torchrun_for_several_gpus_and_nodes() -> None:
     one_node = stage_command(_spec(experts__gpusPerNode=8).spec, expert_key(1), "c.yaml")
-    assert one_node[0] == "torchrun" and "--nproc-per-node=8" in one_node and "--standalone" in one_node
+    assert one_node[0] == "ddm-launch" and "--nproc-per-node=8" in one_node and "--standalone" in one_node
     assert one_node[-5:] == ["-m", "ddm_trainer.cli", "expert", "--config", "c.yaml"]
     multi = stage_command(_spec(experts__gpusPerNode=8, experts__nodes=4).spec, expert_key(1), "c.yaml")
     assert "--nnodes=4" in multi and "--rdzv-backend=c10d" in multi
     assert "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in multi
     router = stage_command(_spec(router__gpusPerNode=2).spec, ROUTER, "c.yaml")
-    assert router[0] == "torchrun" and "--nproc-per-node=2" in router
+    assert router[0] == "ddm-launch" and "--nproc-per-node=2" in router
 
 
 def test_run_uri_namespaces_cluster_objects() -> None:
@@ -198,4 +198,4 @@ def test_evaluation_samples_on_every_gpu_of_its_pod() -> None:
     assert world_size(spec, EVALUATE) == (1, 4)
     cfg = stage_config(spec, EVALUATE, "/r")
     assert cfg["batch_size"] == 512 and cfg["device"] != "cpu" and cfg["precision"] == "bf16"  # the experts' precision
-    assert "torchrun" in " ".join(stage_command(spec, EVALUATE, "/c.json"))
+    assert "ddm-launch" in " ".join(stage_command(spec, EVALUATE, "/c.json"))

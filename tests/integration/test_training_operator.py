@@ -1,0 +1,149 @@
+"""The operator against the real Kubeflow training operator on a simulated GPU fleet: no part of Kubernetes is played.
+
+``k8s_fleet`` (tests/fixtures/k8s.py) runs kube-apiserver, kube-controller-manager, kube-scheduler, kwok GPU nodes and
+the training operator v1.9.4's own PyTorchJob controller, built from their Go modules. The DDM operator creates
+PyTorchJobs; the training operator makes their pods and writes their conditions; the scheduler binds the pods to GPU
+nodes; kwok runs them for a moment and ends their container with the exit code a test put in a pod annotation
+(``placement.podAnnotations``, which the DDM carries to the pod template). No trainer runs: these tests are about
+what the control plane does with exit codes, retries and placement (tests/e2e trains for real).
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.k8s import EXIT_CODE_ANNOTATION, RUN_MS_ANNOTATION
+from integration.test_operator import Harness, Operator, ddm_spec, render_rbac, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.k8s]
+
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the training operator's JobNameLabel (apis/kubeflow.org/v1)
+TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]
+
+
+@pytest.fixture
+def fleet_ns(k8s_fleet: Any) -> Iterator[str]:
+    import secrets
+
+    from kubernetes import client
+
+    name = f"f-{secrets.token_hex(4)}"
+    with k8s_fleet.api_client() as api:
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
+    yield name
+    with k8s_fleet.api_client() as api:
+        client.CoreV1Api(api).delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def fleet(k8s_fleet: Any, fleet_ns: str, tmp_path: Path) -> Iterator[Harness]:
+    """The DDM operator for one namespace, as the chart's ServiceAccount with the chart's RBAC."""
+    release = f"ddm-operator-{fleet_ns}"
+    k8s_fleet.apply_yaml(render_rbac(fleet_ns, release))
+    op = Operator(k8s_fleet.serviceaccount_kubeconfig(fleet_ns, release), fleet_ns, tmp_path / "operator.log")
+    op.start()
+    h = Harness(k8s_fleet, fleet_ns)
+    yield h
+    op.stop()
+    print(op.log())
+    h.api.close()
+
+
+def pods_by_job(h: Harness) -> dict[str, list[dict[str, Any]]]:
+    """Every pod the training operator made, by its job, with the node the scheduler bound it to."""
+    out: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for pod in h.core.list_namespaced_pod(h.ns, label_selector=JOB_NAME_LABEL).items:
+        out[pod.metadata.labels[JOB_NAME_LABEL]].append(
+            {"node": pod.spec.node_name, "phase": pod.status.phase, "uid": pod.metadata.uid})
+    return out
+
+
+def fleet_spec(k: int, tmp: Path, **over: Any) -> dict[str, Any]:
+    """A DDM whose experts want one GPU each on the tainted pool; router and evaluation on the plain one."""
+    expert_placement = {"nodeSelector": {"pool": "tainted"}, "tolerations": TOLERATE_GPU,
+                        "podAnnotations": {RUN_MS_ANNOTATION: "1000"}}
+    spec = ddm_spec(k, tmp, experts={"modelPreset": "DiT-T/4", "steps": 100, "gpusPerNode": 1,
+                                     "placement": expert_placement},
+                    router={"gpusPerNode": 1, "placement": {"nodeSelector": {"pool": "gpu"}}},
+                    evaluation={"gpusPerNode": 1, "placement": {"nodeSelector": {"pool": "gpu"}}})
+    for key, value in over.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in status.get("conditions", []) if c["type"] == kind)
+
+
+def test_a_k4_ddm_runs_through_real_pytorchjobs_on_gpu_nodes(fleet: Harness, tmp_path: Path) -> None:
+    """Cluster, 4 experts and the router, evaluation: each a PyTorchJob whose pod the training operator creates and
+    the scheduler places by the stage's own placement; Succeeded from the training operator's own conditions."""
+    h = fleet
+    h.create("k4", fleet_spec(4, tmp_path))
+    status = h.wait_phase("k4", "Succeeded", timeout=180)
+    pods = pods_by_job(h)
+    stages = ["cluster", *(f"expert-{k:03d}" for k in range(4)), "router", "evaluate"]
+    assert sorted(pods) == sorted(f"k4-{s}-a1" for s in stages), pods
+    assert all(len(p) == 1 and p[0]["phase"] == "Succeeded" for p in pods.values()), pods
+    for k in range(4):  # experts on the tainted GPU pool (their toleration), router and evaluation on the other
+        assert pods[f"k4-expert-{k:03d}-a1"][0]["node"].startswith("tainted-"), pods
+    assert pods["k4-router-a1"][0]["node"].startswith("gpu-") and pods["k4-evaluate-a1"][0]["node"].startswith("gpu-")
+    assert status["expertsReady"] == 4 and condition(status, "Ready")["status"] == "True"
+    jobs = h.jobs()
+    assert {r["restartPolicy"] for j in jobs.values() for r in j["spec"]["pytorchReplicaSpecs"].values()} == {"Never"}
+    # the conditions are the training operator's, not ours: its reason names the kind
+    assert all(any(c["type"] == "Succeeded" and c["reason"] == "PyTorchJobSucceeded" for c in j["status"]["conditions"])
+               for j in jobs.values())
+
+
+def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet: Harness, tmp_path: Path) -> None:
+    """Expert 1 exits 3 (a bad config): one pod run, no retry, the message names the code. Expert 2 is preempted for
+    ever (143): 1 + maxRetriesPerExpert pod runs, then it is lost. minExperts 2 of 4: the DDM finishes Degraded."""
+    h = fleet
+    spec = fleet_spec(4, tmp_path, failurePolicy={"maxRetriesPerExpert": 2, "backoffSeconds": 0, "minExperts": 2})
+    base = spec["experts"]["placement"]
+    spec["experts"]["overrides"] = [
+        {"experts": [1], "placement": {**base, "podAnnotations": {EXIT_CODE_ANNOTATION: "3"}}},
+        {"experts": [2], "placement": {**base, "podAnnotations": {EXIT_CODE_ANNOTATION: "143"}}},
+    ]
+    h.create("codes", spec)
+    status = h.wait_phase("codes", "Degraded", timeout=240)
+    pods = pods_by_job(h)
+    runs = {k: sum(len(v) for name, v in pods.items() if name.startswith(f"codes-expert-{k:03d}-")) for k in range(4)}
+    assert runs == {0: 1, 1: 1, 2: 3, 3: 1}, pods
+    experts = {e["index"]: e for e in status["experts"]}
+    assert experts[1]["phase"] == "Failed" and experts[1]["retries"] == 0
+    assert "exit code 3 (permanent)" in experts[1]["message"], experts[1]
+    assert experts[2]["phase"] == "Failed" and experts[2]["retries"] == 2
+    assert "exit code 143 (retryable)" in experts[2]["message"], experts[2]
+    assert experts[0]["phase"] == experts[3]["phase"] == "Succeeded"
+    assert condition(status, "Degraded")["status"] == "True"
+    # the training operator's own message carries no code: the operator read it from the pods
+    failed = h.jobs()["codes-expert-001-a1"]["status"]["conditions"]
+    assert any(c["type"] == "Failed" and "exit code" not in c["message"] and "replica(s) failed" in c["message"]
+               for c in failed), failed
+
+
+def test_scheduler_holds_experts_that_do_not_fit(fleet: Harness, tmp_path: Path) -> None:
+    """Experts asking for 8 GPUs each on a pool of 4 nodes x 8: the scheduler runs 4 at once, the rest wait Pending
+    (not failed, not retried) and run as GPUs free up; all 6 finish."""
+    h = fleet
+    spec = fleet_spec(6, tmp_path)
+    spec["experts"]["gpusPerNode"] = 8
+    spec["experts"]["placement"]["podAnnotations"] = {RUN_MS_ANNOTATION: "4000"}
+    h.create("big", spec)
+    peak = 0
+
+    def done() -> bool:
+        nonlocal peak
+        running = [p for name, ps in pods_by_job(h).items() if "-expert-" in name for p in ps if p["phase"] == "Running"]
+        peak = max(peak, len(running))
+        return h.status("big").get("phase") == "Succeeded"
+
+    wait_for(done, "big Succeeded", timeout=240)
+    pods = pods_by_job(h)
+    assert all(len(pods[f"big-expert-{k:03d}-a1"]) == 1 for k in range(6)), pods  # no attempt a2: waiting is not failing
+    assert 1 <= peak <= 4, peak
