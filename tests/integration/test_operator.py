@@ -424,13 +424,20 @@ def test_expert_on_second_cluster_and_remote_cleanup(operator: Operator, h: Harn
     with k8s_cluster_b.api_client() as api_b:
         client.CoreV1Api(api_b).create_namespace({"metadata": {"name": h.ns}})
         remote = Harness(k8s_cluster_b, h.ns)
-        spec = ddm_spec(2, tmp_path, experts={"overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]})
+        # expert 1 and the router in cluster b: both observed there (the router was not, and was relaunched for ever)
+        spec = ddm_spec(2, tmp_path, experts={"overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]},
+                        router={"placement": {"targetCluster": "cluster-b"}})
         h.create("mc", spec)
         h.wait_jobs("mc-cluster-a1")
         h.succeed("mc-cluster-a1")
-        h.wait_jobs("mc-expert-000-a1", "mc-router-a1")
-        rjobs = remote.wait_jobs("mc-expert-001-a1")
-        assert "mc-expert-001-a1" not in h.jobs()
+        h.wait_jobs("mc-expert-000-a1")
+        rjobs = remote.wait_jobs("mc-expert-001-a1", "mc-router-a1")
+        assert "mc-expert-001-a1" not in h.jobs() and "mc-router-a1" not in h.jobs()
+        remote.succeed("mc-router-a1")
+        wait_for(lambda: ((h.status("mc").get("stages") or {}).get("router") or {}).get("phase") == "Succeeded",
+                 "remote router followed to Succeeded")
+        time.sleep(3)  # several reconciles (interval 1 s): a stage it could not see would be launched again
+        assert sorted(remote.jobs()) == ["mc-expert-001-a1", "mc-router-a1"], remote.jobs().keys()
         assert "ownerReferences" not in rjobs["mc-expert-001-a1"]["metadata"]
         assert remote.configmaps("ddm.io/key=expert-001") == ["mc-expert-001-a1"]
         remote.succeed("mc-expert-001-a1")
@@ -440,6 +447,7 @@ def test_expert_on_second_cluster_and_remote_cleanup(operator: Operator, h: Harn
         h.custom.delete_namespaced_custom_object(GROUP, VERSION, h.ns, PLURAL, "mc")
         wait_for(lambda: h.ddm("mc") is None, "DDM deleted after its finalizer ran")
         assert not remote.jobs() and not remote.configmaps("ddm.io/key=expert-001")
+        assert not remote.configmaps("ddm.io/key=router")
         remote.api.close()
         client.CoreV1Api(api_b).delete_namespace(h.ns)
 
