@@ -25,27 +25,14 @@ TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present
 
 
 @pytest.fixture
-def fleet_ns(k8s_fleet: Any) -> Iterator[str]:
-    import secrets
-
-    from kubernetes import client
-
-    name = f"f-{secrets.token_hex(4)}"
-    with k8s_fleet.api_client() as api:
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
-    yield name
-    with k8s_fleet.api_client() as api:
-        client.CoreV1Api(api).delete_namespace(name, propagation_policy="Background")
-
-
-@pytest.fixture
-def fleet(k8s_fleet: Any, fleet_ns: str, tmp_path: Path) -> Iterator[Harness]:
+def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, tmp_path: Path) -> Iterator[Harness]:
     """The DDM operator for one namespace, as the chart's ServiceAccount with the chart's RBAC."""
-    release = f"ddm-operator-{fleet_ns}"
-    k8s_fleet.apply_yaml(render_rbac(fleet_ns, release))
-    op = Operator(k8s_fleet.serviceaccount_kubeconfig(fleet_ns, release), fleet_ns, tmp_path / "operator.log")
+    ns = k8s_fleet_namespace
+    release = f"ddm-operator-{ns}"
+    k8s_fleet.apply_yaml(render_rbac(ns, release))
+    op = Operator(k8s_fleet.serviceaccount_kubeconfig(ns, release), ns, tmp_path / "operator.log")
     op.start()
-    h = Harness(k8s_fleet, fleet_ns)
+    h = Harness(k8s_fleet, ns)
     yield h
     op.stop()
     print(op.log())
