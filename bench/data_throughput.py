@@ -2,7 +2,7 @@
 
 CIFAR-10 train (50,000 32 px JPEG shards) is partitioned by the real cluster stage (method=random, K=8), which
 writes each cluster's shards into a run store; then the stream the expert stage builds reads one cluster (one rank,
-batch 256, 2 batches prefetched, pinned memory and a non-blocking copy to the GPU when there is one) for each number
+batch 256, 2 batches prefetched, the Trainer's pinned non-blocking copy to the GPU when there is one) for each number
 of decode worker processes. The first batch (workers started, first shards fetched, one batch decoded: the start-up,
 which the expert stage overlaps with building and compiling its model; each worker here re-runs this script, torch
 import included, where the trainer's re-run only ``ddm_trainer.cli``, which imports no torch) is timed apart; then the rest of epoch 0
@@ -35,6 +35,7 @@ from ddm_trainer.configs.cluster import ClusterConfig  # noqa: E402
 from ddm_trainer.configs.common import DataConfig  # noqa: E402
 from ddm_trainer.stages.cluster import run as run_cluster  # noqa: E402
 from ddm_trainer.store import open_store  # noqa: E402
+from ddm_trainer.train_loop import move_to  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared/datasets/cifar10"
 CONSUMER_RATE = 5500.0  # images/s: DiT-S/2, 32 px, batch 256, one H200
@@ -72,8 +73,7 @@ def cluster_run(run_dir: Path, data: DataConfig, num_clusters: int) -> None:
 
 def measure(shards: ClusterShards, args: argparse.Namespace, workers: int, device: torch.device) -> dict[str, float]:
     """Seconds of each epoch of the expert's stream, consumed the way the Trainer does (a copy to the device)."""
-    stream = shards.stream(args.batch, seed=0, prefetch=args.prefetch, workers=workers,
-                           pin_memory=device.type == "cuda")
+    stream = shards.stream(args.batch, seed=0, prefetch=args.prefetch, workers=workers)
     epoch_s = []
     try:
         start = time.perf_counter()
@@ -85,7 +85,7 @@ def measure(shards: ClusterShards, args: argparse.Namespace, workers: int, devic
             for _ in range(stream.batches_per_epoch - (epoch == 0)):
                 batch = next(stream)
                 if device.type == "cuda":
-                    batch.images.to(device, non_blocking=True)
+                    move_to(batch, device)  # pinned, non-blocking: the Trainer's copy
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()

@@ -194,11 +194,11 @@ class ClusterShards:
         return sum(s.samples for s in self.shards)
 
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 0,
-               workers: int | None = None, pin_memory: bool = False) -> ShardStream:
-        """``workers``: decode processes (0: in the stream's thread, None: ``default_workers()``); ``pin_memory``:
-        page-locked images, for a CUDA consumer's non-blocking copies."""
+               workers: int | None = None) -> ShardStream:
+        """``workers``: decode processes (0: in the stream's thread, None: ``default_workers()``). Batches are
+        pinned where they are copied to a GPU (train_loop.move_to), for every stream alike."""
         return ShardStream(self, batch_size, seed, rank, world_size, prefetch,
-                           default_workers() if workers is None else workers, pin_memory)
+                           default_workers() if workers is None else workers)
 
     def load(self, keys: Sequence[str]) -> ImageBatch:
         """These samples, read from the shards in order until all are found: for a few keys near the start of the
@@ -313,7 +313,7 @@ class ShardStream:
     """
 
     def __init__(self, shards: ClusterShards, batch_size: int, seed: int, rank: int, world_size: int,
-                 prefetch: int, workers: int, pin_memory: bool):
+                 prefetch: int, workers: int):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -333,7 +333,7 @@ class ShardStream:
                             f"{batch_size} from {shards.store.url(layout.CLUSTER_SHARDS)}")
         self.shards, self.per_rank = shards, per_rank
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.prefetch, self.workers, self.pin_memory = prefetch, workers, pin_memory
+        self.prefetch, self.workers = prefetch, workers
         self.window = max(1, _cache_budget() // (3 * max(s.bytes for s in shards.shards)))
         self.epoch, self.pos = 0, 0
         self._offsets = np.concatenate([[0], np.cumsum(counts)])  # (S + 1,) first sample id of each shard
@@ -419,8 +419,6 @@ class ShardStream:
 
     def _hand_out(self, images: np.ndarray, encoded: _EncodedBatch) -> ImageBatch:
         tensor = torch.from_numpy(images)  # (B, C, H, W) float32 in [-1, 1]
-        if self.pin_memory:
-            tensor = tensor.pin_memory()
         labels = None if encoded.labels is None else torch.from_numpy(encoded.labels)
         return ImageBatch(images=tensor, labels=labels, keys=encoded.keys)
 

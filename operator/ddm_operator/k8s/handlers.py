@@ -39,7 +39,7 @@ from ..api.models import (
 )
 from . import builders as b
 from .multicluster import ClusterClients
-from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts
+from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "5"))
 LAUNCH_THREADS = 4
@@ -90,15 +90,10 @@ def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
         b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)["items"]
     states = []
     for job in items:
-        pods = _pods_of(api_client, namespace, job) if _has_failed(job) else None
+        pods = _pods_of(api_client, namespace, job) if true_condition(job.get("status") or {}, "Failed") else None
         if (state := job_state(job, cluster, pods)) is not None:
             states.append(state)
     return states
-
-
-def _has_failed(job: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Failed" and c.get("status") == "True"
-               for c in (job.get("status") or {}).get("conditions") or [])
 
 
 def _pods_of(api_client: Any, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -453,8 +448,7 @@ _finished_seen: set[tuple[str, str]] = set()
 
 
 def _is_finished(status: Any, **_: Any) -> bool:
-    return any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
-               for c in (status or {}).get("conditions") or [])
+    return any(true_condition(dict(status or {}), kind) for kind in ("Succeeded", "Failed"))
 
 
 @kopf.on.event(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, b.PYTORCHJOB_PLURAL,

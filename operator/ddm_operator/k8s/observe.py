@@ -35,7 +35,7 @@ class JobState:
     queued: bool = False  # on a Kueue queue: Kueue owns runPolicy.suspend, the operator never writes it
 
 
-def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+def true_condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in status.get("conditions") or []:
         if cond.get("type") == kind and cond.get("status") == "True":
             return dict(cond)
@@ -77,21 +77,21 @@ def job_state(job: dict[str, Any], cluster: str | None = None, pods: list[dict[s
         return None
     status = job.get("status") or {}
     spec = job.get("spec") or {}
-    failed = _condition(status, "Failed")
+    failed = true_condition(status, "Failed")
     phase: JobPhase
-    if _condition(status, "Succeeded"):
+    if true_condition(status, "Succeeded"):
         phase = "Succeeded"
     elif failed:
         phase = "Failed"
     elif (spec.get("runPolicy") or {}).get("suspend"):
         phase = "Queued" if labels.get(LABEL_QUEUE) else "Suspended"  # Kueue holds a queued job until admission
-    elif _condition(status, "Running"):
+    elif true_condition(status, "Running"):
         phase = "Running"
     else:
         phase = "Pending"
     code = exit_code_of_pods(pods or []) if phase == "Failed" else None
     message = (failed or {}).get("message", "") if failed else ""
-    done = failed or _condition(status, "Succeeded")
+    done = failed or true_condition(status, "Succeeded")
     finished_at = parse_time((done or {}).get("lastTransitionTime"))
     return JobState(key=key, attempt=int(attempt), name=meta.get("name", ""), phase=phase,
                     permanent=code is not None and 1 <= code <= 127, exit_code=code, message=message,

@@ -127,7 +127,7 @@ def run(cfg: ExpertConfig) -> None:
         raise DataError(f"data.uri {cfg.data.uri} has {source.num_classes} classes but num_classes={cfg.num_classes}")
     if shards is not None:  # only this cluster's shards, only this rank's where it owns whole shards
         stream = shards.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, prefetch=cfg.train.prefetch,
-                               workers=cfg.data.workers, pin_memory=rt.device.type == "cuda")
+                               workers=cfg.data.workers)
         stream.start_workers()  # they come up while the model is moved, restored and compiled
     else:
         stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys,
