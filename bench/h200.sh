@@ -61,9 +61,10 @@ case "${1:-}" in
     echo "first invocation exited $? after $(( $(date +%s) - start )) s"
     ddm run examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/pipeline-2.txt"
     echo "second invocation exited $?; both took $(( $(date +%s) - start )) s" | tee -a "$OUT/pipeline-2.txt"
-    grep -h '"event": "resumed"' /tmp/cifar10-run/logs/expert-*.log | tee "$OUT/resumed.txt"
+    grep -h '"event": "resumed"' /tmp/cifar10-run/logs/expert-*.progress.jsonl | tee "$OUT/resumed.txt"
     cp /tmp/cifar10-run/evaluation/results.md "$OUT/" 2>/dev/null
-    ddm status examples/cifar10-h200.yaml --run-dir /tmp/cifar10-run 2>&1 | tee "$OUT/status.txt"
+    ddm status /tmp/cifar10-run 2>&1 | tee "$OUT/status.txt"
+    (cd /tmp/cifar10-run/logs && tar czf "$OUT/logs.tgz" .)
     ;;
   eval)
     inception

@@ -5,7 +5,7 @@ Both executors (the Kubernetes operator and the local runner) observe their chil
 
 DAG: cluster -> (expert 0..K-1 and router, side by side; experts limited by ``spec.parallelism``)
      -> evaluate (router succeeded, every expert finished or permanently failed, >= minExperts succeeded)
-     -> distill (if enabled) -> done.
+     -> distill (if enabled; beside the evaluation) -> done.
 
 Attempts are 1-based launch counts: ``Launch(key, 1)`` starts a stage; after a retryable failure observed with
 ``attempts=n`` the planner emits ``Retry(key, n + 1, not_before)`` while ``n - 1 < max retries``. The backoff is
@@ -320,13 +320,17 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
         message = f"{len(succeeded)}/{k_total} experts ready, router {router.state.value}"
         return finish("Training", "Training", message, actions, waiting)
 
-    # ---- evaluation (router done, every expert finished, enough succeeded: _failure ruled out too few)
+    # ---- evaluation and distillation, side by side (router done, every expert finished, enough succeeded:
+    # _failure ruled out too few). The student learns from the experts and router, not from the evaluation, so it
+    # need not wait for the FID table: on one GPU the two overlap, on a fleet they run on two nodes at once.
+    distilling = spec.distill_enabled and distill.state is not State.SUCCEEDED
     if evaluate.state is not State.SUCCEEDED:
         take(_next_for(EVALUATE, evaluate, stage_retries, spec, now))
-        return finish("Evaluating", "Evaluating", _describe("evaluation", evaluate), actions, waiting)
-
-    # ---- distillation
-    if spec.distill_enabled and distill.state is not State.SUCCEEDED:
+        if distilling:
+            take(_next_for(DISTILL, distill, stage_retries, spec, now))
+        message = _describe("evaluation", evaluate) + (f", {_describe('distillation', distill)}" if distilling else "")
+        return finish("Evaluating", "Evaluating", message, actions, waiting)
+    if distilling:
         take(_next_for(DISTILL, distill, stage_retries, spec, now))
         return finish("Distilling", "Distilling", _describe("distillation", distill), actions, waiting)
 

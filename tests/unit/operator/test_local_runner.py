@@ -14,7 +14,7 @@ from ddm_operator import planner
 from ddm_operator.api.models import DecentralizedDiffusion
 from ddm_operator.local.runner import Child, Finished, ObservedState, default_run_dir, done_prefix, local_run_uri, observe
 from ddm_operator.planner import State
-from ddm_operator.stages import CLUSTER, EVALUATE, ROUTER, all_keys, expert_key
+from ddm_operator.stages import CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key
 from ddm_trainer.store import FileStore
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -108,7 +108,8 @@ def test_evaluation_waits_for_every_expert_and_the_router(spec: DecentralizedDif
             _commit(store, key)
     assert EVALUATE not in {a.key for a in planner.plan(spec.spec, observe(spec.spec, store, ObservedState(), 1.0)).launches}
     _commit(store, ROUTER)
-    assert [a.key for a in planner.plan(spec.spec, observe(spec.spec, store, ObservedState(), 1.0)).launches] == [EVALUATE]
+    launched = [a.key for a in planner.plan(spec.spec, observe(spec.spec, store, ObservedState(), 1.0)).launches]
+    assert launched == ([EVALUATE, DISTILL] if spec.spec.distill_enabled else [EVALUATE])  # the student runs beside it
 
 
 def test_relative_local_storage_resolves_against_the_working_dir(spec: DecentralizedDiffusion, tmp_path: Path) -> None:

@@ -87,8 +87,12 @@ def test_happy_path_walks_the_dag() -> None:
     assert p.actions == [Launch(ROUTER, 1), Launch(expert_key(0), 1), Launch(expert_key(1), 1)]
     p = plan(spec, observe({CLUSTER: OK, ROUTER: RUN, expert_key(0): OK, expert_key(1): RUN}))
     assert (p.phase, p.actions, p.experts_ready, p.experts_total) == ("Training", [], 1, 2)
-    p = plan(spec, observe(trained(2)))
-    assert (p.phase, p.actions) == ("Evaluating", [Launch(EVALUATE, 1)])
+    p = plan(spec, observe(trained(2)))  # the student needs experts and router, not the FID table: both start
+    assert (p.phase, p.actions) == ("Evaluating", [Launch(EVALUATE, 1), Launch(DISTILL, 1)])
+    p = plan(spec, observe({**trained(2), EVALUATE: RUN, DISTILL: OK}))
+    assert (p.phase, p.actions) == ("Evaluating", [])
+    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: RUN}))
+    assert (p.phase, p.actions) == ("Distilling", [])
     p = plan(spec, observe({**trained(2), EVALUATE: OK}))
     assert (p.phase, p.actions) == ("Distilling", [Launch(DISTILL, 1)])
     p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK}))

@@ -152,11 +152,11 @@ def test_restarted_evaluation_goes_on_with_the_next_strategy(run_store: FileStor
     real_strategy = evaluate.evaluate_strategy
     sampled: list[str] = []
 
-    def crash_on_top1(cfg: Any, store: Any, name: str, *args: Any) -> Any:
+    def crash_on_top1(cfg: Any, store: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         sampled.append(name)
         if name == "top1":
             raise RuntimeError("node lost")
-        return real_strategy(cfg, store, name, *args)
+        return real_strategy(cfg, store, name, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "evaluate_strategy", crash_on_top1)
     with pytest.raises(RuntimeError, match="node lost"):
@@ -164,8 +164,8 @@ def test_restarted_evaluation_goes_on_with_the_next_strategy(run_store: FileStor
     assert run_store.read_manifest(layout.EVALUATION) is None
     assert run_store.read_manifest(evaluate.strategy_prefix("full")) is not None
     sampled.clear()
-    monkeypatch.setattr(evaluate, "evaluate_strategy", lambda cfg, store, name, *a: (sampled.append(name),
-                                                                                    real_strategy(cfg, store, name, *a))[1])
+    monkeypatch.setattr(evaluate, "evaluate_strategy", lambda cfg, store, name, *a, **kw: (sampled.append(name),
+                                                                                          real_strategy(cfg, store, name, *a, **kw))[1])
     result = evaluate.run(cfg)
     assert sampled == ["top1"]  # full's committed row is reused
     assert [r["strategy"] for r in result["table"]] == ["full", "top1"]

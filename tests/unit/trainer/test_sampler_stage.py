@@ -156,3 +156,38 @@ def test_bf16_autocast_stays_close_to_fp32(run_store: FileStore):
     assert (fp32 - bf16).abs().max() < 0.1
     with pytest.raises(ConfigError, match="'fp8'"):
         generate(run_store, "top-2", n=1, steps=1, precision="fp8")
+
+
+def test_samplers_sharing_a_cache_read_each_model_once(run_store: FileStore, monkeypatch: pytest.MonkeyPatch):
+    """The evaluation's strategies share one cache: each expert and the router is read (and compiled) once."""
+    from ddm_trainer.stages import sample as sample_stage
+
+    reads: list[str] = []
+    real = sample_stage.load_final
+    monkeypatch.setattr(sample_stage, "load_final", lambda store, d, **kw: reads.append(d) or real(store, d, **kw))
+    models: dict = {}
+    x1 = torch.randn(4, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    drawn = []
+    for strategy in ("full", "top1", "top-2"):
+        sampler, _ = sample_stage.sampler_for(run_store, strategy, steps=2, models=models)
+        drawn.append(sampler.sample(x1, seed=0))
+    assert sorted(reads) == [layout.expert(k) for k in range(3)]  # once each, not once per strategy
+    assert {key[0] for key in models} == {"expert", "router"} and len(models) == 4
+    uncached, _ = sample_stage.sampler_for(run_store, "top-2", steps=2)  # the cache changes no image
+    assert torch.equal(uncached.sample(x1, seed=0), drawn[2])
+
+
+@pytest.mark.parametrize("strategy,k,n,world,expected", [
+    ("full", 4, 5000, 1, 1000),       # 5 batches of 1,000: every expert sees the whole batch
+    ("top1", 4, 5000, 1, 2500),       # 4,096 wanted, evened out to 2 x 2,500 (each expert ~625 a call)
+    ("top-2", 4, 10000, 1, 2000),     # 2,048 wanted -> 5 x 2,000
+    ("top1", 8, 10000, 1, 3334),      # capped at 4 x 1,024, evened out: 3 x 3,334
+    ("sample-2", 4, 10000, 2, 1667),  # per rank 5,000 at 2,048 -> 3 x 1,667
+    ("oracle-1", 4, 3000, 1, 1000),   # one expert takes every sample: no growth
+    ("nucleus-0.9", 4, 1024, 1, 1024),
+])
+def test_routed_strategies_draw_larger_batches(strategy: str, k: int, n: int, world: int, expected: int):
+    from ddm_trainer.combine import parse_strategy
+    from ddm_trainer.stages.evaluate import strategy_batch
+
+    assert strategy_batch(1024, parse_strategy(strategy), k, n, world) == expected

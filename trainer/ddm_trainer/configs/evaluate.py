@@ -23,8 +23,9 @@ class EvaluateConfig(StageBase):
                                   description=f"Rows of the table: {STRATEGY_HELP}, or '{MONOLITH_ROW}'")
     n_samples: int = Field(10_000, ge=2, description="Generated images per strategy (FID-N)")
     reference_n: int = Field(10_000, ge=2, description="Training images in the reference statistics")
-    batch_size: int | None = Field(None, ge=1, description="Images per sampling batch and process (null: 1024 on "
-                                                            "a GPU, 256 on a CPU)")
+    batch_size: int | None = Field(None, ge=1, description="Images per sampling batch and process (null: about 1024 "
+                                                            "per expert call on a GPU, 256 on a CPU: a routed strategy "
+                                                            "draws up to 4x that at once)")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="Networks under bf16 autocast (the ODE state "
                                                                     "stays fp32)")
     compile: bool | None = Field(None, description="Regional torch.compile of experts and router (null: on CUDA)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -122,6 +122,20 @@ def _expert_loader(store: Store, stage_dir: str, spec: ExpertSpec, use_ema: bool
     return load
 
 
+def _cached(models: dict[tuple[Any, ...], nn.Module] | None, key: tuple[Any, ...],
+            load: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``load`` through the cache ``models`` (None: no cache)."""
+    if models is None:
+        return load
+
+    def cached() -> nn.Module:
+        if key not in models:
+            models[key] = load()
+        return models[key]
+
+    return cached
+
+
 def compile_blocks(model: nn.Module) -> nn.Module:
     """Regional torch.compile (one compiled block serves every identical block of every expert and the router)."""
     for block in getattr(model, "blocks", []):
@@ -152,11 +166,13 @@ class Draw:
 def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = "euler",
                 device: str | torch.device = "cpu", cfg_scale: float = 1.0,
                 expert_devices: Sequence[str] | None = None, use_ema: bool = True, precision: str = "fp32",
-                compile: bool = False, stage_dirs: Sequence[str] | None = None) -> tuple[CombinedSampler, ExpertSpec]:
+                compile: bool = False, stage_dirs: Sequence[str] | None = None,
+                models: dict[tuple[Any, ...], nn.Module] | None = None) -> tuple[CombinedSampler, ExpertSpec]:
     """The validated ensemble of ``strategy`` as a sampler (weights load lazily), and the experts' spec.
 
     ``stage_dirs`` replaces the experts with these stages' models (e.g. ``[experts/monolith]`` with
-    ``oracle-0``: the K=1 baseline sampled exactly like an ensemble)."""
+    ``oracle-0``: the K=1 baseline sampled exactly like an ensemble). ``models``: a cache shared by the samplers
+    of one process (the evaluation's strategies), so each expert and the router is read and compiled once."""
     from ..stages.router import load_router
 
     if stage_dirs is None:
@@ -168,11 +184,12 @@ def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = 
         specs = [expert_spec(_final_config(run_store, d), run_store.url(layout.final(d))) for d in dirs]
         router_k = None
     spec0 = specs[0]
-    experts = [_expert_loader(run_store, d, s, use_ema, compile) for d, s in zip(dirs, specs)]
+    experts = [_cached(models, ("expert", d, use_ema, compile), _expert_loader(run_store, d, s, use_ema, compile))
+               for d, s in zip(dirs, specs)]
     router_src = None
     if router_k is not None:
-        router_src = (lambda: compile_blocks(load_router(run_store, "cpu"))) if compile else \
-            (lambda: load_router(run_store, "cpu"))
+        router_src = _cached(models, ("router", compile), (lambda: compile_blocks(load_router(run_store, "cpu")))
+                             if compile else (lambda: load_router(run_store, "cpu")))
     sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
                               cfg_scale=cfg_scale, device=device, devices=expert_devices,
                               router_num_clusters=router_k, null_label=spec0.num_classes,
