@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
-from .api.models import DecentralizedDiffusion
+from .api.models import GROUP, KIND, PATTERN_NAMES, DecentralizedDiffusion
 
 LOCAL_COMMANDS = "ddm_operator.local.commands"
 
@@ -28,7 +29,12 @@ def format_errors(err: ValidationError) -> list[str]:
             lines.extend(e["ctx"]["lines"].splitlines())
             continue
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "ddm_field":  # a model's own rules: one "field: message" line each, relative to the model
+            lines.extend(f"{loc}.{line}" if e["loc"] else line for line in e["ctx"]["lines"].splitlines())
+            continue
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] in PATTERN_NAMES:
+            msg = f"must be {PATTERN_NAMES[e['ctx']['pattern']]}"
         got = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(e["input"], dict) else f" (got {e['input']!r})"
         lines.append(f"{loc}: {msg}{got}")
     return lines
@@ -45,27 +51,57 @@ def validate_document(doc: Any) -> list[str]:
     return []
 
 
-def validate_file(path: Path) -> list[str]:
-    """Errors of every document in a YAML file, each line prefixed by the document index when there are several."""
+class _Loader(yaml.SafeLoader):
+    """YAML as the API server reads it: ``1e-4`` is a number (PyYAML's YAML 1.1 wants a dot: ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?([0-9][0-9_]*)?\.?[0-9]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _is_ours(doc: Any) -> bool:
+    """A document meant as a DecentralizedDiffusion (our kind or our API group), as opposed to a Secret beside it."""
+    if not isinstance(doc, dict):
+        return True
+    return doc.get("kind") == KIND or str(doc.get("apiVersion", "")).split("/")[0] == GROUP
+
+
+def check_file(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, notes) of a YAML file: every DecentralizedDiffusion in it is validated, other kinds (a Secret, a
+    Namespace) are skipped with a note; lines are prefixed by the document index when there are several."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in yaml.load_all(path.read_text(), Loader=_Loader) if d is not None]
     except OSError as err:
-        return [f"cannot read: {err.strerror}"]
+        return [f"cannot read: {err.strerror}"], []
     except yaml.YAMLError as err:
-        return [f"not valid YAML: {str(err).splitlines()[0]}"]
-    if not docs:
-        return ["empty file: expected a DecentralizedDiffusion manifest"]
+        return [f"not valid YAML: {str(err).splitlines()[0]}"], []
+    if not any(_is_ours(d) for d in docs):
+        return ["no DecentralizedDiffusion manifest in the file"], []
     lines: list[str] = []
+    notes: list[str] = []
     for i, doc in enumerate(docs):
         prefix = f"document {i}: " if len(docs) > 1 else ""
-        lines.extend(prefix + line for line in validate_document(doc))
-    return lines
+        if _is_ours(doc):
+            lines.extend(prefix + line for line in validate_document(doc))
+        else:
+            notes.append(f"{prefix}skipped ({doc.get('apiVersion')} {doc.get('kind')}: not a {KIND})")
+    return lines, notes
+
+
+def validate_file(path: Path) -> list[str]:
+    """Errors of every DecentralizedDiffusion in a YAML file (empty: valid); see ``check_file``."""
+    return check_file(path)[0]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for name in args.specs:
-        errors = validate_file(Path(name))
+        errors, notes = check_file(Path(name))
+        for line in notes:
+            print(f"{name}: {line}")
         if errors:
             failed = True
             for line in errors:

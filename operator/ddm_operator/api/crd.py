@@ -2,21 +2,28 @@
 
 pydantic's JSON Schema is turned into a *structural* Kubernetes OpenAPI v3 schema: $refs inlined, ``X | None``
 becomes ``nullable``, ``const`` becomes a one-value enum, free-form objects get
-``x-kubernetes-preserve-unknown-fields``, int-or-string quantities get ``x-kubernetes-int-or-string``, and the
-cross-field ``RULES`` and ``IMMUTABLE_FIELDS`` of ``models`` become CEL ``x-kubernetes-validations``.
+``x-kubernetes-preserve-unknown-fields``, int-or-string quantities get ``x-kubernetes-int-or-string`` (keeping the
+integer's bounds and the string's pattern), constrained map keys (``patternProperties``) become a CEL rule on the
+map, and the cross-field ``RULES``, each model's own ``rules`` and ``IMMUTABLE_FIELDS`` of ``models`` become CEL
+``x-kubernetes-validations``. Every description gets the field's default and range appended, so
+``kubectl explain`` shows them.
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import models
 from .models import (
     GROUP,
     IMMUTABLE_FIELDS,
+    INT64_MAX,
     KIND,
+    PATTERN_NAMES,
     PLURAL,
     RULES,
     SHORT_NAMES,
@@ -24,6 +31,7 @@ from .models import (
     VERSION,
     DecentralizedDiffusionSpec,
     DecentralizedDiffusionStatus,
+    Rule,
 )
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -34,15 +42,31 @@ CRD_PATHS = (Path("crds") / CRD_FILENAME, Path("charts/ddm-operator/crds") / CRD
 _DROP_KEYS = {"title", "additionalProperties", "$defs", "discriminator", "examples"}
 
 
+def _cel(rule: Rule) -> dict[str, str]:
+    # the API server prefixes the message with fieldPath (spec.clustering.fineClusters: ...)
+    return {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}"}
+
+
+def _model_rules() -> dict[str, list[dict[str, str]]]:
+    """Schema definition name (the model's class name) -> the CEL of the model's own ``rules``."""
+    found = {}
+    for value in vars(models).values():
+        if isinstance(value, type) and issubclass(value, models.SpecModel) and value.rules:
+            found[value.__name__] = [_cel(rule) for rule in value.rules]
+    return found
+
+
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
-    """Inline every $ref (our models have no recursion)."""
+    """Inline every $ref (our models have no recursion), attaching each model's own rules where it is used."""
     if isinstance(node, list):
         return [_resolve(n, defs) for n in node]
     if not isinstance(node, dict):
         return node
     if "$ref" in node:
-        target = defs[node["$ref"].rsplit("/", 1)[-1]]
-        merged = {**copy.deepcopy(target), **{k: v for k, v in node.items() if k != "$ref"}}
+        name = node["$ref"].rsplit("/", 1)[-1]
+        merged = {**copy.deepcopy(defs[name]), **{k: v for k, v in node.items() if k != "$ref"}}
+        if name in (rules := _model_rules()):
+            merged["x-kubernetes-validations"] = rules[name]
         return _resolve(merged, defs)
     return {k: _resolve(v, defs) for k, v in node.items()}
 
@@ -70,8 +94,12 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             out.update({k: v for k, v in inner.items() if k not in node})
         elif _is_int_or_string(non_null):
             out["x-kubernetes-int-or-string"] = True
+            for option in non_null:  # the integer's bounds, the string's pattern: each applies to its own type
+                out.update({k: v for k, v in option.items() if k not in ("type", "title")})
         else:
             raise ValueError(f"cannot express anyOf {non_null} structurally")
+    if node.get("maximum") == INT64_MAX:  # the API server's integers are int64 already (and 2**63-1 is no float64)
+        del node["maximum"]
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if "default" in node and node["default"] is None:
@@ -80,6 +108,13 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
     if isinstance(node.get("exclusiveMaximum"), (int, float)) and not isinstance(node["exclusiveMaximum"], bool):
         node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    keys = node.pop("patternProperties", None)
+    if keys is not None:  # constrained map keys: one pattern, checked by CEL; the values' schema as usual
+        (pattern, values), = keys.items()
+        node["additionalProperties"] = values
+        name = PATTERN_NAMES.get(pattern, f"matching {pattern}")
+        node.setdefault("x-kubernetes-validations", []).append(
+            {"rule": f"self.all(k, k.matches(r'{pattern}'))", "message": f"every key must be {name}"})
     free_form = node.get("type") == "object" and "properties" not in node and node.get("additionalProperties") in (True, None, {})
     for key, value in node.items():
         if key in _DROP_KEYS:
@@ -97,7 +132,27 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         out["x-kubernetes-preserve-unknown-fields"] = True
         if node == {}:
             out.setdefault("type", "object")
+    if "description" in out:
+        out["description"] = _described(out)
     return _ordered(out)
+
+
+def _described(node: dict[str, Any]) -> str:
+    """The description with the default and the range appended (``kubectl explain`` shows only the description)."""
+    text = str(node["description"]).rstrip(".")
+    extra = []
+    if node.get("default") not in (None, {}, []):
+        default = node["default"]
+        extra.append(f"Default: {', '.join(default) if isinstance(default, list) else json.dumps(default).strip(chr(34))}")
+    low, high = node.get("minimum"), node.get("maximum")
+    if low is not None and high is not None and not node.get("exclusiveMinimum") and not node.get("exclusiveMaximum"):
+        extra.append(f"Range: {low} to {high}")
+    else:
+        bounds = [f"{'>' if node.get('exclusiveMinimum') else '>='} {low}"] if low is not None else []
+        bounds += [f"{'<' if node.get('exclusiveMaximum') else '<='} {high}"] if high is not None else []
+        if bounds:
+            extra.append(f"Range: {', '.join(bounds)}")
+    return ". ".join([text, *extra]) + "."
 
 
 _FIRST = ("type", "description", "nullable", "default", "enum", "format", "pattern", "minimum", "exclusiveMinimum",
@@ -126,11 +181,7 @@ def spec_schema() -> dict[str, Any]:
     """The structural schema of ``spec`` with every CEL rule attached where it belongs."""
     schema = _schema_of(DecentralizedDiffusionSpec)
     for rule in RULES:
-        where = _node(schema, rule.at)
-        where.setdefault("x-kubernetes-validations", []).append(
-            # the API server prefixes the message with fieldPath (spec.clustering.fineClusters: ...)
-            {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}"}
-        )
+        _node(schema, rule.at).setdefault("x-kubernetes-validations", []).append(_cel(rule))
     for at, message in IMMUTABLE_FIELDS:
         _node(schema, at).setdefault("x-kubernetes-validations", []).append({"rule": "self == oldSelf", "message": message})
     return schema
@@ -142,6 +193,23 @@ def status_schema() -> dict[str, Any]:
     # The operator framework (kopf) keeps its own bookkeeping under status: do not prune it.
     schema["x-kubernetes-preserve-unknown-fields"] = True
     return schema
+
+
+# `kubectl get ddm`; priority 1 only with `-o wide`.
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "K", "type": "integer", "jsonPath": ".spec.clustering.numClusters", "description": "Experts (numClusters)"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.expertsReady", "description": "Experts trained"},
+    {"name": "Router", "type": "string", "jsonPath": ".status.router.phase"},
+    {"name": "Best FID", "type": "number", "jsonPath": ".status.bestFid", "description": "Best routing strategy's FID"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Preset", "type": "string", "jsonPath": ".spec.experts.modelPreset", "priority": 1},
+    {"name": "Steps", "type": "integer", "jsonPath": ".spec.experts.steps", "priority": 1,
+     "description": "Training steps of each expert"},
+    {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.message", "priority": 1,
+     "description": "What the run is doing (experts ready, stage states)"},
+]
 
 
 def generate_crd() -> dict[str, Any]:
@@ -159,14 +227,7 @@ def generate_crd() -> dict[str, Any]:
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                    {"name": "Ready", "type": "integer", "jsonPath": ".status.expertsReady", "description": "Experts trained"},
-                    {"name": "Total", "type": "integer", "jsonPath": ".status.expertsTotal", "description": "Experts (K)"},
-                    {"name": "Router", "type": "string", "jsonPath": ".status.router.phase"},
-                    {"name": "Best FID", "type": "number", "jsonPath": ".status.bestFid"},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
+                "additionalPrinterColumns": PRINTER_COLUMNS,
                 "schema": {"openAPIV3Schema": {
                     "type": "object",
                     "description": "Train K diffusion experts on feature clusters of a dataset, a router, and evaluate the ensemble.",

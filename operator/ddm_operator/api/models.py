@@ -4,17 +4,25 @@ YAML/JSON use camelCase (aliases), Python uses snake_case. Unknown keys are erro
 The CRD's OpenAPI schema is generated from these models (``api/crd.py``); cross-field rules are written
 once in ``RULES`` and serve both as CEL (``x-kubernetes-validations``) and as Python checks here.
 
-Immutable after creation (CEL ``self == oldSelf``): ``spec.dataset``, ``spec.clustering``, ``spec.storage.uri``
-and ``spec.experts.modelPreset`` - changing any of them would silently invalidate committed artifacts
-(cluster assignments, expert checkpoints). Everything else (steps, placement, evaluation, suspend, ...) may change.
+Rules that concern one section (a toleration, a resources block) are declared on its model (``rules``, a
+``ClassVar``): the CRD generator attaches their CEL to every schema node made from that model, and
+``SpecModel`` runs their Python twin. Spec fields are strict like the API server: no ``"8"`` for an integer or
+``"true"`` for a boolean. Placement follows Kubernetes' own checks (label keys and values, quantities,
+tolerations, requests <= limits, affinity shape), so a bad placement is refused at admission, not at pod creation.
+
+Immutable after creation (CEL ``self == oldSelf``): ``spec.dataset``, ``spec.clustering``, ``spec.storage.uri``,
+``spec.experts.modelPreset`` and ``spec.experts.classConditional`` - changing any of them would silently
+invalidate committed artifacts (cluster assignments, expert checkpoints). Everything else (steps, placement,
+evaluation, suspend, ...) may change.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -31,19 +39,81 @@ DiTPreset = Literal[
 ]
 DIT_PRESETS: tuple[str, ...] = DiTPreset.__args__  # type: ignore[attr-defined]
 
-# Sampling strategies (see ddm_trainer.combine): full | top1 | top-K | sample-K | nucleus-P (0<P<=1) | oracle-K
-STRATEGY_PATTERN = r"^(full|top1|top-[1-9][0-9]{0,3}|sample-[1-9][0-9]{0,3}|nucleus-(0\.[0-9]*[1-9][0-9]*|1|1\.0+)|oracle-[1-9][0-9]{0,3})$"
+# Sampling strategies (see ddm_trainer.combine): full | top1 | top-K | sample-K[@T] | nucleus-P[@T] | oracle-C,
+# K an expert count 1..9999, P a probability mass in (0, 1], T a temperature > 0, C a 0-based cluster index.
+_COUNT = r"[1-9][0-9]{0,3}"
+_MASS = r"(0\.[0-9]*[1-9][0-9]*|1|1\.0+)"
+_TEMPERATURE = r"([1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)"
+STRATEGY_PATTERN = rf"^(full|top1|top-{_COUNT}|(sample-{_COUNT}|nucleus-{_MASS})(@{_TEMPERATURE})?|oracle-(0|{_COUNT}))$"
+STRATEGY_GRAMMAR = (
+    "full (every expert, router-weighted) | top1 or top-K (the K most likely experts) | sample-K[@T] (K experts drawn"
+    " from the router's distribution sharpened by temperature T > 0, default 1) | nucleus-P[@T] (the smallest set of"
+    " experts holding router mass P, 0 < P <= 1) | oracle-C (only expert C, 0-based: the true cluster's expert)"
+)
 # file:///absolute/path, s3://bucket[/prefix], or a plain path without a scheme (local runner only)
 STORAGE_URI_PATTERN = r"^(file:///.*|s3://[a-z0-9][a-z0-9.\-]{0,62}(/.*)?|[^:]+)$"
 # The dataset may also be an http(s) URL of shards.
 DATA_URI_PATTERN = r"^(file:///.*|s3://[a-z0-9][a-z0-9.\-]{0,62}(/.*)?|https?://.+|[^:]+)$"
-DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# Kubernetes' own name syntax (k8s.io/apimachinery/pkg/util/validation).
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_QUALIFIED_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+DNS_LABEL_PATTERN = rf"^{_DNS_LABEL}$"
+DNS_SUBDOMAIN_PATTERN = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$"
+# [prefix/]name: prefix a DNS subdomain, name <= 63 characters of [-A-Za-z0-9_.], alphanumeric at both ends
+LABEL_KEY_PATTERN = rf"^({_DNS_LABEL}(\.{_DNS_LABEL})*/)?{_QUALIFIED_NAME}$"
+# annotation keys are checked lower-cased: the prefix may have capitals
+ANNOTATION_KEY_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*/)?" + _QUALIFIED_NAME + "$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# resource.Quantity: a non-negative decimal with an optional binary (Ki..Ei), decimal (n, u, m, k..E) or e-exponent suffix
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+GPU_RESOURCE = "nvidia.com/gpu"
 
 URI_MAX = 2048
 NAME_MAX = 253
+LABEL_VALUE_MAX = 63
 MAX_CLUSTERS = 1024
 MAX_FINE_CLUSTERS = 65536
+INT64_MAX = 2**63 - 1
+
+# Readable names of patterns, for error messages (``ddm validate``) and the CEL messages of map keys (the CRD).
+PATTERN_NAMES = {
+    STRATEGY_PATTERN: f"a strategy: {STRATEGY_GRAMMAR}",
+    DNS_LABEL_PATTERN: "a DNS label (lower-case alphanumerics and '-', alphanumeric at both ends)",
+    DNS_SUBDOMAIN_PATTERN: "a DNS subdomain (dot-separated DNS labels: lower-case alphanumerics and '-')",
+    LABEL_KEY_PATTERN: "a label key ([DNS-subdomain prefix/]name, name <= 63 characters of [-A-Za-z0-9_.], "
+                       "alphanumeric at both ends)",
+    ANNOTATION_KEY_PATTERN: "an annotation key ([DNS-subdomain prefix/]name, name <= 63 characters of [-A-Za-z0-9_.], "
+                            "alphanumeric at both ends)",
+    LABEL_VALUE_PATTERN: "a label value (<= 63 characters of [-A-Za-z0-9_.], alphanumeric at both ends, or empty)",
+    QUANTITY_PATTERN: "a Kubernetes quantity (e.g. 8, 500m, 80Gi, 1e3)",
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule written once: ``cel`` for the CRD, ``check`` (True = valid) for the models.
+
+    In ``RULES`` (spec-wide rules), ``at`` is the alias path below ``spec`` where the CEL sits and ``check`` gets the
+    model there; in a model's ``rules``, ``at`` is empty and the rule sits on every schema node of that model.
+    ``field`` is the field the rule blames, relative to where it sits."""
+
+    at: tuple[str, ...]
+    field: str
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+    got: Callable[[Any], str] = lambda m: ""
+
+    @property
+    def field_path(self) -> str:
+        return ".".join(("spec", *self.at, self.field))
+
+    def violation(self, model: Any) -> str | None:
+        """``field: message (got ...)`` when ``model`` breaks the rule, else None."""
+        if self.check(model):
+            return None
+        got = self.got(model)
+        return f"{self.field}: {self.message}" + (f" (got {got})" if got else "")
 
 
 class ApiModel(BaseModel):
@@ -58,44 +128,130 @@ class ApiModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class SpecModel(ApiModel):
+    """A part of the spec: strict types as the API server has them, and the model's own ``rules`` checked."""
+
+    model_config = ConfigDict(strict=True)
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _own_rules(self) -> SpecModel:
+        lines = [line for rule in type(self).rules if (line := rule.violation(self)) is not None]
+        if lines:  # relative to this model's location; cli.format_errors prefixes it
+            raise PydanticCustomError("ddm_field", "{lines}", {"lines": "\n".join(lines)})
+        return self
+
+
 # ---------------------------------------------------------------- placement
 
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX, pattern=LABEL_VALUE_PATTERN)]
+AnnotationKey = Annotated[str, StringConstraints(pattern=ANNOTATION_KEY_PATTERN)]
+# A Kubernetes quantity: 8, "80Gi", "500m", "1e3"
+Quantity = Annotated[int, Field(ge=0, le=INT64_MAX)] | Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)]
 
-class Toleration(ApiModel):
-    key: str | None = Field(None, max_length=NAME_MAX)
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = Field(None, max_length=NAME_MAX)
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, ge=0)
-
-
-Quantity = int | Annotated[str, StringConstraints(max_length=64)]  # Kubernetes quantity: 8, "80Gi", "500m"
-LabelValue = Annotated[str, StringConstraints(max_length=63)]
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": Decimal("1e-9"),
+           "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+           "P": 10**15, "E": 10**18}
 
 
-class Resources(ApiModel):
-    """Container resources of each pod (e.g. ``limits: {nvidia.com/gpu: 8}``)."""
+def parse_quantity(value: int | str) -> Decimal | None:
+    """The value of a Kubernetes quantity (``"1.5Gi"`` -> 1610612736), or None when it is not one."""
+    if isinstance(value, int):
+        return Decimal(value)
+    m = re.fullmatch(QUANTITY_PATTERN, value)
+    if m is None:
+        return None
+    number, suffix = value[: m.start(3)] if m.group(3) else value, m.group(3) or ""
+    try:
+        if suffix[:1] in ("e", "E") and len(suffix) > 1:
+            return Decimal(number) * Decimal(10) ** int(suffix[1:])
+        return Decimal(number) * Decimal(_SUFFIX[suffix])
+    except (InvalidOperation, KeyError):
+        return None
 
-    requests: dict[str, Quantity] | None = Field(None, max_length=16)
-    limits: dict[str, Quantity] | None = Field(None, max_length=16)
+
+def _tolerations_rules() -> tuple[Rule, ...]:
+    return (
+        Rule(at=(), field="value", cel="self.operator != 'Exists' || !has(self.value) || self.value == ''",
+             message="must be empty when operator is Exists", check=lambda t: t.operator != "Exists" or not t.value,
+             got=lambda t: f"value={t.value!r}"),
+        Rule(at=(), field="operator", cel="(has(self.key) && self.key != '') || self.operator == 'Exists'",
+             message="must be Exists when key is empty (a toleration of every taint)",
+             check=lambda t: bool(t.key) or t.operator == "Exists"),
+        Rule(at=(), field="tolerationSeconds",
+             cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             message="needs effect NoExecute", check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+             got=lambda t: f"effect={t.effect}"),
+    )
 
 
-class Placement(ApiModel):
+class Toleration(SpecModel):
+    """A core/v1 Toleration of the stage's pods, checked as Kubernetes checks it."""
+
+    rules = _tolerations_rules()
+    key: LabelKey | None = Field(None, max_length=NAME_MAX, description="Taint key (a label key); empty: every taint, needs operator Exists")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Equal: the taint's value must be value; Exists: any value")
+    value: LabelValue | None = Field(None, description="Taint value (a label value); must be empty with operator Exists")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty: every effect")
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="With effect NoExecute: seconds the pod stays after the taint appears")
+
+
+class Affinity(SpecModel):
+    """A core/v1 Affinity: its three parts are objects, passed to the pods as written."""
+
+    node_affinity: dict[str, Any] | None = Field(None, description="core/v1 NodeAffinity")
+    pod_affinity: dict[str, Any] | None = Field(None, description="core/v1 PodAffinity")
+    pod_anti_affinity: dict[str, Any] | None = Field(None, description="core/v1 PodAntiAffinity")
+
+
+def _requests_within_limits(r: Resources) -> bool:
+    for name, request in (r.requests or {}).items():
+        limit = (r.limits or {}).get(name)
+        if limit is not None and (a := parse_quantity(request)) is not None and (b := parse_quantity(limit)) is not None:
+            if a > b:
+                return False
+    return True
+
+
+class Resources(SpecModel):
+    """Container resources of each pod (e.g. ``limits: {nvidia.com/gpu: 8, memory: 1600Gi}``): Kubernetes quantities."""
+
+    rules = (
+        Rule(at=(), field="requests",
+             cel="!has(self.requests) || !has(self.limits) || self.requests.all(r, !(r in self.limits)"
+                 " || !isQuantity(string(self.requests[r])) || !isQuantity(string(self.limits[r]))"
+                 " || quantity(string(self.requests[r])).compareTo(quantity(string(self.limits[r]))) <= 0)",
+             message="every request must be <= its limit",
+             check=_requests_within_limits, got=lambda r: f"requests={r.requests}, limits={r.limits}"),
+    )
+    requests: dict[LabelKey, Quantity] | None = Field(
+        None, max_length=16, description="Resource name -> quantity the scheduler reserves (each <= its limit)")
+    limits: dict[LabelKey, Quantity] | None = Field(
+        None, max_length=16, description=f"Resource name -> quantity the pod may use; {GPU_RESOURCE} defaults to gpusPerNode")
+
+
+class Placement(SpecModel):
     """Where a stage's pods run. Every field is optional; per-expert overrides replace fields they set."""
 
-    node_selector: dict[str, LabelValue] | None = Field(None, max_length=32)
-    tolerations: list[Toleration] | None = Field(None, max_length=32)
-    affinity: dict[str, Any] | None = Field(None, description="A core/v1 Affinity object, passed through as is")
-    resources: Resources | None = None
-    priority_class_name: str | None = Field(None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN)
-    kueue_queue_name: str | None = Field(None, max_length=63, description="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name")
+    node_selector: dict[LabelKey, LabelValue] | None = Field(
+        None, max_length=32, description="Node labels the pods require (label key -> label value)")
+    tolerations: list[Toleration] | None = Field(None, max_length=32, description="Taints the pods tolerate")
+    affinity: Affinity | None = Field(None, description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity)")
+    resources: Resources | None = Field(None, description="Container requests and limits")
+    priority_class_name: str | None = Field(
+        None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN, description="PriorityClass of the pods")
+    kueue_queue_name: LabelValue | None = Field(
+        None, min_length=1, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label (a label value)")
     target_cluster: str | None = Field(
         None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN,
         description="Name of a Secret (in this namespace) holding a kubeconfig of the cluster to run on",
     )
-    pod_labels: dict[str, LabelValue] | None = Field(
+    pod_labels: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=32, description="Labels added to the stage's pods (the operator's own ddm.io/* labels win)")
-    pod_annotations: dict[str, Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
+    pod_annotations: dict[AnnotationKey, Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
         None, max_length=32, description="Annotations added to the stage's pods (e.g. a sidecar opt-out)")
 
     def merged_with(self, override: Placement | None) -> Placement:
@@ -105,27 +261,46 @@ class Placement(ApiModel):
         fields = {name: value for name, value in override if value is not None}
         return self.model_copy(update=fields)
 
+    def asks_for_gpus(self) -> bool:
+        r = self.resources
+        return r is not None and any(GPU_RESOURCE in (d or {}) for d in (r.requests, r.limits))
 
-class PlacementOverride(ApiModel):
-    experts: list[int] = Field(min_length=1, max_length=MAX_CLUSTERS, description="Expert (cluster) indices")
-    placement: Placement
 
-    @field_validator("experts")
-    @classmethod
-    def _indices(cls, v: list[int]) -> list[int]:
-        bad = [i for i in v if i < 0]
-        if bad:
-            raise ValueError(f"expert indices must be >= 0, got {bad}")
-        return v
+class PlacementOverride(SpecModel):
+    """Placement of some experts: the fields set here replace the section's default placement for them."""
+
+    experts: list[Annotated[int, Field(ge=0, lt=MAX_CLUSTERS)]] = Field(
+        min_length=1, max_length=MAX_CLUSTERS, description="Expert (cluster) indices, 0-based, each < numClusters")
+    placement: Placement = Field(description="Fields that replace the default placement for these experts")
+
+
+def _no_gpus_cel(p: str) -> str:
+    """CEL: placement ``p`` asks for no GPU (neither request nor limit); the twin of ``Placement.asks_for_gpus``."""
+    return (f"(!has({p}.resources) || ((!has({p}.resources.limits) || !('{GPU_RESOURCE}' in {p}.resources.limits))"
+            f" && (!has({p}.resources.requests) || !('{GPU_RESOURCE}' in {p}.resources.requests))))")
+
+
+def _gpu_rule(overrides: bool = False) -> Rule:
+    """A section with ``gpusPerNode: 0`` runs on CPUs: its placement (and overrides) may not ask for GPUs."""
+    cel = f"!has(self.gpusPerNode) || self.gpusPerNode > 0 || ((!has(self.placement) || {_no_gpus_cel('self.placement')})"
+    cel += f" && (!has(self.overrides) || self.overrides.all(o, {_no_gpus_cel('o.placement')})))" if overrides else ")"
+    return Rule(
+        at=(), field="gpusPerNode", cel=cel,
+        message=f"is 0 (CPU only) but the placement asks for {GPU_RESOURCE}: set gpusPerNode instead",
+        check=lambda m: m.gpus_per_node > 0 or not any(
+            p.asks_for_gpus() for p in (m.placement, *(o.placement for o in getattr(m, "overrides", ())))),
+    )
 
 
 # ---------------------------------------------------------------- spec sections
 
+class DatasetSpec(SpecModel):
+    """The training images. Immutable after creation: the clustering and every expert are made from it."""
 
-class DatasetSpec(ApiModel):
-    uri: str = Field(max_length=URI_MAX, pattern=DATA_URI_PATTERN, description="Shards, a folder, or a store URI")
-    image_size: int = Field(32, ge=8, le=1024)
-    channels: Literal[1, 3] = 3
+    uri: str = Field(max_length=URI_MAX, pattern=DATA_URI_PATTERN,
+                     description="Webdataset shards (brace ranges allowed), an image folder, or a file://, s3:// or http(s):// URI")
+    image_size: int = Field(32, ge=8, le=1024, description="Side in pixels the images are resized and cropped to")
+    channels: Literal[1, 3] = Field(3, description="1 (grayscale) or 3 (RGB)")
     class_field: str | None = Field(
         None, max_length=64, description="Per-sample key of the class index (e.g. cls); needed by classConditional experts"
     )
@@ -133,37 +308,47 @@ class DatasetSpec(ApiModel):
         None, ge=1, le=1_000_000, description="Number of classes (indices 0..N-1); needed by classConditional experts"
     )
     caption_field: str | None = Field(None, max_length=64, description="Per-sample key of the caption")
-    limit: int | None = Field(None, ge=1, description="Use only the first N samples")
+    limit: int | None = Field(None, ge=1, le=INT64_MAX, description="Use only the first N samples (default: all)")
 
 
-class ClusteringSpec(ApiModel):
+class ClusteringSpec(SpecModel):
+    """How the dataset is split into K clusters: encoder features, fine k-means, merged into K coarse clusters.
+    Immutable after creation (the experts are trained on its assignments)."""
+
     encoder: str = Field("dinov2_vitl14", max_length=128, description="Feature encoder (timm name or built-in)")
-    encoder_weights: str | None = Field(None, max_length=URI_MAX, pattern=DATA_URI_PATTERN, description="Encoder weights URI")
-    fine_clusters: int = Field(1024, ge=1, le=MAX_FINE_CLUSTERS, description="Fine k-means centroids before merging")
+    encoder_weights: str | None = Field(None, max_length=URI_MAX, pattern=DATA_URI_PATTERN,
+                                        description="Encoder weights URI (default: the encoder's published weights)")
+    fine_clusters: int = Field(1024, ge=1, le=MAX_FINE_CLUSTERS, description="Fine k-means centroids before merging (>= numClusters)")
     num_clusters: int = Field(ge=1, le=MAX_CLUSTERS, description="K: number of coarse clusters = experts")
-    max_cluster_fraction: float | None = Field(None, gt=0, le=1, description="Balance bound: no cluster above this share")
-    method: Literal["kmeans", "random"] = "kmeans"
-    seed: int = Field(0, ge=0)
+    max_cluster_fraction: float | None = Field(
+        None, gt=0, le=1, description="Balance bound: no cluster above this share of the data (times numClusters >= 1)")
+    method: Literal["kmeans", "random"] = Field("kmeans", description="kmeans on features, or random (an ablation)")
+    seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of the k-means initialisation")
 
 
-class ExpertsSpec(ApiModel):
-    model_preset: DiTPreset = "DiT-XL/2"
-    steps: int = Field(gt=0, le=100_000_000)
+class ExpertsSpec(SpecModel):
+    """The K experts: one flow-matching DiT per cluster, each trained on its cluster only, possibly elsewhere."""
+
+    rules = (_gpu_rule(overrides=True),)
+    model_preset: DiTPreset = Field("DiT-XL/2", description="DiT size/patch; the patch must divide dataset.imageSize. Immutable")
+    steps: int = Field(gt=0, le=100_000_000, description="Training steps of each expert")
     batch_size: int = Field(256, gt=0, le=1_000_000, description="Global batch size per expert")
-    lr: float = Field(1e-4, gt=0, le=1)
-    ema_decay: float = Field(0.9999, ge=0, le=1)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate")
+    ema_decay: float = Field(0.9999, ge=0, le=1, description="Decay of the weights' exponential moving average")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision of training")
     compile: bool = Field(True, description="Regional torch.compile on CUDA (no effect on CPU); false to debug")
-    checkpoint_every: int = Field(5000, gt=0)
+    checkpoint_every: int = Field(5000, gt=0, le=100_000_000, description="Steps between checkpoints (a killed expert resumes from the last)")
     termination_grace_period_seconds: int | None = Field(
         None, ge=1, le=86_400,
         description="Pod grace period after SIGTERM, for the checkpoint to commit (default: from the preset's size)",
     )
-    class_conditional: bool = False
-    label_dropout: float = Field(0.1, ge=0, le=1)
-    gpus_per_node: int = Field(1, ge=0, le=64)
-    nodes: int = Field(1, ge=1, le=1024)
-    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
+    class_conditional: bool = Field(
+        False, description="Condition the experts on dataset.classField (needs numClasses); immutable after creation")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="Share of labels dropped for classifier-free guidance")
+    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (torchrun processes) per node; 0: CPU only")
+    nodes: int = Field(1, ge=1, le=1024, description="Nodes per expert (multi-node DDP)")
+    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}},
+                                 description="Default placement of every expert's pods (and the clustering's)")
     overrides: list[PlacementOverride] = Field(
         default_factory=list, max_length=64, description="Per-expert placement: fields set here replace the default"
     )
@@ -177,62 +362,101 @@ class ExpertsSpec(ApiModel):
         return placement
 
 
-class RouterSpec(ApiModel):
-    preset: DiTPreset = "DiT-B/2"
-    steps: int = Field(50_000, gt=0, le=100_000_000)
-    batch_size: int = Field(256, gt=0, le=1_000_000)
-    lr: float = Field(1e-4, gt=0, le=1)
-    precision: Literal["fp32", "bf16"] = "bf16"
+class RouterSpec(SpecModel):
+    """The router: a small DiT classifier of p(k | x_t, t), which expert a noisy image belongs to."""
+
+    rules = (_gpu_rule(),)
+    preset: DiTPreset = Field("DiT-B/2", description="DiT size/patch of the router; the patch must divide dataset.imageSize")
+    steps: int = Field(50_000, gt=0, le=100_000_000, description="Training steps")
+    batch_size: int = Field(256, gt=0, le=1_000_000, description="Global batch size")
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision of training")
     compile: bool = Field(True, description="Regional torch.compile on CUDA (no effect on CPU)")
-    gpus_per_node: int = Field(1, ge=0, le=64)
-    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
+    gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (torchrun processes); 0: CPU only")
+    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}},
+                                 description="Placement of the router's pods")
 
 
-class EvaluationSpec(ApiModel):
-    strategies: list[str] = Field(
-        default_factory=lambda: ["full", "top1"], min_length=1, max_length=16,
-        json_schema_extra={"default": ["full", "top1"], "items": {"type": "string", "maxLength": 32, "pattern": STRATEGY_PATTERN}},
+def strategy_key(strategy: str) -> tuple[str, float, float]:
+    """(kind, number, temperature): equal for two spellings of one strategy (top1 and top-1, sample-2 and sample-2@1).
+    The Python twin of ``_STRATEGY_KEY_CEL``; the kinds differ in their first three letters."""
+    number = 0.0 if strategy == "full" else 1.0 if strategy == "top1" else float(strategy.split("-", 1)[1].split("@")[0])
+    return strategy[:3], number, float(strategy.split("@")[1]) if "@" in strategy else 1.0
+
+
+def _strategy_key_cel(v: str) -> tuple[str, str, str]:
+    return (f"{v}.substring(0, 3)",
+            f"({v} == 'full' ? 0.0 : {v} == 'top1' ? 1.0 : double({v}.substring({v}.indexOf('-') + 1).split('@')[0]))",
+            f"({v}.contains('@') ? double({v}.split('@')[1]) : 1.0)")
+
+
+def _strategies_unique(ev: EvaluationSpec) -> bool:
+    keys = [strategy_key(s) for s in ev.strategies if re.fullmatch(STRATEGY_PATTERN, s)]
+    return len(set(keys)) == len(keys)
+
+
+_SAME_STRATEGY = " && ".join(f"{a} == {b}" for a, b in zip(_strategy_key_cel("t"), _strategy_key_cel("s")))
+Strategy = Annotated[str, StringConstraints(max_length=32, pattern=STRATEGY_PATTERN)]
+
+
+class EvaluationSpec(SpecModel):
+    """FID/KID of the ensemble under each routing strategy (and of the monolith baseline when it is trained)."""
+
+    rules = (
+        Rule(at=(), field="strategies",
+             cel=f"!has(self.strategies) || self.strategies.all(s, !s.matches(r'{STRATEGY_PATTERN}')"
+                 f" || self.strategies.exists_one(t, t.matches(r'{STRATEGY_PATTERN}') && {_SAME_STRATEGY}))",
+             message="must not repeat a strategy (top1 and top-1, sample-2 and sample-2@1 are the same)",
+             check=_strategies_unique, got=lambda ev: f"strategies={ev.strategies}"),
+        _gpu_rule(),
     )
-    num_samples: int = Field(10_000, ge=1, le=1_000_000)
+    strategies: list[Strategy] = Field(
+        default_factory=lambda: ["full", "top1"], min_length=1, max_length=16, json_schema_extra={"default": ["full", "top1"]},
+        description=f"Routing strategies to evaluate, each once: {STRATEGY_GRAMMAR}. K <= numClusters, C < numClusters",
+    )
+    num_samples: int = Field(10_000, ge=1, le=1_000_000, description="Generated images per strategy (FID-N)")
     steps: int = Field(50, gt=0, le=10_000, description="Sampler steps (NFE per expert)")
-    method: Literal["euler", "heun"] = "euler"
-    reference_samples: int | None = Field(None, ge=1, description="Real images for FID statistics (default: numSamples)")
+    method: Literal["euler", "heun"] = Field("euler", description="ODE solver")
+    reference_samples: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="Real images for FID statistics (default: numSamples)")
     cfg_scale: float = Field(1.0, ge=0, le=100, description="Classifier-free guidance scale (class-conditional experts)")
     batch_size: int | None = Field(None, ge=1, le=65_536, description="Images per sampling batch and GPU (default: 1024 on a GPU, 256 on a CPU)")
     compile: bool = Field(True, description="Regional torch.compile of experts and router on CUDA")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs sampling in parallel (torchrun ranks, disjoint seeds)")
-    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
-
-    @field_validator("strategies")
-    @classmethod
-    def _strategies(cls, v: list[str]) -> list[str]:
-        for s in v:
-            if not re.match(STRATEGY_PATTERN, s):
-                raise ValueError(f"unknown strategy {s!r} (full, top1, top-K, sample-K, nucleus-P, oracle-K)")
-        return v
+    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}},
+                                 description="Placement of the evaluation's pods")
 
 
-class DistillationSpec(ApiModel):
-    enabled: bool = False
-    student_preset: DiTPreset = "DiT-B/2"
-    teacher: Literal["expert-of-cluster", "ensemble"] = "ensemble"
-    steps: int = Field(100_000, gt=0, le=100_000_000)
-    batch_size: int = Field(256, gt=0, le=1_000_000)
-    lr: float = Field(1e-4, gt=0, le=1)
+class DistillationSpec(SpecModel):
+    """Optional: distil the ensemble (or each cluster's expert) into one student model."""
+
+    enabled: bool = Field(False, description="Run the distillation stage after the evaluation")
+    student_preset: DiTPreset = Field("DiT-B/2", description="DiT size/patch of the student")
+    teacher: Literal["expert-of-cluster", "ensemble"] = Field(
+        "ensemble", description="ensemble: the routed ensemble; expert-of-cluster: each image's own cluster expert")
+    steps: int = Field(100_000, gt=0, le=100_000_000, description="Training steps")
+    batch_size: int = Field(256, gt=0, le=1_000_000, description="Global batch size")
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate")
     compile: bool = Field(True, description="Regional torch.compile of the student on CUDA")
-    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
+    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}},
+                                 description="Placement of the student's pods")
 
 
-class StorageSpec(ApiModel):
-    uri: str = Field(max_length=URI_MAX, pattern=STORAGE_URI_PATTERN, description="Run root: file:///path or s3://bucket/prefix")
+class StorageSpec(SpecModel):
+    """The run store every stage reads and writes: a stage is done when its MANIFEST.json is committed."""
+
+    uri: str = Field(max_length=URI_MAX, pattern=STORAGE_URI_PATTERN,
+                     description="Run root: file:///path or s3://bucket/prefix (a plain path: local runner only). Immutable")
     credentials_secret: str | None = Field(
         None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN,
         description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_ENDPOINT_URL",
     )
 
 
-class FailurePolicy(ApiModel):
-    max_retries_per_expert: int = Field(3, ge=0, le=100)
+class FailurePolicy(SpecModel):
+    """Retries of stages that failed with a retryable exit code (>= 128: store unreachable, out of memory, SIGTERM)."""
+
+    max_retries_per_expert: int = Field(3, ge=0, le=100, description="Retries of each expert")
     max_retries_per_stage: int = Field(2, ge=0, le=100, description="Retries of clustering, router, evaluation, distillation")
     backoff_seconds: int = Field(30, ge=0, le=86_400, description="First retry delay; doubles per attempt, capped at 1 h")
     min_experts: int | None = Field(
@@ -240,7 +464,10 @@ class FailurePolicy(ApiModel):
     )
 
 
-class DecentralizedDiffusionSpec(ApiModel):
+class DecentralizedDiffusionSpec(SpecModel):
+    """A Decentralized Diffusion Model run: cluster the dataset into K parts, train one expert per part in
+    isolation, train a router, evaluate the ensemble per routing strategy, optionally distil it."""
+
     dataset: DatasetSpec
     clustering: ClusteringSpec
     experts: ExpertsSpec
@@ -248,10 +475,11 @@ class DecentralizedDiffusionSpec(ApiModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, json_schema_extra={"default": {}})
     distillation: DistillationSpec | None = None
     storage: StorageSpec
-    trainer_image: str = Field("ghcr.io/ddm/ddm-trainer:0.1.0", max_length=512)
+    trainer_image: str = Field("ghcr.io/ddm/ddm-trainer:0.1.0", min_length=1, max_length=512, pattern=r"^\S+$",
+                               description="Image of every stage's pods (ddm-train entrypoint)")
     failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, json_schema_extra={"default": {}})
-    suspend: bool = False
-    parallelism: int | None = Field(None, ge=1, le=MAX_CLUSTERS, description="Max experts training at once")
+    suspend: bool = Field(False, description="Stop starting stages and suspend running jobs; false resumes")
+    parallelism: int | None = Field(None, ge=1, le=MAX_CLUSTERS, description="Max experts training at once (default: all)")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> DecentralizedDiffusionSpec:
@@ -277,26 +505,6 @@ class DecentralizedDiffusionSpec(ApiModel):
 # ---------------------------------------------------------------- cross-field rules (CEL + Python, written once)
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One cross-field rule. ``at``: alias path below ``spec`` where the CEL sits; ``field``: the field it blames."""
-
-    at: tuple[str, ...]
-    field: str
-    cel: str
-    message: str
-    check: Callable[[Any], bool]  # the model at ``at``; True = valid
-    got: Callable[[Any], str] = lambda m: ""
-
-    @property
-    def field_path(self) -> str:
-        return ".".join(("spec", *self.at, self.field))
-
-
-def _spec_rule_strategies_unique(ev: EvaluationSpec) -> bool:
-    return len(set(ev.strategies)) == len(ev.strategies)
-
-
 def _patch(preset: str) -> int:
     """'DiT-XL/2' -> 2."""
     return int(preset.rsplit("/", 1)[1])
@@ -318,7 +526,7 @@ def _patch_rule(section: str, field: str, attr: Callable[[Any], str | None], ena
 
 def _strategy_fits(strategy: str, num_clusters: int) -> bool:
     """top-K / sample-K keep at most K = numClusters experts; oracle-C names a cluster 0..numClusters-1."""
-    kind, _, number = strategy.partition("-")
+    kind, _, number = strategy.split("@")[0].partition("-")
     if kind in ("top", "sample") and number.isdigit():
         return int(number) <= num_clusters
     if kind == "oracle" and number.isdigit():
@@ -375,7 +583,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         at=(), field="evaluation.strategies",
         cel="!has(self.evaluation) || !has(self.evaluation.strategies) || self.evaluation.strategies.all(s,"
-            " (s.matches('^(top|sample)-[0-9]+$') ? int(s.substring(s.indexOf('-') + 1)) <= self.clustering.numClusters"
+            " (s.matches('^(top|sample)-[0-9]+(@.*)?$') ? int(s.substring(s.indexOf('-') + 1).split('@')[0])"
+            " <= self.clustering.numClusters"
             " : true) && (s.matches('^oracle-[0-9]+$') ? int(s.substring(7)) < self.clustering.numClusters : true))",
         message="top-K and sample-K need K <= spec.clustering.numClusters; oracle-C needs C < numClusters (0-based)",
         check=lambda s: all(_strategy_fits(x, s.clustering.num_clusters) for x in s.evaluation.strategies),
@@ -388,13 +597,6 @@ RULES: tuple[Rule, ...] = (
         check=lambda st: st.credentials_secret is None or st.uri.startswith("s3://"),
         got=lambda st: f"uri={st.uri}",
     ),
-    Rule(
-        at=("evaluation",), field="strategies",
-        cel="!has(self.strategies) || self.strategies.all(s, self.strategies.exists_one(t, t == s))",
-        message="must not repeat a strategy",
-        check=_spec_rule_strategies_unique,
-        got=lambda ev: f"strategies={ev.strategies}",
-    ),
 )
 
 # Fields that may not change after creation: (alias path below spec, CEL message).
@@ -403,6 +605,7 @@ IMMUTABLE_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("clustering",), "spec.clustering is immutable (create a new DecentralizedDiffusion)"),
     (("storage", "uri"), "spec.storage.uri is immutable"),
     (("experts", "modelPreset"), "spec.experts.modelPreset is immutable"),
+    (("experts", "classConditional"), "spec.experts.classConditional is immutable"),
 )
 
 
@@ -527,11 +730,11 @@ class DecentralizedDiffusionStatus(ApiModel):
 class ObjectMeta(BaseModel):
     """The parts of metadata we read; everything else the API server adds is kept as is."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str = Field(max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN)
     namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL_PATTERN)
-    labels: dict[str, str] | None = None
-    annotations: dict[str, str] | None = None
+    labels: dict[LabelKey, LabelValue] | None = None
+    annotations: dict[AnnotationKey, str] | None = None
 
 
 class DecentralizedDiffusion(ApiModel):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import pytest
 import yaml
@@ -57,12 +57,18 @@ def test_bounds_enums_defaults_and_free_form_objects() -> None:
     assert clustering["numClusters"]["minimum"] == 1 and clustering["fineClusters"]["default"] == 1024
     experts = spec["properties"]["experts"]["properties"]
     assert experts["modelPreset"]["enum"] == list(models.DIT_PRESETS)
-    assert experts["steps"] == {"type": "integer", "minimum": 0, "exclusiveMinimum": True, "maximum": 100_000_000}
+    assert {k: v for k, v in experts["steps"].items() if k != "description"} == {
+        "type": "integer", "minimum": 0, "exclusiveMinimum": True, "maximum": 100_000_000}
     placement = experts["placement"]["properties"]
-    assert placement["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
-    assert placement["resources"]["properties"]["limits"]["additionalProperties"] == {"x-kubernetes-int-or-string": True}
+    affinity = placement["affinity"]["properties"]
+    assert set(affinity) == {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+    assert affinity["nodeAffinity"]["type"] == "object" and affinity["nodeAffinity"]["x-kubernetes-preserve-unknown-fields"]
+    assert placement["resources"]["properties"]["limits"]["additionalProperties"] == {
+        "x-kubernetes-int-or-string": True, "pattern": models.QUANTITY_PATTERN, "minimum": 0, "maxLength": 64}
     strategies = spec["properties"]["evaluation"]["properties"]["strategies"]
     assert strategies["items"]["pattern"] == models.STRATEGY_PATTERN and strategies["maxItems"] == 16
+    assert models.STRATEGY_GRAMMAR in strategies["description"]
+    assert experts["overrides"]["items"]["properties"]["experts"]["items"]["minimum"] == 0
     assert spec["properties"]["router"]["default"] == {}
     # strings are bounded so the CEL cost estimator accepts the rules
     for path, node in _nodes(spec):
@@ -79,7 +85,21 @@ def test_every_rule_and_immutable_field_is_in_the_schema() -> None:
         where = "".join(f".{p}" for p in rule.at)
         assert (where, {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}"}) in rules
     immutable = {path for path, v in rules if v["rule"] == "self == oldSelf"}
-    assert immutable == {".dataset", ".clustering", ".storage.uri", ".experts.modelPreset"}
+    assert immutable == {".dataset", ".clustering", ".storage.uri", ".experts.modelPreset", ".experts.classConditional"}
+    # a model's own rules sit on every node made from it (tolerations of each placement, each override's resources)
+    toleration_rules = [path for path, v in rules if v["message"] == models.Toleration.rules[0].message]
+    assert ".experts.placement.tolerations[]" in toleration_rules
+    assert ".experts.overrides[].placement.tolerations[]" in toleration_rules and len(toleration_rules) == 5
+
+
+def test_every_spec_field_is_described_with_its_default_and_range() -> None:
+    spec = schema()["properties"]["spec"]
+    for path, node in _nodes(spec):
+        if not path.endswith(("[]", "}")):  # list items and map values are described by their field
+            assert node.get("description"), f"spec{path} has no description"
+    clustering = spec["properties"]["clustering"]["properties"]
+    assert clustering["fineClusters"]["description"].endswith("Default: 1024. Range: 1 to 65536.")
+    assert spec["properties"]["experts"]["properties"]["steps"]["description"].endswith("Range: > 0, <= 100000000.")
 
 
 def test_status_subresource_printer_columns_and_names() -> None:
@@ -88,9 +108,11 @@ def test_status_subresource_printer_columns_and_names() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["ddm"] and crd["spec"]["scope"] == "Namespaced"
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert columns == {"Phase": ".status.phase", "Ready": ".status.expertsReady", "Total": ".status.expertsTotal",
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if not c.get("priority")}
+    assert columns == {"Phase": ".status.phase", "K": ".spec.clustering.numClusters", "Ready": ".status.expertsReady",
                        "Router": ".status.router.phase", "Best FID": ".status.bestFid", "Age": ".metadata.creationTimestamp"}
+    wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1}
+    assert wide["Progress"] == ".status.message" and wide["Preset"] == ".spec.experts.modelPreset"
     status = schema()["properties"]["status"]
     assert status["x-kubernetes-preserve-unknown-fields"] is True  # kopf keeps its bookkeeping there
     assert status["properties"]["phase"]["enum"][0] == "Pending"
@@ -115,7 +137,7 @@ def test_optional_fields_default_to_none() -> None:
         seen.add(cls)
         for name, info in cls.model_fields.items():
             text = str(info.annotation)
-            if "None" in text:
+            if type(None) in get_args(info.annotation):
                 assert info.default is None, f"{cls.__name__}.{name}"
             for sub in vars(models).values():
                 if isinstance(sub, type) and issubclass(sub, models.ApiModel) and sub.__name__ in text:
