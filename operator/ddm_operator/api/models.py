@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -147,8 +156,21 @@ class SpecModel(ApiModel):
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, StringConstraints(max_length=LABEL_VALUE_MAX, pattern=LABEL_VALUE_PATTERN)]
 AnnotationKey = Annotated[str, StringConstraints(pattern=ANNOTATION_KEY_PATTERN)]
+
+
+def _one_quantity_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One error for a bad quantity, not one per member of the int | str union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("quantity", f"must be {PATTERN_NAMES[QUANTITY_PATTERN]}, >= 0") from None
+
+
 # A Kubernetes quantity: 8, "80Gi", "500m", "1e3"
-Quantity = Annotated[int, Field(ge=0, le=INT64_MAX)] | Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)]
+Quantity = Annotated[
+    Annotated[int, Field(ge=0, le=INT64_MAX)] | Annotated[str, StringConstraints(max_length=64, pattern=QUANTITY_PATTERN)],
+    WrapValidator(_one_quantity_error),
+]
 
 _SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": Decimal("1e-9"),
            "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,

@@ -162,3 +162,21 @@ def test_presets_must_tile_the_image(changes: dict[str, object], blamed: str | N
     else:
         with pytest.raises(ValueError, match=re.escape(f"{blamed}: patch size must divide")):
             DecentralizedDiffusionSpec.model_validate(doc)
+
+
+SPELLINGS = ["full", "top1", "top-1", "top-2", "sample-2", "sample-2@1", "sample-2@1.0", "sample-2@0.5", "sample-3@0.50",
+             "nucleus-0.9", "nucleus-0.90", "nucleus-0.9@2", "nucleus-1", "nucleus-1.0", "oracle-0", "oracle-3"]
+
+
+def test_every_api_strategy_parses_in_the_trainer_and_duplicates_match_its_normalisation() -> None:
+    """The API's grammar is a subset of the trainer's, and strategy_key (the CEL rule's twin) says "same strategy"
+    exactly when the trainer's parse_strategy does."""
+    from ddm_trainer.combine import parse_strategy
+
+    from ddm_operator.api.models import STRATEGY_PATTERN, strategy_key
+
+    for s in SPELLINGS:
+        assert re.fullmatch(STRATEGY_PATTERN, s), s
+    for a in SPELLINGS:
+        for b in SPELLINGS:
+            assert (strategy_key(a) == strategy_key(b)) == (parse_strategy(a) == parse_strategy(b)), (a, b)
