@@ -62,6 +62,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+def load_yaml(text: str) -> Any:
+    """One YAML document, numbers read as the API server reads them."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _is_ours(doc: Any) -> bool:
     """A document meant as a DecentralizedDiffusion (our kind or our API group), as opposed to a Secret beside it."""
     if not isinstance(doc, dict):

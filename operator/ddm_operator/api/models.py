@@ -670,80 +670,97 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 
 class Condition(ApiModel):
-    type: str = Field(max_length=64)
-    status: ConditionStatus
-    reason: str = Field("", max_length=128)
-    message: str = Field("", max_length=4096)
+    """A standard condition (Ready, Degraded, ...)."""
+
+    type: str = Field(max_length=64, description="Condition type, e.g. Ready")
+    status: ConditionStatus = Field(description="True, False or Unknown")
+    reason: str = Field("", max_length=128, description="One CamelCase word: why")
+    message: str = Field("", max_length=4096, description="Why, for humans")
     last_transition_time: str | None = Field(None, description="RFC 3339")
-    observed_generation: int | None = None
+    observed_generation: int | None = Field(None, description="metadata.generation the condition was computed from")
 
 
 class StageStatus(ApiModel):
-    phase: StagePhase = "Pending"
-    attempts: int = 0
-    message: str = ""
-    started_at: str | None = None
-    finished_at: str | None = None
-    job_name: str | None = None
+    """One single-job stage (clustering, router, evaluation, distillation)."""
+
+    phase: StagePhase = Field("Pending", description="Pending, Running, Retrying, Succeeded, Failed or Suspended")
+    attempts: int = Field(0, description="Jobs started so far (1 + retries)")
+    message: str = Field("", description="The last failure or what the stage waits for")
+    started_at: str | None = Field(None, description="RFC 3339")
+    finished_at: str | None = Field(None, description="RFC 3339")
+    job_name: str | None = Field(None, description="The PyTorchJob of the current attempt")
 
 
 class StagesStatus(ApiModel):
-    clustering: StageStatus | None = None
-    router: StageStatus | None = None
-    evaluation: StageStatus | None = None
-    distillation: StageStatus | None = None
+    """The single-job stages."""
+
+    clustering: StageStatus | None = Field(None, description="Encoder features and k-means")
+    router: StageStatus | None = Field(None, description="The router's training job")
+    evaluation: StageStatus | None = Field(None, description="FID/KID per strategy")
+    distillation: StageStatus | None = Field(None, description="The student's training job")
 
 
 class ExpertStatus(ApiModel):
-    index: int
-    phase: StagePhase = "Pending"
-    step: int = 0
-    total_steps: int = 0
-    last_checkpoint: str | None = None
-    retries: int = 0
+    """One expert's training."""
+
+    index: int = Field(description="Cluster index, 0-based")
+    phase: StagePhase = Field("Pending", description="Pending, Running, Retrying, Succeeded, Failed or Suspended")
+    step: int = Field(0, description="Training step reached (from the last progress report)")
+    total_steps: int = Field(0, description="spec.experts.steps")
+    last_checkpoint: str | None = Field(None, description="URI of the last committed checkpoint")
+    retries: int = Field(0, description="Retries so far")
     cluster: str | None = Field(None, description="Where it runs: a targetCluster name, or empty for this cluster")
-    job_name: str | None = None
-    message: str = ""
+    job_name: str | None = Field(None, description="The PyTorchJob of the current attempt")
+    message: str = Field("", description="The last failure or what it waits for")
 
 
 class RouterStatus(ApiModel):
-    phase: StagePhase = "Pending"
-    step: int = 0
-    total_steps: int = 0
-    accuracy: float | None = None
-    uri: str | None = None
+    """The router's training progress."""
+
+    phase: StagePhase = Field("Pending", description="Pending, Running, Retrying, Succeeded, Failed or Suspended")
+    step: int = Field(0, description="Training step reached")
+    total_steps: int = Field(0, description="spec.router.steps")
+    accuracy: float | None = Field(None, description="Held-out accuracy of p(k | x_t, t), averaged over t")
+    uri: str | None = Field(None, description="URI of the committed router")
 
 
 class StrategyResult(ApiModel):
-    strategy: str
-    fid: float
-    kid: float | None = None
-    num_samples: int | None = None
+    """One row of the evaluation table."""
+
+    strategy: str = Field(description="A routing strategy of spec.evaluation.strategies, or monolith (the baseline)")
+    fid: float = Field(description="Frechet Inception Distance (lower is better)")
+    kid: float | None = Field(None, description="Kernel Inception Distance")
+    num_samples: int | None = Field(None, description="Generated images the numbers are computed on")
     nfe: float | None = Field(None, description="Expert evaluations per sample (fractional for nucleus/sample-k)")
-    gflops_per_sample: float | None = None
+    gflops_per_sample: float | None = Field(None, description="Compute per generated image")
 
 
 class Results(ApiModel):
-    fid: list[StrategyResult] = Field(default_factory=list)
+    """What the run produced."""
+
+    fid: list[StrategyResult] = Field(default_factory=list, description="FID/KID per strategy")
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI (experts, router, student, ...)")
-    report_uri: str | None = None
+    report_uri: str | None = Field(None, description="URI of report/index.html")
 
 
 class DecentralizedDiffusionStatus(ApiModel):
+    """What the operator observed: the phase, each stage and expert, and the results."""
+
     # The operator framework stores its own bookkeeping in status too: tolerate unknown keys when reading.
     model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
 
-    phase: Phase = "Pending"
-    message: str = ""
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: int | None = None
-    stages: StagesStatus = Field(default_factory=StagesStatus)
-    experts: list[ExpertStatus] = Field(default_factory=list)
-    experts_ready: int = 0
-    experts_total: int = 0
-    router: RouterStatus | None = None
-    best_fid: float | None = None
-    results: Results | None = None
+    phase: Phase = Field("Pending", description="Pending, Clustering, Training, Evaluating, Distilling, Succeeded, "
+                                                "Failed, Degraded (fewer experts than K but >= minExperts) or Suspended")
+    message: str = Field("", description="What the run is doing, e.g. 3/8 experts ready, router Running")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions")
+    observed_generation: int | None = Field(None, description="metadata.generation this status was computed from")
+    stages: StagesStatus = Field(default_factory=StagesStatus, description="The single-job stages")
+    experts: list[ExpertStatus] = Field(default_factory=list, description="One entry per expert")
+    experts_ready: int = Field(0, description="Experts whose final weights are committed")
+    experts_total: int = Field(0, description="K (spec.clustering.numClusters)")
+    router: RouterStatus | None = Field(None, description="The router's progress")
+    best_fid: float | None = Field(None, description="The best routing strategy's FID (the monolith row excluded)")
+    results: Results | None = Field(None, description="The evaluation table and artifact URIs")
 
 
 # ---------------------------------------------------------------- the whole object

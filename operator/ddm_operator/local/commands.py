@@ -30,10 +30,10 @@ def load_spec(path: Path) -> DecentralizedDiffusion:
     """A DecentralizedDiffusion manifest from a YAML file; ConfigError names the file and the fields."""
     from pydantic import ValidationError
 
-    from ..cli import format_errors
+    from ..cli import format_errors, load_yaml
 
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read spec {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -180,3 +180,14 @@ def test_every_api_strategy_parses_in_the_trainer_and_duplicates_match_its_norma
     for a in SPELLINGS:
         for b in SPELLINGS:
             assert (strategy_key(a) == strategy_key(b)) == (parse_strategy(a) == parse_strategy(b)), (a, b)
+
+
+def test_yaml_numbers_and_strings_are_read_as_the_api_server_reads_them(tmp_path: Path) -> None:
+    """1e-4 is a number (PyYAML alone reads a string), "8" and "true" stay strings and are refused (strict types)."""
+    from ddm_operator.local.commands import load_spec
+
+    text = (ROOT / "examples" / "ddm-laion.yaml").read_text().replace("lr: 0.0001", "lr: 1e-4")
+    (tmp_path / "ok.yaml").write_text(text)
+    assert validate_file(tmp_path / "ok.yaml") == [] and load_spec(tmp_path / "ok.yaml").spec.experts.lr == 1e-4
+    (tmp_path / "bad.yaml").write_text(text.replace("numClusters: 8", 'numClusters: "8"'))
+    assert [e.split(":")[0] for e in validate_file(tmp_path / "bad.yaml")] == ["spec.clustering.numClusters"]

@@ -92,11 +92,11 @@ def test_every_rule_and_immutable_field_is_in_the_schema() -> None:
     assert ".experts.overrides[].placement.tolerations[]" in toleration_rules and len(toleration_rules) == 5
 
 
-def test_every_spec_field_is_described_with_its_default_and_range() -> None:
+def test_every_field_is_described_with_its_default_and_range() -> None:
     spec = schema()["properties"]["spec"]
-    for path, node in _nodes(spec):
+    for path, node in [*_nodes(spec, "spec"), *_nodes(schema()["properties"]["status"], "status")]:
         if not path.endswith(("[]", "}")):  # list items and map values are described by their field
-            assert node.get("description"), f"spec{path} has no description"
+            assert node.get("description"), f"{path} has no description"
     clustering = spec["properties"]["clustering"]["properties"]
     assert clustering["fineClusters"]["description"].endswith("Default: 1024. Range: 1 to 65536.")
     assert spec["properties"]["experts"]["properties"]["steps"]["description"].endswith("Range: > 0, <= 100000000.")
