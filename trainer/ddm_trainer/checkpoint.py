@@ -120,14 +120,29 @@ def load_latest_checkpoint(store: Store, stage_dir: str) -> tuple[str, dict[str,
     return None
 
 
-def to_host(obj: Any) -> Any:
-    """A copy of ``obj`` with every tensor copied to host memory: a snapshot that training may not change."""
+def to_host(obj: Any, buffers: dict[tuple[Any, ...], torch.Tensor] | None = None, path: tuple[Any, ...] = ()) -> Any:
+    """A copy of ``obj`` with every tensor copied to host memory: a snapshot that training may not change.
+
+    ``buffers``: pinned host tensors kept between snapshots (by position in ``obj``). A GPU tensor is copied into
+    its buffer asynchronously (pinned memory: the copy engine at full speed, no allocation), and the caller
+    synchronises once; a fresh pageable copy of every tensor ran at 1.3 GB/s on the H100 (a DiT-XL/2 checkpoint,
+    10 GB, held training for 7.7 s).
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        t = obj.detach()
+        if buffers is None or t.device.type != "cuda":
+            return t.to("cpu", copy=True)
+        buf = buffers.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            try:
+                buf = buffers[path] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            except RuntimeError:  # page-locked memory refused (e.g. a pod's memlock limit): a pageable copy
+                return t.to("cpu", copy=True)
+        return buf.copy_(t, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+        return {k: to_host(v, buffers, (*path, k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
+        return type(obj)(to_host(v, buffers, (*path, i)) for i, v in enumerate(obj))
     return obj
 
 
@@ -145,12 +160,16 @@ class CheckpointWriter:
         self.store, self.stage_dir, self.keep, self.on_commit = store, stage_dir, keep, on_commit
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # Reused by every snapshot: submit() waits for the write in flight before overwriting them.
+        self._pinned: dict[tuple[Any, ...], torch.Tensor] | None = {} if torch.cuda.is_available() else None
 
     def submit(self, step: int, state: dict[str, Any], config: dict[str, Any], blocking: bool = False) -> float:
         """Start committing ``state`` as the checkpoint of ``step``; returns the seconds training was held up."""
         start = time.perf_counter()
         self.wait()
-        host = to_host(state)
+        host = to_host(state, self._pinned)
+        if self._pinned:
+            torch.cuda.synchronize()  # the asynchronous copies into the pinned buffers have landed
         stall = time.perf_counter() - start
         if blocking:
             self._write(step, host, config, stall)

@@ -125,6 +125,34 @@ def test_background_write_error_reaches_the_training_thread(tmp_path: Path, monk
     writer.wait()  # reported once
 
 
+
+@needs_cuda
+def test_gpu_snapshots_reuse_pinned_buffers_and_keep_each_steps_values(tmp_path: Path) -> None:
+    """Snapshots of GPU tensors go through pinned host buffers allocated once; the write of step N is never
+    overwritten by step N+1's snapshot (submit waits for it), and CPU tensors in the state are plain copies."""
+    store = FileStore(tmp_path)
+    writer = ckpt.CheckpointWriter(store, STAGE, keep=3)
+    weights = torch.zeros(1 << 20, device="cuda")
+    writer.submit(1, {"w": weights, "rng": torch.ones(3, dtype=torch.uint8)}, {})
+    first = writer._pinned[("w",)]  # type: ignore[index]
+    assert first.is_pinned() and ("rng",) not in writer._pinned  # type: ignore[operator]
+    weights.add_(1.0)
+    writer.submit(2, {"w": weights, "rng": torch.ones(3, dtype=torch.uint8)}, {})
+    weights.add_(1.0)
+    writer.wait()
+    assert writer._pinned[("w",)].data_ptr() == first.data_ptr()  # type: ignore[index]
+    for step, value in ((1, 0.0), (2, 1.0)):
+        state = ckpt.load_checkpoint(store, layout.checkpoint(STAGE, step))
+        assert state["w"].device.type == "cpu" and bool((state["w"] == value).all()), step
+
+
+def test_cpu_snapshots_are_copies_without_pinned_buffers() -> None:
+    buffers: dict = {}
+    t = torch.zeros(3)
+    host = ckpt.to_host({"a": [t, 1]}, buffers)
+    t.add_(1.0)
+    assert torch.equal(host["a"][0], torch.zeros(3)) and host["a"][1] == 1 and buffers == {}
+
 @needs_cuda
 def test_trainer_preempted_on_the_gpu_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The H200 failure, end to end in-process: preempt a CUDA trainer, resume it in a new one."""
