@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the
-# Kubeflow training operator's PyTorchJob controller (tools/training-operator) and kwok from Go modules into a
-# per-version cache dir outside the tree, and finds the Kubeflow CRDs in the Go module cache.
+# Kubeflow training operator's PyTorchJob controller (tools/training-operator), kwok and Kueue (its own
+# cmd/kueue, unchanged; tools/kueue pins the module) from Go modules into a per-version cache dir outside the
+# tree, and finds the Kubeflow and Kueue CRDs in the Go module cache.
 # Non-interactive and idempotent: a second run with the binaries present only prints the paths.
 #
 # Usage: scripts/testenv-build.sh [--helm] [--kwok (always built now; kept for old callers)] [--extras] | --print-bin
 # Output (stdout, one KEY=VALUE per line, parsed by tests/fixtures/k8s.py):
-#   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>
+#   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>  KWOK_STAGES=<dir>
+#   KUEUE_CRDS=<dir>  KUEUE_WEBHOOKS=<file>  KUEUE_VERSION=<version>
 # Env: DDM_K8S_VERSION (v1.37.2), DDM_TESTENV_CACHE (~/.cache/ddm-testenv), DDM_TESTENV_BIN (overrides the bin dir).
 set -euo pipefail
 
@@ -15,6 +17,7 @@ TRAINING_OPERATOR_VERSION="v1.9.4"
 TRAINER_V2_VERSION="v2.0.0"
 HELM_VERSION="v3.22.0"
 KWOK_VERSION="v0.8.0"
+KUEUE_VERSION="v0.17.0"  # the newest the Go proxy lists (2026-12); keep tools/kueue/go.mod on the same version
 CACHE="${DDM_TESTENV_CACHE:-$HOME/.cache/ddm-testenv}"
 BIN="${DDM_TESTENV_BIN:-$CACHE/$K8S_VERSION/bin}"
 MODULE_DIR="$(cd "$(dirname "$0")/../tools/testenv" && pwd)"
@@ -94,6 +97,23 @@ build_training_operator() {
     nice go build -trimpath -ldflags "-s -w" -o "$BIN/training-operator" .)
 }
 
+build_kueue() {
+  # Kueue's own main (sigs.k8s.io/kueue/cmd/kueue), built from the module tools/kueue/go.mod pins. A cold build
+  # compiles about 1,500 packages (client-go, apiserver, every job framework's API): roughly 20 minutes on 2 cores.
+  local have
+  have="$(cd "$MODULE_DIR/../kueue" && go list -m -f '{{.Version}}' sigs.k8s.io/kueue)"
+  [ "$have" = "$KUEUE_VERSION" ] || { log "tools/kueue/go.mod pins sigs.k8s.io/kueue $have, expected $KUEUE_VERSION"; exit 1; }
+  [ -x "$BIN/kueue-$KUEUE_VERSION" ] && return
+  local started=$(date +%s)
+  log "building Kueue $KUEUE_VERSION into $BIN (cold build takes about 20 minutes on 2 cores)"
+  (cd "$MODULE_DIR/../kueue" && go mod download && nice go build -trimpath \
+    -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+    -o "$BIN/kueue-$KUEUE_VERSION.partial" sigs.k8s.io/kueue/cmd/kueue)
+  mv "$BIN/kueue-$KUEUE_VERSION.partial" "$BIN/kueue-$KUEUE_VERSION"
+  ln -sfn "kueue-$KUEUE_VERSION" "$BIN/kueue"
+  log "built kueue $KUEUE_VERSION in $(( $(date +%s) - started ))s"
+}
+
 build_kwok() {
   [ -x "$BIN/kwok" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 }
@@ -118,6 +138,7 @@ if [ "$missing" = 1 ]; then
 fi
 build_training_operator
 build_kwok  # nodes and pods of the simulated GPU fleet
+build_kueue  # admission of queued jobs (tests/fixtures/k8s.py start_kueue)
 if [ "$BUILD_HELM" = 1 ]; then build_helm; fi
 
 training_operator_dir="$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")"
@@ -128,3 +149,8 @@ echo "DDM_TESTENV_BIN=$BIN"
 echo "PYTORCHJOB_CRD=$pytorchjob_crd"
 echo "TRAINER_V2_CRDS=$trainer_v2_dir/manifests/base/crds"
 echo "KWOK_STAGES=$(module_dir "sigs.k8s.io/kwok@$KWOK_VERSION")/kustomize/stage"
+kueue_dir="$(module_dir "sigs.k8s.io/kueue@$KUEUE_VERSION")"
+[ -d "$kueue_dir/config/components/crd/bases" ] || { log "Kueue CRDs not found under $kueue_dir"; exit 1; }
+echo "KUEUE_CRDS=$kueue_dir/config/components/crd/bases"
+echo "KUEUE_WEBHOOKS=$kueue_dir/config/components/webhook/manifests.yaml"
+echo "KUEUE_VERSION=$KUEUE_VERSION"
