@@ -88,6 +88,7 @@ class StageObservation:
     failed_at: float | None = None  # for FAILED: when, in the same clock as Observed.now
     message: str = ""
     cluster: str | None = None  # where it runs (targetCluster), for the status
+    waiting: bool = False  # RUNNING but held before it may start (a Kueue-queued job not admitted yet): "Pending"
 
 
 ABSENT = StageObservation(State.ABSENT)
@@ -210,7 +211,7 @@ def _stage_phase(obs: StageObservation, dead: bool) -> StagePhase:
         return "Failed" if dead else "Retrying"
     phases: dict[State, StagePhase] = {
         State.ABSENT: "Pending",
-        State.RUNNING: "Running",
+        State.RUNNING: "Pending" if obs.waiting else "Running",
         State.SUCCEEDED: "Succeeded",
         State.SUSPENDED: "Suspended",
     }

@@ -96,7 +96,7 @@ def test_kueue_admits_experts_within_the_quota_and_owns_their_suspension(
     spec = fleet_spec(K, tmp_path)
     spec["experts"]["placement"]["kueueQueueName"] = queue
     spec["experts"]["placement"]["podAnnotations"] = {RUN_MS_ANNOTATION: "2000"}
-    waiting: dict[int, str] = {}  # expert -> its job, seen in the DDM status as waiting for admission
+    waiting: dict[int, tuple[str, str]] = {}  # expert -> (phase, job) seen in the DDM status while it waited
     with LivePods(h) as pods:
         h.create("kq", spec)
 
@@ -104,7 +104,7 @@ def test_kueue_admits_experts_within_the_quota_and_owns_their_suspension(
             status = h.status("kq")
             for e in status.get("experts") or []:
                 if "waiting for admission" in e.get("message", ""):
-                    waiting[e["index"]] = e["jobName"]
+                    waiting[e["index"]] = (e["phase"], e["jobName"])
             return status.get("phase") == "Succeeded"
 
         wait_for(done, "kq Succeeded", timeout=180)
@@ -114,8 +114,9 @@ def test_kueue_admits_experts_within_the_quota_and_owns_their_suspension(
     queued = ["kq-cluster-a1", *experts]  # clustering runs with the experts' placement, so on their queue too
     assert all(len(pods_by_job(h)[name]) == 1 for name in experts)  # one pod run each: waiting is not failing
     assert pods.peak == QUOTA_GPUS, f"most expert pods alive at once: {pods.peak}"
-    # at least the experts beyond the quota were seen waiting, and only while their job was Kueue's to hold
+    # at least the experts beyond the quota were seen waiting: launched (a job) but Pending, not Running
     assert len(waiting) >= K - QUOTA_GPUS, waiting
+    assert all(phase == "Pending" and job == f"kq-expert-{k:03d}-a1" for k, (phase, job) in waiting.items()), waiting
     assert all(e["message"] == "" for e in status["experts"]), status["experts"]
     # each queued job went through a Workload that Kueue admitted to this namespace's ClusterQueue
     workloads = h.custom.list_namespaced_custom_object("kueue.x-k8s.io", "v1beta2", h.ns, "workloads")["items"]

@@ -220,6 +220,17 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
     return Results(fid=rows, artifacts=artifacts)
 
 
+WAITING_FOR_ADMISSION = "waiting for admission by Kueue"
+
+
+def _just_launched(spec: DecentralizedDiffusionSpec, key: pl.StageKey, job: JobState) -> pl.StageObservation:
+    """A stage created in this pass: running, or, on a Kueue queue, held until admitted (Kueue's webhook suspends
+    every new job with a queue label: sigs.k8s.io/kueue pkg/controller/jobframework/defaults.go)."""
+    queued = bool(b.placement_from_dict(_placement_of(spec, key)[0].to_wire()).queue_name)
+    return pl.StageObservation(pl.State.RUNNING, attempts=job.attempt, cluster=job.cluster, waiting=queued,
+                               message=WAITING_FOR_ADMISSION if queued else "")
+
+
 def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> tuple[pl.Observed, dict[str, JobState]]:
     jobs: list[JobState] = []
     for cluster in sorted(clusters_of(spec), key=lambda c: c or ""):
@@ -242,10 +253,10 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
                     if job.exit_code is not None else "no exit code (pods gone or never ran)")
             message = f"{code}: {message}".rstrip(": ")
         elif job.phase == "Queued":
-            message = "waiting for admission by Kueue"
+            message = WAITING_FOR_ADMISSION
         observed[key] = pl.StageObservation(
             state=state_of[job.phase], attempts=job.attempt, step=step, retryable=not job.permanent,
-            failed_at=job.finished_at, message=message, cluster=job.cluster)
+            failed_at=job.finished_at, message=message, cluster=job.cluster, waiting=job.phase == "Queued")
     return pl.Observed(now=time.time(), stages=observed), latest
 
 
@@ -378,11 +389,9 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
         elif isinstance(action, pl.Unsuspend) and action.key.id in latest:
             _set_suspend(namespace, latest[action.key.id], False)
     launched = {a.key for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))}
-    if launched:  # show the launched stages as running now rather than on the next pass
+    if launched:  # show the launched stages as running (or queued) now rather than on the next pass
         plan = pl.plan(spec, pl.Observed(now=observed.now, stages={
-            **observed.stages,
-            **{k: pl.StageObservation(pl.State.RUNNING, attempts=latest[k.id].attempt, cluster=latest[k.id].cluster)
-               for k in launched}}))
+            **observed.stages, **{k: _just_launched(spec, k, latest[k.id]) for k in launched}}))
     evaluation = latest.get(pl.EVALUATE.id)
     results = None
     if evaluation is not None and evaluation.phase == "Succeeded" and not (old.results and old.results.fid):

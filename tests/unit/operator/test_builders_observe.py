@@ -77,6 +77,20 @@ def test_a_job_on_a_kueue_queue_is_created_without_suspend_and_reads_as_queued()
     assert state is not None and state.phase == "Queued" and state.queued
 
 
+def test_queued_jobs_report_waiting_for_admission_from_creation_on() -> None:
+    """Observed (Kueue holds it: runPolicy.suspend true, set by its webhook) and just launched (before the next
+    observation), a queued stage is a launched one that waits: Pending with the reason; an unqueued one Running."""
+    from ddm_operator.k8s.handlers import WAITING_FOR_ADMISSION, _just_launched
+
+    queued = job_request(SPEC, OWNER, pl.expert_key(1), 1)
+    created = job_state(b.build_pytorchjob(queued))
+    assert created is not None
+    obs = _just_launched(SPEC, pl.expert_key(1), created)
+    assert obs.state is pl.State.RUNNING and obs.waiting and obs.message == WAITING_FOR_ADMISSION
+    plain = _just_launched(SPEC, pl.expert_key(0), created)
+    assert plain.state is pl.State.RUNNING and not plain.waiting and plain.message == ""
+
+
 def test_one_retry_layer_pods_never_restart_in_place() -> None:
     manifest = b.build_pytorchjob(job_request(SPEC, OWNER, pl.expert_key(0), 1))
     assert {r["restartPolicy"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()} == {"Never"}

@@ -317,3 +317,18 @@ def test_merge_conditions_keeps_transition_time_unless_status_changes() -> None:
     c3 = merge_conditions(again, done.conditions, "2026-01-02T00:00:00Z", 2)
     ready = next(c for c in c3 if c.type == "Ready")
     assert ready.status == "True" and ready.last_transition_time == "2026-01-02T00:00:00Z" and ready.observed_generation == 2
+
+
+# ---------------------------------------------------------------- held by a queue (Kueue)
+
+
+def test_a_stage_waiting_for_admission_reads_pending_with_why_and_is_not_relaunched() -> None:
+    """A launched job that Kueue has not admitted yet: the status says Pending and why; to the plan it is launched
+    (no second launch, it holds its parallelism slot) and the DDM is Training."""
+    queued = StageObservation(State.RUNNING, attempts=1, waiting=True, message="waiting for admission by Kueue")
+    spec = make_spec(k=3, parallelism=2)
+    p = plan(spec, observe({CLUSTER: OK, ROUTER: RUN, expert_key(0): queued, expert_key(1): RUN}))
+    assert p.phase == "Training" and p.actions == []
+    e0 = p.experts[0]
+    assert e0.phase == "Pending" and e0.message == "waiting for admission by Kueue" and e0.retries == 0
+    assert p.experts[1].phase == "Running" and p.experts[2].phase == "Pending" and p.experts[2].message == ""
