@@ -150,6 +150,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         # short run's EMA at its random initialisation).
         return {**base, "device": _device(spec, r.gpus_per_node), "data": _data(spec),
                 "preset": r.preset.replace("DiT-", "Router-"), "num_clusters": spec.num_experts,
+                # class-conditional experts: the router sees the label too, p(k | x_t, t, y)
+                "num_classes": spec.dataset.num_classes if spec.experts.class_conditional else None,
                 "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,

@@ -7,7 +7,7 @@ first use. Kept free of pydantic/minio: the GPU benchmark imports it on a machin
 
 Conventions: x_t = (1 - t) x0 + t eps, velocity v = eps - x0, dx/dt = v integrated from t=1 to t=0.
 An expert is called as ``expert(x, t, y)`` with x (B, C, H, W), t (B,), y (B,) long or None; the router as
-``router(x, t)`` returning logits (B, K).
+``router(x, t)`` returning logits (B, K), or ``router(x, t, y)`` when it is class-conditional (``num_classes``).
 """
 from __future__ import annotations
 
@@ -109,14 +109,16 @@ class CombinedSampler:
         return self._router
 
     # -- one velocity evaluation ---------------------------------------------------------------------------------
-    def weights(self, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Expert weights w (B, K) at (x_t, t)."""
+    def weights(self, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert weights w (B, K) at (x_t, t); a class-conditional router also sees the labels y (B,)."""
         if not self.strategy.needs_router:
             return expert_weights(torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device),
                                   self.strategy)
         router = self.router()
         with self._autocast(self.device):
-            logits = router(x, t)  # (B, K)
+            conditional = getattr(router, "num_classes", None) is not None and y is not None
+            logits = router(x, t, y) if conditional else router(x, t)  # (B, K)
         if logits.shape[-1] != self.num_experts:
             raise ConfigError(f"router gives {logits.shape[-1]} logits but {self.num_experts} experts were given")
         self._stats.router_nfe += x.shape[0]
@@ -149,7 +151,7 @@ class CombinedSampler:
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """u(x_t, t) = sum_k w_k u_k, evaluating each expert only on the samples that weight it."""
-        w = self.weights(x, t, generator)  # (B, K)
+        w = self.weights(x, t, generator, y)  # (B, K)
         u = torch.zeros_like(x)
         shape = (-1, *([1] * (x.dim() - 1)))
         for k in needed_experts(w):

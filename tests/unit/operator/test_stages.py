@@ -71,8 +71,11 @@ def test_class_conditional_spec_gives_valid_configs_with_the_class_count() -> No
         config = _config_class(key.stage).model_validate(stage_config(obj.spec, key, "file:///tmp/run"))
         if key.stage == "expert":
             assert config.class_cond and config.num_classes == 10 and config.data.class_field == "cls"
+        if key.stage == "router":  # p(k | x_t, t, y): the router sees the label the experts were trained with
+            assert config.num_classes == 10 and config.data.class_field == "cls"
     unconditional = stage_config(_spec(dataset__numClasses=10).spec, expert_key(0), "file:///tmp/run")
     assert unconditional["num_classes"] is None  # the class count alone does not make experts conditional
+    assert stage_config(_spec(dataset__numClasses=10).spec, ROUTER, "file:///tmp/run")["num_classes"] is None
 
 
 def test_router_maps_dit_preset_and_k() -> None:

@@ -191,3 +191,27 @@ def test_routed_strategies_draw_larger_batches(strategy: str, k: int, n: int, wo
     from ddm_trainer.stages.evaluate import strategy_batch
 
     assert strategy_batch(1024, parse_strategy(strategy), k, n, world) == expected
+
+
+def test_a_class_conditional_router_sees_the_labels():
+    """The sampler (evaluation, sampling, the distillation teacher) hands y to a conditional router."""
+    from ddm_trainer.models.router import build_router
+    from ddm_trainer.sampler import CombinedSampler
+
+    torch.manual_seed(0)
+    router = build_router("Router-N/4", SIZE, CHANNELS, 3, num_classes=4)
+    for param in router.parameters():  # adaLN-zero starts label-blind: perturb so labels change the logits
+        param.data.add_(torch.randn_like(param))
+    calls: list = []
+    real = router.forward
+    router.forward = lambda x, t, y=None: (calls.append((y, real(x, t, y))), calls[-1][1])[1]  # type: ignore
+    experts = [build_dit("DiT-N/4", SIZE, CHANNELS, 4) for _ in range(3)]
+    sampler = CombinedSampler(experts, router, "top1", steps=1, null_label=4)
+    x, t = torch.randn(6, CHANNELS, SIZE, SIZE), torch.full((6,), 0.99)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    sampler.weights(x, t, y=y)
+    sampler.weights(x, t)
+    (given, with_y), (none, marginal) = calls
+    assert given is y and none is None and not torch.allclose(with_y, marginal)
+    sampler.sample(x, y)
+    assert calls[-1][0] is not None and torch.equal(calls[-1][0], y)

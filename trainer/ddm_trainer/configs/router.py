@@ -1,4 +1,4 @@
-"""Config of the router stage: a classifier p(k | x_t, t) trained on noisy images against their cluster ids.
+"""Config of the router stage: a classifier p(k | x_t, t[, y]) trained on noisy images against their cluster ids.
 
 Torch-free: the operator validates it before it starts a pod.
 """
@@ -27,6 +27,10 @@ class RouterConfig(StageBase):
     data: DataConfig
     num_clusters: int = Field(ge=2, description="K; must equal the clustering stage's number of clusters")
     preset: str = Field("Router-B/2", description="Router-B/2 (DiT-B/2 backbone), Router-S/2, Router-T/4 (CPU), ...")
+    num_classes: int | None = Field(None, ge=1, description="Class-conditional router p(k | x_t, t, y) over this "
+                                                          "many classes (data.class_field gives y); null: p(k | x_t, t)")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of training labels replaced by the null label, "
+                                                               "so the same router also gives p(k | x_t, t)")
     t_dist: Literal["uniform", "logit_normal"] = Field("uniform", description="Distribution of training times t")
     use_ema: bool = Field(True, description="Evaluate and sample with the EMA weights (else the raw weights)")
     train: TrainerConfig = TrainerConfig()

@@ -1,8 +1,12 @@
-"""The router: a transformer classifier p(k | x_t, t) over noisy images, built from DiT's blocks.
+"""The router: a transformer classifier p(k | x_t, t[, y]) over noisy images, built from DiT's blocks.
 
 Patch embedding + fixed 2-D sin-cos positions, a learned classification token prepended to the patches, the flow
-time conditioning every block through adaLN-Zero (as in DiT), and a linear head on the final classification
-token giving K logits. Imports only torch (the GPU benchmark machine has no pydantic).
+time (and, for class-conditional experts, the class label) conditioning every block through adaLN-Zero (as in
+DiT), and a linear head on the final classification token giving K logits. A conditional router has
+``num_classes + 1`` label rows, the last one the null label: trained with label dropout, the same network gives
+p(k | x_t, t, y) and the marginal p(k | x_t, t). Without the label, near pure noise the router can only guess the
+largest cluster, and sends a class to experts that never saw it. Imports only torch (the GPU benchmark machine has
+no pydantic).
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ class RouterSpec:
     image_size: int
     channels: int
     num_clusters: int
+    num_classes: int | None = None  # class-conditional: p(k | x_t, t, y)
 
     def as_dict(self) -> dict[str, object]:
         return {"arch": "router", "preset": self.preset, "image_size": self.image_size, "channels": self.channels,
-                "num_clusters": self.num_clusters}
+                "num_clusters": self.num_clusters, "num_classes": self.num_classes}
 
 
 # Router-B/2 has DiT-B/2's backbone; T and N are CPU sizes for tests and demos.
@@ -41,9 +46,11 @@ ROUTER_PRESETS: dict[str, DiTSize] = {
 
 
 class Router(nn.Module):
-    def __init__(self, image_size: int, channels: int, size: DiTSize, num_clusters: int):
+    def __init__(self, image_size: int, channels: int, size: DiTSize, num_clusters: int,
+                 num_classes: int | None = None):
         super().__init__()
         self.image_size, self.channels, self.size, self.num_clusters = image_size, channels, size, num_clusters
+        self.num_classes = num_classes
         p, D = size.patch, size.hidden
         self.grid = image_size // p
         self.num_tokens = self.grid * self.grid + 1  # patches + the classification token
@@ -51,6 +58,7 @@ class Router(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(D, self.grid), persistent=False)  # (1, T-1, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embed = nn.Embedding(num_classes + 1, D) if num_classes else None  # last row: the null label
         self.blocks = nn.ModuleList([Block(D, size.heads) for _ in range(size.depth)])
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -61,12 +69,21 @@ class Router(nn.Module):
         init_backbone(self)  # DiT's scheme: every block starts as the identity
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)  # small: initial logits are ~uniform
+        if self.y_embed is not None:
+            nn.init.normal_(self.y_embed.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) noisy images x_t, t: (B,) in [0, 1] -> logits (B, K)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy images x_t, t: (B,) in [0, 1], y: (B,) class labels (a conditional router; None or
+        ``num_classes`` = the null label: the marginal over classes) -> logits (B, K)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T-1, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)  # (B, T, D)
         c = self.t_embed(timestep_features(t).to(h.dtype))  # (B, D)
+        if self.y_embed is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), int(self.num_classes or 0), dtype=torch.long, device=x.device)
+            c = c + self.y_embed(y).to(c.dtype)
+        elif y is not None:
+            raise ValueError("this router is unconditional (num_classes=None): it takes no labels")
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)  # 2 x (B, D)
@@ -85,7 +102,8 @@ class Router(nn.Module):
         return batch * per_image
 
 
-def build_router(preset: str, image_size: int, channels: int, num_clusters: int) -> Router:
+def build_router(preset: str, image_size: int, channels: int, num_clusters: int,
+                 num_classes: int | None = None) -> Router:
     from ..errors import ConfigError
 
     if preset not in ROUTER_PRESETS:
@@ -95,8 +113,10 @@ def build_router(preset: str, image_size: int, channels: int, num_clusters: int)
         raise ConfigError(f"image_size {image_size} is not a multiple of {preset}'s patch size {size.patch}")
     if num_clusters < 2:
         raise ConfigError(f"a router needs num_clusters >= 2, got {num_clusters}")
-    return Router(image_size, channels, size, num_clusters)
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"a conditional router needs num_classes >= 1, got {num_classes}")
+    return Router(image_size, channels, size, num_clusters, num_classes)
 
 
 def build_router_from_spec(spec: RouterSpec) -> Router:
-    return build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters)
+    return build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters, spec.num_classes)

@@ -1,10 +1,13 @@
-"""Stage ``router``: train p(k | x_t, t) on all clustered data, then measure held-out top-1 accuracy against t.
+"""Stage ``router``: train p(k | x_t, t[, y]) on all clustered data, then measure held-out top-1 accuracy against t.
 
 Samples x0 with their cluster ids from the clustering stage's assignments, draws t ~ t_dist and eps ~ N(0, I),
 and minimises cross-entropy(router(x_t, t), k) with the generic checkpointed Trainer (stage dir ``router``).
 A fixed, seeded subset of ``eval.holdout`` samples never enters training; accuracy on it per t-bin goes to
 ``router/eval/accuracy.json`` + ``accuracy_vs_t.png`` (committed) and stdout. Accuracy should approach the
-prior's majority share (1/K for balanced clusters) as t -> 1 and rise towards 1 as t -> 0.
+prior's majority share (1/K for balanced clusters) as t -> 1 and rise towards 1 as t -> 0. A class-conditional
+router (``num_classes``, the labels from ``data.class_field``) is trained with label dropout and evaluated twice per
+bin: with the label (``accuracy``) and with the null label (``accuracy_unconditional``); near the noise the label is
+all it has to go on.
 """
 from __future__ import annotations
 
@@ -29,15 +32,21 @@ EVAL_DIR = f"{layout.ROUTER}/eval"
 
 
 class ClusterStream:
-    """A data stream whose batches are ``{"x0": (B, C, H, W), "cluster": (B,)}``; resumable like the stream it wraps."""
+    """A data stream whose batches are ``{"x0": (B, C, H, W), "cluster": (B,)[, "y": (B,)]}``; resumable like the
+    stream it wraps. ``with_labels``: the class labels go along (a conditional router)."""
 
-    def __init__(self, stream: Any, cluster_of: dict[str, int]):
-        self.stream, self.cluster_of = stream, cluster_of
+    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool = False):
+        self.stream, self.cluster_of, self.with_labels = stream, cluster_of, with_labels
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.stream:
             ids = torch.tensor([self.cluster_of[k] for k in batch.keys], dtype=torch.long)  # (B,)
-            yield {"x0": batch.images, "cluster": ids}
+            out = {"x0": batch.images, "cluster": ids}
+            if self.with_labels:
+                if batch.labels is None:
+                    raise DataError(f"a class-conditional router needs labels, but batch {batch.keys[:3]} has none")
+                out["y"] = batch.labels
+            yield out
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.stream.state_dict())
@@ -47,12 +56,19 @@ class ClusterStream:
 
 
 def router_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
-                t_dist: str = "uniform") -> torch.Tensor:
-    """Cross-entropy of router(x_t, t) against the cluster id of x0; t ~ t_dist, eps ~ N(0, I) from ``generator``."""
+                t_dist: str = "uniform", num_classes: int | None = None, label_dropout: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of router(x_t, t[, y]) against the cluster id of x0; t ~ t_dist, eps ~ N(0, I) from
+    ``generator``. A conditional router (``num_classes``) sees y, replaced by the null label ``num_classes`` with
+    probability ``label_dropout``."""
     x0, k = batch["x0"], batch["cluster"]
     t = sample_t(x0.shape[0], generator, t_dist, device=x0.device)  # type: ignore[arg-type]  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)  # (B, C, H, W)
-    logits = model(interpolate(x0, eps, t), t)  # (B, K)
+    if num_classes is None:
+        logits = model(interpolate(x0, eps, t), t)  # (B, K)
+    else:
+        y = batch["y"]
+        drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < label_dropout
+        logits = model(interpolate(x0, eps, t), t, torch.where(drop, torch.full_like(y, num_classes), y))
     return F.cross_entropy(logits.float(), k)
 
 
@@ -67,23 +83,34 @@ def split_holdout(keys: Sequence[str], holdout: int, seed: int) -> tuple[list[st
 
 @torch.no_grad()
 def accuracy_vs_t(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor, cfg: RouterEvalConfig,
-                  seed: int, device: torch.device) -> dict[str, Any]:
-    """Top-1 accuracy per equal-width t-bin on (images (N, C, H, W), clusters (N,)); t uniform within each bin."""
+                  seed: int, device: torch.device, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Top-1 accuracy per equal-width t-bin on (images (N, C, H, W), clusters (N,)); t uniform within each bin.
+    With ``labels`` (N,) (a conditional router) each bin is scored with them (``accuracy``) and with the null
+    label (``accuracy_unconditional``) on the same noisy images."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     rows = []
     for b in range(cfg.bins):
         lo, hi = b / cfg.bins, (b + 1) / cfg.bins
-        correct, total = 0, 0
+        correct, correct_marginal, total = 0, 0, 0
         for _ in range(cfg.draws):
             for start in range(0, images.shape[0], cfg.batch_size):
                 x0 = images[start : start + cfg.batch_size]  # (b, C, H, W)
+                truth = clusters[start : start + cfg.batch_size]  # (b,)
                 t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)  # (b,)
                 eps = torch.randn(x0.shape, generator=gen)
-                logits = model(interpolate(x0, eps, t).to(device), t.to(device))  # (b, K)
-                correct += int((logits.argmax(-1).cpu() == clusters[start : start + cfg.batch_size]).sum())
+                x_t, t_dev = interpolate(x0, eps, t).to(device), t.to(device)
+                if labels is None:
+                    logits = model(x_t, t_dev)  # (b, K)
+                else:
+                    logits = model(x_t, t_dev, labels[start : start + cfg.batch_size].to(device))
+                    correct_marginal += int((model(x_t, t_dev).argmax(-1).cpu() == truth).sum())
+                correct += int((logits.argmax(-1).cpu() == truth).sum())
                 total += x0.shape[0]
-        rows.append({"t_lo": lo, "t_hi": hi, "accuracy": correct / total, "n": total})
+        row = {"t_lo": lo, "t_hi": hi, "accuracy": correct / total, "n": total}
+        if labels is not None:
+            row["accuracy_unconditional"] = correct_marginal / total
+        rows.append(row)
     K = int(getattr(model, "num_clusters"))
     counts = torch.bincount(clusters, minlength=K).double()
     return {"bins": rows, "num_clusters": K, "chance": 1.0 / K, "majority": float(counts.max() / counts.sum()),
@@ -100,7 +127,11 @@ def plot_accuracy(result: dict[str, Any]) -> bytes:
     mids = [(r["t_lo"] + r["t_hi"]) / 2 for r in result["bins"]]
     acc = [r["accuracy"] for r in result["bins"]]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    ax.plot(mids, acc, marker="o", label="router top-1")
+    conditional = "accuracy_unconditional" in result["bins"][0]
+    ax.plot(mids, acc, marker="o", label="router top-1, with the class label" if conditional else "router top-1")
+    if conditional:
+        ax.plot(mids, [r["accuracy_unconditional"] for r in result["bins"]], marker="s",
+                label="router top-1, null label (no condition)")
     ax.axhline(result["chance"], color="gray", linestyle="--", label=f"chance 1/K = {result['chance']:.3f}")
     ax.axhline(result["majority"], color="gray", linestyle=":", label=f"majority share = {result['majority']:.3f}")
     ax.set_xlabel("t (0 = data, 1 = noise)")
@@ -118,6 +149,11 @@ def plot_accuracy(result: dict[str, Any]) -> bytes:
 def format_accuracy(result: dict[str, Any]) -> str:
     lines = [f"router held-out top-1 accuracy vs t (K={result['num_clusters']}, chance={result['chance']:.3f}, "
              f"majority={result['majority']:.3f}, n={result['holdout']})"]
+    if "accuracy_unconditional" in result["bins"][0]:
+        lines[0] += "; with the class label / without"
+        lines += [f"  t in [{r['t_lo']:.2f}, {r['t_hi']:.2f}): {r['accuracy']:.3f} / {r['accuracy_unconditional']:.3f}"
+                  for r in result["bins"]]
+        return "\n".join(lines)
     lines += [f"  t in [{r['t_lo']:.2f}, {r['t_hi']:.2f}): {r['accuracy']:.3f}" for r in result["bins"]]
     return "\n".join(lines)
 
@@ -127,8 +163,10 @@ def load_router(store: Store, device: str | torch.device = "cpu", use_ema: bool 
     final = load_final(store, layout.ROUTER, map_location="cpu")
     spec = final.config.get("model") or {}
     try:
+        classes = spec.get("num_classes")
         router = build_router_from_spec(RouterSpec(spec["preset"], int(spec["image_size"]), int(spec["channels"]),
-                                                   int(spec["num_clusters"])))
+                                                   int(spec["num_clusters"]),
+                                                   int(classes) if classes is not None else None))
     except KeyError as e:
         raise DataError(f"{store.url(layout.final(layout.ROUTER))}/config.json lacks model.{e.args[0]}") from None
     if use_ema is None:
@@ -154,18 +192,21 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
     train_keys, held_keys = split_holdout(list(cluster_of), cfg.eval.holdout, cfg.seed)
 
+    if cfg.num_classes is not None and not cfg.data.class_field:
+        raise ConfigError("num_classes is set (a class-conditional router) but data.class_field is not: "
+                          "the router would have no labels to condition on")
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
     source = open_source(cfg.data, store)
     stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys,
                            prefetch=cfg.train.prefetch)
-    spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters)
-    model = build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters)
+    spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters, cfg.num_classes)
+    model = build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters, spec.num_classes)
     reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
 
     def loss_fn(m: nn.Module, batch: Any, gen: torch.Generator) -> torch.Tensor:
-        return router_loss(m, batch, gen, cfg.t_dist)
+        return router_loss(m, batch, gen, cfg.t_dist, cfg.num_classes, cfg.label_dropout)
 
-    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of), store, layout.ROUTER, cfg.train, reporter,
+    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None), store, layout.ROUTER, cfg.train, reporter,
                       seed=cfg.seed, runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec.as_dict())
     losses = trainer.fit()
     if not rt.is_main or not held_keys:
@@ -174,14 +215,20 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
         return None
     held = source.load(held_keys)
     clusters = torch.tensor([cluster_of[k] for k in held.keys], dtype=torch.long)
+    labels = None
+    if cfg.num_classes is not None:
+        if held.labels is None:
+            raise DataError(f"a class-conditional router needs labels ({cfg.data.class_field!r}) on held-out data")
+        labels = held.labels
     result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held.images, clusters, cfg.eval,
-                           cfg.seed, rt.device)
+                           cfg.seed, rt.device, labels)
     result["use_ema"] = cfg.use_ema
     result["steps"] = trainer.step
     store.commit(EVAL_DIR, {"accuracy.json": json.dumps(result, indent=2).encode(),
                             "accuracy_vs_t.png": plot_accuracy(result)},
                  meta={"accuracy_first_bin": result["bins"][0]["accuracy"],
-                       "accuracy_last_bin": result["bins"][-1]["accuracy"]})
+                       "accuracy_last_bin": result["bins"][-1]["accuracy"],
+                       "accuracy_last_bin_unconditional": result["bins"][-1].get("accuracy_unconditional")})
     print(format_accuracy(result), flush=True)
     if reporter:
         reporter.close(loss=losses[-1] if losses else None, accuracy_first_bin=result["bins"][0]["accuracy"],
