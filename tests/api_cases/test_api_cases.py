@@ -110,5 +110,5 @@ def test_class_conditional_is_immutable_and_get_shows_k(k8s_cluster: ControlPlan
             custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body["metadata"]["name"], created)
     assert "spec.experts.classConditional is immutable" in str(info.value.body)
     table = k8s_cluster.kubectl("get", "ddm", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert table[0].split()[:3] == ["NAME", "PHASE", "K"] and "PROGRESS" in table[0]
-    assert table[1].split()[:2] == ["ok-class-conditional", "4"]  # no status yet: PHASE is empty
+    assert table[0].split()[:4] == ["NAME", "PHASE", "READY", "K"] and "PROGRESS" in table[0]
+    assert table[1].split()[:2] == ["ok-class-conditional", "4"]  # no status yet: PHASE and READY are empty

@@ -11,6 +11,7 @@ map, and the cross-field ``RULES``, each model's own ``rules`` and ``IMMUTABLE_F
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def _cel(rule: Rule) -> dict[str, str]:
     return {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}"}
 
 
+@functools.cache
 def _model_rules() -> dict[str, list[dict[str, str]]]:
     """Schema definition name (the model's class name) -> the CEL of the model's own ``rules``."""
     found = {}
@@ -198,8 +200,8 @@ def status_schema() -> dict[str, Any]:
 # `kubectl get ddm`; priority 1 only with `-o wide`.
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "K", "type": "integer", "jsonPath": ".spec.clustering.numClusters", "description": "Experts (numClusters)"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.expertsReady", "description": "Experts trained"},
+    {"name": "K", "type": "integer", "jsonPath": ".spec.clustering.numClusters", "description": "Experts (numClusters)"},
     {"name": "Router", "type": "string", "jsonPath": ".status.router.phase"},
     {"name": "Best FID", "type": "number", "jsonPath": ".status.bestFid", "description": "Best routing strategy's FID"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

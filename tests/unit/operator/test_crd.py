@@ -109,7 +109,7 @@ def test_status_subresource_printer_columns_and_names() -> None:
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if not c.get("priority")}
-    assert columns == {"Phase": ".status.phase", "K": ".spec.clustering.numClusters", "Ready": ".status.expertsReady",
+    assert columns == {"Phase": ".status.phase", "Ready": ".status.expertsReady", "K": ".spec.clustering.numClusters",
                        "Router": ".status.router.phase", "Best FID": ".status.bestFid", "Age": ".metadata.creationTimestamp"}
     wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1}
     assert wide["Progress"] == ".status.message" and wide["Preset"] == ".spec.experts.modelPreset"
