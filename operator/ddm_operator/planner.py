@@ -3,8 +3,10 @@
 Both executors (the Kubernetes operator and the local runner) observe their children, call ``plan`` and carry out
 ``Plan.actions``; the same observation always gives the same plan, so re-running a reconcile is harmless.
 
-DAG: cluster -> (expert 0..K-1 and router, side by side; experts limited by ``spec.parallelism``)
-     -> evaluate (router succeeded, every expert finished or permanently failed, >= minExperts succeeded)
+DAG: cluster -> (expert 0..K-1, the baseline (if enabled) and router, side by side; experts and baseline limited
+     by ``spec.parallelism``)
+     -> evaluate (router and baseline succeeded, every expert finished or permanently failed, >= minExperts
+        succeeded)
      -> distill (if enabled; beside the evaluation) -> done.
 
 Attempts are 1-based launch counts: ``Launch(key, 1)`` starts a stage; after a retryable failure observed with
@@ -36,11 +38,11 @@ from .api.models import (
     StageStatus,
 )
 
-Stage = Literal["cluster", "expert", "router", "evaluate", "distill"]
+Stage = Literal["cluster", "expert", "router", "baseline", "evaluate", "distill"]
 MAX_BACKOFF_SECONDS = 3600.0
 
 
-_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "evaluate": 3, "distill": 4}
+_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "baseline": 3, "evaluate": 4, "distill": 5}
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class StageKey:
         return self.id
 
     def __lt__(self, other: StageKey) -> bool:
-        """DAG order (cluster, router, experts by index, evaluate, distill): actions come out in this order."""
+        """DAG order (cluster, router, experts by index, baseline, evaluate, distill): actions come out in this
+        order."""
         return (_DAG_ORDER[self.stage], self.index or 0) < (_DAG_ORDER[other.stage], other.index or 0)
 
 
@@ -65,6 +68,7 @@ CLUSTER = StageKey("cluster")
 ROUTER = StageKey("router")
 EVALUATE = StageKey("evaluate")
 DISTILL = StageKey("distill")
+BASELINE = StageKey("baseline")  # the compute-matched monolith: one model of the experts' preset on all the data
 
 
 def expert_key(index: int) -> StageKey:
@@ -235,6 +239,7 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     router = observed.get(ROUTER)
     evaluate = observed.get(EVALUATE)
     distill = observed.get(DISTILL)
+    baseline = observed.get(BASELINE)
     experts = [observed.get(expert_key(k)) for k in range(k_total)]
 
     succeeded = [k for k, o in enumerate(experts) if o.state is State.SUCCEEDED]
@@ -258,6 +263,7 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
         router=_stage_status(router, stage_retries),
         evaluation=_stage_status(evaluate, stage_retries),
         distillation=_stage_status(distill, stage_retries) if spec.distill_enabled else None,
+        baseline=_stage_status(baseline, stage_retries) if spec.baseline_enabled else None,
     )
     router_status = RouterStatus(
         phase=_stage_phase(router, _is_dead(router, stage_retries)),
@@ -271,7 +277,8 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
 
     # ---- terminal failures: cancel whatever still runs
     in_dag_order = sorted(observed.stages.items(), key=lambda kv: kv[0])
-    failure = _failure(spec, cluster, router, evaluate, distill, stage_retries, k_total, len(dead), min_experts)
+    failure = _failure(spec, cluster, router, evaluate, distill, stage_retries, k_total, len(dead), min_experts,
+                       baseline)
     if failure is not None:
         reason, message = failure
         cancels: list[Action] = [Cancel(key) for key, o in in_dag_order if o.state in (State.RUNNING, State.SUSPENDED)]
@@ -298,14 +305,17 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
             return finish("Pending", "Starting", "launching clustering", actions, waiting)
         return finish("Clustering", "Clustering", _describe("clustering", cluster), actions, waiting)
 
-    # ---- experts and router, side by side
+    # ---- experts, the baseline and the router, side by side (the baseline takes a parallelism slot like an expert)
     take(_next_for(ROUTER, router, stage_retries, spec, now))
-    busy = sum(1 for o in experts if o.state in (State.RUNNING, State.SUSPENDED))
-    slots = (spec.parallelism - busy) if spec.parallelism is not None else k_total
+    trainees = [*experts, baseline] if spec.baseline_enabled else experts
+    busy = sum(1 for o in trainees if o.state in (State.RUNNING, State.SUSPENDED))
+    slots = (spec.parallelism - busy) if spec.parallelism is not None else len(trainees)
     # Suspended experts resume first: they already hold progress and count as busy.
     for k, o in enumerate(experts):
         if o.state is State.SUSPENDED:
             actions.append(Unsuspend(expert_key(k)))
+    if spec.baseline_enabled and baseline.state is State.SUSPENDED:
+        actions.append(Unsuspend(BASELINE))
     for k, o in enumerate(experts):
         if o.state in (State.RUNNING, State.SUCCEEDED, State.SUSPENDED):
             continue
@@ -316,9 +326,17 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
             slots -= 1
         take(nxt)
 
+    if spec.baseline_enabled and baseline.state not in (State.RUNNING, State.SUCCEEDED, State.SUSPENDED):
+        nxt = _next_for(BASELINE, baseline, stage_retries, spec, now)
+        if nxt.action is None or slots > 0:  # launched after the experts, in a slot of spec.parallelism
+            take(nxt)
+
     experts_finished = len(succeeded) + len(dead) == k_total
-    if not (experts_finished and router.state is State.SUCCEEDED):
+    baseline_done = not spec.baseline_enabled or baseline.state is State.SUCCEEDED
+    if not (experts_finished and router.state is State.SUCCEEDED and baseline_done):
         message = f"{len(succeeded)}/{k_total} experts ready, router {router.state.value}"
+        if spec.baseline_enabled:
+            message += f", baseline {baseline.state.value}"
         return finish("Training", "Training", message, actions, waiting)
 
     # ---- evaluation and distillation, side by side (router done, every expert finished, enough succeeded:
@@ -357,15 +375,17 @@ def _failure(
     k_total: int,
     n_dead: int,
     min_experts: int,
+    baseline: StageObservation = ABSENT,
 ) -> tuple[str, str] | None:
     """(reason, message) when the run can no longer succeed."""
     for name, reason, obs in (
         ("clustering", "ClusteringFailed", cluster),
         ("router", "RouterFailed", router),
+        ("baseline", "BaselineFailed", baseline),
         ("evaluation", "EvaluationFailed", evaluate),
         ("distillation", "DistillationFailed", distill),
     ):
-        if name == "distillation" and not spec.distill_enabled:
+        if (name == "distillation" and not spec.distill_enabled) or (name == "baseline" and not spec.baseline_enabled):
             continue
         if _is_dead(obs, stage_retries):
             why = "permanent error" if not obs.retryable else f"retries exhausted ({obs.attempts} attempts)"

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from .api.models import DecentralizedDiffusionSpec
-from .planner import CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key
+from .planner import BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key
 
 __all__ = [
-    "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "expert_key",
+    "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "BASELINE", "expert_key", "trainer_command",
     "all_keys", "stage_config", "stage_command", "run_uri", "world_size", "parse_key", "grace_period_seconds",
 ]
 
@@ -28,6 +28,8 @@ CONFIG_FILE_NAME = "config.yaml"
 def all_keys(spec: DecentralizedDiffusionSpec) -> list[StageKey]:
     """Every stage of the run, in pipeline order."""
     keys = [CLUSTER, *(expert_key(k) for k in range(spec.num_experts)), ROUTER, EVALUATE]
+    if spec.baseline_enabled:
+        keys.insert(-1, BASELINE)
     if spec.distill_enabled:
         keys.append(DISTILL)
     return keys
@@ -38,9 +40,9 @@ def parse_key(text: str) -> StageKey:
     stage, sep, index = text.partition("-")
     if sep and index.isdigit() and stage == "expert":
         return expert_key(int(index))
-    if not sep and stage in ("cluster", "router", "evaluate", "distill"):
+    if not sep and stage in ("cluster", "router", "baseline", "evaluate", "distill"):
         return StageKey(stage)  # type: ignore[arg-type]
-    raise ValueError(f"unknown stage key {text!r} (cluster, expert-NNN, router, evaluate, distill)")
+    raise ValueError(f"unknown stage key {text!r} (cluster, expert-NNN, router, baseline, evaluate, distill)")
 
 
 def run_uri(spec: DecentralizedDiffusionSpec, namespace: str | None = None, name: str | None = None) -> str:
@@ -53,7 +55,7 @@ def run_uri(spec: DecentralizedDiffusionSpec, namespace: str | None = None, name
 
 def world_size(spec: DecentralizedDiffusionSpec, key: StageKey) -> tuple[int, int]:
     """(nodes, processes per node) of a stage. gpusPerNode 0 means CPU: one process."""
-    if key.stage == "expert":
+    if key.stage in ("expert", "baseline"):
         return spec.experts.nodes, max(spec.experts.gpus_per_node, 1)
     if key.stage == "router":
         return 1, max(spec.router.gpus_per_node, 1)
@@ -83,9 +85,9 @@ def preset_params(preset: str) -> int:
 def grace_period_seconds(spec: DecentralizedDiffusionSpec, key: StageKey) -> int:
     """terminationGracePeriodSeconds of a stage's pods: the experts' spec value for experts, else enough to commit the checkpoint
     of the stage's model after SIGTERM (rounded up to 30 s)."""
-    if key.stage == "expert" and spec.experts.termination_grace_period_seconds is not None:
+    if key.stage in ("expert", "baseline") and spec.experts.termination_grace_period_seconds is not None:
         return spec.experts.termination_grace_period_seconds
-    preset = {"expert": spec.experts.model_preset, "router": spec.router.preset,
+    preset = {"expert": spec.experts.model_preset, "baseline": spec.experts.model_preset, "router": spec.router.preset,
               "distill": spec.distillation.student_preset if spec.distillation else None}.get(key.stage)
     if preset is None:  # clustering and evaluation commit small results: the Kubernetes default is plenty
         return 30 + GRACE_BASE_S
@@ -131,16 +133,20 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         return {**base, "seed": c.seed, "data": _data(spec), "encoder": c.encoder, "encoder_weights": c.encoder_weights,
                 "fine_clusters": c.fine_clusters, "num_clusters": c.num_clusters,
                 "max_cluster_fraction": c.max_cluster_fraction, "method": c.method}
-    if key.stage == "expert":
-        if key.index is None or not 0 <= key.index < spec.num_experts:
+    if key.stage in ("expert", "baseline"):
+        if key.stage == "expert" and (key.index is None or not 0 <= key.index < spec.num_experts):
             raise ValueError(f"expert index {key.index} is outside 0..{spec.num_experts - 1}")
         e = spec.experts
         nodes, per_node = world_size(spec, key)
-        return {**base, "seed": key.index, "device": _device(spec, e.gpus_per_node), "data": _data(spec),
+        # The baseline is `ddm-train expert` on all the data (cluster_index null -> experts/monolith), with the
+        # experts' preset, batch and schedule, and as many steps as all experts together unless the spec says.
+        steps = e.steps if key.stage == "expert" else baseline_steps(spec)
+        return {**base, "seed": key.index if key.index is not None else spec.num_experts,
+                "device": _device(spec, e.gpus_per_node), "data": _data(spec),
                 "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
                 "num_classes": spec.dataset.num_classes if e.class_conditional else None,
                 "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
-                "train": {"steps": e.steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
+                "train": {"steps": steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,
                           "compile": _compile(e.compile)}}
     if key.stage == "router":
@@ -162,7 +168,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         if spec.dataset.limit is not None:
             reference = min(reference, spec.dataset.limit)  # cannot reference more images than the run reads
         return {**base, "device": _device(spec, v.gpus_per_node), "data": _data(spec),
-                "strategies": list(v.strategies), "n_samples": max(v.num_samples, 2),
+                "strategies": [*v.strategies, *(["monolith"] if spec.baseline_enabled else [])],
+                "n_samples": max(v.num_samples, 2),
                 "reference_n": max(reference, 2), "steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale,
                 "batch_size": v.batch_size, "compile": _compile(v.compile),
                 "precision": spec.experts.precision}
@@ -187,11 +194,24 @@ def stage_command(spec: DecentralizedDiffusionSpec, key: StageKey, config_path: 
     Kubernetes expands from the container's environment when it starts the pod.
     """
     nodes, per_node = world_size(spec, key)
+    command = trainer_command(key)
     if nodes == 1 and per_node == 1:
-        return ["ddm-train", key.stage, "--config", config_path]
+        return ["ddm-train", command, "--config", config_path]
     launcher = ["ddm-launch", f"--nnodes={nodes}", f"--nproc-per-node={per_node}"]
     if nodes > 1:
         launcher += ["--rdzv-backend=c10d", "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)", f"--rdzv-id={key.id}"]
     else:
         launcher += ["--standalone"]
-    return [*launcher, "-m", "ddm_trainer.cli", key.stage, "--config", config_path]
+    return [*launcher, "-m", "ddm_trainer.cli", command, "--config", config_path]
+
+
+def trainer_command(key: StageKey) -> str:
+    """The ``ddm-train`` command that runs a stage: the baseline is the expert stage on all the data."""
+    return "expert" if key.stage == "baseline" else key.stage
+
+
+def baseline_steps(spec: DecentralizedDiffusionSpec) -> int:
+    """The monolith's steps: spec.baseline.steps, else K x the experts' steps (the same images seen, at the same
+    batch, as all experts together: the paper's compute-matched comparison; the router's cost is reported apart)."""
+    given = spec.baseline.steps if spec.baseline is not None else None
+    return given if given is not None else spec.num_experts * spec.experts.steps

@@ -36,6 +36,7 @@ def _spec(data_dir: Path, run_dir: Path) -> dict[str, object]:
             "router": {"preset": "DiT-T/4", "steps": 10, "batchSize": 16, "precision": "fp32", "gpusPerNode": 0},
             "evaluation": {"strategies": STRATEGIES, "numSamples": 8, "steps": 2},
             "distillation": {"enabled": True, "studentPreset": "DiT-T/4", "steps": 2, "batchSize": 8},
+            "baseline": {"steps": 6},  # the monolith on all the data, one more row of the evaluation
             "storage": {"uri": str(run_dir)},
         },
     }
@@ -83,6 +84,8 @@ def test_interrupt_resume_and_rerun(fashion_mnist_dir: Path, tmp_path: Path) -> 
     launched = [ln.split()[2] for ln in resumed.stderr.splitlines() if ln.startswith("[ddm] launched")]
     assert "cluster" not in launched and "expert-000" not in launched and "router" not in launched, launched
     assert launched[:1] == ["expert-001"] and "evaluate" in launched and "distill" in launched
+    assert launched.index("baseline") < launched.index("evaluate")  # ddm-train expert on all the data
+    assert store.read_manifest("experts/monolith/final") is not None
     assert '"event": "resumed"' in (run_dir / "logs" / "expert-001.progress.jsonl").read_text()
     assert "Succeeded" in resumed.stderr
 
@@ -91,6 +94,7 @@ def test_interrupt_resume_and_rerun(fashion_mnist_dir: Path, tmp_path: Path) -> 
     for strategy in STRATEGIES:
         assert f"<td>{strategy}</td>" in html
         assert (run_dir / "report" / f"samples-{strategy}.png").stat().st_size > 0
+    assert "<td>monolith</td>" in html and "Against the compute-matched monolith" in html
     assert (run_dir / "report" / "losses.png").exists()
 
     # 3. A third run finds everything committed: launches nothing, finishes fast.
@@ -103,9 +107,11 @@ def test_interrupt_resume_and_rerun(fashion_mnist_dir: Path, tmp_path: Path) -> 
     # `ddm status` on the run directory shows every stage done.
     status = subprocess.run([DDM, "status", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
-    rows = [ln.split() for ln in status.stdout.splitlines()[2:] if ln.strip() and not ln.startswith(" ")][:6]
-    assert [r[0] for r in rows] == ["cluster", "expert-000", "expert-001", "router", "evaluate", "distill"]
+    rows = [ln.split() for ln in status.stdout.splitlines()[2:] if ln.strip() and not ln.startswith(" ")][:7]
+    assert [r[0] for r in rows] == ["cluster", "expert-000", "expert-001", "router", "baseline", "evaluate", "distill"]
     assert all(r[1] == "done" for r in rows), status.stdout
+    assert rows[4][2] == "6/6", rows[4]  # the baseline's own progress file (progress/baseline.json)
+    assert "vs the compute-matched monolith" in status.stdout
 
 
 def test_bad_spec_is_one_line_error_naming_the_field(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 CLUSTERING = "clustering"  # MANIFEST.json + assignments.npz (keys, cluster ids), centroids, sizes
 CLUSTER_SHARDS = f"{CLUSTERING}/shards"  # MANIFEST.json + index.json; <k>/<k>-<j>.tar: cluster k's samples
 EXPERTS = "experts"
+MONOLITH = f"{EXPERTS}/monolith"  # the baseline: one model of the experts' preset trained on all the data
 ROUTER = "router"
 EVALUATION = "evaluation"  # MANIFEST.json + results.json (FID table), grids
 DISTILLATION = "distillation"

@@ -204,6 +204,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "K", "type": "integer", "jsonPath": ".spec.clustering.numClusters", "description": "Experts (numClusters)"},
     {"name": "Router", "type": "string", "jsonPath": ".status.router.phase"},
     {"name": "Best FID", "type": "number", "jsonPath": ".status.bestFid", "description": "Best routing strategy's FID"},
+    {"name": "vs Monolith", "type": "number", "jsonPath": ".status.results.bestVsMonolith",
+     "description": "Best FID over the compute-matched monolith's (spec.baseline; below 1: the ensemble wins)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Preset", "type": "string", "jsonPath": ".spec.experts.modelPreset", "priority": 1},
     {"name": "Steps", "type": "integer", "jsonPath": ".spec.experts.steps", "priority": 1,

@@ -464,6 +464,18 @@ class DistillationSpec(SpecModel):
                                  description="Placement of the student's pods")
 
 
+class BaselineSpec(SpecModel):
+    """Optional: the compute-matched monolith. One model of the experts' preset trained on all the data, evaluated
+    by the same evaluation stage with the same sampler (the table's `monolith` row), so the run answers whether the
+    ensemble beats one model on the same compute."""
+
+    enabled: bool = Field(True, description="Train and evaluate the baseline (present and enabled by default)")
+    steps: int | None = Field(None, gt=0, le=1_000_000_000,
+                              description="Training steps (default: numClusters x experts.steps: the same images "
+                                          "seen as all experts together, at the experts' batch size)")
+    placement: Placement | None = Field(None, description="Placement of the baseline's pods (default: the experts')")
+
+
 class StorageSpec(SpecModel):
     """The run store every stage reads and writes: a stage is done when its MANIFEST.json is committed."""
 
@@ -496,6 +508,7 @@ class DecentralizedDiffusionSpec(SpecModel):
     router: RouterSpec = Field(default_factory=RouterSpec, json_schema_extra={"default": {}})
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, json_schema_extra={"default": {}})
     distillation: DistillationSpec | None = None
+    baseline: BaselineSpec | None = Field(None, description="The compute-matched monolith trained beside the experts")
     storage: StorageSpec
     trainer_image: str = Field("ghcr.io/ddm/ddm-trainer:0.1.0", min_length=1, max_length=512, pattern=r"^\S+$",
                                description="Image of every stage's pods (ddm-train entrypoint)")
@@ -522,6 +535,10 @@ class DecentralizedDiffusionSpec(SpecModel):
     @property
     def distill_enabled(self) -> bool:
         return self.distillation is not None and self.distillation.enabled
+
+    @property
+    def baseline_enabled(self) -> bool:
+        return self.baseline is not None and self.baseline.enabled
 
 
 # ---------------------------------------------------------------- cross-field rules (CEL + Python, written once)
@@ -698,6 +715,7 @@ class StagesStatus(ApiModel):
     router: StageStatus | None = Field(None, description="The router's training job")
     evaluation: StageStatus | None = Field(None, description="FID/KID per strategy")
     distillation: StageStatus | None = Field(None, description="The student's training job")
+    baseline: StageStatus | None = Field(None, description="The compute-matched monolith's training job")
 
 
 class ExpertStatus(ApiModel):
@@ -741,6 +759,8 @@ class Results(ApiModel):
     fid: list[StrategyResult] = Field(default_factory=list, description="FID/KID per strategy")
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI (experts, router, student, ...)")
     report_uri: str | None = Field(None, description="URI of report/index.html")
+    best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID over the monolith "
+                                                             "baseline's (below 1: the ensemble wins)")
 
 
 class DecentralizedDiffusionStatus(ApiModel):

@@ -3,13 +3,20 @@
 Run: ``kopf run --standalone -m ddm_operator.k8s.handlers --namespace NS`` (or ``ddm-operator``).
 
 Level-triggered: every reconcile recomputes everything from the spec and the observed PyTorchJobs, so a missed
-event or a killed operator costs nothing. It runs from a timer on every DDM (DDM_RECONCILE_INTERVAL_S), on
-create/update/resume, and whenever one of our PyTorchJobs finishes (so a stage follows the previous one at once).
-Children have deterministic names; creating one that exists (409) adopts it, so a re-run never duplicates.
+event or a killed operator costs nothing. Event-driven: each DDM that is not finished has one async daemon
+(``reconciler``) that runs a pass, then sleeps until it is woken or a deadline passes. It is woken by a change of
+the DDM's spec and by a change of the phase of any of its PyTorchJobs in this cluster (one kopf watch on
+pytorchjobs; the parent is found by the ``ddm.io/uid`` label every child carries). Deadlines: a retry's backoff
+expiring, a stage live in another cluster (no watch there: DDM_REMOTE_INTERVAL_S), else a safety net
+(DDM_RECONCILE_INTERVAL_S). A Succeeded, Degraded or Failed DDM whose spec was handled has no daemon at all: nothing
+polls it until its spec changes. Children have deterministic names; creating one that exists (409) adopts it, so a
+re-run never duplicates.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextvars
 import datetime
 import logging
 import os
@@ -27,6 +34,7 @@ from ddm_trainer.errors import DDMError
 
 from .. import planner as pl
 from .. import stages
+from ..comparison import best_fid, compare
 from ..api.models import (
     GROUP,
     PLURAL,
@@ -41,7 +49,11 @@ from . import builders as b
 from .multicluster import ClusterClients
 from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
 
-INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "5"))
+INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "60"))  # safety net: events wake a DDM at once
+REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # stages in other clusters: not watched
+WAKE_ON_CHILDREN = os.environ.get("DDM_WAKE_ON_CHILDREN", "1") != "0"  # 0: timer only (for benchmarks)
+ERROR_BACKOFF_S = 10.0
+TERMINAL_PHASES = ("Succeeded", "Degraded", "Failed")
 LAUNCH_THREADS = 4
 CONFIG_PATH = f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"
 log = logging.getLogger("ddm_operator")
@@ -109,6 +121,8 @@ def clusters_of(spec: DecentralizedDiffusionSpec) -> set[str | None]:
     placements += [spec.router.placement, spec.evaluation.placement]
     if spec.distillation is not None:
         placements.append(spec.distillation.placement)
+    if spec.baseline is not None:
+        placements.append(spec.baseline.placement or spec.experts.placement)
     return {None} | {p.target_cluster for p in placements}
 
 
@@ -125,6 +139,8 @@ def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[P
         return spec.evaluation.placement, spec.evaluation.gpus_per_node
     if key.stage == "distill" and spec.distillation is not None:
         return spec.distillation.placement, 1
+    if key.stage == "baseline" and spec.baseline is not None and spec.baseline.placement is not None:
+        return spec.baseline.placement, spec.experts.gpus_per_node
     return spec.experts.placement, spec.experts.gpus_per_node
 
 
@@ -217,7 +233,10 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
     artifacts["evaluation"] = store.url(f"{layout.EVALUATION}/results.json")
     if spec.distill_enabled:
         artifacts["student"] = store.url(layout.final(layout.DISTILLATION))
-    return Results(fid=rows, artifacts=artifacts)
+    if spec.baseline_enabled:
+        artifacts["baseline"] = store.url(layout.final(layout.MONOLITH))
+    vs = compare((r.strategy, r.fid) for r in rows)
+    return Results(fid=rows, artifacts=artifacts, best_vs_monolith=round(vs.ratio, 4) if vs else None)
 
 
 WAITING_FOR_ADMISSION = "waiting for admission by Kueue"
@@ -271,7 +290,7 @@ def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[st
                generation: int | None, results: Results | None = None) -> DecentralizedDiffusionStatus:
     stage_jobs = plan.stages.model_copy(deep=True)
     for field, key in (("clustering", "cluster"), ("router", "router"), ("evaluation", "evaluate"),
-                       ("distillation", "distill")):
+                       ("distillation", "distill"), ("baseline", "baseline")):
         st = getattr(stage_jobs, field)
         if st is not None and key in latest:
             st.job_name = latest[key].name
@@ -284,13 +303,14 @@ def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[st
         conditions=pl.merge_conditions(old.conditions, plan.conditions, _now_rfc3339(), generation),
         observed_generation=generation, stages=stage_jobs, experts=experts,
         experts_ready=plan.experts_ready, experts_total=plan.experts_total, router=plan.router,
-        best_fid=_best_fid(results) if results else old.best_fid, results=results or old.results,
+        best_fid=_best_fid(results.fid) if results else old.best_fid, results=results or old.results,
     )
 
 
-def _best_fid(results: Results) -> float | None:
+def _best_fid(rows: list[StrategyResult]) -> float | None:
     """The best routing strategy's FID (the monolith baseline row is a reference, not a DDM result)."""
-    return min((r.fid for r in results.fid if r.strategy != "monolith"), default=None)
+    best = best_fid((r.strategy, r.fid) for r in rows)
+    return best[1] if best else None
 
 
 def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionStatus) -> list[tuple[str, str]]:
@@ -326,7 +346,7 @@ _queued: set[str] = set()
 
 
 def reconcile(namespace: str, name: str, coalesce: bool = False) -> float | None:
-    """One level-triggered pass over a DDM; returns seconds until a waiting retry is due (or None).
+    """One level-triggered pass over a DDM; returns seconds until the next pass is due without an event (or None).
 
     With ``coalesce``, a pass is skipped when another is already waiting for this DDM: that one reads the DDM and its
     children after we were called, so it sees everything we would (K experts finishing together cost one pass).
@@ -371,7 +391,7 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
         if old.message != str(exc):
             _patch_status(namespace, name, {"message": str(exc)})
             kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
-        return INTERVAL_S
+        return REMOTE_INTERVAL_S
     plan = pl.plan(spec, observed)
     launches = [a for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))]
     if launches:  # independent children: create them side by side (K experts + router at once)
@@ -402,7 +422,15 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
         _patch_status(namespace, name, wire)
         for reason, message in _transitions(old, new):
             (kopf.warn if "Failed" in message or "Retrying" in message else kopf.info)(body, reason=reason, message=message)
-    return plan.requeue_after
+    return next_look(plan.requeue_after, latest)
+
+
+def next_look(requeue_after: float | None, latest: dict[str, JobState]) -> float | None:
+    """Seconds until a pass is due even if no event comes: a retry's backoff expiring, or a stage live in another
+    cluster (its jobs are not watched: polled every REMOTE_INTERVAL_S while they run, never once they are done)."""
+    remote = any(j.cluster is not None and j.phase not in ("Succeeded", "Failed") for j in latest.values())
+    due = [d for d in (requeue_after, REMOTE_INTERVAL_S if remote else None) if d is not None]
+    return min(due, default=None)
 
 
 def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -413,7 +441,7 @@ def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     try:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
@@ -424,6 +452,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 30
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.execution.max_workers = 8
+    memo.executor = settings.execution.executor  # passes run in kopf's own pool for sync handlers (max_workers)
 
 
 @kopf.on.probe(id="reconciled")
@@ -439,40 +468,85 @@ def _uses_remote(spec: Any, **_: Any) -> bool:
     return any(p.get("targetCluster") for p in placements)
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def on_change(namespace: str, name: str, **_: Any) -> None:
-    delay = reconcile(namespace, name)
-    if delay is not None and delay > 0:
-        log.debug("retry of %s/%s due in %.1f s (the timer picks it up)", namespace, name, delay)
+# ---- wake-ups: one daemon per unfinished DDM; child and spec events set its Event (in-memory, no API request)
+
+_wakes: dict[str, asyncio.Event] = {}  # DDM uid -> its reconciler's wake-up
+_child_phases: dict[str, str] = {}  # PyTorchJob uid -> the phase its DDM was last woken for
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL_S, initial_delay=INTERVAL_S)
-def on_timer(namespace: str, name: str, **_: Any) -> None:
-    reconcile(namespace, name, coalesce=True)
+def needs_reconciler(status: Any, meta: Any, **_: Any) -> bool:
+    """A DDM gets a reconciler unless it finished (Succeeded, Degraded, Failed) with its current spec handled.
+    kopf evaluates this on every event of the DDM: the pass that writes a terminal phase stops the daemon, a spec
+    change (generation > observedGeneration) starts it again (kopf docs/daemons.rst, Filtering)."""
+    status, meta = dict(status or {}), dict(meta or {})
+    handled = status.get("observedGeneration") is not None and status.get("observedGeneration") == meta.get("generation")
+    return not (status.get("phase") in TERMINAL_PHASES and handled)
 
 
-_finished_seen: set[tuple[str, str]] = set()
+def child_wakes_parent(event_type: str | None, job: dict[str, Any], seen: dict[str, str]) -> bool:
+    """Whether this event of one of our PyTorchJobs should wake its DDM; records the job's phase in ``seen``.
+
+    Only a change of the phase the planner reads (observe.job_state: Pending, Queued, Running, Suspended, Succeeded,
+    Failed) or a deletion wakes it; a job first seen Pending was just created by a pass that already counts it."""
+    uid = (job.get("metadata") or {}).get("uid", "")
+    if event_type == "DELETED":
+        seen.pop(uid, None)
+        return True
+    state = job_state(job)
+    if state is None:
+        return False
+    before = seen.get(uid)
+    seen[uid] = state.phase
+    if before is None:
+        return state.phase != "Pending"
+    return before != state.phase
 
 
-def _is_finished(status: Any, **_: Any) -> bool:
-    return any(true_condition(dict(status or {}), kind) for kind in ("Succeeded", "Failed"))
+def _wake(ddm_uid: str | None) -> None:
+    wake = _wakes.get(ddm_uid or "")
+    if wake is not None:  # no reconciler: the DDM is finished, or not yet seen (its reconciler will look anyway)
+        wake.set()
 
 
-@kopf.on.event(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, b.PYTORCHJOB_PLURAL,
-               labels={b.LABEL_UID: kopf.PRESENT}, when=_is_finished)
-def on_job_finished(meta: Any, namespace: str, type: str | None, **_: Any) -> None:
-    """A stage finished: re-plan its DDM now instead of at the next timer tick."""
-    marker = (meta.get("uid", ""), meta.get("resourceVersion", ""))
-    if type == "DELETED" or marker in _finished_seen:
-        return
-    if len(_finished_seen) > 100_000:  # only dedups repeated events of one version; forgetting is harmless
-        _finished_seen.clear()
-    _finished_seen.add(marker)
-    for ref in meta.get("ownerReferences") or []:
-        if ref.get("kind") == b.KIND:
-            reconcile(namespace, ref["name"], coalesce=True)
+@kopf.daemon(GROUP, VERSION, PLURAL, id="reconciler", when=needs_reconciler, cancellation_timeout=10.0)
+async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                     **_: Any) -> None:
+    """Pass, sleep until woken or due, repeat. A wake-up during a pass leaves the Event set: exactly one more pass
+    follows, which reads everything that changed meanwhile (K experts finishing together cost one or two passes)."""
+    wake = _wakes[uid] = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        while not stopped:
+            wake.clear()
+            try:
+                due = await loop.run_in_executor(memo.get("executor"), contextvars.copy_context().run,
+                                                 reconcile, namespace, name)
+            except Exception:  # an API error, a bug: logged, and the next pass comes after a backoff or an event
+                log.exception("reconcile of %s/%s failed; next pass in %.0f s or on an event",
+                              namespace, name, ERROR_BACKOFF_S)
+                due = ERROR_BACKOFF_S
+            timeout = INTERVAL_S if due is None else min(due, INTERVAL_S)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        if _wakes.get(uid) is wake:
+            del _wakes[uid]
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_ddm_event(meta: kopf.Meta, status: kopf.Status, uid: str, **_: Any) -> None:
+    """A spec change wakes the DDM's reconciler at once (a finished DDM's reconciler is started by kopf instead)."""
+    if meta.get("generation") != status.get("observedGeneration"):
+        _wake(uid)
+
+
+@kopf.on.event(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, b.PYTORCHJOB_PLURAL, labels={b.LABEL_UID: kopf.PRESENT})
+async def on_child_event(type: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any) -> None:
+    """A stage of ours changed phase (started, finished, failed, admitted by Kueue, deleted): wake its DDM now."""
+    if WAKE_ON_CHILDREN and child_wakes_parent(type, dict(body), _child_phases):
+        _wake(labels.get(b.LABEL_UID))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_uses_remote)

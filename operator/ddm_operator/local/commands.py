@@ -20,6 +20,7 @@ from ddm_trainer.errors import ConfigError, DDMError
 from ddm_trainer.store import Store, open_store
 
 from ..api.models import DecentralizedDiffusion
+from ..comparison import compare
 from ..stages import all_keys
 from .runner import LocalRunner, default_run_dir, done_prefix, local_run_uri
 
@@ -134,9 +135,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         from .report import fid_rows
 
         print("\nFID per strategy:")
-        for row in fid_rows(store.get_json(results)):
+        rows = fid_rows(store.get_json(results))
+        for row in rows:
             fid = f"{row['fid']:.2f}" if isinstance(row["fid"], (int, float)) else "-"
             print(f"  {row['strategy']:<14} FID {fid:>8}  NFE {row['nfe']}  N {row['n']}")
+        vs = compare((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None) for r in rows)
+        if vs is not None:
+            print(f"\n{vs.sentence()}")
     report = run_dir / "report" / "index.html"
     if report.exists():
         print(f"\nreport: {report}")

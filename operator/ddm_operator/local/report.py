@@ -17,6 +17,8 @@ from typing import Any
 from ddm_trainer import layout
 from ddm_trainer.store import Store
 
+from ..comparison import compare
+
 ROUTER_EVAL = f"{layout.ROUTER}/eval"  # the router stage commits accuracy.json + accuracy_vs_t.png here
 EXPERT_REPORT = "report"  # experts/NNN/report: loss_curve.json + samples.png, committed by the expert stage
 FID_HEADERS = ("strategy", "FID", "KID", "NFE", "GFLOPs/sample", "N")
@@ -286,6 +288,10 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
                         "|" + "---|" * len(FID_COLUMNS)]
         sections_md += ["| " + " | ".join(_fmt(r[c]) for c in FID_COLUMNS) + " |" for r in inputs.fid_rows]
         sections_md.append("")
+        vs = compare((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None) for r in inputs.fid_rows)
+        if vs is not None:  # spec.baseline: the answer to "is it better than one model on the same compute?"
+            sections_html.append(f"<p><b>Against the compute-matched monolith:</b> {html.escape(vs.sentence())}</p>")
+            sections_md += [f"**Against the compute-matched monolith:** {vs.sentence()}", ""]
 
     if inputs.grids:
         figs = []

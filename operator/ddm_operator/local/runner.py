@@ -54,6 +54,8 @@ def done_prefix(key: StageKey) -> str:
         return layout.final(layout.ROUTER)
     if key.stage == "evaluate":
         return layout.EVALUATION
+    if key.stage == "baseline":
+        return layout.final(layout.MONOLITH)
     return layout.final(layout.DISTILLATION)
 
 

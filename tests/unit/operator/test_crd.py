@@ -89,7 +89,8 @@ def test_every_rule_and_immutable_field_is_in_the_schema() -> None:
     # a model's own rules sit on every node made from it (tolerations of each placement, each override's resources)
     toleration_rules = [path for path, v in rules if v["message"] == models.Toleration.rules[0].message]
     assert ".experts.placement.tolerations[]" in toleration_rules
-    assert ".experts.overrides[].placement.tolerations[]" in toleration_rules and len(toleration_rules) == 5
+    assert ".experts.overrides[].placement.tolerations[]" in toleration_rules and len(toleration_rules) == 6
+    assert ".baseline.placement.tolerations[]" in toleration_rules
 
 
 def test_every_field_is_described_with_its_default_and_range() -> None:
@@ -110,7 +111,8 @@ def test_status_subresource_printer_columns_and_names() -> None:
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if not c.get("priority")}
     assert columns == {"Phase": ".status.phase", "Ready": ".status.expertsReady", "K": ".spec.clustering.numClusters",
-                       "Router": ".status.router.phase", "Best FID": ".status.bestFid", "Age": ".metadata.creationTimestamp"}
+                       "Router": ".status.router.phase", "Best FID": ".status.bestFid",
+                       "vs Monolith": ".status.results.bestVsMonolith", "Age": ".metadata.creationTimestamp"}
     wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1}
     assert wide["Progress"] == ".status.message" and wide["Preset"] == ".spec.experts.modelPreset"
     status = schema()["properties"]["status"]

@@ -8,6 +8,7 @@ import pytest
 
 from ddm_operator.api.models import DecentralizedDiffusionSpec
 from ddm_operator.planner import (
+    BASELINE,
     CLUSTER,
     DISTILL,
     EVALUATE,
@@ -332,3 +333,36 @@ def test_a_stage_waiting_for_admission_reads_pending_with_why_and_is_not_relaunc
     e0 = p.experts[0]
     assert e0.phase == "Pending" and e0.message == "waiting for admission by Kueue" and e0.retries == 0
     assert p.experts[1].phase == "Running" and p.experts[2].phase == "Pending" and p.experts[2].message == ""
+
+
+# ---------------------------------------------------------------- the compute-matched baseline (spec.baseline)
+
+
+def test_baseline_trains_beside_the_experts_and_the_evaluation_waits_for_it() -> None:
+    spec = make_spec(k=2, baseline={})
+    p = plan(spec, observe({CLUSTER: OK}))
+    assert p.actions == [Launch(ROUTER, 1), Launch(expert_key(0), 1), Launch(expert_key(1), 1), Launch(BASELINE, 1)]
+    assert p.stages.baseline is not None and p.stages.baseline.phase == "Pending"
+    p = plan(spec, observe({**trained(2), BASELINE: RUN}))
+    assert (p.phase, p.actions) == ("Training", []) and "baseline running" in p.message
+    assert p.stages.baseline.phase == "Running"  # type: ignore[union-attr]
+    p = plan(spec, observe({**trained(2), BASELINE: OK}))
+    assert (p.phase, p.actions) == ("Evaluating", [Launch(EVALUATE, 1)])
+    assert plan(make_spec(k=2), observe({CLUSTER: OK})).stages.baseline is None
+
+
+def test_baseline_takes_a_parallelism_slot_after_the_experts() -> None:
+    spec = make_spec(k=2, baseline={}, parallelism=2)
+    p = plan(spec, observe({CLUSTER: OK}))
+    assert p.actions == [Launch(ROUTER, 1), Launch(expert_key(0), 1), Launch(expert_key(1), 1)]
+    p = plan(spec, observe({CLUSTER: OK, ROUTER: RUN, expert_key(0): OK, expert_key(1): RUN}))
+    assert p.actions == [Launch(BASELINE, 1)]
+
+
+def test_baseline_retries_as_a_stage_and_its_permanent_failure_fails_the_run() -> None:
+    spec = make_spec(k=2, baseline={})
+    p = plan(spec, observe({**trained(2), BASELINE: failed(1)}))
+    assert p.actions == [Retry(BASELINE, 2, NOW - 1000.0 + 10)]
+    p = plan(spec, observe({**trained(2), BASELINE: failed(1, retryable=False)}))
+    assert (p.phase, p.reason) == ("Failed", "BaselineFailed") and "baseline failed: permanent error" in p.message
+    assert plan(make_spec(k=2, baseline={"enabled": False}), observe(trained(2))).phase == "Evaluating"

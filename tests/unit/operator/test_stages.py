@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from ddm_operator.api.models import DIT_PRESETS, DecentralizedDiffusion
-from ddm_operator.stages import (CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key, parse_key, run_uri,
-                                 stage_command, stage_config)
+from ddm_operator.stages import (BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key, parse_key, run_uri,
+                                 stage_command, stage_config, trainer_command)
 from ddm_trainer.configs import STAGES
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -51,7 +51,7 @@ def test_every_example_gives_valid_trainer_configs(path: Path) -> None:
         assert keys[0] == CLUSTER and EVALUATE in keys and ROUTER in keys
         assert sum(k.stage == "expert" for k in keys) == obj.spec.clustering.num_clusters
         for key in keys:
-            config = _config_class(key.stage).model_validate(stage_config(obj.spec, key, uri))
+            config = _config_class(trainer_command(key)).model_validate(stage_config(obj.spec, key, uri))
             assert config.run_uri == uri
 
 
@@ -68,7 +68,7 @@ def test_expert_config_carries_its_cluster_and_per_process_batch() -> None:
 def test_class_conditional_spec_gives_valid_configs_with_the_class_count() -> None:
     obj = _spec(experts__classConditional=True, dataset__classField="cls", dataset__numClasses=10)
     for key in all_keys(obj.spec):
-        config = _config_class(key.stage).model_validate(stage_config(obj.spec, key, "file:///tmp/run"))
+        config = _config_class(trainer_command(key)).model_validate(stage_config(obj.spec, key, "file:///tmp/run"))
         if key.stage == "expert":
             assert config.class_cond and config.num_classes == 10 and config.data.class_field == "cls"
         if key.stage == "router":  # p(k | x_t, t, y): the router sees the label the experts were trained with
@@ -153,7 +153,7 @@ _VARIANTS = [
 def test_every_allowed_spec_value_gives_configs_the_trainer_accepts(changes: dict[str, object]) -> None:
     obj = _spec(**changes)
     for key in all_keys(obj.spec):
-        _config_class(key.stage).model_validate(stage_config(obj.spec, key, "s3://bucket/run"))
+        _config_class(trainer_command(key)).model_validate(stage_config(obj.spec, key, "s3://bucket/run"))
 
 
 def test_preset_sizes_match_the_trainers_models() -> None:
@@ -202,3 +202,19 @@ def test_evaluation_samples_on_every_gpu_of_its_pod() -> None:
     cfg = stage_config(spec, EVALUATE, "/r")
     assert cfg["batch_size"] == 512 and cfg["device"] != "cpu" and cfg["precision"] == "bf16"  # the experts' precision
     assert "ddm-launch" in " ".join(stage_command(spec, EVALUATE, "/c.json"))
+
+
+def test_baseline_is_the_expert_stage_on_all_the_data_with_every_experts_images() -> None:
+    obj = _spec(baseline={})
+    k, steps = obj.spec.num_experts, obj.spec.experts.steps
+    keys = all_keys(obj.spec)
+    assert keys.index(BASELINE) == keys.index(EVALUATE) - 1 and parse_key("baseline") == BASELINE
+    cfg = _config_class("expert").model_validate(stage_config(obj.spec, BASELINE, "file:///tmp/run"))
+    expert = stage_config(obj.spec, expert_key(0), "file:///tmp/run")
+    assert cfg.cluster_index is None and cfg.model == expert["model"] and cfg.seed == k
+    assert cfg.train.steps == k * steps and cfg.train.batch_size == expert["train"]["batch_size"]  # same images seen
+    assert stage_command(obj.spec, BASELINE, "/c.yaml") == ["ddm-train", "expert", "--config", "/c.yaml"]
+    assert stage_config(obj.spec, EVALUATE, "/r")["strategies"][-1] == "monolith"
+    assert stage_config(_spec(baseline={"steps": 7}).spec, BASELINE, "/r")["train"]["steps"] == 7
+    assert BASELINE not in all_keys(_spec().spec)
+    assert "monolith" not in stage_config(_spec().spec, EVALUATE, "/r")["strategies"]

@@ -21,7 +21,7 @@ from ..flow import flow_loss, ode_sample
 from ..models.dit import DiT, build_dit
 from ..store import Store
 
-MONOLITH = f"{layout.EXPERTS}/monolith"
+MONOLITH = layout.MONOLITH
 REPORT = "report"
 
 
@@ -132,7 +132,9 @@ def run(cfg: ExpertConfig) -> None:
     else:
         stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=keys,
                                prefetch=cfg.train.prefetch)
-    reporter = Reporter("expert", cfg.cluster_index, cfg.train.steps, store) if rt.is_main else None
+    # progress/<id>.json: expert-NNN, or baseline for the monolith (the operator's stage key of it)
+    reporter = Reporter("expert" if cfg.cluster_index is not None else "baseline", cfg.cluster_index,
+                        cfg.train.steps, store) if rt.is_main else None
     trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)
     trainer.fit()

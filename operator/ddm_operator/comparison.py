@@ -1,0 +1,43 @@
+"""The question every DDM answers first: does the ensemble beat one model trained on the same compute?
+
+Pure and torch-free: the operator's status, ``ddm status`` and the report all read the evaluation table through it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+MONOLITH = "monolith"  # the evaluation table's row of the baseline (spec.baseline)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    best_strategy: str
+    best_fid: float
+    monolith_fid: float
+
+    @property
+    def ratio(self) -> float:
+        """Best routing strategy's FID over the monolith's: below 1 the ensemble wins."""
+        return self.best_fid / self.monolith_fid
+
+    def sentence(self) -> str:
+        verdict = "beats" if self.ratio < 1 else "does not beat"
+        return (f"best strategy {self.best_strategy} FID {self.best_fid:.2f} vs the compute-matched monolith "
+                f"{self.monolith_fid:.2f}: ratio {self.ratio:.3f} (the ensemble {verdict} it)")
+
+
+def best_fid(rows: Iterable[tuple[str, float | None]]) -> tuple[str, float] | None:
+    """(strategy, FID) of the best routing strategy; the monolith row is a reference, not a DDM result."""
+    scored = [(s, f) for s, f in rows if s != MONOLITH and f is not None]
+    return min(scored, key=lambda sf: sf[1]) if scored else None
+
+
+def compare(rows: Iterable[tuple[str, float | None]]) -> Comparison | None:
+    """The comparison, when the table has both a routing strategy and a (positive) monolith FID."""
+    rows = list(rows)
+    best = best_fid(rows)
+    monolith = next((f for s, f in rows if s == MONOLITH and f is not None), None)
+    if best is None or not monolith or monolith <= 0:
+        return None
+    return Comparison(best[0], best[1], monolith)

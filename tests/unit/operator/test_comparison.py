@@ -1,0 +1,55 @@
+"""The ensemble against the compute-matched monolith (spec.baseline): one computation behind the operator's
+status (results.bestVsMonolith, the "vs Monolith" column), `ddm status` and the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ddm_operator.comparison import best_fid, compare
+from ddm_trainer.store import FileStore
+
+TABLE = [  # as the evaluate stage commits it, the monolith row last
+    {"strategy": "full", "fid": 41.5, "kid_mean": 0.02, "nfe": 200.0, "gflops_per_sample": 9.0, "n": 200},
+    {"strategy": "top1", "fid": 36.0, "kid_mean": 0.01, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 200},
+    {"strategy": "monolith", "fid": 40.0, "kid_mean": 0.02, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 200},
+]
+
+
+def rows(table: list[dict]) -> list[tuple[str, float]]:
+    return [(r["strategy"], r["fid"]) for r in table]
+
+
+def test_the_best_strategy_is_compared_with_the_monolith_and_never_is_it() -> None:
+    vs = compare(rows(TABLE))
+    assert vs is not None and (vs.best_strategy, vs.best_fid, vs.monolith_fid) == ("top1", 36.0, 40.0)
+    assert vs.ratio == pytest.approx(0.9) and "beats it" in vs.sentence()
+    worse = compare([("full", 50.0), ("monolith", 40.0)])
+    assert worse is not None and worse.ratio == 1.25 and "does not beat it" in worse.sentence()
+    assert best_fid([("monolith", 1.0), ("top1", 5.0)]) == ("top1", 5.0)  # a baseline is no DDM result
+    assert compare(rows(TABLE[:2])) is None and compare([("monolith", 40.0)]) is None
+
+
+def test_status_results_carry_the_ratio(tmp_path: Path) -> None:
+    from ddm_operator.api.models import DecentralizedDiffusionSpec
+    from ddm_operator.k8s import handlers
+
+    spec = DecentralizedDiffusionSpec.model_validate({
+        "dataset": {"uri": "/data"}, "clustering": {"numClusters": 2, "fineClusters": 16},
+        "experts": {"steps": 10}, "storage": {"uri": f"file://{tmp_path}"}, "baseline": {}})
+    FileStore(tmp_path / "ns" / "run").commit("evaluation", {"results.json": b"{}"}, {"table": TABLE})
+    results = handlers._results(spec, "ns", "run")
+    assert results is not None and results.best_vs_monolith == 0.9
+    assert results.artifacts["baseline"].endswith("/ns/run/experts/monolith/final")
+    assert handlers._best_fid(results.fid) == 36.0
+
+
+def test_the_report_states_the_comparison(tmp_path: Path) -> None:
+    from ddm_operator.local.report import write_report
+
+    store = FileStore(tmp_path / "run")
+    store.commit("evaluation", {"results.json": json.dumps({"table": TABLE}).encode()})
+    html = write_report(store, tmp_path / "run", title="t").read_text()
+    assert "Against the compute-matched monolith" in html and "ratio 0.900" in html
+    assert "ratio 0.900 (the ensemble beats it)" in (tmp_path / "run" / "report" / "index.md").read_text()
