@@ -19,6 +19,7 @@ the device before ``loss_fn(model, batch, generator)`` is called; the generator 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -37,7 +38,7 @@ from .runtime import (Runtime, autocast, barrier, host_byte_tensor, rank_seed, r
                       set_rng_state, setup_runtime)
 from .store import Store
 
-__all__ = ["Trainer", "TrainerConfig", "LossFn", "Stream", "move_to", "compile_model"]
+__all__ = ["Trainer", "TrainerConfig", "LossFn", "Stream", "move_to", "compile_model", "split_batch"]
 
 LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
 
@@ -60,6 +61,50 @@ def move_to(batch: Any, device: torch.device) -> Any:
         return type(batch)(move_to(v, device) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # e.g. data.ImageBatch
         return dataclasses.replace(batch, **{f.name: move_to(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def split_batch(batch: Any, size: int) -> list[Any]:
+    """``batch`` cut along its first dimension into micro-batches of ``size`` samples (the last may be smaller):
+    tensors are sliced (views), dicts, lists/tuples of tensors and dataclasses (data.ImageBatch) recursively, and
+    per-sample lists (an ImageBatch's keys) alongside."""
+    n = _batch_len(batch)
+    if n is None or size >= n:
+        return [batch]
+    return [_slice(batch, lo, min(lo + size, n), n) for lo in range(0, n, size)]
+
+
+def _batch_len(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    items: Any = ()
+    if isinstance(batch, dict):
+        items = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        items = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    for v in items:
+        if isinstance(v, torch.Tensor) and v.dim():
+            return int(v.shape[0])
+        found = _batch_len(v) if not isinstance(v, (str, bytes)) and isinstance(v, (dict, tuple)) else None
+        if found is not None:
+            return found
+    return None
+
+
+def _slice(batch: Any, lo: int, hi: int, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi] if batch.dim() and batch.shape[0] == n else batch
+    if isinstance(batch, dict):
+        return {k: _slice(v, lo, hi, n) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return batch[lo:hi] if len(batch) == n else [_slice(v, lo, hi, n) for v in batch]
+    if isinstance(batch, tuple):
+        return type(batch)(_slice(v, lo, hi, n) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: _slice(getattr(batch, f.name), lo, hi, n)
                                              for f in dataclasses.fields(batch) if f.init})
     return batch
 
@@ -90,6 +135,12 @@ class Trainer:
 
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self._ddp = self.train_model if self.rt.distributed else None  # for no_sync() while accumulating
+        # Memory: micro-batches of the per-process batch, and block-wise activation checkpointing. Unset, both
+        # are chosen on the first step from what fits (_fit_first_step); the choice goes into the final config.
+        self.micro_batch = cfg.micro_batch_size or cfg.batch_size
+        self._fit_memory = cfg.micro_batch_size is None or cfg.activation_checkpointing is None
+        self._set_activation_checkpointing(bool(cfg.activation_checkpointing))
         self.compiled = cfg.compile if cfg.compile is not None else self.rt.device.type == "cuda"
         if self.compiled:
             self.train_model = compile_model(self.train_model, self.model)
@@ -260,9 +311,10 @@ class Trainer:
             batch = move_to(batch, self.rt.device)
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(self.step)
-            with autocast(self.rt.device, self.cfg.precision):
-                loss = self.loss_fn(self.train_model, batch, self.generator)
-            loss.backward()
+            if self.step == first_step and self._fit_memory and self.rt.device.type == "cuda":
+                loss = self._fit_first_step(batch)
+            else:
+                loss = self._forward_backward(batch)
             # Always measured (max_norm=inf: no clipping): a non-finite norm means the update corrupts the weights.
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or math.inf)
             self.optimizer.step()
@@ -287,6 +339,58 @@ class Trainer:
                 self.save(blocking=False)
         self._finish_votes()
         self._flush(pending, self.step - len(pending))
+
+    def _forward_backward(self, batch: Any) -> torch.Tensor:
+        """Loss of the whole batch with its gradients in .grad: one forward/backward per micro-batch, each loss
+        weighted by its share of the batch (the mean over the batch, as one pass would give); under DDP gradients
+        are all-reduced only with the last micro-batch."""
+        chunks = split_batch(batch, self.micro_batch)
+        if len(chunks) == 1:
+            with autocast(self.rt.device, self.cfg.precision):
+                loss = self.loss_fn(self.train_model, batch, self.generator)
+            loss.backward()
+            return loss
+        total = _batch_len(batch) or 1
+        acc = torch.zeros((), device=self.rt.device)
+        for i, chunk in enumerate(chunks):
+            sync = self._ddp is None or i == len(chunks) - 1
+            with (contextlib.nullcontext() if sync else self._ddp.no_sync()):  # type: ignore[union-attr]
+                with autocast(self.rt.device, self.cfg.precision):
+                    loss = self.loss_fn(self.train_model, chunk, self.generator) * ((_batch_len(chunk) or 1) / total)
+                loss.backward()
+            acc += loss.detach().float()
+        return acc
+
+    def _fit_first_step(self, batch: Any) -> torch.Tensor:
+        """The first step, retried on a CUDA out-of-memory error: activation checkpointing first (when not set in
+        the config), then half the micro-batch, down to 1. The generator is rewound for each try, so the step that
+        succeeds draws what it would have drawn first time. The choice is reported and kept in the config."""
+        gen_state = self.generator.get_state()
+        while True:
+            try:
+                loss = self._forward_backward(batch)
+                break
+            except torch.cuda.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                if self.cfg.activation_checkpointing is None and not self.activation_checkpointing:
+                    self._set_activation_checkpointing(True)
+                elif self.cfg.micro_batch_size is None and self.micro_batch > 1:
+                    self.micro_batch = _largest_divisor_at_most(self.cfg.batch_size, self.micro_batch // 2)
+                else:
+                    raise
+                self.generator.set_state(gen_state)
+        self.cfg = self.cfg.model_copy(update={"micro_batch_size": self.micro_batch,
+                                               "activation_checkpointing": self.activation_checkpointing})
+        if self.reporter and self.rt.is_main:
+            self.reporter.event("memory", step=self.step, micro_batch=self.micro_batch,
+                                accumulation=self.cfg.batch_size // self.micro_batch,
+                                activation_checkpointing=self.activation_checkpointing)
+        return loss
+
+    def _set_activation_checkpointing(self, on: bool) -> None:
+        self.activation_checkpointing = on
+        self.model.activation_checkpointing = on  # read by the model's forward (models.dit.run_blocks)
 
     def _report_compile(self, started: float) -> None:
         """The first step of a compiled model includes compiling it: say how long it took (the device's queue is
@@ -335,3 +439,8 @@ def _json_bytes(obj: Any) -> bytes:
     import json
 
     return json.dumps(obj).encode()
+
+
+def _largest_divisor_at_most(n: int, at_most: int) -> int:
+    """The largest divisor of n that is <= at_most (>= 1): micro-batches of equal size."""
+    return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)

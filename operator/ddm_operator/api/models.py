@@ -367,6 +367,15 @@ class ExpertsSpec(SpecModel):
     class_conditional: bool = Field(
         False, description="Condition the experts on dataset.classField (needs numClasses); immutable after creation")
     label_dropout: float = Field(0.1, ge=0, le=1, description="Share of labels dropped for classifier-free guidance")
+    micro_batch_size: int | None = Field(
+        None, gt=0, le=1_000_000,
+        description="Samples per forward/backward on each process; the gradients of batchSize / (nodes x "
+                    "gpusPerNode x microBatchSize) of them are accumulated into one step, so the global batch fits "
+                    "any GPU. Must divide the per-process batch. Unset: the whole per-process batch, shrunk on an "
+                    "out-of-memory error in the first step (the choice is reported and kept in the final config)")
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each block's activations in the backward pass (less memory, about 1/3 more "
+                          "compute). Unset: off unless the first step runs out of GPU memory")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs (torchrun processes) per node; 0: CPU only")
     nodes: int = Field(1, ge=1, le=1024, description="Nodes per expert (multi-node DDP)")
     placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}},
@@ -574,6 +583,16 @@ def _strategy_fits(strategy: str, num_clusters: int) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule(
+        at=("experts",), field="microBatchSize",
+        cel="!has(self.microBatchSize) || (self.batchSize / (self.nodes * (self.gpusPerNode > 0 ? self.gpusPerNode : 1)))"
+        " % self.microBatchSize == 0",
+        message="must divide the per-process batch, batchSize / (nodes x gpusPerNode)",
+        check=lambda e: e.micro_batch_size is None
+        or (e.batch_size // (e.nodes * max(e.gpus_per_node, 1))) % e.micro_batch_size == 0,
+        got=lambda e: f"microBatchSize={e.micro_batch_size}, batchSize={e.batch_size}, nodes={e.nodes}, "
+                      f"gpusPerNode={e.gpus_per_node}",
+    ),
     Rule(
         at=("clustering",), field="fineClusters",
         cel="!has(self.fineClusters) || self.fineClusters >= self.numClusters",

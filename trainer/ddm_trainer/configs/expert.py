@@ -30,6 +30,19 @@ class TrainerConfig(StrictModel):
     log_every: int = Field(50, ge=1, description="Progress line (and the loss-finiteness check) every N steps")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms: bitwise-exact resume")
     prefetch: int = Field(2, ge=0, le=64, description="Batches decoded ahead in a background thread (0: in the step)")
+    micro_batch_size: int | None = Field(None, ge=1, description="Samples per forward/backward; gradients of "
+                                         "batch_size / micro_batch_size of them are accumulated into one optimizer "
+                                         "step (must divide batch_size). null: the whole batch, shrunk on a CUDA "
+                                         "out-of-memory error (activation checkpointing first, then halving)")
+    activation_checkpointing: bool | None = Field(None, description="Recompute each transformer block's "
+                                                  "activations in the backward pass. null: off unless the first "
+                                                  "step runs out of GPU memory")
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "TrainerConfig":
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}")
+        return self
 
 
 class SampleGridConfig(StrictModel):

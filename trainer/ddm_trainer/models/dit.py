@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,6 +88,19 @@ class Block(nn.Module):
         return x + gate2.unsqueeze(1) * self.fc2(h)  # (B, T, D)
 
 
+def run_blocks(model: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``model.blocks`` in order; with ``model.activation_checkpointing`` (set by the trainer) each block's
+    activations are recomputed in the backward pass instead of kept: memory of one block instead of all of them,
+    for about one more forward of compute."""
+    recompute = getattr(model, "activation_checkpointing", False) and model.training and torch.is_grad_enabled()
+    for block in model.blocks:
+        if recompute:
+            h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+        else:
+            h = block(h, c)
+    return h
+
+
 def init_backbone(model: nn.Module) -> None:
     """DiT's initialisation, shared by the DiT and the router: xavier linears, zero adaLN modulation (every block
     and the final layer start as the identity), small timestep-MLP weights. Needs ``patch_embed``, ``t_embed``,
@@ -156,8 +170,7 @@ class DiT(nn.Module):
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes or 0, device=x.device, dtype=torch.long)
             c = c + self.y_embed(y)  # (B, D)
-        for block in self.blocks:
-            h = block(h, c)
+        h = run_blocks(self, h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)  # 2 x (B, D)
         h = self.final_linear(modulate(self.final_norm(h), shift, scale))  # (B, T, p*p*C_out)
         return self.unpatchify(h)  # (B, C_out, H, W)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dit import FREQ_DIM, Block, DiTSize, init_backbone, modulate, sincos_2d, timestep_features
+from .dit import FREQ_DIM, Block, DiTSize, init_backbone, modulate, run_blocks, sincos_2d, timestep_features
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ class Router(nn.Module):
             c = c + self.y_embed(y).to(c.dtype)
         elif y is not None:
             raise ValueError("this router is unconditional (num_classes=None): it takes no labels")
-        for block in self.blocks:
-            h = block(h, c)
+        h = run_blocks(self, h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)  # 2 x (B, D)
         cls = modulate(self.final_norm(h[:, :1]), shift, scale)[:, 0]  # (B, D)
         return self.head(cls)  # (B, K)
