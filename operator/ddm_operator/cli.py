@@ -157,7 +157,7 @@ def build_parser(load_local: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("crd", help="print the CRD, or write it into crds/ and the chart")
-    p.add_argument("--write", action="store_true", help="write crds/ and charts/ddm-operator/crds/ under --root")
+    p.add_argument("--write", action="store_true", help="write crds/ and the chart's templates/crd.yaml under --root")
     p.add_argument("--root", default=".", help="repository root (default: the current directory)")
     p.set_defaults(func=cmd_crd)
 

@@ -73,6 +73,7 @@ def chart_operator_command(namespace: str, port: int, interval_s: float) -> tupl
     rendered = subprocess.run(
         [helm, "template", "ddm-operator", str(CHART), "--kube-version", "1.37.2", "--namespace", namespace,
          "--set", f"watchNamespaces={{{namespace}}}", "--set", f"livenessProbe.port={port}",
+         "--set-json", 'allowedTrainerImages=["ddm-trainer:test"]',  # the image these tests' DDMs name
          "--set-string", f"reconcileIntervalSeconds={interval_s:g}", "--show-only", "templates/deployment.yaml"],
         check=True, capture_output=True, text=True).stdout
     container = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]

@@ -1,14 +1,21 @@
-{{/* Chart name, truncated to the DNS label limit. */}}
+{{/* Chart name (nameOverride replaces it), truncated to the DNS label limit. */}}
 {{- define "ddm-operator.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Full name: release-chart, unless the release name already contains the chart name. */}}
+{{/* Full name of the release's objects: fullnameOverride if set; else the name alone when the release name contains
+     it or is its first word (releases `ddm-operator` and `ddm` both give `ddm-operator`, never `ddm-ddm-operator`);
+     else release-name. */}}
 {{- define "ddm-operator.fullname" -}}
-{{- if contains .Chart.Name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- $name := include "ddm-operator.name" . }}
+{{- if or (contains $name .Release.Name) (hasPrefix (printf "%s-" .Release.Name) $name) }}
+{{- $name }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -60,7 +67,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-{{- if .Values.rbac.multiCluster }}
+{{- if .Values.rbac.readSecrets }}
+# only the Secrets a DDM names (storage.credentialsSecret, placement.targetCluster), by name: get, never list or watch
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]

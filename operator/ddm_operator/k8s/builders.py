@@ -7,6 +7,7 @@ Stage keys: ``cluster``, ``expert-003``, ``router``, ``evaluate``, ``distill`` (
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,13 @@ CONTAINER_NAME = "pytorch"  # the training operator requires this container name
 # Pods of a PyTorchJob are "<job>-worker-<i>" and get a headless Service of the same name: keep room for it.
 MAX_CHILD_NAME = 52
 MAX_LABEL_VALUE = 63
+# The `restricted` Pod Security Standard, met by every pod we create (GPUs are resources, not privileges): the
+# trainer image runs as a numeric non-root USER (Dockerfile.trainer), so runAsNonRoot can be checked by the kubelet.
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 def parse_key(key: str) -> tuple[str, int | None]:
@@ -190,13 +198,14 @@ def _pod_template(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
         "command": list(req.command),
         "env": [{"name": "DDM_STAGE_KEY", "value": req.key}, {"name": "DDM_ATTEMPT", "value": str(req.attempt)}],
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
     if req.credentials_secret:  # the whole Secret as env; values never appear in the manifest
         container["envFrom"] = [{"secretRef": {"name": req.credentials_secret}}]
     if p.resources:
         container["resources"] = p.resources
     spec: dict[str, Any] = {
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container],
         "volumes": [{"name": "config", "configMap": {"name": req.name}}],
     }

@@ -46,6 +46,7 @@ from ..api.models import (
     StrategyResult,
 )
 from . import builders as b
+from .admission import check_trainer_image
 from .multicluster import ClusterClients
 from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
 
@@ -377,6 +378,7 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     old = DecentralizedDiffusionStatus.model_validate(body.get("status") or {})
     try:
         spec = DecentralizedDiffusionSpec.model_validate(body.get("spec") or {})
+        check_trainer_image(spec.trainer_image)  # the installer's allow-list: no child for another image
     except ValueError as exc:
         first = str(exc).splitlines()
         message = f"invalid spec: {'; '.join(first[:3])}"[:1000]

@@ -127,3 +127,20 @@ def test_grace_period_reaches_every_replicas_pod() -> None:
         assert replica["template"]["spec"]["terminationGracePeriodSeconds"] == 180
     default = b.build_pytorchjob(request())["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "terminationGracePeriodSeconds" not in default  # Kubernetes' own default (30 s) when none is given
+
+
+def test_pods_meet_the_restricted_pod_security_standard_with_gpus() -> None:
+    """runAsNonRoot, seccomp RuntimeDefault, no privilege escalation, every capability dropped; GPUs stay limits.
+    (tests/integration/test_chart_install.py has the API server's PodSecurity admission judge the templates.)"""
+    placement = b.placement_from_dict({"resources": {"limits": {"nvidia.com/gpu": 8}}})
+    job = b.build_pytorchjob(request(nodes=2, placement=placement))
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        (c,) = pod["containers"]
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["runAsNonRoot"] is True and sc["privileged"] is False
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert {v["name"] for v in pod["volumes"]} == {"config"} and "configMap" in pod["volumes"][0]
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & pod.keys()
