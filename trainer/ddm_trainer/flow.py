@@ -55,8 +55,11 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Gen
 
 def flow_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
               t_dist: TimeDist = "uniform", label_dropout: float = 0.0, logit_mean: float = 0.0,
-              logit_std: float = 1.0) -> torch.Tensor:
-    """MSE(model(x_t, t, y), eps - x0) averaged over all pixels; t ~ t_dist, eps ~ N(0, I), both from ``generator``."""
+              logit_std: float = 1.0, text: tuple[torch.Tensor, torch.Tensor] | None = None,
+              caption_dropout: float = 0.0) -> torch.Tensor:
+    """MSE(model(x_t, t, y[, text]), eps - x0) averaged over all pixels; t ~ t_dist, eps ~ N(0, I), both from
+    ``generator``. ``text``: the captions' (token embeddings (B, L, D), mask (B, L)), each replaced by the null
+    caption with probability ``caption_dropout`` (classifier-free guidance training)."""
     B = x0.shape[0]
     t = sample_t(B, generator, t_dist, logit_mean, logit_std, device=x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)  # (B, C, H, W)
@@ -67,7 +70,11 @@ def flow_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, genera
             null = getattr(inner, "null_label")
         y = drop_labels(y, label_dropout, int(null), generator)
     x_t = interpolate(x0, eps, t)  # (B, C, H, W)
-    v = model(x_t, t, y)  # (B, C, H, W)
+    if text is not None:
+        drop = torch.rand(B, generator=generator, device=generator.device).to(x0.device) < caption_dropout  # (B,)
+        v = model(x_t, t, y, text[0], text[1], text_drop=drop)
+    else:
+        v = model(x_t, t, y)  # (B, C, H, W)
     return F.mse_loss(v.float(), velocity_target(x0, eps).float())
 
 

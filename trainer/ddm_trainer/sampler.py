@@ -126,10 +126,24 @@ class CombinedSampler:
         p = torch.softmax(logits.to(x.dtype), dim=-1)  # (B, K)
         return expert_weights(p, self.strategy, generator)
 
-    def _expert_velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _expert_velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                         text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         model = self.expert(k)
         dev = self.devices[k]
         xk, tk, yk = x.to(dev), t.to(dev), (y.to(dev) if y is not None else None)
+        if text is not None:  # text-conditioned experts: the caption against the null caption (two passes)
+            tokens, mask = text[0].to(dev), text[1].to(dev)
+            guided = self.cfg_scale != 1.0
+            with self._autocast(dev):
+                v = model(xk, tk, yk, tokens, mask).to(self.dtype)
+                if guided:
+                    uncond = model(xk, tk, yk).to(self.dtype)  # text None: the model's null caption
+                    v = uncond + self.cfg_scale * (v - uncond)
+            evals = x.shape[0] * (2 if guided else 1)
+            self._stats.nfe += evals
+            self._stats.expert_calls[k] = self._stats.expert_calls.get(k, 0) + evals
+            self._stats.gflops_per_sample += evals * _flops(model) / 1e9
+            return v.to(self.device, self.dtype)
         guided = yk is not None and self.cfg_scale != 1.0
         with self._autocast(dev):
             if guided:
@@ -149,31 +163,36 @@ class CombinedSampler:
 
     @torch.no_grad()
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """u(x_t, t) = sum_k w_k u_k, evaluating each expert only on the samples that weight it."""
+                 generator: torch.Generator | None = None,
+                 text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """u(x_t, t) = sum_k w_k u_k, evaluating each expert only on the samples that weight it. ``text``:
+        (token embeddings (B, L, D), mask (B, L)) of the captions, for text-conditioned experts."""
         w = self.weights(x, t, generator, y)  # (B, K)
         u = torch.zeros_like(x)
         shape = (-1, *([1] * (x.dim() - 1)))
         for k in needed_experts(w):
             idx = torch.nonzero(w[:, k] > 0).flatten()  # (b,)
             if idx.numel() == x.shape[0]:  # the whole batch: no gather/scatter copies
-                u += w[:, k].view(shape) * self._expert_velocity(k, x, t, y)
+                u += w[:, k].view(shape) * self._expert_velocity(k, x, t, y, text)
                 continue
-            vk = self._expert_velocity(k, x[idx], t[idx], y[idx] if y is not None else None)  # (b, C, H, W)
+            tk = (text[0][idx], text[1][idx]) if text is not None else None
+            vk = self._expert_velocity(k, x[idx], t[idx], y[idx] if y is not None else None, tk)  # (b, C, H, W)
             u.index_add_(0, idx, w[idx, k].view(shape) * vk)
         return u
 
     # -- the ODE -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, x1: torch.Tensor, y: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-        """Integrate from x1 ~ N(0, I) at t=1 to t=0 with ``flow.ode_sample``; deterministic for (x1, y, seed)
-        (the seed drives sample-K's draws)."""
+    def sample(self, x1: torch.Tensor, y: torch.Tensor | None = None, seed: int = 0,
+               text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Integrate from x1 ~ N(0, I) at t=1 to t=0 with ``flow.ode_sample``; deterministic for (x1, y, text,
+        seed) (the seed drives sample-K's draws)."""
         x = x1.to(self.device, self.dtype)
         y = y.to(self.device) if y is not None else None
+        text = (text[0].to(self.device), text[1].to(self.device)) if text is not None else None
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.velocity(x, t.to(self.dtype), y, gen)
+            return self.velocity(x, t.to(self.dtype), y, gen, text)
 
         return cast(torch.Tensor, ode_sample(velocity_fn, x, self.steps, self.method))
 

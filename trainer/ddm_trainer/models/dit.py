@@ -70,34 +70,61 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
+class CrossAttention(nn.Module):
+    """Image tokens attend to text tokens (PixArt-alpha's cross-attention between self-attention and the MLP)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, T, D) image tokens, ctx: (B, L, D) text tokens, mask: (B, L) bool (True = a real token)."""
+        B, T, D = x.shape
+        L, H = ctx.shape[1], self.heads
+        q = self.q(x).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
+        kv = self.kv(ctx).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
+        attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, cross: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
+        # text-conditioned: x + CrossAttn(LN(x), text) after the self-attention (no adaLN on it, as PixArt-alpha)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross else None
+        self.cross = CrossAttention(dim, heads) if cross else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None,
+                ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x (B, D)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, T, D)
+        if self.cross is not None and ctx is not None:
+            x = x + self.cross(self.norm_cross(x), ctx, ctx_mask)  # type: ignore[misc]  # (B, T, D)
         h = F.gelu(self.fc1(modulate(self.norm2(x), shift2, scale2)), approximate="tanh")  # (B, T, 4D)
         return x + gate2.unsqueeze(1) * self.fc2(h)  # (B, T, D)
 
 
-def run_blocks(model: nn.Module, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def run_blocks(model: nn.Module, h: torch.Tensor, c: torch.Tensor, *ctx: torch.Tensor | None) -> torch.Tensor:
     """``model.blocks`` in order; with ``model.activation_checkpointing`` (set by the trainer) each block's
     activations are recomputed in the backward pass instead of kept: memory of one block instead of all of them,
     for about one more forward of compute."""
     recompute = getattr(model, "activation_checkpointing", False) and model.training and torch.is_grad_enabled()
     for block in model.blocks:
         if recompute:
-            h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+            h = torch.utils.checkpoint.checkpoint(block, h, c, *ctx, use_reentrant=False)
         else:
-            h = block(h, c)
+            h = block(h, c, *ctx)
     return h
 
 
@@ -117,16 +144,20 @@ def init_backbone(model: nn.Module) -> None:
     for block in model.blocks:
         nn.init.zeros_(block.adaLN[-1].weight)
         nn.init.zeros_(block.adaLN[-1].bias)
+        if getattr(block, "cross", None) is not None:  # text enters through a zero path: blocks start as identity
+            nn.init.zeros_(block.cross.proj.weight)
+            nn.init.zeros_(block.cross.proj.bias)
     nn.init.zeros_(model.final_adaLN[-1].weight)
     nn.init.zeros_(model.final_adaLN[-1].bias)
 
 
 class DiT(nn.Module):
     def __init__(self, image_size: int, channels: int, size: DiTSize, num_classes: int | None = None,
-                 learn_sigma: bool = False):
+                 learn_sigma: bool = False, text_dim: int | None = None, text_tokens: int = 16):
         super().__init__()
         self.image_size, self.channels, self.size = image_size, channels, size
         self.num_classes = num_classes
+        self.text_dim, self.text_tokens = text_dim, text_tokens  # text_tokens: for forward_flops only
         self.out_channels = channels * 2 if learn_sigma else channels
         p, D = size.patch, size.hidden
         self.grid = image_size // p
@@ -135,7 +166,12 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(D, self.grid), persistent=False)  # (1, T, D)
         self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
         self.y_embed = nn.Embedding(num_classes + 1, D) if num_classes else None  # last row: null class
-        self.blocks = nn.ModuleList([Block(D, size.heads) for _ in range(size.depth)])
+        # Text: the encoder's token embeddings, projected to the model width (PixArt-alpha's caption projection);
+        # ``null_text`` stands for "no caption" (caption dropout in training, the unconditional branch of CFG).
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D)) \
+            if text_dim else None
+        self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim)) if text_dim else None
+        self.blocks = nn.ModuleList([Block(D, size.heads, cross=bool(text_dim)) for _ in range(size.depth)])
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_linear = nn.Linear(D, p * p * self.out_channels)
@@ -154,6 +190,8 @@ class DiT(nn.Module):
         init_backbone(self)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.weight, std=0.02)
+        if self.null_text is not None:
+            nn.init.normal_(self.null_text, std=0.02)
         nn.init.zeros_(self.final_linear.weight)  # the output starts at zero velocity
         nn.init.zeros_(self.final_linear.bias)
 
@@ -162,15 +200,40 @@ class DiT(nn.Module):
         x = x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) long or None -> velocity (B, C_out, H, W)."""
+    def null_text_like(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text (B, 1, text_dim), mask (B, 1)) meaning "no caption"."""
+        if self.null_text is None:
+            from ..errors import ConfigError
+
+            raise ConfigError("this DiT is not text-conditioned (text_dim=None)")
+        null = self.null_text.expand(batch, 1, -1)
+        return null, torch.ones(batch, 1, dtype=torch.bool, device=null.device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                text_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) long or None, text: (B, L, text_dim) token embeddings of
+        the captions (None: the null caption) with text_mask (B, L) bool; text_drop (B,) bool: these samples get
+        the null caption (caption dropout) -> velocity (B, C_out, H, W)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D)
         c = self.t_embed(timestep_features(t).to(h.dtype))  # (B, D)
         if self.y_embed is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes or 0, device=x.device, dtype=torch.long)
             c = c + self.y_embed(y)  # (B, D)
-        h = run_blocks(self, h, c)
+        if self.text_proj is not None:
+            if text is None:
+                text, text_mask = self.null_text_like(x.shape[0])
+            elif text_drop is not None:  # L copies of the null token attend exactly as one null token
+                null = self.null_text.to(text.dtype).expand(text.shape[0], text.shape[1], -1)  # type: ignore[union-attr]
+                text = torch.where(text_drop[:, None, None], null, text)
+                text_mask = text_drop[:, None] | (text_mask if text_mask is not None else True)
+            ctx = self.text_proj(text.to(h.dtype))  # (B, L, D)
+            h = run_blocks(self, h, c, ctx, text_mask)
+        elif text is not None:
+            raise ValueError("this DiT is not text-conditioned (text_dim=None): it takes no text")
+        else:
+            h = run_blocks(self, h, c)
         shift, scale = self.final_adaLN(c).chunk(2, dim=-1)  # 2 x (B, D)
         h = self.final_linear(modulate(self.final_norm(h), shift, scale))  # (B, T, p*p*C_out)
         return self.unpatchify(h)  # (B, C_out, H, W)
@@ -186,6 +249,10 @@ class DiT(nn.Module):
         per_block += 2 * T * D * D  # output projection
         per_block += 2 * 2 * T * D * 4 * D  # MLP
         per_block += 2 * D * 6 * D  # adaLN modulation
+        if self.text_dim:  # cross-attention over text_tokens text tokens: q, kv, scores and values, projection
+            S = self.text_tokens
+            per_block += 2 * T * D * D + 2 * S * D * 2 * D + 2 * 2 * T * S * D + 2 * T * D * D
+            per_image += 2 * S * (self.text_dim * D + D * D)  # caption projection
         per_image += L * per_block
         per_image += 2 * D * 2 * D + 2 * T * D * p * p * self.out_channels  # final layer
         return batch * per_image
@@ -206,7 +273,7 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 def build_dit(preset: str, image_size: int, channels: int, num_classes: int | None = None,
-              learn_sigma: bool = False) -> DiT:
+              learn_sigma: bool = False, text_dim: int | None = None, text_tokens: int = 16) -> DiT:
     """A DiT from a preset name; the image side must be a multiple of the patch size."""
     from ..errors import ConfigError
 
@@ -219,4 +286,7 @@ def build_dit(preset: str, image_size: int, channels: int, num_classes: int | No
         raise ConfigError(f"{preset}: hidden size {size.hidden} does not split into {size.heads} heads")
     if num_classes is not None and num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1 or None, got {num_classes}")
-    return DiT(image_size, channels, size, num_classes=num_classes, learn_sigma=learn_sigma)
+    if text_dim is not None and text_dim < 1:
+        raise ConfigError(f"text_dim must be >= 1 or None, got {text_dim}")
+    return DiT(image_size, channels, size, num_classes=num_classes, learn_sigma=learn_sigma, text_dim=text_dim,
+               text_tokens=text_tokens)
