@@ -3,15 +3,17 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Full name of the release's objects: fullnameOverride if set; else the name alone when the release name contains
-     it or is its first word (releases `ddm-operator` and `ddm` both give `ddm-operator`, never `ddm-ddm-operator`);
-     else release-name. */}}
+{{/* Full name of the release's objects: fullnameOverride if set; else the release name when it contains the name
+     (`ddm-operator-team-a`); else the name alone when the release name is its first word (`ddm` gives
+     `ddm-operator`, never `ddm-ddm-operator`); else release-name. */}}
 {{- define "ddm-operator.fullname" -}}
 {{- if .Values.fullnameOverride }}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- $name := include "ddm-operator.name" . }}
-{{- if or (contains $name .Release.Name) (hasPrefix (printf "%s-" .Release.Name) $name) }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else if hasPrefix (printf "%s-" .Release.Name) $name }}
 {{- $name }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}

@@ -93,6 +93,7 @@ needs_helm = pytest.mark.skipif(helm_binary() is None, reason="helm not built (s
 @pytest.mark.parametrize(("release", "extra", "fullname"), [
     ("ddm", [], "ddm-operator"),  # no doubled ddm-ddm-operator
     ("ddm-operator", [], "ddm-operator"),
+    ("ddm-operator-team-a", [], "ddm-operator-team-a"),
     ("team-a", [], "team-a-ddm-operator"),
     ("team-a", ["--set", "nameOverride=trainer-op"], "team-a-trainer-op"),
     ("team-a", ["--set", "fullnameOverride=ops"], "ops"),
