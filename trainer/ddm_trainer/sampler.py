@@ -47,13 +47,14 @@ def _flops(model: nn.Module) -> float:
 class CombinedSampler:
     """Sample from K experts combined by a router.
 
-    experts: one module or loader per cluster, index = cluster id. router: module (x, t) -> logits (B, K), or a
-    loader, or None for ``oracle-C``. devices: one device per expert (default: ``device``). cfg_scale: classifier-free
+    experts: one module or loader per cluster, index = cluster id; None for an expert that is missing (a partial
+    ensemble: the router's probabilities are renormalised over the others). router: module (x, t) -> logits
+    (B, K), or a loader, or None for ``oracle-C``. devices: one device per expert (default: ``device``). cfg_scale: classifier-free
     guidance scale for class-conditional experts; 1 means no guidance; ``null_label`` is the unconditional class id.
     dtype: the ODE state's dtype; precision="bf16" runs the networks under bf16 autocast (the state stays ``dtype``).
     """
 
-    def __init__(self, experts: Sequence[ExpertSource], router: ExpertSource | None, strategy: Strategy | str,
+    def __init__(self, experts: Sequence[ExpertSource | None], router: ExpertSource | None, strategy: Strategy | str,
                  steps: int = 50, method: Method = "euler", cfg_scale: float = 1.0, device: str | torch.device = "cpu",
                  devices: Sequence[str | torch.device] | None = None, router_num_clusters: int | None = None,
                  null_label: int | None = None, dtype: torch.dtype = torch.float32,
@@ -71,6 +72,14 @@ class CombinedSampler:
         if devices is not None and len(devices) != self.num_experts:
             raise ConfigError(f"{len(devices)} devices given for {self.num_experts} experts")
         self.strategy.check(self.num_experts)
+        self.present = [k for k, e in enumerate(experts) if e is not None]
+        if not self.present:
+            raise ConfigError("every expert is missing: nothing to sample with")
+        if self.strategy.kind in ("top", "sample") and self.strategy.k > len(self.present):
+            raise ConfigError(f"strategy {self.strategy.name!r} keeps {self.strategy.k} experts but only "
+                              f"{len(self.present)} are present ({self.present})")
+        if self.strategy.kind == "oracle" and self.strategy.cluster not in self.present:
+            raise ConfigError(f"strategy {self.strategy.name!r} needs expert {self.strategy.cluster}, which is missing")
         if self.strategy.needs_router and router is None:
             raise ConfigError(f"strategy {self.strategy.name!r} needs a router, none given")
         k_router = router_num_clusters if router_num_clusters is not None else getattr(router, "num_clusters", None)
@@ -95,6 +104,8 @@ class CombinedSampler:
     def expert(self, k: int) -> nn.Module:
         if k not in self._loaded:
             src = self._sources[k]
+            if src is None:
+                raise ConfigError(f"expert {k} is missing from this ensemble")
             model = src if isinstance(src, nn.Module) else src()
             self._loaded[k] = model.to(self.devices[k]).eval()
         return self._loaded[k]
@@ -123,7 +134,12 @@ class CombinedSampler:
             raise ConfigError(f"router gives {logits.shape[-1]} logits but {self.num_experts} experts were given")
         self._stats.router_nfe += x.shape[0]
         self._stats.gflops_per_sample += x.shape[0] * _flops(router) / 1e9
-        p = torch.softmax(logits.to(x.dtype), dim=-1)  # (B, K)
+        logits = logits.to(x.dtype)
+        if len(self.present) < self.num_experts:  # p(k | x_t, t, k present): the router renormalised over them
+            absent = torch.ones(self.num_experts, dtype=torch.bool, device=logits.device)
+            absent[self.present] = False
+            logits = logits.masked_fill(absent, float("-inf"))
+        p = torch.softmax(logits, dim=-1)  # (B, K)
         return expert_weights(p, self.strategy, generator)
 
     def _expert_velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,

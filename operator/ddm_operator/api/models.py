@@ -780,6 +780,9 @@ class Results(ApiModel):
     report_uri: str | None = Field(None, description="URI of report/index.html")
     best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID over the monolith "
                                                              "baseline's (below 1: the ensemble wins)")
+    experts: list[int] | None = Field(None, description="The experts the evaluated ensemble held")
+    missing_experts: list[int] | None = Field(None, description="Experts it lacked (failed for good): the router "
+                                                                "was renormalised over the others")
 
 
 class DecentralizedDiffusionStatus(ApiModel):

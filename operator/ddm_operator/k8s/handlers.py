@@ -237,7 +237,8 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
     if spec.baseline_enabled:
         artifacts["baseline"] = store.url(layout.final(layout.MONOLITH))
     vs = compare((r.strategy, r.fid) for r in rows)
-    return Results(fid=rows, artifacts=artifacts, best_vs_monolith=round(vs.ratio, 4) if vs else None)
+    return Results(fid=rows, artifacts=artifacts, best_vs_monolith=round(vs.ratio, 4) if vs else None,
+                   experts=manifest.get("experts"), missing_experts=manifest.get("missing_experts"))
 
 
 WAITING_FOR_ADMISSION = "waiting for admission by Kueue"

@@ -30,6 +30,8 @@ class ReportInputs:
     """What was found for the report; every field may be empty."""
 
     fid_rows: list[dict[str, Any]] = field(default_factory=list)
+    experts: list[int] = field(default_factory=list)  # the experts the evaluated ensemble held
+    missing_experts: list[int] = field(default_factory=list)  # and those it lacked (a partial ensemble)
     grids: dict[str, bytes] = field(default_factory=dict)  # strategy -> PNG
     cluster_sizes: list[int] = field(default_factory=list)
     cluster_examples: bytes | None = None  # PNG
@@ -77,7 +79,11 @@ def _read_evaluation(store: Store, out: ReportInputs) -> None:
         return
     key = f"{layout.EVALUATION}/results.json"
     if store.exists(key):
-        out.fid_rows = fid_rows(store.get_json(key))
+        results = store.get_json(key)
+        out.fid_rows = fid_rows(results)
+        if isinstance(results, dict):
+            out.experts = list(results.get("experts") or [])
+            out.missing_experts = list(results.get("missing_experts") or [])
     for k in store.list(layout.EVALUATION):
         name = k.rsplit("/", 1)[-1]
         if name.endswith(".png") and "/checkpoints/" not in k:
@@ -288,6 +294,11 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
                         "|" + "---|" * len(FID_COLUMNS)]
         sections_md += ["| " + " | ".join(_fmt(r[c]) for c in FID_COLUMNS) + " |" for r in inputs.fid_rows]
         sections_md.append("")
+        if inputs.missing_experts:
+            held = (f"A partial ensemble: experts {inputs.experts} of {len(inputs.experts) + len(inputs.missing_experts)}"
+                    f" (missing: {inputs.missing_experts}, failed for good); the router was renormalised over them.")
+            sections_html.append(f"<p><b>{html.escape(held)}</b></p>")
+            sections_md += [f"**{held}**", ""]
         vs = compare((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None) for r in inputs.fid_rows)
         if vs is not None:  # spec.baseline: the answer to "is it better than one model on the same compute?"
             sections_html.append(f"<p><b>Against the compute-matched monolith:</b> {html.escape(vs.sentence())}</p>")

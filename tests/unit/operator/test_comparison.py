@@ -38,9 +38,11 @@ def test_status_results_carry_the_ratio(tmp_path: Path) -> None:
     spec = DecentralizedDiffusionSpec.model_validate({
         "dataset": {"uri": "/data"}, "clustering": {"numClusters": 2, "fineClusters": 16},
         "experts": {"steps": 10}, "storage": {"uri": f"file://{tmp_path}"}, "baseline": {}})
-    FileStore(tmp_path / "ns" / "run").commit("evaluation", {"results.json": b"{}"}, {"table": TABLE})
+    FileStore(tmp_path / "ns" / "run").commit("evaluation", {"results.json": b"{}"},
+                                              {"table": TABLE, "experts": [0], "missing_experts": [1]})
     results = handlers._results(spec, "ns", "run")
     assert results is not None and results.best_vs_monolith == 0.9
+    assert (results.experts, results.missing_experts) == ([0], [1])  # a partial ensemble says what it held
     assert results.artifacts["baseline"].endswith("/ns/run/experts/monolith/final")
     assert handlers._best_fid(results.fid) == 36.0
 
@@ -53,3 +55,13 @@ def test_the_report_states_the_comparison(tmp_path: Path) -> None:
     html = write_report(store, tmp_path / "run", title="t").read_text()
     assert "Against the compute-matched monolith" in html and "ratio 0.900" in html
     assert "ratio 0.900 (the ensemble beats it)" in (tmp_path / "run" / "report" / "index.md").read_text()
+
+
+def test_the_report_says_which_experts_a_partial_ensemble_held(tmp_path: Path) -> None:
+    from ddm_operator.local.report import write_report
+
+    store = FileStore(tmp_path / "run")
+    store.commit("evaluation", {"results.json": json.dumps(
+        {"table": TABLE[:2], "experts": [0, 2, 3], "missing_experts": [1]}).encode()})
+    md = (write_report(store, tmp_path / "run", title="t").parent / "index.md").read_text()
+    assert "A partial ensemble: experts [0, 2, 3] of 4 (missing: [1], failed for good)" in md

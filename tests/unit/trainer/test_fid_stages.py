@@ -96,10 +96,26 @@ def test_evaluate_rejects_bad_input_before_sampling(run_store: FileStore, data: 
     run_store.delete_prefix(layout.final(expert.MONOLITH))
     with pytest.raises(MissingArtifactError, match="experts/monolith/final"):
         evaluate.validate(_eval_cfg(run_store, data, strategies=["full", "monolith"]), run_store)
-    run_store.delete_prefix(layout.final(layout.expert(1)))
+    run_store.delete_prefix(layout.final(layout.expert(1)))  # a partial ensemble: what needs expert 1 is refused
     with pytest.raises(MissingArtifactError, match="experts/001/final"):
-        evaluate.run(_eval_cfg(run_store, data, strategies=["full"]))
+        evaluate.run(_eval_cfg(run_store, data, strategies=["full", "oracle-1"]))
     assert run_store.read_manifest(layout.EVALUATION) is None  # nothing sampled, nothing committed
+
+
+@pytest.mark.slow
+def test_a_partial_ensemble_is_evaluated_and_says_which_experts_it_held(run_store: FileStore, data: Any) -> None:
+    """An expert failed for good (minExperts below K): the evaluation samples with the others and says so."""
+    try:
+        fid.inception_weights_path()
+    except fid.FIDSetupError as e:
+        pytest.skip(str(e))
+    run_store.delete_prefix(layout.final(layout.expert(1)))
+    result = evaluate.run(_eval_cfg(run_store, data, strategies=["full", "top1"]))
+    assert (result["experts"], result["missing_experts"]) == ([0], [1])
+    assert run_store.read_manifest(layout.EVALUATION)["missing_experts"] == [1]  # type: ignore[index]
+    md = run_store.get_bytes(f"{layout.EVALUATION}/results.md").decode()
+    assert "a partial ensemble of experts [0] of 2 (missing: [1])" in md
+    assert all(r["nfe"] == 2.0 for r in result["table"])  # one expert, 2 steps: expert 1 never ran
 
 
 @pytest.mark.slow

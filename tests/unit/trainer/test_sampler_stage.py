@@ -66,22 +66,33 @@ def test_generate_is_deterministic_and_counts_cost(run_store: FileStore):
     assert not torch.equal(full_images, images)
 
 
-def test_missing_expert_is_reported_before_sampling(run_store: FileStore):
+def test_a_partial_ensemble_samples_with_the_committed_experts(run_store: FileStore):
+    """Expert 1 failed for good (or still trains): the others sample, the router renormalised over them; what
+    needs expert 1 is refused before sampling, naming its missing weights."""
     run_store.delete_prefix(layout.final(layout.expert(1)))
+    ensemble = validate_ensemble(run_store, "full")
+    assert (ensemble.present, ensemble.missing) == ([0, 2], [1])
     with pytest.raises(MissingArtifactError) as err:
-        validate_ensemble(run_store, "oracle-0")
+        validate_ensemble(run_store, "oracle-1")
     assert run_store.url(layout.final(layout.expert(1))) in str(err.value)
-    with pytest.raises(MissingArtifactError, match="experts/001/final"):
-        generate(run_store, "full", n=2, steps=1)
+    with pytest.raises(ConfigError, match="keeps 3 experts but only 2 of 3 have committed"):
+        validate_ensemble(run_store, "top-3")
+    for strategy in ("full", "top1", "nucleus-0.9", "oracle-0"):
+        images, stats = generate(run_store, strategy, n=4, steps=2)
+        assert images.shape == (4, 1, SIZE, SIZE) and torch.isfinite(images).all()
+        assert (stats["experts"], stats["missing_experts"]) == ([0, 2], [1])
+        assert "1" not in stats["expert_calls"], (strategy, stats["expert_calls"])  # never asked
+    _, full = generate(run_store, "full", n=4, steps=2)
+    assert full["nfe"] == 2 * 2  # two present experts at every step
 
 
 def test_router_cluster_count_must_match_committed_experts(run_store: FileStore):
     _commit_expert(run_store, 3)
     with pytest.raises(ConfigError, match="router has 3 clusters but 4 experts"):
         generate(run_store, "full", n=2, steps=1)
-    _commit_router(run_store, 5)
-    with pytest.raises(MissingArtifactError, match="experts/004/final"):
-        generate(run_store, "full", n=2, steps=1)
+    _commit_router(run_store, 5)  # expert 4 not (yet) committed: a partial ensemble of 4 of 5
+    _, stats = generate(run_store, "full", n=2, steps=1)
+    assert stats["missing_experts"] == [4]
 
 
 def test_unknown_strategy_and_missing_router(run_store: FileStore, tmp_path: Path):

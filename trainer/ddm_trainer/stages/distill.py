@@ -107,7 +107,7 @@ def check_teachers(cfg: DistillConfig, store: Store, num_clusters: int) -> Any:
     else:
         specs = [expert_spec(_expert_config(store, k), store.url(layout.final(layout.expert(k))))
                  for k in range(num_clusters)]
-    spec = specs[0]
+    spec = next(s for s in specs if s is not None)  # a partial ensemble teaches with the experts it has
     if (spec.channels, spec.image_size) != (cfg.data.channels, cfg.data.image_size):
         raise ConfigError(f"the experts make {spec.channels}x{spec.image_size}px images but data {cfg.data.uri} is "
                           f"{cfg.data.channels}x{cfg.data.image_size}px (set data.channels / data.image_size)")

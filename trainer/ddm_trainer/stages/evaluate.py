@@ -102,7 +102,7 @@ def validate(cfg: EvaluateConfig, store: Store) -> Any:
             config = json.loads(store.read_committed(layout.final(MONOLITH), "config.json"))
             specs = [expert_spec(config, store.url(layout.final(MONOLITH)))]
         else:
-            specs = validate_ensemble(store, name).experts
+            specs = [s for s in validate_ensemble(store, name).experts if s is not None]
         got = _model_shape(specs[0])
         if got != want:
             raise ConfigError(f"strategy {name!r}: the models make {got[0]}x{got[1]}px images but data "
@@ -122,9 +122,11 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def row_key(cfg: EvaluateConfig, name: str) -> str:
-    """What decides a strategy's row: a committed row with another key is sampled again, not reused."""
-    ident = json.dumps({"strategy": name, "n": cfg.n_samples, "steps": cfg.steps, "method": cfg.method,
+def row_key(cfg: EvaluateConfig, name: str, experts: list[int] | None = None) -> str:
+    """What decides a strategy's row: a committed row with another key is sampled again, not reused (a partial
+    ensemble's row is redone once more experts have committed)."""
+    ident = json.dumps({"strategy": name, "experts": experts, "n": cfg.n_samples, "steps": cfg.steps,
+                        "method": cfg.method,
                         "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "use_ema": cfg.use_ema,
                         "precision": cfg.precision, "reference": reference_key(cfg.data, cfg.reference_n),
                         "kid": [cfg.kid_subset_size, cfg.kid_subsets]}, sort_keys=True)
@@ -247,10 +249,15 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if rt.is_main:
         reporter.event("reference", n=cfg.reference_n)  # type: ignore[union-attr]
         real = reference_features(store, cfg.data, cfg.reference_n, extractor, min(batch_size, 500), source)
+    from .sample import committed_experts
+
     rows: list[Row] = []
     files: dict[str, bytes] = {}
+    experts = committed_experts(store)  # a partial ensemble (some experts failed for good) samples with these
+    num_experts = _num_clusters(store) or (max(experts) + 1 if experts else 0)
+    missing = [k for k in range(num_experts) if k not in experts]
     for i, name in enumerate(cfg.strategies):
-        key = row_key(cfg, name)
+        key = row_key(cfg, name, experts if name != MONOLITH_ROW else None)
         found = committed_row(store, name, key)
         if found is None:
             result = evaluate_strategy(cfg, store, name, rt, extractor, batch_size, compile, real, reporter, i,
@@ -276,13 +283,26 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         table = [asdict(r) for r in rows]
         result = {"table": table, "reference_n": cfg.reference_n, "data_uri": cfg.data.uri, "steps": cfg.steps,
                   "method": cfg.method, "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "extractor": EXTRACTOR_ID,
-                  "precision": cfg.precision, "world_size": rt.world_size, "batch_size": batch_size}
+                  "precision": cfg.precision, "world_size": rt.world_size, "batch_size": batch_size,
+                  "experts": experts, "missing_experts": missing}
         files["results.json"] = json.dumps(result, indent=2).encode()
+        partial = (f"; a partial ensemble of experts {experts} of {num_experts} (missing: {missing})"
+                   if missing else "")
         files["results.md"] = (f"FID-{cfg.n_samples} vs {cfg.reference_n} training images ({cfg.data.uri}), "
-                               f"{cfg.steps} {cfg.method} steps\n\n" + format_table(rows)).encode()
-        store.commit(layout.EVALUATION, files, meta={"table": table})
+                               f"{cfg.steps} {cfg.method} steps{partial}\n\n" + format_table(rows)).encode()
+        store.commit(layout.EVALUATION, files, meta={"table": table, "experts": experts, "missing_experts": missing})
         reporter.close(step=len(rows), results=store.url(f"{layout.EVALUATION}/results.json"))  # type: ignore[union-attr]
         print(format_table(rows), flush=True)
     barrier(rt)
     shutdown(rt)
     return result
+
+
+def _num_clusters(store: Store) -> int | None:
+    """K from the router's committed config (None without a router)."""
+    try:
+        config = json.loads(store.read_committed(layout.final(layout.ROUTER), "config.json"))
+    except Exception:  # no router: oracle-only evaluations
+        return None
+    k = (config.get("model") or {}).get("num_clusters")
+    return int(k) if k else None

@@ -73,10 +73,19 @@ def committed_experts(store: Store) -> list[int]:
 
 @dataclass
 class Ensemble:
-    """What ``generate`` validated: expert specs (index = cluster) and the router's K (None: no router needed)."""
+    """What ``generate`` validated: expert specs (index = cluster; None: that expert has not committed, the
+    ensemble is partial) and the router's K (None: no router needed)."""
 
-    experts: list[ExpertSpec]
+    experts: list[ExpertSpec | None]
     router_k: int | None
+
+    @property
+    def present(self) -> list[int]:
+        return [k for k, s in enumerate(self.experts) if s is not None]
+
+    @property
+    def missing(self) -> list[int]:
+        return [k for k, s in enumerate(self.experts) if s is None]
 
 
 def validate_ensemble(store: Store, strategy: str) -> Ensemble:
@@ -89,20 +98,35 @@ def validate_ensemble(store: Store, strategy: str) -> Ensemble:
         if router_k < 1:
             raise DataError(f"{store.url(layout.final(layout.ROUTER))}/config.json does not say model.num_clusters")
     present = committed_experts(store)
-    count = router_k if router_k is not None else (max(present) + 1 if present else 0)
+    k_known = router_k
+    if k_known is None and store.read_manifest(layout.final(layout.ROUTER)) is not None:  # K, even for oracle-C
+        k_known = int((_final_config(store, layout.ROUTER).get("model") or {}).get("num_clusters") or 0) or None
+    count = k_known if k_known is not None else (max(present) + 1 if present else 0)
     if count == 0:
         raise MissingArtifactError(f"no committed expert under {store.url(layout.EXPERTS)}")
     extra = [k for k in present if k >= count]
     if extra:
         raise ConfigError(f"router has {router_k} clusters but {len(present)} experts are committed under "
                           f"{store.url(layout.EXPERTS)} (e.g. expert {extra[0]})")
-    specs = []
+    # A partial ensemble (experts still training, or failed for good) samples with the experts that committed; the
+    # router's probabilities are renormalised over them (CombinedSampler).
+    specs: list[ExpertSpec | None] = []
     for k in range(count):
         stage_dir = layout.expert(k)
-        specs.append(expert_spec(_final_config(store, stage_dir), store.url(layout.final(stage_dir))))
+        specs.append(expert_spec(_final_config(store, stage_dir), store.url(layout.final(stage_dir)))
+                     if k in present else None)
     strat.check(count)
-    first = specs[0]
+    if strat.kind in ("top", "sample") and strat.k > len(present):
+        raise ConfigError(f"strategy {strat.name!r} keeps {strat.k} experts but only {len(present)} of {count} have "
+                          f"committed (experts {present})")
+    if strat.kind == "oracle" and strat.cluster not in present:
+        raise MissingArtifactError(f"strategy {strat.name!r} needs expert {strat.cluster}, which has not committed: "
+                                   f"{store.url(layout.final(layout.expert(strat.cluster)))}")
+    committed = [s for s in specs if s is not None]
+    first = committed[0]
     for k, s in enumerate(specs):
+        if s is None:
+            continue
         if (s.image_size, s.channels, s.num_classes) != (first.image_size, first.channels, first.num_classes):
             raise ConfigError(f"expert {k} makes {s.channels}x{s.image_size}px images with num_classes="
                               f"{s.num_classes}, expert 0 {first.channels}x{first.image_size}px with "
@@ -183,9 +207,9 @@ def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = 
         dirs = list(stage_dirs)
         specs = [expert_spec(_final_config(run_store, d), run_store.url(layout.final(d))) for d in dirs]
         router_k = None
-    spec0 = specs[0]
+    spec0 = next(s for s in specs if s is not None)
     experts = [_cached(models, ("expert", d, use_ema, compile), _expert_loader(run_store, d, s, use_ema, compile))
-               for d, s in zip(dirs, specs)]
+               if s is not None else None for d, s in zip(dirs, specs)]
     router_src = None
     if router_k is not None:
         router_src = _cached(models, ("router", compile), (lambda: compile_blocks(load_router(run_store, "cpu")))
@@ -236,7 +260,9 @@ def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, step
             ys.append(y)
     stats = sampler.stats(n).as_dict()
     stats.update(strategy=parse_strategy(strategy).name, steps=steps, method=method, cfg_scale=cfg_scale, n=n,
-                 precision=precision, labels=torch.cat(ys).tolist() if ys else None)
+                 precision=precision, labels=torch.cat(ys).tolist() if ys else None,
+                 experts=sampler.present, missing_experts=[k for k in range(sampler.num_experts)
+                                                           if k not in sampler.present])
     return torch.cat(out), stats
 
 
@@ -276,4 +302,7 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
                  meta=meta)
     print(f"sample: {cfg.n} images with {stats['strategy']} -> {store.url(prefix)}; nfe/image={stats['nfe']:.2f}, "
           f"router nfe/image={stats['router_nfe']:.2f}, GFLOPs/image={stats['gflops_per_sample']:.3f}", flush=True)
+    if stats["missing_experts"]:
+        print(f"sample: a partial ensemble: experts {stats['experts']} of {len(stats['experts']) + len(stats['missing_experts'])}"
+              f" (missing: {stats['missing_experts']}; the router renormalised over the others)", flush=True)
     return meta
