@@ -138,3 +138,41 @@ def test_permanent_stage_failure_shows_the_log_tail_and_fails(tmp_path: Path) ->
     assert str(tmp_path / "run" / "logs" / "cluster.log") in out.stderr
     assert out.stderr.count("[ddm] launched cluster") == 1
     assert "Failed" in out.stderr
+
+
+def test_an_expert_lost_for_good_leaves_a_usable_partial_ensemble(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    """K=3 with minExperts 2: expert 1's shard is corrupt (a permanent data error, never retried); the run ends
+    Degraded, evaluated on experts 0 and 2; `ddm sample` draws from them and says so, as do the status and report."""
+    run_dir = tmp_path / "run"
+    doc = _spec(fashion_mnist_dir, run_dir)
+    spec_body = doc["spec"]
+    spec_body["clustering"]["numClusters"] = 3  # type: ignore[index]
+    spec_body["experts"]["steps"] = 10  # type: ignore[index]
+    spec_body["failurePolicy"] = {"minExperts": 2, "backoffSeconds": 0}  # type: ignore[index]
+    del spec_body["distillation"]  # type: ignore[attr-defined]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    store = FileStore(run_dir)
+
+    proc = subprocess.Popen([DDM, "run", str(spec), "--parallel", "1"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: store.read_manifest("clustering/shards") is not None, 300, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    shard = next(k for k in store.list("clustering/shards/001") if k.endswith(".tar"))
+    (run_dir / shard).write_bytes(b"not a tar archive")  # what a bad disk or a truncated upload leaves
+
+    out = _run(spec, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "expert-001 failed with exit code 3 (permanent)" in out.stderr
+    assert out.stderr.count("[ddm] launched expert-001") == 1  # a permanent error is not retried
+    assert "Degraded" in out.stderr
+    results = store.get_json("evaluation/results.json")
+    assert (results["experts"], results["missing_experts"]) == ([0, 2], [1])
+    assert "A partial ensemble: experts [0, 2] of 3" in (run_dir / "report" / "index.md").read_text()
+
+    sample = subprocess.run([DDM, "sample", str(run_dir), "--strategy", "top1", "-n", "4", "--steps", "2",
+                             "-o", str(tmp_path / "s.png")], capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert "a partial ensemble: experts [0, 2] of 3 (missing: [1]" in sample.stdout
+    assert (tmp_path / "s.png").stat().st_size > 0

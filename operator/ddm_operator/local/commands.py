@@ -22,7 +22,7 @@ from ddm_trainer.store import Store, open_store
 from ..api.models import DecentralizedDiffusion
 from ..comparison import compare
 from ..stages import all_keys
-from .runner import LocalRunner, default_run_dir, done_prefix, local_run_uri
+from .runner import LocalRunner, default_run_dir, done_prefix, local_run_uri, resolve_executable
 
 SPEC_COPY = "spec.yaml"  # the runner keeps a copy of the spec in the run dir, so `ddm status RUN_DIR` works
 
@@ -165,7 +165,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "sample.yaml"
         config_path.write_text(yaml.safe_dump(sample_config(uri, args.strategy, args.n, name, args.steps, args.seed)))
-        code = subprocess.call(["ddm-train", "sample", "--config", str(config_path)])
+        code = subprocess.call(resolve_executable(["ddm-train", "sample", "--config", str(config_path)]))
     if code != 0:
         return code
     open_store(uri).get_file(f"samples/{name}/grid.png", out)

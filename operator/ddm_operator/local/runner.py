@@ -156,7 +156,7 @@ def _pump_stdout(key: StageKey, stream: IO[bytes], log_path: Path, progress_path
             events.put((key, ev))
 
 
-def _resolve_executable(cmd: list[str]) -> list[str]:
+def resolve_executable(cmd: list[str]) -> list[str]:
     """``ddm-train``/``ddm-launch`` from PATH, else from beside this Python (a venv used without activating it)."""
     if shutil.which(cmd[0]) is None:
         sibling = Path(sys.executable).parent / cmd[0]
@@ -205,7 +205,7 @@ class LocalRunner:
         self.configs.mkdir(parents=True, exist_ok=True)
         config_path = self.configs / f"{key.id}.yaml"
         config_path.write_text(yaml.safe_dump(stage_config(self.spec, key, self.run_uri), sort_keys=False))
-        cmd = _resolve_executable(stage_command(self.spec, key, str(config_path)))
+        cmd = resolve_executable(stage_command(self.spec, key, str(config_path)))
         log_path = self.logs / f"{key.id}.log"
         env = dict(os.environ)
         # Share the cores: each child gets its slice unless the user chose otherwise.
