@@ -78,6 +78,14 @@ def _eval_cfg(store: FileStore, data: Any, **kw: Any) -> EvaluateConfig:
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------------
+def needs_inception() -> None:
+    """Skip when the FID Inception weights cannot be had (no registry and no DDM_INCEPTION_WEIGHTS)."""
+    try:
+        fid.inception_weights_path()
+    except fid.FIDSetupError as e:
+        pytest.skip(str(e))
+
+
 def test_evaluate_rejects_bad_input_before_sampling(run_store: FileStore, data: Any, tmp_path: Path) -> None:
     cfg_file = tmp_path / "eval.yaml"
     cfg_file.write_text(json.dumps({"run_uri": run_store.uri, "data": {"uri": data.uri}, "strategies": ["best"]}))
@@ -105,10 +113,7 @@ def test_evaluate_rejects_bad_input_before_sampling(run_store: FileStore, data: 
 @pytest.mark.slow
 def test_a_partial_ensemble_is_evaluated_and_says_which_experts_it_held(run_store: FileStore, data: Any) -> None:
     """An expert failed for good (minExperts below K): the evaluation samples with the others and says so."""
-    try:
-        fid.inception_weights_path()
-    except fid.FIDSetupError as e:
-        pytest.skip(str(e))
+    needs_inception()
     run_store.delete_prefix(layout.final(layout.expert(1)))
     result = evaluate.run(_eval_cfg(run_store, data, strategies=["full", "top1"]))
     assert (result["experts"], result["missing_experts"]) == ([0], [1])
@@ -120,10 +125,7 @@ def test_a_partial_ensemble_is_evaluated_and_says_which_experts_it_held(run_stor
 
 @pytest.mark.slow
 def test_evaluate_writes_table_grids_and_reuses_reference(run_store: FileStore, data: Any) -> None:
-    try:
-        fid.inception_weights_path()
-    except fid.FIDSetupError as e:
-        pytest.skip(str(e))
+    needs_inception()
     cfg = _eval_cfg(run_store, data, strategies=["full", "top1", "monolith"])
     result = evaluate.run(cfg)
     rows = {r["strategy"]: r for r in result["table"]}
@@ -160,10 +162,7 @@ def test_sample_batches_do_not_depend_on_the_number_of_ranks(run_store: FileStor
 @pytest.mark.slow
 def test_restarted_evaluation_goes_on_with_the_next_strategy(run_store: FileStore, data: Any,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        fid.inception_weights_path()
-    except fid.FIDSetupError as e:
-        pytest.skip(str(e))
+    needs_inception()
     cfg = _eval_cfg(run_store, data, strategies=["full", "top1"])
     real_strategy = evaluate.evaluate_strategy
     sampled: list[str] = []
@@ -299,10 +298,7 @@ def test_distillation_resumes_exactly_after_a_kill(run_store: FileStore, data: A
 def test_two_rank_evaluation_matches_one_process(run_store: FileStore, data: Any, tmp_path: Path) -> None:
     """torchrun with 2 CPU ranks (gloo): each samples half, rank 0 gathers the features; the FID is the one a
     single process gets from the same seed."""
-    try:
-        fid.inception_weights_path()
-    except fid.FIDSetupError as e:
-        pytest.skip(str(e))
+    needs_inception()
     single = evaluate.run(_eval_cfg(run_store, data, strategies=["top1"], batch_size=3))
     two = FileStore(tmp_path / "two")
     for key in run_store.list(""):
