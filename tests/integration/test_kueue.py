@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fixtures.k8s import KUEUE_USER, RUN_MS_ANNOTATION
-from integration.test_operator import Harness, wait_for
+from integration.test_operator import Harness, chart_account, wait_for
 from integration.test_training_operator import JOB_NAME_LABEL, fleet, fleet_spec, pods_by_job  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
@@ -128,7 +128,7 @@ def test_kueue_admits_experts_within_the_quota_and_owns_their_suspension(
         all(jobs[name]["spec"]["runPolicy"]["suspend"] is False for name in ("kq-router-a1", "kq-evaluate-a1"))
     # who wrote runPolicy.suspend: the API server's own record of every create/patch/update of the jobs
     writes = job_writes(h.plane.audit_events(), h.ns)
-    operator_user = f"system:serviceaccount:{h.ns}:ddm-operator-{h.ns}"
+    operator_user = f"system:serviceaccount:{h.ns}:{chart_account(h.ns)[1]}"
     mine = [w for w in writes if w["user"] == operator_user]
     assert sorted(w["name"] for w in mine if w["verb"] == "create") == sorted(jobs), writes  # the operator made them
     # after creating them, the operator never patched or updated a job's suspension (nor anything else of them)

@@ -50,6 +50,14 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> An
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def chart_account(namespace: str) -> tuple[str, str]:
+    """(release, ServiceAccount name) of a test install for one namespace: a release name without the chart's name
+    makes the chart's fullname ``<release>-ddm-operator``, so each namespace's cluster-scoped objects (the framework
+    ClusterRole and its binding) are its own."""
+    release = f"ddm-{namespace}"
+    return release, f"{release}-ddm-operator"
+
+
 def render_rbac(namespace: str, release: str) -> str:
     """The chart's RBAC for a single-namespace install: `helm template` when helm exists, else the kept rendering."""
     helm = helm_binary()
@@ -60,21 +68,25 @@ def render_rbac(namespace: str, release: str) -> str:
         args += [a for s in shows for a in ("--show-only", f"templates/{s}.yaml")]
         return subprocess.run(args, check=True, capture_output=True, text=True).stdout
     text = (CHART / "rbac-rendered.yaml").read_text()
-    return text.replace("ddm-system", namespace).replace("ddm-operator", release)
+    return text.replace("ddm-system", namespace).replace("ddm-operator", chart_account(namespace)[1])
 
 
-def chart_operator_command(namespace: str, port: int, interval_s: float) -> tuple[list[str], dict[str, str]]:
-    """The operator's command line and env exactly as the chart's Deployment runs them (when helm is built)."""
+def chart_operator_command(namespace: str, port: int, interval_s: float, extra_args: tuple[str, ...] = ()
+                           ) -> tuple[list[str], dict[str, str]]:
+    """The operator's command line and env exactly as the chart's Deployment runs them (when helm is built);
+    ``interval_s`` is both its safety-net and its remote-cluster re-plan interval."""
     helm = helm_binary()
     if helm is None:
         return ([str(Path(sys.executable).parent / "kopf"), "run", "--standalone", "-m", "ddm_operator.k8s.handlers",
-                 f"--namespace={namespace}", f"--liveness=http://127.0.0.1:{port}/healthz"],
-                {"DDM_RECONCILE_INTERVAL_S": f"{interval_s:g}"})
+                 f"--namespace={namespace}", f"--liveness=http://127.0.0.1:{port}/healthz", *extra_args],
+                {"DDM_RECONCILE_INTERVAL_S": f"{interval_s:g}", "DDM_REMOTE_INTERVAL_S": f"{interval_s:g}"})
     rendered = subprocess.run(
         [helm, "template", "ddm-operator", str(CHART), "--kube-version", "1.37.2", "--namespace", namespace,
          "--set", f"watchNamespaces={{{namespace}}}", "--set", f"livenessProbe.port={port}",
          "--set-json", 'allowedTrainerImages=["ddm-trainer:test"]',  # the image these tests' DDMs name
-         "--set-string", f"reconcileIntervalSeconds={interval_s:g}", "--show-only", "templates/deployment.yaml"],
+         "--set-string", f"reconcileIntervalSeconds={interval_s:g}",
+         "--set-string", f"remoteReconcileIntervalSeconds={interval_s:g}",
+         "--set-json", f"extraArgs={json.dumps(list(extra_args))}", "--show-only", "templates/deployment.yaml"],
         check=True, capture_output=True, text=True).stdout
     container = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]
     command = [str(Path(sys.executable).parent / container["command"][0]), *container.get("args", [])]
@@ -99,8 +111,10 @@ def inline_kubeconfig(path: Path) -> str:
 class Operator:
     """The operator as the chart's Deployment runs it, in its own process group; kill() is SIGKILL (a node crash)."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval_s: float = 1.0) -> None:
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval_s: float = 1.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.kubeconfig, self.namespace, self.log_path, self.interval_s = kubeconfig, namespace, log_path, interval_s
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.liveness = ""
@@ -112,7 +126,7 @@ class Operator:
         self.liveness = f"http://127.0.0.1:{port}/healthz"
         # No store credentials of its own: the operator must read a run's store with the run's credentials Secret.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DDM_S3"))}
-        command, chart_env = chart_operator_command(self.namespace, port, self.interval_s)
+        command, chart_env = chart_operator_command(self.namespace, port, self.interval_s, self.extra_args)
         env.update(chart_env, KUBECONFIG=str(self.kubeconfig))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -256,9 +270,9 @@ def ddm_crd(k8s_cluster: Any) -> None:
 @pytest.fixture
 def operator(k8s_cluster: Any, k8s_namespace: str, ddm_crd: None, tmp_path: Path) -> Iterator[Operator]:
     """The operator for one namespace, as the chart's ServiceAccount with the chart's RBAC (not an admin)."""
-    release = f"ddm-operator-{k8s_namespace}"  # contains the chart name, so the chart's fullname is the release
+    release, account = chart_account(k8s_namespace)
     k8s_cluster.apply_yaml(render_rbac(k8s_namespace, release))
-    kubeconfig = k8s_cluster.serviceaccount_kubeconfig(k8s_namespace, release)
+    kubeconfig = k8s_cluster.serviceaccount_kubeconfig(k8s_namespace, account)
     op = Operator(kubeconfig, k8s_namespace, tmp_path / "operator.log")
     op.start()
     yield op
@@ -390,6 +404,91 @@ def test_suspend_and_resume(operator: Operator, h: Harness, tmp_path: Path) -> N
     wait_for(lambda: not any(h.jobs()[n]["spec"]["runPolicy"]["suspend"] for n in names[1:]), "jobs resumed")
     h.wait_phase("sus", "Training")
     assert len(h.jobs()) == 4
+
+
+@contextlib.contextmanager
+def verbose_operator(plane: Any, namespace: str, log_path: Path, interval_s: float) -> Iterator[Operator]:
+    """The operator as the chart runs it with ``--verbose`` (its debug lines count the passes) and a given interval."""
+    release, account = chart_account(namespace)
+    plane.apply_yaml(render_rbac(namespace, release))
+    op = Operator(plane.serviceaccount_kubeconfig(namespace, account), namespace, log_path, interval_s=interval_s,
+                  extra_args=("--verbose",))
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+def passes(op: Operator, name: str) -> int:
+    """Reconcile passes over DDM ``name`` so far, from the operator's debug log."""
+    return len(re.findall(rf"reconciled {re.escape(op.namespace)}/{re.escape(name)};", op.log_path.read_text(errors="replace")))
+
+
+def timed(act: Callable[[], None], done: Callable[[], Any], what: str, timeout: float = 30) -> float:
+    """Seconds from ``act()`` until ``done()`` holds (polled every 20 ms)."""
+    start = time.monotonic()
+    act()
+    while not done():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_a_finished_child_wakes_its_ddm_at_once(k8s_cluster: Any, k8s_namespace: str, ddm_crd: None, h: Harness,
+                                                tmp_path: Path) -> None:
+    """Safety-net timer 60 s (the old operator re-planned every 5 s): each stage's end moves the DDM on within 2 s,
+    so only the watch on its PyTorchJobs can have woken it."""
+    with verbose_operator(k8s_cluster, k8s_namespace, tmp_path / "operator.log", interval_s=60) as op:
+        op.wait_ready()
+        h.create("ev", ddm_spec(2, tmp_path))
+        h.wait_jobs("ev-cluster-a1")
+        h.wait_phase("ev", "Clustering")
+        experts = ["ev-expert-000-a1", "ev-expert-001-a1"]
+        took = {
+            "cluster -> Training": timed(lambda: h.succeed("ev-cluster-a1"),
+                                         lambda: h.status("ev").get("phase") == "Training" and len(h.jobs()) == 4,
+                                         "Training and 3 new jobs"),
+            "expert 0 -> expertsReady 1": timed(lambda: h.succeed(experts[0]),
+                                                lambda: h.status("ev").get("expertsReady") == 1, "1 expert ready"),
+        }
+        h.succeed(experts[1])
+        took["router -> Evaluating"] = timed(lambda: h.succeed("ev-router-a1"),
+                                             lambda: h.status("ev").get("phase") == "Evaluating"
+                                             and "ev-evaluate-a1" in h.jobs(), "Evaluating and its job")
+        took["evaluate -> Succeeded"] = timed(lambda: h.succeed("ev-evaluate-a1"),
+                                              lambda: h.status("ev").get("phase") == "Succeeded", "Succeeded")
+        print(f"\nstage end -> DDM status: {took}; {passes(op, 'ev')} passes")
+        assert max(took.values()) < 2.0, took
+
+
+def test_a_finished_ddm_is_not_polled_until_its_spec_changes(k8s_cluster: Any, k8s_namespace: str, ddm_crd: None,
+                                                              h: Harness, tmp_path: Path) -> None:
+    """Safety net 1 s: an unfinished DDM is looked at every second without events; once Succeeded, no pass at all,
+    until a spec change (observedGeneration 2), then none again."""
+    window = 4.0
+    with verbose_operator(k8s_cluster, k8s_namespace, tmp_path / "operator.log", interval_s=1) as op:
+        h.create("quiet", ddm_spec(1, tmp_path))
+        h.wait_jobs("quiet-cluster-a1")
+        before = passes(op, "quiet")
+        time.sleep(window)
+        assert passes(op, "quiet") - before >= window - 1, "the safety net polls an unfinished DDM"
+        for job in ("quiet-cluster-a1", "quiet-expert-000-a1", "quiet-router-a1", "quiet-evaluate-a1"):
+            h.wait_jobs(job)
+            h.succeed(job)
+        h.wait_phase("quiet", "Succeeded")
+        time.sleep(1.0)  # the daemon's stop and its last pass
+        before = passes(op, "quiet")
+        time.sleep(window)
+        assert passes(op, "quiet") == before, "a finished DDM was re-planned on a timer"
+        h.patch_spec("quiet", {"failurePolicy": {"backoffSeconds": 7}})
+        wait_for(lambda: h.status("quiet").get("observedGeneration") == 2, "spec change handled")
+        assert h.status("quiet")["phase"] == "Succeeded"
+        time.sleep(1.0)
+        before = passes(op, "quiet")
+        time.sleep(window)
+        assert passes(op, "quiet") == before, "re-planned on a timer after the spec change was handled"
 
 
 def test_s3_run_read_with_the_credentials_secret(s3_env: Any, operator: Operator, h: Harness, tmp_path: Path) -> None:

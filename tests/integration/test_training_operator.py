@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fixtures.k8s import EXIT_CODE_ANNOTATION, RUN_MS_ANNOTATION
-from integration.test_operator import Harness, Operator, ddm_spec, render_rbac, wait_for
+from integration.test_operator import Harness, Operator, chart_account, ddm_spec, render_rbac, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 
@@ -28,9 +28,9 @@ TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present
 def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, tmp_path: Path) -> Iterator[Harness]:
     """The DDM operator for one namespace, as the chart's ServiceAccount with the chart's RBAC."""
     ns = k8s_fleet_namespace
-    release = f"ddm-operator-{ns}"
+    release, account = chart_account(ns)
     k8s_fleet.apply_yaml(render_rbac(ns, release))
-    op = Operator(k8s_fleet.serviceaccount_kubeconfig(ns, release), ns, tmp_path / "operator.log")
+    op = Operator(k8s_fleet.serviceaccount_kubeconfig(ns, account), ns, tmp_path / "operator.log")
     op.start()
     h = Harness(k8s_fleet, ns)
     yield h

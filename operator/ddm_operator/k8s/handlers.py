@@ -50,7 +50,7 @@ from .admission import check_trainer_image
 from .multicluster import ClusterClients
 from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
 
-INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "60"))  # safety net: events wake a DDM at once
+INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "30"))  # safety net: events wake a DDM at once
 REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # stages in other clusters: not watched
 WAKE_ON_CHILDREN = os.environ.get("DDM_WAKE_ON_CHILDREN", "1") != "0"  # 0: timer only (for benchmarks)
 ERROR_BACKOFF_S = 10.0
@@ -529,6 +529,7 @@ async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopp
                               namespace, name, ERROR_BACKOFF_S)
                 due = ERROR_BACKOFF_S
             timeout = INTERVAL_S if due is None else min(due, INTERVAL_S)
+            log.debug("reconciled %s/%s; next pass on an event or in %.1f s", namespace, name, timeout)
             try:
                 await asyncio.wait_for(wake.wait(), timeout=timeout)
             except asyncio.TimeoutError:

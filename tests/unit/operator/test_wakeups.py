@@ -1,0 +1,64 @@
+"""When the operator looks at a DDM again: which child events wake it, which DDMs keep a reconciler, when a pass is due
+without an event (operator/ddm_operator/k8s/handlers.py; tests/integration/test_operator.py measures it for real)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ddm_operator.k8s import builders as b
+from ddm_operator.k8s import handlers
+from ddm_operator.k8s.observe import JobState
+
+
+def job(uid: str, *conditions: str, suspend: bool = False, queue: bool = False) -> dict[str, Any]:
+    labels = {b.LABEL_UID: "ddm-1", b.LABEL_KEY: "expert-000", b.LABEL_ATTEMPT: "1"}
+    if queue:
+        labels[b.LABEL_QUEUE] = "q"
+    return {"metadata": {"uid": uid, "name": "d-expert-000-a1", "labels": labels},
+            "spec": {"runPolicy": {"suspend": suspend}},
+            "status": {"conditions": [{"type": c, "status": "True"} for c in conditions]}}
+
+
+def test_only_phase_changes_and_deletions_of_a_child_wake_its_ddm() -> None:
+    seen: dict[str, str] = {}
+    assert not handlers.child_wakes_parent("ADDED", job("j1"), seen)  # just created by a pass: it knows
+    assert not handlers.child_wakes_parent("MODIFIED", job("j1", "Created"), seen)  # still Pending
+    assert handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running"), seen)
+    assert not handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running"), seen)  # same phase again
+    assert handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running", "Succeeded"), seen)
+    assert seen == {"j1": "Succeeded"}
+    assert handlers.child_wakes_parent("DELETED", job("j1", "Succeeded"), seen) and seen == {}
+    # seen first in another phase (the operator restarted): wake, the reconciler reads it anyway
+    assert handlers.child_wakes_parent(None, job("j2", "Created", "Running", "Failed"), seen)
+    # Kueue admits a queued job (suspend true -> false): Queued -> Pending wakes, the status stops saying "waiting"
+    assert handlers.child_wakes_parent("ADDED", job("j3", suspend=True, queue=True), seen)
+    assert handlers.child_wakes_parent("MODIFIED", job("j3", queue=True), seen)
+    # no DDM labels: not ours to read
+    assert not handlers.child_wakes_parent("MODIFIED", {"metadata": {"uid": "x", "labels": {}}}, seen)
+
+
+@pytest.mark.parametrize(("phase", "observed", "generation", "expected"), [
+    (None, None, 1, True),  # new
+    ("Training", 1, 1, True),
+    ("Suspended", 2, 2, True),
+    ("Succeeded", 1, 1, False),
+    ("Degraded", 3, 3, False),
+    ("Failed", 1, 1, False),
+    ("Succeeded", 1, 2, True),  # finished, then its spec changed: looked at again
+    ("Failed", None, 1, True),
+])
+def test_finished_ddms_have_no_reconciler_until_their_spec_changes(phase: str | None, observed: int | None,
+                                                                    generation: int, expected: bool) -> None:
+    status = {k: v for k, v in (("phase", phase), ("observedGeneration", observed)) if v is not None}
+    assert handlers.needs_reconciler(status=status, meta={"generation": generation}) is expected
+
+
+def test_next_pass_without_an_event_retry_backoff_or_a_live_remote_stage() -> None:
+    local = JobState(key="expert-000", attempt=1, name="a", phase="Running")
+    remote_running = JobState(key="expert-001", attempt=1, name="b", phase="Running", cluster="east")
+    remote_done = JobState(key="expert-002", attempt=1, name="c", phase="Succeeded", cluster="east")
+    assert handlers.next_look(None, {"a": local, "c": remote_done}) is None  # events only (and the safety net)
+    assert handlers.next_look(2.5, {"a": local}) == 2.5
+    assert handlers.next_look(None, {"b": remote_running}) == handlers.REMOTE_INTERVAL_S
+    assert handlers.next_look(0.5, {"b": remote_running}) == 0.5
