@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strategies", default="full,top1,top-2,nucleus-0.9")
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="evaluation.batchSize; default: the stage's own choice, as users run it (about 1,024 "
+                             "samples per expert call: routed strategies draw more at once)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu only checks that the benchmark runs (no compile, figures meaningless)")
     parser.add_argument("--results-dir", default=str(RESULTS))
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("evaluation", "logs", "distill*", "report"))
     cfg = {"run_uri": str(run), "data": {"uri": args.data, "image_size": 32, "channels": 3, "class_field": "cls"},
            "strategies": args.strategies.split(","), "n_samples": args.n, "reference_n": args.n,
-           "steps": args.steps, "batch_size": args.batch, "precision": "bf16", "device": args.device}
+           "steps": args.steps, "precision": "bf16", "device": args.device,
+           **({"batch_size": args.batch} if args.batch else {})}
     cfg_file = work / "evaluate.json"
     cfg_file.write_text(json.dumps(cfg))
     exe = shutil.which("ddm-train")
@@ -89,16 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     sampler, spec = sampler_for(store, "full", args.steps, "euler", device, precision="bf16",
                                  compile=device.type == "cuda")
     shape = (spec.channels, spec.image_size, spec.image_size)
-    t_expert = forward_seconds(sampler.expert(0), shape, args.batch, spec.num_classes, device)
-    t_router = forward_seconds(sampler.router(), shape, args.batch, None, device)
+    batch = args.batch or 1024  # the forward rate at the batch an expert call gets
+    t_expert = forward_seconds(sampler.expert(0), shape, batch, spec.num_classes, device)
+    t_router = forward_seconds(sampler.router(), shape, batch, None, device)
     machine, command = machine_name(), "python bench/eval_throughput.py " + " ".join(argv or sys.argv[1:])
     rec = lambda metric, value, unit, reference=None, **extra: _record(args.results_dir, metric, value, unit,  # noqa: E731
                                                                        reference, command, machine, extra)
-    rec("expert_forward_images_per_s", 1 / t_expert, "images/s", None, preset=spec.preset, batch=args.batch)
-    rec("router_forward_images_per_s", 1 / t_router, "images/s", None, batch=args.batch)
+    rec("expert_forward_images_per_s", 1 / t_expert, "images/s", None, preset=spec.preset, batch=batch)
+    rec("router_forward_images_per_s", 1 / t_router, "images/s", None, batch=batch)
     rec("evaluate_stage_wall_s", wall, "s", None, n=args.n, strategies=args.strategies)
     print(f"\nexpert forward {1 / t_expert:.0f} images/s, router {1 / t_router:.0f} images/s (bf16, batch "
-          f"{args.batch}); evaluate stage {wall:.0f} s for {len(results['table'])} strategies at N={args.n}")
+          f"{batch}); evaluate stage {wall:.0f} s for {len(results['table'])} strategies at N={args.n}")
     print(f"{'strategy':<12} {'FID':>7} {'NFE':>5} {'GFLOPs':>7} {'images/s':>9} {'s':>6} {'ideal s':>8} {'ratio':>6}")
     for row in results["table"]:
         ideal = args.n * (row["nfe"] * t_expert + args.steps * t_router)
