@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # so `fixtures.*` and helpers im
 # Keep CPU tests deterministic and polite on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# The operators these tests start run beside the stages' "pods" (played by the tests, or run as local processes) on
+# this machine, so a file:// run store is shared by them; a real cluster refuses it without spec.storage.volumeClaim.
+os.environ.setdefault("DDM_ALLOW_UNSHARED_FILE_STORAGE", "1")
 
 pytest_plugins = [
     "fixtures.data",

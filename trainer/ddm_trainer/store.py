@@ -5,8 +5,17 @@ what a manifest names, so a crash mid-write leaves either the previous committed
 half-written one. Each single object write is itself atomic (rename on disk; S3 PUTs are atomic).
 
 S3 endpoint and credentials come from the environment, as a pod gets them from a Secret:
-``DDM_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; ``http://`` means no TLS),
-``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optional ``AWS_REGION``.
+``DDM_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``; ``http://`` means no TLS), optional
+``AWS_REGION``, and the first of these credentials that the environment names (``s3_credentials``):
+
+1. static keys: ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY``, with ``AWS_SESSION_TOKEN`` for temporary ones;
+2. web identity (EKS IRSA and the like): ``AWS_WEB_IDENTITY_TOKEN_FILE`` + ``AWS_ROLE_ARN`` (optional
+   ``AWS_ROLE_SESSION_NAME``; the STS endpoint is ``AWS_ENDPOINT_URL_STS``, else AWS's for ``AWS_REGION``), the
+   token file re-read whenever the temporary keys expire;
+3. container credentials (ECS, EKS Pod Identity): ``AWS_CONTAINER_CREDENTIALS_FULL_URI`` or ``..._RELATIVE_URI``;
+4. otherwise the instance role (EC2 instance metadata).
+
+Each is the minio SDK's own provider (``minio.credentials``); 2-4 renew their temporary keys before they expire.
 """
 from __future__ import annotations
 
@@ -265,8 +274,64 @@ class S3Store(Store):
         return None
 
 
-def _minio_client(env: Mapping[str, str] | None = None) -> Any:
-    """A client from ``env`` (default: the process environment; the operator passes a Secret's data instead)."""
+# Instance metadata answers in milliseconds where it exists; elsewhere fail in seconds rather than minutes.
+_METADATA_TIMEOUT_S = 2.0
+
+
+def s3_credentials(env: Mapping[str, str]) -> Any:
+    """The minio credentials provider the environment ``env`` selects (module docstring: first match wins).
+
+    Raises ConfigError for a half-given choice (a key id without its secret, a token file without a role), which no
+    retry can fix. Web identity, container credentials and the instance role go through ``IamAwsProvider``, which
+    reads the same ``AWS_*`` names from the process environment first (for a pod, the same environment).
+    """
+    from minio.credentials import IamAwsProvider, StaticProvider
+    from urllib3 import PoolManager, Retry, Timeout
+
+    key_id = env.get("AWS_ACCESS_KEY_ID") or ""
+    secret = env.get("AWS_SECRET_ACCESS_KEY") or ""
+    if key_id or secret:
+        if not (key_id and secret):
+            missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
+            raise ConfigError(f"S3 static credentials need both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: {missing} is unset")
+        return StaticProvider(key_id, secret, env.get("AWS_SESSION_TOKEN") or None)
+    http = PoolManager(timeout=Timeout(connect=_METADATA_TIMEOUT_S, read=_METADATA_TIMEOUT_S),
+                       retries=Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+    region = env.get("AWS_REGION") or None
+    token_file = env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+    if token_file:
+        role = env.get("AWS_ROLE_ARN")
+        if not role:
+            raise ConfigError(f"AWS_WEB_IDENTITY_TOKEN_FILE ({token_file}) needs AWS_ROLE_ARN, the role to assume")
+        return IamAwsProvider(token_file=token_file, role_arn=role, role_session_name=env.get("AWS_ROLE_SESSION_NAME"),
+                              region=region, custom_endpoint=env.get("AWS_ENDPOINT_URL_STS"), http_client=http)
+    full, relative = env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"), env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    if full or relative:
+        # minio 7.2 takes its auth_token argument as the token *file* (EKS Pod Identity's); a token value it reads
+        # from the process environment (AWS_CONTAINER_AUTHORIZATION_TOKEN) itself
+        return IamAwsProvider(full_uri=full, relative_uri=relative, http_client=http,
+                              auth_token=env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"))
+    return IamAwsProvider(region=region, http_client=http)
+
+
+def credentials_kind(provider: Any) -> str:
+    """A word for logs and messages: which link of the chain ``s3_credentials`` chose."""
+    from minio.credentials import StaticProvider
+
+    if isinstance(provider, StaticProvider):
+        return "session token" if provider.retrieve().session_token else "static keys"
+    if getattr(provider, "_identity_file", None):
+        return "web identity"
+    if getattr(provider, "_full_uri", None) or getattr(provider, "_relative_uri", None):
+        return "container credentials"
+    return "instance role"
+
+
+def _minio_client(env: Mapping[str, str] | None = None, credentials: Any = None) -> Any:
+    """A client from ``env`` (default: the process environment; the operator passes a Secret's data instead).
+
+    ``credentials``: a minio provider to use instead of the one ``s3_credentials(env)`` selects.
+    """
     from minio import Minio
 
     env = os.environ if env is None else env
@@ -278,18 +343,19 @@ def _minio_client(env: Mapping[str, str] | None = None) -> Any:
         raise ConfigError(f"DDM_S3_ENDPOINT is not a host[:port] URL: {endpoint!r}")
     return Minio(
         parsed.netloc,
-        access_key=env.get("AWS_ACCESS_KEY_ID"),
-        secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        credentials=credentials if credentials is not None else s3_credentials(env),
         region=env.get("AWS_REGION") or None,
         secure=parsed.scheme == "https",
     )
 
 
-def open_store(uri: str, check_bucket: bool = True, env: Mapping[str, str] | None = None) -> Store:
+def open_store(uri: str, check_bucket: bool = True, env: Mapping[str, str] | None = None,
+               credentials: Any = None) -> Store:
     """``file:///abs/dir``, a plain local path, or ``s3://bucket[/prefix]``.
 
     ``env`` supplies the S3 endpoint and credentials (same names as the environment variables) instead of
-    ``os.environ``: the operator reads them from the run's credentials Secret.
+    ``os.environ``: the operator reads them from the run's credentials Secret. ``credentials``: a minio provider
+    that replaces the one ``env`` selects.
     """
     if not uri or not isinstance(uri, str):
         raise ConfigError(f"store URI must be a non-empty string, got {uri!r}")
@@ -297,7 +363,7 @@ def open_store(uri: str, check_bucket: bool = True, env: Mapping[str, str] | Non
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ConfigError(f"s3 URI has no bucket: {uri!r}")
-        client = _minio_client(env) if env is not None else None
+        client = _minio_client(env, credentials) if env is not None or credentials is not None else None
         return S3Store(parsed.netloc, parsed.path, client=client, check_bucket=check_bucket)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):

@@ -11,7 +11,7 @@ Rules that concern one section (a toleration, a resources block) are declared on
 tolerations, requests <= limits, affinity shape), so a bad placement is refused at admission, not at pod creation.
 
 Immutable after creation (CEL ``self == oldSelf``): ``spec.dataset``, ``spec.clustering``, ``spec.storage.uri``,
-``spec.experts.modelPreset`` and ``spec.experts.classConditional`` - changing any of them would silently
+``spec.storage.volumeClaim``, ``spec.experts.modelPreset`` and ``spec.experts.classConditional`` - changing any of them would silently
 invalidate committed artifacts (cluster assignments, expert checkpoints). Everything else (steps, placement,
 evaluation, suspend, ...) may change.
 """
@@ -79,6 +79,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 URI_MAX = 2048
 NAME_MAX = 253
+STORE_MOUNT_PATH = "/mnt/ddm"  # where spec.storage.volumeClaim is mounted in every stage's pods
 LABEL_VALUE_MAX = 63
 MAX_CLUSTERS = 1024
 MAX_FINE_CLUSTERS = 65536
@@ -492,7 +493,18 @@ class StorageSpec(SpecModel):
                      description="Run root: file:///path or s3://bucket/prefix (a plain path: local runner only). Immutable")
     credentials_secret: str | None = Field(
         None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN,
-        description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and optionally AWS_ENDPOINT_URL",
+        description="Secret (this namespace) given whole to every stage's pods as env, read by the operator too:"
+        " DDM_S3_ENDPOINT (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), optional AWS_REGION, and credentials:"
+        " AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN), or AWS_WEB_IDENTITY_TOKEN_FILE +"
+        " AWS_ROLE_ARN (IRSA); without keys the pods use container credentials or the instance role. A changed"
+        " Secret is used by the operator at once and by every stage started afterwards",
+    )
+    volume_claim: str | None = Field(
+        None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN,
+        description=f"For fleets without object storage: a ReadWriteMany PersistentVolumeClaim (this namespace, and"
+        f" every targetCluster's) mounted at {STORE_MOUNT_PATH} in every stage's pods; uri must then be"
+        f" file://{STORE_MOUNT_PATH}[/...]. In a cluster, a file:// uri without it is refused (stages run on"
+        " different nodes and could not share artifacts). Immutable",
     )
 
 
@@ -655,6 +667,15 @@ RULES: tuple[Rule, ...] = (
         check=lambda st: st.credentials_secret is None or st.uri.startswith("s3://"),
         got=lambda st: f"uri={st.uri}",
     ),
+    Rule(
+        at=("storage",), field="volumeClaim",
+        cel=f"!has(self.volumeClaim) || self.uri == 'file://{STORE_MOUNT_PATH}'"
+            f" || self.uri.startsWith('file://{STORE_MOUNT_PATH}/')",
+        message=f"is mounted at {STORE_MOUNT_PATH}: spec.storage.uri must be file://{STORE_MOUNT_PATH}[/...]",
+        check=lambda st: st.volume_claim is None or st.uri == f"file://{STORE_MOUNT_PATH}"
+        or st.uri.startswith(f"file://{STORE_MOUNT_PATH}/"),
+        got=lambda st: f"uri={st.uri}",
+    ),
 )
 
 # Fields that may not change after creation: (alias path below spec, CEL message).
@@ -662,6 +683,7 @@ IMMUTABLE_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("dataset",), "spec.dataset is immutable (create a new DecentralizedDiffusion)"),
     (("clustering",), "spec.clustering is immutable (create a new DecentralizedDiffusion)"),
     (("storage", "uri"), "spec.storage.uri is immutable"),
+    (("storage", "volumeClaim"), "spec.storage.volumeClaim is immutable"),
     (("experts", "modelPreset"), "spec.experts.modelPreset is immutable"),
     (("experts", "classConditional"), "spec.experts.classConditional is immutable"),
 )

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ..api.models import STORE_MOUNT_PATH
+
 GROUP = "ddm.io"
 API_VERSION = "ddm.io/v1alpha1"
 KIND = "DecentralizedDiffusion"
@@ -32,6 +34,7 @@ ANNOTATION_ORIGIN = "ddm.io/origin"  # "<namespace>/<name>/<uid>" of the DDM, on
 CONFIG_DIR = "/etc/ddm"
 CONFIG_FILE = "config.yaml"
 CONTAINER_NAME = "pytorch"  # the training operator requires this container name
+STORE_VOLUME = "store"  # spec.storage.volumeClaim, mounted at STORE_MOUNT_PATH
 # Pods of a PyTorchJob are "<job>-worker-<i>" and get a headless Service of the same name: keep room for it.
 MAX_CHILD_NAME = 52
 MAX_LABEL_VALUE = 63
@@ -127,6 +130,7 @@ class JobRequest:
     nodes: int = 1
     placement: Placement = field(default_factory=Placement)
     credentials_secret: str | None = None  # envFrom: DDM_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    volume_claim: str | None = None  # a ReadWriteMany PVC holding a file:// store, mounted at STORE_MOUNT_PATH
     suspend: bool = False
     image_pull_policy: str = "IfNotPresent"
     service_account_name: str | None = None
@@ -200,14 +204,18 @@ def _pod_template(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
-    if req.credentials_secret:  # the whole Secret as env; values never appear in the manifest
+    if req.credentials_secret:  # the whole Secret as env, read when the pod starts; values never in the manifest
         container["envFrom"] = [{"secretRef": {"name": req.credentials_secret}}]
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": req.name}}]
+    if req.volume_claim:  # the run store shared by every stage (a PVC volume is allowed by `restricted`)
+        container["volumeMounts"].append({"name": STORE_VOLUME, "mountPath": STORE_MOUNT_PATH})
+        volumes.append({"name": STORE_VOLUME, "persistentVolumeClaim": {"claimName": req.volume_claim}})
     if p.resources:
         container["resources"] = p.resources
     spec: dict[str, Any] = {
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": req.name}}],
+        "volumes": volumes,
     }
     if p.node_selector:
         spec["nodeSelector"] = dict(p.node_selector)

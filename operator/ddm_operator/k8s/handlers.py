@@ -15,7 +15,6 @@ re-run never duplicates.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
 import datetime
 import logging
@@ -49,6 +48,7 @@ from . import builders as b
 from .admission import check_trainer_image
 from .multicluster import ClusterClients
 from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
+from .storage import StoreClients, check_storage
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "30"))  # safety net: events wake a DDM at once
 REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # stages in other clusters: not watched
@@ -62,7 +62,7 @@ log = logging.getLogger("ddm_operator")
 _clusters = ClusterClients()
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
-_stores: dict[str, Any] = {}
+_stores = StoreClients()
 
 
 def _lock(uid: str) -> threading.Lock:
@@ -161,6 +161,7 @@ def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageK
         owner=owner, key=key.id, attempt=attempt, image=spec.trainer_image,
         command=stages.stage_command(spec, key, CONFIG_PATH), config=stages.stage_config(spec, key, run),
         nodes=nodes, placement=placement, credentials_secret=spec.storage.credentials_secret,
+        volume_claim=spec.storage.volume_claim,
         termination_grace_period_seconds=stages.grace_period_seconds(spec, key),
     )
 
@@ -201,20 +202,9 @@ def _progress_step(spec: DecentralizedDiffusionSpec, namespace: str, name: str, 
 
 
 def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Any:
-    """The run's store, with the same credentials Secret the stage pods get (never the operator's own)."""
-    from ddm_trainer.store import open_store
-
-    run = stages.run_uri(spec, namespace, name)
-    secret = spec.storage.credentials_secret
-    cache_key = f"{run}|{namespace}/{secret}"
-    store = _stores.get(cache_key)
-    if store is None:
-        env = None
-        if secret and run.startswith("s3://"):
-            data = _core().read_namespaced_secret(secret, namespace).data or {}
-            env = {k: base64.b64decode(v).decode() for k, v in data.items()}
-        store = _stores[cache_key] = open_store(run, check_bucket=False, env=env)
-    return store
+    """The run's store, with the same credentials Secret the stage pods get (never the operator's own), re-read
+    when the Secret changes (storage.StoreClients)."""
+    return _stores.get(_core(), spec, namespace, name)
 
 
 def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Results | None:
@@ -380,6 +370,7 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     try:
         spec = DecentralizedDiffusionSpec.model_validate(body.get("spec") or {})
         check_trainer_image(spec.trainer_image)  # the installer's allow-list: no child for another image
+        check_storage(spec)  # a store every stage's pod can reach: no child otherwise
     except ValueError as exc:
         first = str(exc).splitlines()
         message = f"invalid spec: {'; '.join(first[:3])}"[:1000]
