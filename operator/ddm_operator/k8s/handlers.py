@@ -480,8 +480,9 @@ def needs_reconciler(status: Any, meta: Any, **_: Any) -> bool:
 def child_wakes_parent(event_type: str | None, job: dict[str, Any], seen: dict[str, str]) -> bool:
     """Whether this event of one of our PyTorchJobs should wake its DDM; records the job's phase in ``seen``.
 
-    Only a change of the phase the planner reads (observe.job_state: Pending, Queued, Running, Suspended, Succeeded,
-    Failed) or a deletion wakes it; a job first seen Pending was just created by a pass that already counts it."""
+    Only a change the planner sees wakes it: a deletion, or a new phase (observe.job_state) other than Pending <->
+    Running, which the planner reads alike (a started pod's progress shows at the next pass). A job first seen
+    Pending or Running was just created by a pass that already counts it."""
     uid = (job.get("metadata") or {}).get("uid", "")
     if event_type == "DELETED":
         seen.pop(uid, None)
@@ -489,11 +490,10 @@ def child_wakes_parent(event_type: str | None, job: dict[str, Any], seen: dict[s
     state = job_state(job)
     if state is None:
         return False
-    before = seen.get(uid)
-    seen[uid] = state.phase
-    if before is None:
-        return state.phase != "Pending"
-    return before != state.phase
+    phase = "Running" if state.phase == "Pending" else state.phase
+    before = seen.get(uid, "Running")
+    seen[uid] = phase
+    return before != phase
 
 
 def _wake(ddm_uid: str | None) -> None:

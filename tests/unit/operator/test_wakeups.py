@@ -24,9 +24,10 @@ def test_only_phase_changes_and_deletions_of_a_child_wake_its_ddm() -> None:
     seen: dict[str, str] = {}
     assert not handlers.child_wakes_parent("ADDED", job("j1"), seen)  # just created by a pass: it knows
     assert not handlers.child_wakes_parent("MODIFIED", job("j1", "Created"), seen)  # still Pending
-    assert handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running"), seen)
-    assert not handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running"), seen)  # same phase again
+    # Pending -> Running: the planner reads both as running; the next pass shows progress
+    assert not handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running"), seen)
     assert handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running", "Succeeded"), seen)
+    assert not handlers.child_wakes_parent("MODIFIED", job("j1", "Created", "Running", "Succeeded"), seen)  # again
     assert seen == {"j1": "Succeeded"}
     assert handlers.child_wakes_parent("DELETED", job("j1", "Succeeded"), seen) and seen == {}
     # seen first in another phase (the operator restarted): wake, the reconciler reads it anyway
@@ -34,6 +35,9 @@ def test_only_phase_changes_and_deletions_of_a_child_wake_its_ddm() -> None:
     # Kueue admits a queued job (suspend true -> false): Queued -> Pending wakes, the status stops saying "waiting"
     assert handlers.child_wakes_parent("ADDED", job("j3", suspend=True, queue=True), seen)
     assert handlers.child_wakes_parent("MODIFIED", job("j3", queue=True), seen)
+    # suspended by the DDM's spec.suspend and resumed: both wake
+    assert handlers.child_wakes_parent("MODIFIED", job("j3", "Created", suspend=True), seen)
+    assert handlers.child_wakes_parent("MODIFIED", job("j3", "Created", "Running"), seen)
     # no DDM labels: not ours to read
     assert not handlers.child_wakes_parent("MODIFIED", {"metadata": {"uid": "x", "labels": {}}}, seen)
 
