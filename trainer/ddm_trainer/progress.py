@@ -52,6 +52,7 @@ class Reporter:
         self.key = f"{PROGRESS}/{stage_id(stage, index)}.json"
         self.every_s = every_s
         self._last_write = 0.0
+        self._sticky: dict[str, Any] = {}  # kept in every stored report: the last committed checkpoint
         self._bar = None
         if sys.stderr.isatty() or os.environ.get("DDM_PROGRESS_BAR") == "1":
             from tqdm import tqdm
@@ -62,10 +63,12 @@ class Reporter:
         ev = {"stage": self.stage, "index": self.index, "event": kind, "total": self.total, "time": time.time(), **fields}
         sys.stdout.write(PREFIX + json.dumps(ev, default=float) + "\n")
         sys.stdout.flush()
+        if kind == "checkpoint" and fields.get("checkpoint"):
+            self._sticky["last_checkpoint"] = fields["checkpoint"]
         now = time.monotonic()
         if self.store is not None and (force_store or now - self._last_write >= self.every_s):
             try:
-                self.store.put_json(self.key, ev)
+                self.store.put_json(self.key, {**self._sticky, **ev})
                 self._last_write = now
             except Exception:  # progress is advisory; never fail training over it
                 pass

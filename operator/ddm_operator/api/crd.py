@@ -214,6 +214,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Steps", "type": "integer", "jsonPath": ".spec.experts.steps", "priority": 1,
      "description": "Training steps of each expert"},
     {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.eta", "priority": 1,
+     "description": "Training time left of the running experts"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.message", "priority": 1,
      "description": "What the run is doing (experts ready, stage states)"},
 ]

@@ -799,7 +799,6 @@ class Results(ApiModel):
 
     fid: list[StrategyResult] = Field(default_factory=list, description="FID/KID per strategy")
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI (experts, router, student, ...)")
-    report_uri: str | None = Field(None, description="URI of report/index.html")
     best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID over the monolith "
                                                              "baseline's (below 1: the ensemble wins)")
     experts: list[int] | None = Field(None, description="The experts the evaluated ensemble held")
@@ -823,6 +822,8 @@ class DecentralizedDiffusionStatus(ApiModel):
     experts_ready: int = Field(0, description="Experts whose final weights are committed")
     experts_total: int = Field(0, description="K (spec.clustering.numClusters)")
     router: RouterStatus | None = Field(None, description="The router's progress")
+    eta: str | None = Field(None, description="Training time left of the running experts, from their last progress "
+                                              "reports (e.g. 1h05m); empty when none runs")
     best_fid: float | None = Field(None, description="The best routing strategy's FID (the monolith row excluded)")
     results: Results | None = Field(None, description="The evaluation table and artifact URIs")
 

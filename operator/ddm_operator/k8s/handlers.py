@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import datetime
 import logging
 import os
@@ -192,13 +193,25 @@ def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
 # ---------------------------------------------------------------- observation
 
 
-def _progress_step(spec: DecentralizedDiffusionSpec, namespace: str, name: str, key: str) -> int:
-    """Latest step of a running stage from ``<run>/progress/<key>.json`` (advisory: 0 when unreadable)."""
+def _progress_report(spec: DecentralizedDiffusionSpec, namespace: str, name: str, key: str) -> dict[str, Any]:
+    """The latest progress event of a running stage, ``<run>/progress/<key>.json``: step, total, images_per_s,
+    last_checkpoint, time (advisory: empty when unreadable)."""
     try:
         report = _run_store(spec, namespace, name).get_json(f"progress/{key}.json")
-        return int(report.get("step") or 0)
+        return report if isinstance(report, dict) else {}
     except Exception:  # no report yet, store unreachable from the operator, ...: progress is advisory
-        return 0
+        return {}
+
+
+def _router_facts(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> tuple[float | None, str | None]:
+    """(held-out accuracy averaged over t, URI) of the committed router (None, None when unreadable)."""
+    try:
+        store = _run_store(spec, namespace, name)
+        bins = store.get_json(f"{layout.ROUTER}/eval/accuracy.json").get("bins") or []
+        accuracy = round(sum(b["accuracy"] for b in bins) / len(bins), 4) if bins else None
+        return accuracy, store.url(layout.final(layout.ROUTER))
+    except Exception:  # store unreachable, or a router committed without its evaluation: stays empty
+        return None, None
 
 
 def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Any:
@@ -257,7 +270,10 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
             key = stages.parse_key(key_id)
         except ValueError:
             continue
-        step = _progress_step(spec, namespace, name, key_id) if job.phase == "Running" else 0
+        report = _progress_report(spec, namespace, name, key_id) if job.phase == "Running" else {}
+        if report:
+            latest[key_id] = job = dataclasses.replace(job, progress=report)
+        step = int(report.get("step") or 0)
         message = job.message if job.phase == "Failed" else ""
         if job.phase == "Failed":
             code = (f"exit code {job.exit_code} ({'permanent' if job.permanent else 'retryable'})"
@@ -278,25 +294,62 @@ def _now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _rfc3339(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
 def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[str, JobState],
-               generation: int | None, results: Results | None = None) -> DecentralizedDiffusionStatus:
+               generation: int | None, results: Results | None = None, global_batch: int = 1,
+               router_facts: tuple[float | None, str | None] = (None, None)) -> DecentralizedDiffusionStatus:
+    """The status from the plan and the latest job of each stage: job names, when each stage's job started and
+    ended, every expert's last committed checkpoint (from its progress report), the training ETA, the router's
+    accuracy and URI once it is committed (``router_facts``, read once), and the results."""
     stage_jobs = plan.stages.model_copy(deep=True)
     for field, key in (("clustering", "cluster"), ("router", "router"), ("evaluation", "evaluate"),
                        ("distillation", "distill"), ("baseline", "baseline")):
         st = getattr(stage_jobs, field)
         if st is not None and key in latest:
-            st.job_name = latest[key].name
+            job = latest[key]
+            st.job_name, st.started_at = job.name, _rfc3339(job.started_at)
+            st.finished_at = _rfc3339(job.finished_at) if job.phase in ("Succeeded", "Failed") else None
+    old_experts = {e.index: e for e in old.experts}
     experts = []
     for e in plan.experts:
         job = latest.get(b.expert_key(e.index))
-        experts.append(e.model_copy(update={"job_name": job.name if job else None}))
+        checkpoint = (job.progress or {}).get("last_checkpoint") if job else None
+        previous = old_experts.get(e.index)
+        experts.append(e.model_copy(update={
+            "job_name": job.name if job else None,
+            "last_checkpoint": checkpoint or (previous.last_checkpoint if previous else None)}))
+    router = plan.router
+    if router is not None and router.phase == "Succeeded":
+        accuracy, uri = router_facts if router_facts != (None, None) else (
+            (old.router.accuracy, old.router.uri) if old.router else (None, None))
+        router = router.model_copy(update={"accuracy": accuracy, "uri": uri})
     return DecentralizedDiffusionStatus(
         phase=plan.phase, message=plan.message,
         conditions=pl.merge_conditions(old.conditions, plan.conditions, _now_rfc3339(), generation),
         observed_generation=generation, stages=stage_jobs, experts=experts,
-        experts_ready=plan.experts_ready, experts_total=plan.experts_total, router=plan.router,
+        experts_ready=plan.experts_ready, experts_total=plan.experts_total, router=router,
+        eta=training_eta(plan, latest, global_batch),
         best_fid=_best_fid(results.fid) if results else old.best_fid, results=results or old.results,
     )
+
+
+def training_eta(plan: pl.Plan, latest: dict[str, JobState], global_batch: int) -> str | None:
+    """How long the running experts still need, from their last progress reports (steps left at their measured
+    images/s); None when none runs or none has reported a rate. Experts still waiting for a slot are not counted."""
+    left = []
+    for e in plan.experts:
+        job = latest.get(b.expert_key(e.index))
+        rate = (job.progress or {}).get("images_per_s") if job and e.phase == "Running" else None
+        if rate:
+            left.append(max(e.total_steps - e.step, 0) * global_batch / float(rate))
+    if not left:
+        return None
+    seconds = int(max(left))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _best_fid(rows: list[StrategyResult]) -> float | None:
@@ -410,7 +463,11 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     results = None
     if evaluation is not None and evaluation.phase == "Succeeded" and not (old.results and old.results.fid):
         results = _results(spec, namespace, name)  # once: the committed table does not change afterwards
-    new = _status_of(plan, old, latest, generation, results)
+    router_facts: tuple[float | None, str | None] = (None, None)
+    if (latest.get(pl.ROUTER.id) and latest[pl.ROUTER.id].phase == "Succeeded"
+            and not (old.router and old.router.uri)):
+        router_facts = _router_facts(spec, namespace, name)  # once: a committed router does not change
+    new = _status_of(plan, old, latest, generation, results, spec.experts.batch_size, router_facts)
     wire = new.to_wire()
     if wire != _compact(old.to_wire()):
         _patch_status(namespace, name, wire)

@@ -33,6 +33,8 @@ class JobState:
     cluster: str | None = None  # targetCluster, None for the operator's own cluster
     finished_at: float | None = None  # epoch seconds of the Succeeded/Failed transition (for retry backoff)
     queued: bool = False  # on a Kueue queue: Kueue owns runPolicy.suspend, the operator never writes it
+    started_at: float | None = None  # the job's status.startTime (the training operator sets it), epoch seconds
+    progress: dict[str, Any] | None = None  # the stage's latest progress report, when it runs
 
 
 def true_condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -95,7 +97,8 @@ def job_state(job: dict[str, Any], cluster: str | None = None, pods: list[dict[s
     finished_at = parse_time((done or {}).get("lastTransitionTime"))
     return JobState(key=key, attempt=int(attempt), name=meta.get("name", ""), phase=phase,
                     permanent=code is not None and 1 <= code <= 127, exit_code=code, message=message,
-                    cluster=cluster, finished_at=finished_at, queued=bool(labels.get(LABEL_QUEUE)))
+                    cluster=cluster, finished_at=finished_at, queued=bool(labels.get(LABEL_QUEUE)),
+                    started_at=parse_time(status.get("startTime")))
 
 
 def parse_time(value: str | None) -> float | None:
