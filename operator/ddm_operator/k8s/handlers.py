@@ -49,6 +49,7 @@ from . import builders as b
 from .admission import check_trainer_image
 from .multicluster import ClusterClients
 from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
+from .observe import parse_time as observe_time
 from .storage import StoreClients, check_storage
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "30"))  # safety net: events wake a DDM at once
@@ -601,12 +602,19 @@ async def on_child_event(type: str | None, body: kopf.Body, labels: kopf.Labels,
         _wake(labels.get(b.LABEL_UID))
 
 
+CLEANUP_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_CLEANUP_TIMEOUT_S", "300"))  # then the DDM goes anyway
+CLEANUP_RETRY_S = 15.0
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_uses_remote)
-def on_delete(namespace: str, uid: str, spec: Any, **_: Any) -> None:
-    """Children in other clusters have no owner reference there: delete them before the DDM goes."""
+def on_delete(namespace: str, uid: str, spec: Any, meta: kopf.Meta, body: kopf.Body, **_: Any) -> None:
+    """Children in other clusters have no owner reference there: delete them before the DDM goes. A cluster that
+    cannot be reached is retried for DDM_REMOTE_CLEANUP_TIMEOUT_S after the deletion was asked for; then the DDM
+    is released anyway and a Warning Event names the cluster and the label selector of what was left behind."""
     parsed = DecentralizedDiffusionSpec.model_validate(dict(spec))
     clusters = clusters_of(parsed) - {None}
     selector = f"{b.LABEL_UID}={uid}"
+    unreachable: dict[str, str] = {}
     for cluster in sorted(c for c in clusters if c):
         try:
             api_client = _client_for(namespace, cluster)
@@ -614,6 +622,19 @@ def on_delete(namespace: str, uid: str, spec: Any, **_: Any) -> None:
             log.warning("cleanup of cluster %s skipped: %s", cluster, exc)
             continue
         custom, core = _custom(api_client), _core(api_client)
-        custom.delete_collection_namespaced_custom_object(
-            b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)
-        core.delete_collection_namespaced_config_map(namespace, label_selector=selector)
+        try:
+            custom.delete_collection_namespaced_custom_object(
+                b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)
+            core.delete_collection_namespaced_config_map(namespace, label_selector=selector)
+        except Exception as exc:  # unreachable, refused, expired credentials: retried until the deadline
+            unreachable[cluster] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not unreachable:
+        return
+    asked = observe_time(meta.get("deletionTimestamp"))
+    waited = time.time() - asked if asked is not None else 0.0
+    if waited < CLEANUP_TIMEOUT_S:
+        raise kopf.TemporaryError(f"cleanup of clusters {sorted(unreachable)} failed ({waited:.0f} s of "
+                                  f"{CLEANUP_TIMEOUT_S:.0f} s): {unreachable}", delay=CLEANUP_RETRY_S)
+    left = "; ".join(f"cluster {c}: PyTorchJobs and ConfigMaps in namespace {namespace} with label {selector} "
+                     f"({why})" for c, why in sorted(unreachable.items()))
+    kopf.warn(body, reason="CleanupIncomplete", message=f"gave up after {waited:.0f} s; left behind: {left}")

@@ -82,3 +82,39 @@ def test_progress_reports_keep_the_last_committed_checkpoint(tmp_path: Path) -> 
     r.update(30, loss=0.5)
     report = store.get_json("progress/expert-003.json")
     assert report["step"] == 30 and report["last_checkpoint"].endswith("step-000000020")
+
+
+class _Unreachable:
+    """A member cluster's client whose every call fails as urllib3 does when the API server does not answer."""
+
+    def delete_collection_namespaced_custom_object(self, *a: object, **kw: object) -> None:
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    delete_collection_namespaced_config_map = delete_collection_namespaced_custom_object
+
+
+def test_deletion_with_an_unreachable_member_cluster_ends_after_a_bounded_time(monkeypatch) -> None:
+    import time
+
+    import kopf
+    import pytest
+
+    ddm_spec = {"dataset": {"uri": "/data"}, "clustering": {"numClusters": 2, "fineClusters": 8},
+                "experts": {"steps": 10, "placement": {"targetCluster": "far"}}, "storage": {"uri": "s3://b/r"}}
+    monkeypatch.setattr(handlers, "_client_for", lambda ns, cluster: object())
+    monkeypatch.setattr(handlers, "_custom", lambda api: _Unreachable())
+    monkeypatch.setattr(handlers, "_core", lambda api=None: _Unreachable())
+    warned: list[str] = []
+    monkeypatch.setattr(handlers.kopf, "warn", lambda body, reason, message: warned.append(f"{reason}: {message}"))
+
+    def delete(asked_ago: float) -> None:
+        asked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - asked_ago))
+        handlers.on_delete(namespace="ns", uid="u-1", spec=ddm_spec, meta={"deletionTimestamp": asked}, body={})
+
+    with pytest.raises(kopf.TemporaryError, match=r"cleanup of clusters \['far'\] failed"):
+        delete(asked_ago=10)  # within the deadline: kopf retries it
+    assert warned == []
+    delete(asked_ago=handlers.CLEANUP_TIMEOUT_S + 5)  # past it: released, and the Event says what stays
+    assert len(warned) == 1 and warned[0].startswith("CleanupIncomplete: gave up after")
+    assert "cluster far: PyTorchJobs and ConfigMaps in namespace ns with label ddm.io/uid=u-1" in warned[0]
+    assert "ConnectionRefusedError" in warned[0]
