@@ -560,13 +560,16 @@ def _wake(ddm_uid: str | None) -> None:
         wake.set()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, id="reconciler", when=needs_reconciler, cancellation_timeout=10.0)
+@kopf.daemon(GROUP, VERSION, PLURAL, id="reconciler", when=needs_reconciler, cancellation_backoff=5.0,
+             cancellation_timeout=60.0)
 async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                      **_: Any) -> None:
     """Pass, sleep until woken or due, repeat. A wake-up during a pass leaves the Event set: exactly one more pass
-    follows, which reads everything that changed meanwhile (K experts finishing together cost one or two passes)."""
+    follows, which reads everything that changed meanwhile (K experts finishing together cost one or two passes).
+    When kopf stops it (the DDM finished or is deleted) it returns after its pass; cancellation is only a backstop."""
     wake = _wakes[uid] = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stopping = asyncio.ensure_future(stopped.wait())
     try:
         while not stopped:
             wake.clear()
@@ -579,11 +582,13 @@ async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopp
                 due = ERROR_BACKOFF_S
             timeout = INTERVAL_S if due is None else min(due, INTERVAL_S)
             log.debug("reconciled %s/%s; next pass on an event or in %.1f s", namespace, name, timeout)
+            woken = asyncio.ensure_future(wake.wait())
             try:
-                await asyncio.wait_for(wake.wait(), timeout=timeout)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({woken, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
     finally:
+        stopping.cancel()
         if _wakes.get(uid) is wake:
             del _wakes[uid]
 
