@@ -283,6 +283,12 @@ class Trainer:
         try:
             self._run_steps()
             self.writer.wait()  # the last background checkpoint is committed (or its error raised) before final
+        except BaseException:
+            # A checkpoint still being written is valid whatever failed since: commit it before the error leaves,
+            # so a retry resumes from it (its own error, if any, must not hide the one that stopped training).
+            with contextlib.suppress(Exception):
+                self.writer.wait()
+            raise
         finally:
             if callable(close := getattr(self.stream, "close", None)):
                 close()  # a prefetching stream's thread must not outlive the loop that reads it

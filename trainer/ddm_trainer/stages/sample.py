@@ -116,6 +116,8 @@ def validate_ensemble(store: Store, strategy: str) -> Ensemble:
         specs.append(expert_spec(_final_config(store, stage_dir), store.url(layout.final(stage_dir)))
                      if k in present else None)
     strat.check(count)
+    if not present:
+        raise MissingArtifactError(f"no expert has committed yet (expert 0: {store.url(layout.final(layout.expert(0)))})")
     if strat.kind in ("top", "sample") and strat.k > len(present):
         raise ConfigError(f"strategy {strat.name!r} keeps {strat.k} experts but only {len(present)} of {count} have "
                           f"committed (experts {present})")
