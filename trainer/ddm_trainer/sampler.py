@@ -155,11 +155,7 @@ class CombinedSampler:
                 if guided:
                     uncond = model(xk, tk, yk).to(self.dtype)  # text None: the model's null caption
                     v = uncond + self.cfg_scale * (v - uncond)
-            evals = x.shape[0] * (2 if guided else 1)
-            self._stats.nfe += evals
-            self._stats.expert_calls[k] = self._stats.expert_calls.get(k, 0) + evals
-            self._stats.gflops_per_sample += evals * _flops(model) / 1e9
-            return v.to(self.device, self.dtype)
+            return self._counted(k, model, x.shape[0] * (2 if guided else 1), v)
         guided = yk is not None and self.cfg_scale != 1.0
         with self._autocast(dev):
             if guided:
@@ -171,7 +167,10 @@ class CombinedSampler:
                 v = uncond + self.cfg_scale * (cond - uncond)  # (b, C, H, W)
             else:
                 v = model(xk, tk, yk)  # (b, C, H, W)
-        evals = x.shape[0] * (2 if guided else 1)
+        return self._counted(k, model, x.shape[0] * (2 if guided else 1), v)
+
+    def _counted(self, k: int, model: nn.Module, evals: int, v: torch.Tensor) -> torch.Tensor:
+        """Account ``evals`` sample-evaluations of expert k (a guided pair counts 2); v on the sampler's device."""
         self._stats.nfe += evals
         self._stats.expert_calls[k] = self._stats.expert_calls.get(k, 0) + evals
         self._stats.gflops_per_sample += evals * _flops(model) / 1e9
