@@ -163,9 +163,7 @@ def strategy_batch(base: int, strategy: Any, num_experts: int, n: int, world_siz
     that sends each sample to k of K experts draws base * K / k at once (top-1 of 4: 4x; full: 1x), at most
     ``MAX_ROUTED_FACTOR`` x base; then evened out so no last batch is a small remainder (5,000 at 4,096 -> 2 x 2,500).
     Expert batches of base/K ran top-1 at 31% of the ideal on the H100, full at 52%."""
-    kept = {"top": strategy.k, "sample": strategy.k}.get(strategy.kind, num_experts)
-    if strategy.kind == "oracle":
-        kept = num_experts  # every sample goes to the one expert: no split
+    kept = {"top": strategy.k, "sample": strategy.k}.get(strategy.kind, num_experts)  # oracle: no split either
     target = base * min(max(num_experts // max(kept, 1), 1), MAX_ROUTED_FACTOR)
     per_rank = -(-n // world_size)
     batches = max(-(-per_rank // target), 1)
@@ -249,12 +247,12 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if rt.is_main:
         reporter.event("reference", n=cfg.reference_n)  # type: ignore[union-attr]
         real = reference_features(store, cfg.data, cfg.reference_n, extractor, min(batch_size, 500), source)
-    from .sample import committed_experts
+    from .sample import committed_experts, ensemble_size
 
     rows: list[Row] = []
     files: dict[str, bytes] = {}
     experts = committed_experts(store)  # a partial ensemble (some experts failed for good) samples with these
-    num_experts = _num_clusters(store) or (max(experts) + 1 if experts else 0)
+    num_experts = ensemble_size(store, experts)
     missing = [k for k in range(num_experts) if k not in experts]
     for i, name in enumerate(cfg.strategies):
         key = row_key(cfg, name, experts if name != MONOLITH_ROW else None)
@@ -297,12 +295,3 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     shutdown(rt)
     return result
 
-
-def _num_clusters(store: Store) -> int | None:
-    """K from the router's committed config (None without a router)."""
-    try:
-        config = json.loads(store.read_committed(layout.final(layout.ROUTER), "config.json"))
-    except Exception:  # no router: oracle-only evaluations
-        return None
-    k = (config.get("model") or {}).get("num_clusters")
-    return int(k) if k else None

@@ -71,6 +71,16 @@ def committed_experts(store: Store) -> list[int]:
     return sorted(found)
 
 
+def ensemble_size(store: Store, present: list[int]) -> int:
+    """K: the committed router's cluster count (known even to oracle-C and while experts are missing), else one
+    past the highest committed expert."""
+    if store.read_manifest(layout.final(layout.ROUTER)) is not None:
+        k = int((_final_config(store, layout.ROUTER).get("model") or {}).get("num_clusters") or 0)
+        if k:
+            return k
+    return max(present) + 1 if present else 0
+
+
 @dataclass
 class Ensemble:
     """What ``generate`` validated: expert specs (index = cluster; None: that expert has not committed, the
@@ -98,10 +108,7 @@ def validate_ensemble(store: Store, strategy: str) -> Ensemble:
         if router_k < 1:
             raise DataError(f"{store.url(layout.final(layout.ROUTER))}/config.json does not say model.num_clusters")
     present = committed_experts(store)
-    k_known = router_k
-    if k_known is None and store.read_manifest(layout.final(layout.ROUTER)) is not None:  # K, even for oracle-C
-        k_known = int((_final_config(store, layout.ROUTER).get("model") or {}).get("num_clusters") or 0) or None
-    count = k_known if k_known is not None else (max(present) + 1 if present else 0)
+    count = router_k if router_k is not None else ensemble_size(store, present)
     if count == 0:
         raise MissingArtifactError(f"no committed expert under {store.url(layout.EXPERTS)}")
     extra = [k for k in present if k >= count]
