@@ -3,6 +3,8 @@
 # CIFAR-10 train shards in datasets/cifar10, wheels of what the machine lacks in .whl/, results under $OUT).
 #   bench/h200.sh setup       # wheels -> /tmp/site, `ddm` and `ddm-train` on PATH, shards -> /tmp/datasets
 #   bench/h200.sh stage       # GPU resume tests, bench/stage_throughput.py, bench/data_throughput.py
+#   bench/h200.sh ckpt      # DiT-XL/2's checkpoint size, stall, SIGTERM save and resume
+#   bench/h200.sh mfu       # DiT-XL/2's model-only step under three compile settings
 #   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
 #   bench/h200.sh pipeline    # examples/cifar10-h200.yaml: ddm run, SIGTERM while the experts train, ddm run again
 #   bench/h200.sh eval        # bench/eval_throughput.py on the pipeline's experts (FID-10k of 4 strategies)
@@ -46,11 +48,23 @@ case "${1:-}" in
     timeout 150 python3 bench/stage_throughput.py --data "$D" --presets DiT-S/2 --steps 300 --model-steps 15 \
       --checkpoint-preset '' --work /tmp/stage-bench-s 2>&1 | tee "$OUT/stage_throughput_s2.txt"
     # 120 steps, periodic checkpoints at 50 and 100, SIGTERM at step 80, then the resume
-    timeout 300 python3 bench/stage_throughput.py --data "$D" --presets DiT-XL/2 --steps 120 --ckpt-every 50 \
-      --checkpoint-only --work /tmp/stage-bench-ckpt 2>&1 | tee "$OUT/stage_throughput_ckpt.txt"
+    bash "$0" ckpt
     timeout 90 python3 bench/data_throughput.py --data /tmp/datasets/cifar10 --workers 0,4,8 --epochs 3 2>&1 \
       | tee "$OUT/data_throughput.txt"
     cp bench/results/stage_throughput.json bench/results/data_throughput.json "$OUT/" 2>/dev/null
+    ;;
+  ckpt)  # DiT-XL/2's checkpoints: 120 steps, periodic checkpoints at 50 and 100, SIGTERM at step 80, then the resume
+    # (batch 128 on an H100: 256 runs out of its 80 GB; XL_BATCH=256 on an H200)
+    timeout 300 python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
+      --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --steps 120 --ckpt-every 50 --checkpoint-only \
+      --work /tmp/stage-bench-ckpt 2>&1 | tee "$OUT/stage_throughput_ckpt.txt"
+    cp bench/results/stage_throughput.json "$OUT/" 2>/dev/null
+    ;;
+  mfu)  # DiT-XL/2 model-only step: regional vs whole-model compile, default vs max-autotune kernels
+    for c in "regional" "full" "regional --compile-mode max-autotune-no-cudagraphs"; do
+      timeout 200 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --compile $c \
+        --out "$OUT/mfu-$(echo $c | tr -c 'a-z' _).json" 2>&1 | tail -4 | tee -a "$OUT/mfu.txt"
+    done
     ;;
   pipeline)
     inception
