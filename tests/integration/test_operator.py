@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from fixtures.k8s import helm_binary
+from fixtures.k8s import helm_binary, inline_kubeconfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 
@@ -91,21 +91,6 @@ def chart_operator_command(namespace: str, port: int, interval_s: float, extra_a
     container = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]
     command = [str(Path(sys.executable).parent / container["command"][0]), *container.get("args", [])]
     return command, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-
-
-def inline_kubeconfig(path: Path) -> str:
-    """The fixture's kubeconfig with certificate files inlined as *-data (the operator rejects file paths)."""
-    config = yaml.safe_load(path.read_text())
-    for entry in config["clusters"]:
-        cluster = entry["cluster"]
-        if "certificate-authority" in cluster:
-            cluster["certificate-authority-data"] = base64.b64encode(Path(cluster.pop("certificate-authority")).read_bytes()).decode()
-    for entry in config["users"]:
-        user = entry["user"]
-        for field in ("client-certificate", "client-key"):
-            if field in user:
-                user[f"{field}-data"] = base64.b64encode(Path(user.pop(field)).read_bytes()).decode()
-    return yaml.safe_dump(config)
 
 
 class Operator:
