@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Builds the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl), the
-# Kubeflow training operator's PyTorchJob controller (tools/training-operator), kwok and Kueue (its own
-# cmd/kueue, unchanged; tools/kueue pins the module) from Go modules into a per-version cache dir outside the
-# tree, and finds the Kubeflow and Kueue CRDs in the Go module cache.
+# Kubeflow training operator's PyTorchJob controller (tools/training-operator), Kubeflow Trainer v2's and JobSet's
+# controllers (tools/trainer-v2), kwok and Kueue (its own cmd/kueue, unchanged; tools/kueue pins the module) from Go
+# modules into a per-version cache dir outside the tree, and finds the Kubeflow, JobSet and Kueue CRDs in the Go
+# module cache.
 # Non-interactive and idempotent: a second run with the binaries present only prints the paths.
 #
 # Usage: scripts/testenv-build.sh [--helm] [--kwok (always built now; kept for old callers)] [--extras] | --print-bin
 # Output (stdout, one KEY=VALUE per line, parsed by tests/fixtures/k8s.py):
-#   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>  KWOK_STAGES=<dir>
-#   KUEUE_CRDS=<dir>  KUEUE_WEBHOOKS=<file>  KUEUE_VERSION=<version>
+#   DDM_TESTENV_BIN=<dir>  PYTORCHJOB_CRD=<file>  TRAINER_V2_CRDS=<dir>  TRAINER_V2_WEBHOOKS=<file>
+#   JOBSET_CRDS=<dir>  JOBSET_WEBHOOKS=<file>  KWOK_STAGES=<dir>  KUEUE_CRDS=<dir>  KUEUE_WEBHOOKS=<file>
+#   KUEUE_VERSION=<version>
 # Env: DDM_K8S_VERSION (v1.37.2), DDM_TESTENV_CACHE (~/.cache/ddm-testenv), DDM_TESTENV_BIN (overrides the bin dir).
 set -euo pipefail
 
 K8S_VERSION="${DDM_K8S_VERSION:-v1.37.2}"
 TRAINING_OPERATOR_VERSION="v1.9.4"
-TRAINER_V2_VERSION="v2.0.0"
+TRAINER_V2_VERSION="v2.3.0"  # the newest the Go proxy serves (2026-12); keep tools/trainer-v2/go.mod on it
+JOBSET_VERSION="v0.12.0"  # what trainer v2.3.0's go.mod requires
 HELM_VERSION="v3.22.0"
 KWOK_VERSION="v0.8.0"
 KUEUE_VERSION="v0.17.0"  # the newest the Go proxy lists (2026-12); keep tools/kueue/go.mod on the same version
@@ -114,6 +117,26 @@ build_kueue() {
   log "built kueue $KUEUE_VERSION in $(( $(date +%s) - started ))s"
 }
 
+build_trainer_v2() {
+  # Trainer v2's TrainJob/TrainingRuntime controllers and the JobSet controller they need, upstream's reconcilers
+  # and webhooks run by two small mains (tools/trainer-v2/cmd). Most packages are shared with Kueue and the
+  # training operator (client-go, controller-runtime): about 2 minutes on 2 cores once those are built.
+  local have_trainer have_jobset
+  have_trainer="$(cd "$MODULE_DIR/../trainer-v2" && go list -m -f '{{.Version}}' github.com/kubeflow/trainer/v2)"
+  have_jobset="$(cd "$MODULE_DIR/../trainer-v2" && go list -m -f '{{.Version}}' sigs.k8s.io/jobset)"
+  [ "$have_trainer" = "$TRAINER_V2_VERSION" ] && [ "$have_jobset" = "$JOBSET_VERSION" ] || {
+    log "tools/trainer-v2/go.mod pins trainer $have_trainer, jobset $have_jobset; expected $TRAINER_V2_VERSION, $JOBSET_VERSION"
+    exit 1; }
+  local trainer="trainer-controller-$TRAINER_V2_VERSION" jobset="jobset-controller-$JOBSET_VERSION"
+  [ -x "$BIN/$trainer" ] && [ -x "$BIN/$jobset" ] && return
+  local started=$(date +%s) staging="$BIN/trainer-v2.partial"
+  rm -rf "$staging" && mkdir -p "$staging"
+  (cd "$MODULE_DIR/../trainer-v2" && go mod download && nice go build -trimpath -ldflags "-s -w" -o "$staging/" ./cmd/...)
+  mv "$staging/trainer-controller" "$BIN/$trainer" && mv "$staging/jobset-controller" "$BIN/$jobset" && rmdir "$staging"
+  ln -sfn "$trainer" "$BIN/trainer-controller" && ln -sfn "$jobset" "$BIN/jobset-controller"
+  log "built Trainer $TRAINER_V2_VERSION and JobSet $JOBSET_VERSION controllers in $(( $(date +%s) - started ))s"
+}
+
 build_kwok() {
   [ -x "$BIN/kwok" ] || GOBIN="$BIN" nice go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 }
@@ -139,6 +162,7 @@ fi
 build_training_operator
 build_kwok  # nodes and pods of the simulated GPU fleet
 build_kueue  # admission of queued jobs (tests/fixtures/k8s.py start_kueue)
+build_trainer_v2  # the TrainJob backend (tests/fixtures/k8s.py start_trainer_v2)
 if [ "$BUILD_HELM" = 1 ]; then build_helm; fi
 
 training_operator_dir="$(module_dir "github.com/kubeflow/training-operator@$TRAINING_OPERATOR_VERSION")"
@@ -147,7 +171,13 @@ pytorchjob_crd="$training_operator_dir/manifests/base/crds/kubeflow.org_pytorchj
 [ -f "$pytorchjob_crd" ] || { log "PyTorchJob CRD not found at $pytorchjob_crd"; exit 1; }
 echo "DDM_TESTENV_BIN=$BIN"
 echo "PYTORCHJOB_CRD=$pytorchjob_crd"
+[ -d "$trainer_v2_dir/manifests/base/crds" ] || { log "Trainer v2 CRDs not found under $trainer_v2_dir"; exit 1; }
 echo "TRAINER_V2_CRDS=$trainer_v2_dir/manifests/base/crds"
+echo "TRAINER_V2_WEBHOOKS=$trainer_v2_dir/manifests/base/webhook/manifests.yaml"
+jobset_dir="$(module_dir "sigs.k8s.io/jobset@$JOBSET_VERSION")"
+[ -d "$jobset_dir/config/components/crd/bases" ] || { log "JobSet CRDs not found under $jobset_dir"; exit 1; }
+echo "JOBSET_CRDS=$jobset_dir/config/components/crd/bases"
+echo "JOBSET_WEBHOOKS=$jobset_dir/config/components/webhook/manifests.yaml"
 echo "KWOK_STAGES=$(module_dir "sigs.k8s.io/kwok@$KWOK_VERSION")/kustomize/stage"
 kueue_dir="$(module_dir "sigs.k8s.io/kueue@$KUEUE_VERSION")"
 [ -d "$kueue_dir/config/components/crd/bases" ] || { log "Kueue CRDs not found under $kueue_dir"; exit 1; }
