@@ -97,9 +97,10 @@ class Operator:
     """The operator as the chart's Deployment runs it, in its own process group; kill() is SIGKILL (a node crash)."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval_s: float = 1.0,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.kubeconfig, self.namespace, self.log_path, self.interval_s = kubeconfig, namespace, log_path, interval_s
         self.extra_args = extra_args
+        self.env = dict(env or {})  # settings of the operator's own (DDM_*), over the chart's
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.liveness = ""
@@ -112,7 +113,7 @@ class Operator:
         # No store credentials of its own: the operator must read a run's store with the run's credentials Secret.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DDM_S3"))}
         command, chart_env = chart_operator_command(self.namespace, port, self.interval_s, self.extra_args)
-        env.update(chart_env, KUBECONFIG=str(self.kubeconfig))
+        env.update(chart_env, **self.env, KUBECONFIG=str(self.kubeconfig))
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                      cwd=ROOT)

@@ -55,6 +55,9 @@ from .storage import StoreClients, check_storage
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "30"))  # safety net: events wake a DDM at once
 REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # stages in other clusters: not watched
 WAKE_ON_CHILDREN = os.environ.get("DDM_WAKE_ON_CHILDREN", "1") != "0"  # 0: timer only (for benchmarks)
+# Every request to another cluster has a deadline: a member whose API server stops answering (a firewall dropping
+# packets, a half-dead load balancer) must not hold a pass, or the deletion of a DDM, for ever.
+REMOTE_REQUEST_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_REQUEST_TIMEOUT_S", "10"))
 ERROR_BACKOFF_S = 10.0
 TERMINAL_PHASES = ("Succeeded", "Degraded", "Failed")
 LAUNCH_THREADS = 4
@@ -98,23 +101,30 @@ def _client_for(namespace: str, cluster: str | None) -> Any:
     return None if cluster is None else _clusters.get(_core(), namespace, cluster)
 
 
+def _deadline(cluster: str | None) -> dict[str, Any]:
+    """Keyword arguments of a request to ``cluster``: a timeout for another cluster, none for our own."""
+    return {} if cluster is None else {"_request_timeout": REMOTE_REQUEST_TIMEOUT_S}
+
+
 def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
     selector = f"{b.LABEL_UID}={uid}"
     api_client = _client_for(namespace, cluster)
     items = _custom(api_client).list_namespaced_custom_object(
-        b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)["items"]
+        b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector,
+        **_deadline(cluster))["items"]
     states = []
     for job in items:
-        pods = _pods_of(api_client, namespace, job) if true_condition(job.get("status") or {}, "Failed") else None
+        failed = true_condition(job.get("status") or {}, "Failed")
+        pods = _pods_of(api_client, namespace, job, **_deadline(cluster)) if failed else None
         if (state := job_state(job, cluster, pods)) is not None:
             states.append(state)
     return states
 
 
-def _pods_of(api_client: Any, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+def _pods_of(api_client: Any, namespace: str, job: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
     """A failed job's pods, where its exit codes are (the training operator keeps them: cleanPodPolicy None)."""
     selector = f"{POD_JOB_NAME_LABEL}={job['metadata']['name']}"
-    pods = _core(api_client).list_namespaced_pod(namespace, label_selector=selector).items
+    pods = _core(api_client).list_namespaced_pod(namespace, label_selector=selector, **kw).items
     return [k8s.ApiClient().sanitize_for_serialization(p) for p in pods]
 
 
@@ -170,17 +180,17 @@ def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageK
 
 def _launch(req: b.JobRequest) -> None:
     api_client = _client_for(req.owner.namespace, req.placement.target_cluster)
-    ns, name = req.owner.namespace, req.name
+    ns, name, kw = req.owner.namespace, req.name, _deadline(req.placement.target_cluster)
     core, custom = _core(api_client), _custom(api_client)
     cm = b.build_configmap(req)
-    _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm),
-                     lambda: core.read_namespaced_config_map(name, ns))
+    _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm, **kw),
+                     lambda: core.read_namespaced_config_map(name, ns, **kw))
     job = b.build_pytorchjob(req)
     _create_or_adopt(
         lambda: custom.create_namespaced_custom_object(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, ns,
-                                                       b.PYTORCHJOB_PLURAL, job),
+                                                       b.PYTORCHJOB_PLURAL, job, **kw),
         lambda: custom.get_namespaced_custom_object(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, ns,
-                                                    b.PYTORCHJOB_PLURAL, name))
+                                                    b.PYTORCHJOB_PLURAL, name, **kw))
 
 
 def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
@@ -607,6 +617,17 @@ async def on_child_event(type: str | None, body: kopf.Body, labels: kopf.Labels,
         _wake(labels.get(b.LABEL_UID))
 
 
+def _why(exc: BaseException) -> str:
+    """A short cause of a failed request to another cluster: urllib3's MaxRetryError carries the last try's error
+    (a read timeout, a refused connection) after a long URL, which would crowd the cause out of an Event."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        exc = reason
+    if isinstance(exc, k8s.ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
 CLEANUP_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_CLEANUP_TIMEOUT_S", "300"))  # then the DDM goes anyway
 CLEANUP_RETRY_S = 15.0
 
@@ -626,20 +647,21 @@ def on_delete(namespace: str, uid: str, spec: Any, meta: kopf.Meta, body: kopf.B
         except DDMError as exc:  # the Secret is gone: nothing we can reach to clean up
             log.warning("cleanup of cluster %s skipped: %s", cluster, exc)
             continue
-        custom, core = _custom(api_client), _core(api_client)
+        custom, core, kw = _custom(api_client), _core(api_client), _deadline(cluster)
         try:
             custom.delete_collection_namespaced_custom_object(
-                b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector)
-            core.delete_collection_namespaced_config_map(namespace, label_selector=selector)
+                b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector, **kw)
+            core.delete_collection_namespaced_config_map(namespace, label_selector=selector, **kw)
         except Exception as exc:  # unreachable, refused, expired credentials: retried until the deadline
-            unreachable[cluster] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            unreachable[cluster] = _why(exc)
     if not unreachable:
         return
     asked = observe_time(meta.get("deletionTimestamp"))
     waited = time.time() - asked if asked is not None else 0.0
-    if waited < CLEANUP_TIMEOUT_S:
+    if waited < CLEANUP_TIMEOUT_S:  # the last try comes at the deadline, not up to CLEANUP_RETRY_S after it
         raise kopf.TemporaryError(f"cleanup of clusters {sorted(unreachable)} failed ({waited:.0f} s of "
-                                  f"{CLEANUP_TIMEOUT_S:.0f} s): {unreachable}", delay=CLEANUP_RETRY_S)
+                                  f"{CLEANUP_TIMEOUT_S:.0f} s): {unreachable}",
+                                  delay=max(1.0, min(CLEANUP_RETRY_S, CLEANUP_TIMEOUT_S - waited)))
     left = "; ".join(f"cluster {c}: PyTorchJobs and ConfigMaps in namespace {namespace} with label {selector} "
                      f"({why})" for c, why in sorted(unreachable.items()))
     kopf.warn(body, reason="CleanupIncomplete", message=f"gave up after {waited:.0f} s; left behind: {left}")

@@ -19,6 +19,7 @@ SECRET_KEYS = ("kubeconfig", "config", "value")  # the first present one is used
 FORBIDDEN_USER_FIELDS = ("exec", "auth-provider", "tokenFile", "token-file", "client-certificate", "client-key",
                          "username", "password")
 FORBIDDEN_CLUSTER_FIELDS = ("insecure-skip-tls-verify", "certificate-authority")
+REQUEST_RETRIES = 1
 
 
 def validate_kubeconfig(config: Any, where: str) -> dict[str, Any]:
@@ -82,7 +83,11 @@ class ClusterClients:
             if cached and cached[0] == version:
                 return cached[1]
         config = kubeconfig_from_secret_data(secret.data or {}, where)
-        api_client = k8s_config.new_client_from_config_dict(config)
+        configuration = k8s_client.Configuration()
+        # urllib3 retries a timed-out GET or DELETE 3 times by default: with the callers' per-request timeout that
+        # would make a dead member cost four timeouts per request; one retry covers a dropped connection.
+        configuration.retries = REQUEST_RETRIES
+        api_client = k8s_config.new_client_from_config_dict(config, client_configuration=configuration)
         with self._lock:
             self._clients[(namespace, secret_name)] = (version, api_client)
         return api_client

@@ -111,8 +111,12 @@ def test_deletion_with_an_unreachable_member_cluster_ends_after_a_bounded_time(m
         asked = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - asked_ago))
         handlers.on_delete(namespace="ns", uid="u-1", spec=ddm_spec, meta={"deletionTimestamp": asked}, body={})
 
-    with pytest.raises(kopf.TemporaryError, match=r"cleanup of clusters \['far'\] failed"):
+    with pytest.raises(kopf.TemporaryError, match=r"cleanup of clusters \['far'\] failed") as retried:
         delete(asked_ago=10)  # within the deadline: kopf retries it
+    assert retried.value.delay == handlers.CLEANUP_RETRY_S
+    with pytest.raises(kopf.TemporaryError) as retried:
+        delete(asked_ago=handlers.CLEANUP_TIMEOUT_S - 5)  # the last try comes at the deadline, not after it
+    assert handlers.CLEANUP_RETRY_S > retried.value.delay >= 4
     assert warned == []
     delete(asked_ago=handlers.CLEANUP_TIMEOUT_S + 5)  # past it: released, and the Event says what stays
     assert len(warned) == 1 and warned[0].startswith("CleanupIncomplete: gave up after")
