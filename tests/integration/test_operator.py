@@ -58,14 +58,18 @@ def chart_account(namespace: str) -> tuple[str, str]:
     return release, f"{release}-ddm-operator"
 
 
-def render_rbac(namespace: str, release: str) -> str:
-    """The chart's RBAC for a single-namespace install: `helm template` when helm exists, else the kept rendering."""
+def render_rbac(namespace: str, release: str, values: tuple[str, ...] = ()) -> str:
+    """The chart's RBAC for a single-namespace install: `helm template` when helm exists, else the kept rendering
+    (of the default values: other ``values``, ``key=value`` for --set, need helm)."""
     helm = helm_binary()
+    if helm is None and values:
+        pytest.skip(f"rendering the chart with {values} needs helm (scripts/testenv-build.sh --helm)")
     shows = ["serviceaccount", "clusterrole-framework", "clusterrolebinding-framework", "role-application",
              "rolebinding-application"]
     if helm is not None:
         args = [helm, "template", release, str(CHART), "--kube-version", "1.37.2", "--namespace", namespace, "--set", f"watchNamespaces={{{namespace}}}"]
         args += [a for s in shows for a in ("--show-only", f"templates/{s}.yaml")]
+        args += [a for v in values for a in ("--set", v)]
         return subprocess.run(args, check=True, capture_output=True, text=True).stdout
     text = (CHART / "rbac-rendered.yaml").read_text()
     return text.replace("ddm-system", namespace).replace("ddm-operator", chart_account(namespace)[1])

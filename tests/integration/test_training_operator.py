@@ -6,6 +6,10 @@ PyTorchJobs; the training operator makes their pods and writes their conditions;
 nodes; kwok runs them for a moment and ends their container with the exit code a test put in a pod annotation
 (``placement.podAnnotations``, which the DDM carries to the pod template). No trainer runs: these tests are about
 what the control plane does with exit codes, retries and placement (tests/e2e trains for real).
+
+The essential ones run with either backend (the operator setting DDM_JOB_BACKEND): ``pytorchjob`` against the
+training operator v1.9.4, ``trainjob`` against Kubeflow Trainer v2.3 and JobSet v0.12 (``k8s_trainer_v2``), whose
+TrainJob becomes a JobSet, whose Jobs the kube-controller-manager's Job controller turns into the pods kwok runs.
 """
 from __future__ import annotations
 
@@ -15,22 +19,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ddm_operator.k8s.builders import BACKENDS, Backend
 from fixtures.k8s import EXIT_CODE_ANNOTATION, RUN_MS_ANNOTATION
 from integration.test_operator import Harness, Operator, chart_account, ddm_spec, render_rbac, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the training operator's JobNameLabel (apis/kubeflow.org/v1)
+EITHER_BACKEND = pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
 TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]
 
 
 @pytest.fixture
-def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, tmp_path: Path) -> Iterator[Harness]:
-    """The DDM operator for one namespace, as the chart's ServiceAccount with the chart's RBAC."""
+def backend() -> str:
+    """The operator's job backend; EITHER_BACKEND runs a test with both."""
+    return "pytorchjob"
+
+
+@pytest.fixture
+def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, backend: str, request: pytest.FixtureRequest,
+          tmp_path: Path) -> Iterator[Harness]:
+    """The DDM operator for one namespace with the job ``backend``, as the chart's ServiceAccount with the chart's
+    RBAC for that backend."""
+    if backend == "trainjob":
+        request.getfixturevalue("k8s_trainer_v2")
     ns = k8s_fleet_namespace
     release, account = chart_account(ns)
-    k8s_fleet.apply_yaml(render_rbac(ns, release))
-    op = Operator(k8s_fleet.serviceaccount_kubeconfig(ns, account), ns, tmp_path / "operator.log")
+    k8s_fleet.apply_yaml(render_rbac(ns, release, (f"jobBackend={backend}",)))
+    op = Operator(k8s_fleet.serviceaccount_kubeconfig(ns, account), ns, tmp_path / "operator.log",
+                  env={"DDM_JOB_BACKEND": backend})
     op.start()
     h = Harness(k8s_fleet, ns)
     yield h
@@ -39,13 +55,20 @@ def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, tmp_path: Path) -> Iterator[
     h.api.close()
 
 
-def pods_by_job(h: Harness) -> dict[str, list[dict[str, Any]]]:
-    """Every pod the training operator made, by its job, with the node the scheduler bound it to."""
+def pods_by_job(h: Harness, backend: Backend = BACKENDS["pytorchjob"]) -> dict[str, list[dict[str, Any]]]:
+    """Every pod the controllers made, by its PyTorchJob or TrainJob (the label that names it: the training
+    operator's training.kubeflow.org/job-name, JobSet's jobset.sigs.k8s.io/jobset-name), with its node."""
+    label = backend.pod_job_label
     out: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for pod in h.core.list_namespaced_pod(h.ns, label_selector=JOB_NAME_LABEL).items:
-        out[pod.metadata.labels[JOB_NAME_LABEL]].append(
+    for pod in h.core.list_namespaced_pod(h.ns, label_selector=label).items:
+        out[pod.metadata.labels[label]].append(
             {"node": pod.spec.node_name, "phase": pod.status.phase, "uid": pod.metadata.uid})
     return out
+
+
+def jobs_of(h: Harness, backend: Backend) -> dict[str, dict[str, Any]]:
+    items = h.custom.list_namespaced_custom_object(backend.group, backend.version, h.ns, backend.plural)["items"]
+    return {j["metadata"]["name"]: j for j in items}
 
 
 def fleet_spec(k: int, tmp: Path, **over: Any) -> dict[str, Any]:
@@ -65,13 +88,14 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next(c for c in status.get("conditions", []) if c["type"] == kind)
 
 
-def test_a_k4_ddm_runs_through_real_pytorchjobs_on_gpu_nodes(fleet: Harness, tmp_path: Path) -> None:
-    """Cluster, 4 experts and the router, evaluation: each a PyTorchJob whose pod the training operator creates and
-    the scheduler places by the stage's own placement; Succeeded from the training operator's own conditions."""
-    h = fleet
+@EITHER_BACKEND
+def test_a_k4_ddm_runs_through_real_jobs_on_gpu_nodes(fleet: Harness, backend: str, tmp_path: Path) -> None:
+    """Cluster, 4 experts and the router, evaluation: each a PyTorchJob (or TrainJob) whose pod the controllers
+    create and the scheduler places by the stage's own placement; Succeeded from the controllers' own conditions."""
+    h, kind = fleet, BACKENDS[backend]
     h.create("k4", fleet_spec(4, tmp_path))
     status = h.wait_phase("k4", "Succeeded", timeout=180)
-    pods = pods_by_job(h)
+    pods = pods_by_job(h, kind)
     stages = ["cluster", *(f"expert-{k:03d}" for k in range(4)), "router", "evaluate"]
     assert sorted(pods) == sorted(f"k4-{s}-a1" for s in stages), pods
     assert all(len(p) == 1 and p[0]["phase"] == "Succeeded" for p in pods.values()), pods
@@ -79,17 +103,33 @@ def test_a_k4_ddm_runs_through_real_pytorchjobs_on_gpu_nodes(fleet: Harness, tmp
         assert pods[f"k4-expert-{k:03d}-a1"][0]["node"].startswith("tainted-"), pods
     assert pods["k4-router-a1"][0]["node"].startswith("gpu-") and pods["k4-evaluate-a1"][0]["node"].startswith("gpu-")
     assert status["expertsReady"] == 4 and condition(status, "Ready")["status"] == "True"
-    jobs = h.jobs()
-    assert {r["restartPolicy"] for j in jobs.values() for r in j["spec"]["pytorchReplicaSpecs"].values()} == {"Never"}
-    # the conditions are the training operator's, not ours: its reason names the kind
-    assert all(any(c["type"] == "Succeeded" and c["reason"] == "PyTorchJobSucceeded" for c in j["status"]["conditions"])
-               for j in jobs.values())
+    jobs = jobs_of(h, kind)
+    if backend == "pytorchjob":
+        assert {r["restartPolicy"] for j in jobs.values() for r in j["spec"]["pytorchReplicaSpecs"].values()} == {"Never"}
+        # the conditions are the training operator's, not ours: its reason names the kind
+        assert all(any(c["type"] == "Succeeded" and c["reason"] == "PyTorchJobSucceeded"
+                       for c in j["status"]["conditions"]) for j in jobs.values())
+        return
+    # TrainJob -> JobSet -> Job: one retry layer (ours) all the way down, in the Jobs JobSet made from our runtime
+    batch = h.plane.api_client()
+    from kubernetes import client
+
+    made = client.BatchV1Api(batch).list_namespaced_job(h.ns, label_selector=kind.pod_job_label).items
+    batch.close()
+    assert sorted(j.metadata.labels[kind.pod_job_label] for j in made) == sorted(jobs), made
+    assert {(j.spec.backoff_limit, j.spec.template.spec.restart_policy) for j in made} == {(0, "Never")}
+    # Complete is copied from the JobSet's Completed condition, reason and all (plugins/jobset/jobset.go Status;
+    # AllJobsCompleted: sigs.k8s.io/jobset pkg/constants/constants.go)
+    assert all(any(c["type"] == "Complete" and c["status"] == "True" and c["reason"] == "AllJobsCompleted"
+                   for c in j["status"]["conditions"]) for j in jobs.values()), jobs
 
 
-def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet: Harness, tmp_path: Path) -> None:
+@EITHER_BACKEND
+def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet: Harness, backend: str,
+                                                                          tmp_path: Path) -> None:
     """Expert 1 exits 3 (a bad config): one pod run, no retry, the message names the code. Expert 2 is preempted for
     ever (143): 1 + maxRetriesPerExpert pod runs, then it is lost. minExperts 2 of 4: the DDM finishes Degraded."""
-    h = fleet
+    h, kind = fleet, BACKENDS[backend]
     spec = fleet_spec(4, tmp_path, failurePolicy={"maxRetriesPerExpert": 2, "backoffSeconds": 0, "minExperts": 2})
     base = spec["experts"]["placement"]
     spec["experts"]["overrides"] = [
@@ -98,7 +138,7 @@ def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet
     ]
     h.create("codes", spec)
     status = h.wait_phase("codes", "Degraded", timeout=240)
-    pods = pods_by_job(h)
+    pods = pods_by_job(h, kind)
     runs = {k: sum(len(v) for name, v in pods.items() if name.startswith(f"codes-expert-{k:03d}-")) for k in range(4)}
     assert runs == {0: 1, 1: 1, 2: 3, 3: 1}, pods
     experts = {e["index"]: e for e in status["experts"]}
@@ -108,9 +148,10 @@ def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet
     assert "exit code 143 (retryable)" in experts[2]["message"], experts[2]
     assert experts[0]["phase"] == experts[3]["phase"] == "Succeeded"
     assert condition(status, "Degraded")["status"] == "True"
-    # the training operator's own message carries no code: the operator read it from the pods
-    failed = h.jobs()["codes-expert-001-a1"]["status"]["conditions"]
-    assert any(c["type"] == "Failed" and "exit code" not in c["message"] and "replica(s) failed" in c["message"]
+    # the controllers' own message carries no code: the operator read it from the pods
+    failed = jobs_of(h, kind)["codes-expert-001-a1"]["status"]["conditions"]
+    own = "replica(s) failed" if backend == "pytorchjob" else "jobset failed"
+    assert any(c["type"] == "Failed" and "exit code" not in c["message"] and own in c["message"]
                for c in failed), failed
 
 

@@ -59,9 +59,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["ddm.io"]
   resources: ["decentralizeddiffusions/finalizers"]
   verbs: ["update"]
+{{- if eq .Values.jobBackend "pytorchjob" }}
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+{{- else if eq .Values.jobBackend "trainjob" }}
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# one TrainingRuntime per stage attempt, beside its TrainJob (the pod template a TrainJob cannot carry)
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainingruntimes"]
+  verbs: ["get", "create"]
+{{- else }}
+{{- fail (printf "jobBackend must be pytorchjob or trainjob, not %q" .Values.jobBackend) }}
+{{- end }}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]

@@ -1,4 +1,5 @@
-"""Pure builders: a DecentralizedDiffusion's stage -> the child manifests (PyTorchJob, ConfigMap) as plain dicts.
+"""Pure builders: a DecentralizedDiffusion's stage -> the child manifests as plain dicts: a ConfigMap and either a
+PyTorchJob (Kubeflow training operator v1) or a TrainingRuntime + TrainJob (Kubeflow Trainer v2), by ``Backend``.
 
 No API calls here. Names are deterministic (``<ddm>-<stage-key>-a<attempt>``) so a handler that runs twice
 creates nothing twice: the second create gets 409 Conflict and adopts the existing object.
@@ -21,6 +22,9 @@ API_VERSION = "ddm.io/v1alpha1"
 KIND = "DecentralizedDiffusion"
 PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+TRAINER_GROUP, TRAINER_VERSION = "trainer.kubeflow.org", "v1alpha1"
+TRAINER_API_VERSION = f"{TRAINER_GROUP}/{TRAINER_VERSION}"
+TRAININGRUNTIME_PLURAL = "trainingruntimes"
 
 LABEL_NAME = "ddm.io/name"
 LABEL_UID = "ddm.io/uid"
@@ -34,6 +38,10 @@ ANNOTATION_ORIGIN = "ddm.io/origin"  # "<namespace>/<name>/<uid>" of the DDM, on
 CONFIG_DIR = "/etc/ddm"
 CONFIG_FILE = "config.yaml"
 CONTAINER_NAME = "pytorch"  # the training operator requires this container name
+# Trainer v2 (pkg/constants/constants.go): the torch plugin finds the trainer's container as the container "node" of
+# the replicated job labelled with the ancestor step "trainer", and injects PET_* there (plugins/torch/torch.go).
+TRAINER_NODE = "node"
+TRAINER_ANCESTOR_LABEL, TRAINER_ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step", "trainer"
 STORE_VOLUME = "store"  # spec.storage.volumeClaim, mounted at STORE_MOUNT_PATH
 # Pods of a PyTorchJob are "<job>-worker-<i>" and get a headless Service of the same name: keep room for it.
 MAX_CHILD_NAME = 52
@@ -45,6 +53,41 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
     "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The kind of job a stage attempt becomes: where it lives in the API and how its pods are found."""
+
+    name: str  # the operator setting DDM_JOB_BACKEND
+    kind: str
+    group: str
+    version: str
+    plural: str
+    container: str  # the trainer's container in the job's pods
+    pod_job_label: str  # the label that names the job on each of its pods
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+# The training operator labels its pods training.kubeflow.org/job-name (apis/kubeflow.org/v1 common_types.go).
+PYTORCHJOB = Backend("pytorchjob", "PyTorchJob", PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL,
+                     CONTAINER_NAME, "training.kubeflow.org/job-name")
+# A TrainJob becomes a JobSet of the same name (plugins/jobset/jobset.go Build), whose Jobs and pods carry
+# jobset.sigs.k8s.io/jobset-name (sigs.k8s.io/jobset api/jobset/v1alpha2/jobset_types.go JobSetNameKey).
+TRAINJOB = Backend("trainjob", "TrainJob", TRAINER_GROUP, TRAINER_VERSION, "trainjobs", TRAINER_NODE,
+                   "jobset.sigs.k8s.io/jobset-name")
+BACKENDS = {b.name: b for b in (PYTORCHJOB, TRAINJOB)}
+
+
+def backend_named(name: str) -> Backend:
+    """The backend of the operator setting DDM_JOB_BACKEND; a clear error for anything else."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"DDM_JOB_BACKEND={name!r}: expected one of {', '.join(sorted(BACKENDS))}") from None
 
 
 def parse_key(key: str) -> tuple[str, int | None]:
@@ -193,10 +236,10 @@ def build_configmap(req: JobRequest) -> dict[str, Any]:
     }
 
 
-def _pod_template(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
+def _pod_template(req: JobRequest, labels: dict[str, str], container_name: str = CONTAINER_NAME) -> dict[str, Any]:
     p = req.placement
     container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
+        "name": container_name,
         "image": req.image,
         "imagePullPolicy": req.image_pull_policy,
         "command": list(req.command),
@@ -269,6 +312,70 @@ def build_pytorchjob(req: JobRequest) -> dict[str, Any]:
     }
 
 
-def suspend_patch(suspend: bool) -> dict[str, Any]:
-    """Merge patch for suspend/resume of a running PyTorchJob."""
+# torchrun's rendezvous address: the training operator sets MASTER_ADDR/MASTER_PORT, Trainer v2's torch plugin sets
+# PET_MASTER_ADDR/PET_MASTER_PORT (pkg/constants TorchEnvMasterAddr/Port, plugins/torch/torch.go EnforceMLPolicy).
+_RDZV_V1, _RDZV_V2 = "$(MASTER_ADDR):$(MASTER_PORT)", "$(PET_MASTER_ADDR):$(PET_MASTER_PORT)"
+
+
+def build_training_runtime(req: JobRequest) -> dict[str, Any]:
+    """The TrainingRuntime of one stage attempt (same name, owner and labels as its ConfigMap and TrainJob): torch
+    distributed, one replicated job ``node`` whose pod template is the stage's whole pod (placement, security
+    context, config volume, the credentials Secret as envFrom, priority class). One per attempt rather than one
+    shared runtime because a TrainJob's own overrides (spec.runtimePatches, PodSpecPatch/ContainerPatch in
+    pkg/apis/trainer/v1alpha1/trainjob_types.go) cannot carry envFrom, priorityClassName or imagePullPolicy.
+
+    One retry layer, the DDM operator's, as for the PyTorchJob: pods ``restartPolicy: Never``, the Job
+    ``backoffLimit: 0`` and no JobSet failurePolicy (JobSet then fails on the first failed Job, maxRestarts 0:
+    sigs.k8s.io/jobset pkg/controllers/failure_policy.go), so a failed pod fails the TrainJob and the operator
+    decides on a new attempt from the pod's exit code.
+    """
+    labels = child_labels(req.owner, req.key, req.attempt)
+    template = _pod_template(req, labels, TRAINER_NODE)
+    template["spec"]["restartPolicy"] = "Never"
+    return {
+        "apiVersion": TRAINER_API_VERSION,
+        "kind": "TrainingRuntime",
+        "metadata": _metadata(req, labels),
+        "spec": {
+            "mlPolicy": {"numNodes": req.nodes, "torch": {}},
+            "template": {"spec": {"replicatedJobs": [{
+                "name": TRAINER_NODE, "replicas": 1,
+                "template": {"metadata": {"labels": {TRAINER_ANCESTOR_LABEL: TRAINER_ANCESTOR}},
+                             "spec": {"backoffLimit": 0, "template": template}},
+            }]}},
+        },
+    }
+
+
+def build_trainjob(req: JobRequest) -> dict[str, Any]:
+    """A TrainJob on its own TrainingRuntime (``build_training_runtime``): the trainer image, command and node
+    count in spec.trainer, where Trainer v2 expects them; GPUs in resourcesPerNode. On a Kueue queue it is created
+    without spec.suspend (Kueue's webhook suspends it), as the PyTorchJob is."""
+    job_labels = child_labels(req.owner, req.key, req.attempt)
+    if req.placement.queue_name:
+        job_labels[LABEL_QUEUE] = req.placement.queue_name
+    trainer: dict[str, Any] = {"image": req.image, "numNodes": req.nodes,
+                               "command": [arg.replace(_RDZV_V1, _RDZV_V2) for arg in req.command]}
+    if req.placement.resources:
+        trainer["resourcesPerNode"] = req.placement.resources
+    spec: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": TRAINER_GROUP, "kind": "TrainingRuntime", "name": req.name},
+        "trainer": trainer,
+    }
+    if not req.placement.queue_name:
+        spec["suspend"] = req.suspend
+    return {"apiVersion": TRAINER_API_VERSION, "kind": "TrainJob", "metadata": _metadata(req, job_labels), "spec": spec}
+
+
+def build_job(req: JobRequest, backend: Backend) -> list[dict[str, Any]]:
+    """The objects of one stage attempt besides its ConfigMap, in creation order (a runtime before its TrainJob)."""
+    if backend is TRAINJOB:
+        return [build_training_runtime(req), build_trainjob(req)]
+    return [build_pytorchjob(req)]
+
+
+def suspend_patch(suspend: bool, backend: Backend = PYTORCHJOB) -> dict[str, Any]:
+    """Merge patch for suspend/resume of a running job (PyTorchJob runPolicy.suspend, TrainJob spec.suspend)."""
+    if backend is TRAINJOB:
+        return {"spec": {"suspend": suspend}}
     return {"spec": {"runPolicy": {"suspend": suspend}}}

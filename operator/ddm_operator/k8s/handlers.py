@@ -11,6 +11,12 @@ expiring, a stage live in another cluster (no watch there: DDM_REMOTE_INTERVAL_S
 (DDM_RECONCILE_INTERVAL_S). A Succeeded, Degraded or Failed DDM whose spec was handled has no daemon at all: nothing
 polls it until its spec changes. Children have deterministic names; creating one that exists (409) adopts it, so a
 re-run never duplicates.
+
+Backend (operator setting DDM_JOB_BACKEND, the chart's ``jobBackend``): ``pytorchjob`` (Kubeflow training operator
+v1, the default) or ``trainjob`` (Kubeflow Trainer v2: a TrainingRuntime + TrainJob per stage attempt). The same
+planner drives both; only the child objects and how their state is read differ (builders.py, observe.py). A
+setting of the operator, not of a DDM: which controller a cluster runs is the installer's choice, and the one watch
+on children must name one kind. Change it only when no DDM is running (children of the other kind are not seen).
 """
 from __future__ import annotations
 
@@ -48,13 +54,14 @@ from ..api.models import (
 from . import builders as b
 from .admission import check_trainer_image
 from .multicluster import ClusterClients
-from .observe import POD_JOB_NAME_LABEL, JobState, job_state, latest_attempts, true_condition
+from .observe import JobState, has_failed, job_state, latest_attempts
 from .observe import parse_time as observe_time
 from .storage import StoreClients, check_storage
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "30"))  # safety net: events wake a DDM at once
 REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # stages in other clusters: not watched
 WAKE_ON_CHILDREN = os.environ.get("DDM_WAKE_ON_CHILDREN", "1") != "0"  # 0: timer only (for benchmarks)
+BACKEND = b.backend_named(os.environ.get("DDM_JOB_BACKEND", b.PYTORCHJOB.name))  # PyTorchJob or TrainJob children
 # Every request to another cluster has a deadline: a member whose API server stops answering (a firewall dropping
 # packets, a half-dead load balancer) must not hold a pass, or the deletion of a DDM, for ever.
 REMOTE_REQUEST_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_REQUEST_TIMEOUT_S", "10"))
@@ -110,20 +117,20 @@ def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
     selector = f"{b.LABEL_UID}={uid}"
     api_client = _client_for(namespace, cluster)
     items = _custom(api_client).list_namespaced_custom_object(
-        b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector,
+        BACKEND.group, BACKEND.version, namespace, BACKEND.plural, label_selector=selector,
         **_deadline(cluster))["items"]
     states = []
     for job in items:
-        failed = true_condition(job.get("status") or {}, "Failed")
-        pods = _pods_of(api_client, namespace, job, **_deadline(cluster)) if failed else None
+        pods = _pods_of(api_client, namespace, job, **_deadline(cluster)) if has_failed(job) else None
         if (state := job_state(job, cluster, pods)) is not None:
             states.append(state)
     return states
 
 
 def _pods_of(api_client: Any, namespace: str, job: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
-    """A failed job's pods, where its exit codes are (the training operator keeps them: cleanPodPolicy None)."""
-    selector = f"{POD_JOB_NAME_LABEL}={job['metadata']['name']}"
+    """A failed job's pods, where its exit codes are (the training operator keeps them: cleanPodPolicy None; a
+    failed JobSet's Jobs and their pods stay until the TrainJob is deleted)."""
+    selector = f"{BACKEND.pod_job_label}={job['metadata']['name']}"
     pods = _core(api_client).list_namespaced_pod(namespace, label_selector=selector, **kw).items
     return [k8s.ApiClient().sanitize_for_serialization(p) for p in pods]
 
@@ -158,7 +165,7 @@ def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[P
 
 
 def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageKey, attempt: int) -> b.JobRequest:
-    """The PyTorchJob + ConfigMap inputs of one stage attempt (pure)."""
+    """The job (PyTorchJob or TrainJob) + ConfigMap inputs of one stage attempt (pure)."""
     placement_model, gpus = _placement_of(spec, key)
     placement = b.placement_from_dict(placement_model.to_wire())
     resources = dict(placement.resources)
@@ -185,12 +192,17 @@ def _launch(req: b.JobRequest) -> None:
     cm = b.build_configmap(req)
     _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm, **kw),
                      lambda: core.read_namespaced_config_map(name, ns, **kw))
-    job = b.build_pytorchjob(req)
-    _create_or_adopt(
-        lambda: custom.create_namespaced_custom_object(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, ns,
-                                                       b.PYTORCHJOB_PLURAL, job, **kw),
-        lambda: custom.get_namespaced_custom_object(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, ns,
-                                                    b.PYTORCHJOB_PLURAL, name, **kw))
+    for obj in b.build_job(req, BACKEND):  # a TrainingRuntime before the TrainJob that names it
+        _create_or_adopt_custom(custom, ns, obj, kw)
+
+
+def _create_or_adopt_custom(custom: k8s.CustomObjectsApi, namespace: str, obj: dict[str, Any],
+                            kw: dict[str, Any]) -> None:
+    group, version = obj["apiVersion"].split("/")
+    plural = b.TRAININGRUNTIME_PLURAL if obj["kind"] == "TrainingRuntime" else BACKEND.plural
+    name = obj["metadata"]["name"]
+    _create_or_adopt(lambda: custom.create_namespaced_custom_object(group, version, namespace, plural, obj, **kw),
+                     lambda: custom.get_namespaced_custom_object(group, version, namespace, plural, name, **kw))
 
 
 def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
@@ -198,7 +210,7 @@ def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
         log.info("%s is on a Kueue queue: its suspension is Kueue's (suspend=%s not written)", job.name, suspend)
         return
     _custom(_client_for(namespace, job.cluster)).patch_namespaced_custom_object(
-        b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, job.name, b.suspend_patch(suspend))
+        BACKEND.group, BACKEND.version, namespace, BACKEND.plural, job.name, b.suspend_patch(suspend, BACKEND))
 
 
 # ---------------------------------------------------------------- observation
@@ -610,7 +622,7 @@ async def on_ddm_event(meta: kopf.Meta, status: kopf.Status, uid: str, **_: Any)
         _wake(uid)
 
 
-@kopf.on.event(b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, b.PYTORCHJOB_PLURAL, labels={b.LABEL_UID: kopf.PRESENT})
+@kopf.on.event(BACKEND.group, BACKEND.version, BACKEND.plural, labels={b.LABEL_UID: kopf.PRESENT})
 async def on_child_event(type: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any) -> None:
     """A stage of ours changed phase (started, finished, failed, admitted by Kueue, deleted): wake its DDM now."""
     if WAKE_ON_CHILDREN and child_wakes_parent(type, dict(body), _child_phases):
@@ -650,7 +662,11 @@ def on_delete(namespace: str, uid: str, spec: Any, meta: kopf.Meta, body: kopf.B
         custom, core, kw = _custom(api_client), _core(api_client), _deadline(cluster)
         try:
             custom.delete_collection_namespaced_custom_object(
-                b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL, label_selector=selector, **kw)
+                BACKEND.group, BACKEND.version, namespace, BACKEND.plural, label_selector=selector, **kw)
+            if BACKEND is b.TRAINJOB:  # their runtimes: no owner reference across clusters either
+                custom.delete_collection_namespaced_custom_object(
+                    b.TRAINER_GROUP, b.TRAINER_VERSION, namespace, b.TRAININGRUNTIME_PLURAL, label_selector=selector,
+                    **kw)
             core.delete_collection_namespaced_config_map(namespace, label_selector=selector, **kw)
         except Exception as exc:  # unreachable, refused, expired credentials: retried until the deadline
             unreachable[cluster] = _why(exc)
@@ -662,6 +678,6 @@ def on_delete(namespace: str, uid: str, spec: Any, meta: kopf.Meta, body: kopf.B
         raise kopf.TemporaryError(f"cleanup of clusters {sorted(unreachable)} failed ({waited:.0f} s of "
                                   f"{CLEANUP_TIMEOUT_S:.0f} s): {unreachable}",
                                   delay=max(1.0, min(CLEANUP_RETRY_S, CLEANUP_TIMEOUT_S - waited)))
-    left = "; ".join(f"cluster {c}: PyTorchJobs and ConfigMaps in namespace {namespace} with label {selector} "
+    left = "; ".join(f"cluster {c}: {BACKEND.kind}s and ConfigMaps in namespace {namespace} with label {selector} "
                      f"({why})" for c, why in sorted(unreachable.items()))
     kopf.warn(body, reason="CleanupIncomplete", message=f"gave up after {waited:.0f} s; left behind: {left}")

@@ -8,6 +8,13 @@ pod's ``status.containerStatuses[name=pytorch].state.terminated.exitCode`` (pkg/
 from there too), so the operator lists a failed job's pods (label ``training.kubeflow.org/job-name``) and takes the
 most telling code (``exit_code_of_pods``). A Failed job whose pods are gone, or that failed for another reason (deadline, a pod
 that never started), has no code and counts as an infrastructure failure: it gets a new attempt.
+
+Kubeflow Trainer v2 (a TrainJob, ``builders.TRAINJOB``) writes no Running condition and no start time: its
+conditions are Suspended, Complete and Failed (pkg/apis/trainer/v1alpha1/trainjob_types.go), Complete and Failed
+copied from its JobSet's Completed/Failed (pkg/runtime/framework/plugins/jobset/jobset.go Status; reasons such as
+AllJobsCompleted and FailedJobs come from sigs.k8s.io/jobset pkg/constants). It runs while its JobSet has active
+Jobs (status.jobsStatus[].active). Exit codes again are only in the pods (container ``node``, label
+``jobset.sigs.k8s.io/jobset-name``).
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from datetime import datetime
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .builders import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_KEY, LABEL_QUEUE
+from .builders import CONTAINER_NAME, LABEL_ATTEMPT, LABEL_KEY, LABEL_QUEUE, PYTORCHJOB, TRAINJOB, Backend
 
 JobPhase = Literal["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed"]
 POD_JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # the training operator's JobNameLabel (common_types.go)
@@ -33,7 +40,7 @@ class JobState:
     cluster: str | None = None  # targetCluster, None for the operator's own cluster
     finished_at: float | None = None  # epoch seconds of the Succeeded/Failed transition (for retry backoff)
     queued: bool = False  # on a Kueue queue: Kueue owns runPolicy.suspend, the operator never writes it
-    started_at: float | None = None  # the job's status.startTime (the training operator sets it), epoch seconds
+    started_at: float | None = None  # PyTorchJob status.startTime; TrainJob: when it was created or resumed
     progress: dict[str, Any] | None = None  # the stage's latest progress report, when it runs
 
 
@@ -56,22 +63,31 @@ def container_exit_code(pod: dict[str, Any], container: str = CONTAINER_NAME) ->
     return None
 
 
-def exit_code_of_pods(pods: list[dict[str, Any]]) -> int | None:
+def exit_code_of_pods(pods: list[dict[str, Any]], container: str = CONTAINER_NAME) -> int | None:
     """The most telling exit code of a failed job's pods: the highest retryable one (128-255) if any (a node lost
     or preempted under one pod makes the others' collectives fail with plain errors, exit 1), else the first
     permanent one, else None (0s and unterminated containers say nothing about the failure). The same rule as
     ddm-launch applies to the workers inside one pod (ddm_trainer/launch.py)."""
-    codes = [c for c in (container_exit_code(p) for p in pods) if c]
+    codes = [c for c in (container_exit_code(p, container) for p in pods) if c]
     retryable = [c for c in codes if c >= 128]
     if retryable:
         return max(retryable)
     return codes[0] if codes else None
 
 
+def backend_of(job: dict[str, Any]) -> Backend:
+    return TRAINJOB if job.get("kind") == TRAINJOB.kind else PYTORCHJOB
+
+
+def has_failed(job: dict[str, Any]) -> bool:
+    """Whether a job (either kind) has failed: then its pods are read for the exit code."""
+    return true_condition(job.get("status") or {}, "Failed") is not None
+
+
 def job_state(job: dict[str, Any], cluster: str | None = None, pods: list[dict[str, Any]] | None = None,
               ) -> JobState | None:
-    """The state of one of our PyTorchJobs (a dict as the API returns it; ``pods``: its pods, read for a Failed
-    job's exit code); None if it carries no DDM labels."""
+    """The state of one of our PyTorchJobs or TrainJobs (a dict as the API returns it; ``pods``: its pods, read
+    for a Failed job's exit code); None if it carries no DDM labels."""
     meta = job.get("metadata") or {}
     labels = meta.get("labels") or {}
     key, attempt = labels.get(LABEL_KEY), labels.get(LABEL_ATTEMPT)
@@ -79,26 +95,39 @@ def job_state(job: dict[str, Any], cluster: str | None = None, pods: list[dict[s
         return None
     status = job.get("status") or {}
     spec = job.get("spec") or {}
+    backend = backend_of(job)
+    if backend is TRAINJOB:
+        succeeded = true_condition(status, "Complete")
+        suspended = bool(spec.get("suspend"))
+        running = any((j.get("active") or 0) > 0 for j in status.get("jobsStatus") or [])
+        resumed = next((c for c in status.get("conditions") or [] if c.get("type") == "Suspended"
+                        and c.get("status") == "False"), None)
+        started_at = parse_time((resumed or {}).get("lastTransitionTime") or meta.get("creationTimestamp"))
+    else:
+        succeeded = true_condition(status, "Succeeded")
+        suspended = bool((spec.get("runPolicy") or {}).get("suspend"))
+        running = true_condition(status, "Running") is not None
+        started_at = parse_time(status.get("startTime"))
     failed = true_condition(status, "Failed")
     phase: JobPhase
-    if true_condition(status, "Succeeded"):
+    if succeeded:
         phase = "Succeeded"
     elif failed:
         phase = "Failed"
-    elif (spec.get("runPolicy") or {}).get("suspend"):
+    elif suspended:
         phase = "Queued" if labels.get(LABEL_QUEUE) else "Suspended"  # Kueue holds a queued job until admission
-    elif true_condition(status, "Running"):
+    elif running:
         phase = "Running"
     else:
         phase = "Pending"
-    code = exit_code_of_pods(pods or []) if phase == "Failed" else None
+    code = exit_code_of_pods(pods or [], backend.container) if phase == "Failed" else None
     message = (failed or {}).get("message", "") if failed else ""
-    done = failed or true_condition(status, "Succeeded")
+    done = failed or succeeded
     finished_at = parse_time((done or {}).get("lastTransitionTime"))
     return JobState(key=key, attempt=int(attempt), name=meta.get("name", ""), phase=phase,
                     permanent=code is not None and 1 <= code <= 127, exit_code=code, message=message,
                     cluster=cluster, finished_at=finished_at, queued=bool(labels.get(LABEL_QUEUE)),
-                    started_at=parse_time(status.get("startTime")))
+                    started_at=started_at)
 
 
 def parse_time(value: str | None) -> float | None:
