@@ -25,21 +25,17 @@ from integration.test_operator import Harness, Operator, chart_account, ddm_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 
-EITHER_BACKEND = pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+EITHER_BACKEND = pytest.mark.parametrize("job_backend", ["pytorchjob", "trainjob"])
+JOB_NAME_LABEL = BACKENDS["pytorchjob"].pod_job_label  # the training operator's JobNameLabel (apis/kubeflow.org/v1)
 TOLERATE_GPU = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}]
 
 
 @pytest.fixture
-def backend() -> str:
-    """The operator's job backend; EITHER_BACKEND runs a test with both."""
-    return "pytorchjob"
-
-
-@pytest.fixture
-def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, backend: str, request: pytest.FixtureRequest,
+def fleet(k8s_fleet: Any, k8s_fleet_namespace: str, job_backend: str, request: pytest.FixtureRequest,
           tmp_path: Path) -> Iterator[Harness]:
-    """The DDM operator for one namespace with the job ``backend``, as the chart's ServiceAccount with the chart's
-    RBAC for that backend."""
+    """The DDM operator for one namespace with ``job_backend`` (EITHER_BACKEND runs a test with both), as the chart's
+    ServiceAccount with the chart's RBAC for that backend."""
+    backend = job_backend
     if backend == "trainjob":
         request.getfixturevalue("k8s_trainer_v2")
     ns = k8s_fleet_namespace
@@ -89,10 +85,10 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 @EITHER_BACKEND
-def test_a_k4_ddm_runs_through_real_jobs_on_gpu_nodes(fleet: Harness, backend: str, tmp_path: Path) -> None:
+def test_a_k4_ddm_runs_through_real_jobs_on_gpu_nodes(fleet: Harness, job_backend: str, tmp_path: Path) -> None:
     """Cluster, 4 experts and the router, evaluation: each a PyTorchJob (or TrainJob) whose pod the controllers
     create and the scheduler places by the stage's own placement; Succeeded from the controllers' own conditions."""
-    h, kind = fleet, BACKENDS[backend]
+    h, backend, kind = fleet, job_backend, BACKENDS[job_backend]
     h.create("k4", fleet_spec(4, tmp_path))
     status = h.wait_phase("k4", "Succeeded", timeout=180)
     pods = pods_by_job(h, kind)
@@ -125,11 +121,11 @@ def test_a_k4_ddm_runs_through_real_jobs_on_gpu_nodes(fleet: Harness, backend: s
 
 
 @EITHER_BACKEND
-def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet: Harness, backend: str,
+def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet: Harness, job_backend: str,
                                                                           tmp_path: Path) -> None:
     """Expert 1 exits 3 (a bad config): one pod run, no retry, the message names the code. Expert 2 is preempted for
     ever (143): 1 + maxRetriesPerExpert pod runs, then it is lost. minExperts 2 of 4: the DDM finishes Degraded."""
-    h, kind = fleet, BACKENDS[backend]
+    h, backend, kind = fleet, job_backend, BACKENDS[job_backend]
     spec = fleet_spec(4, tmp_path, failurePolicy={"maxRetriesPerExpert": 2, "backoffSeconds": 0, "minExperts": 2})
     base = spec["experts"]["placement"]
     spec["experts"]["overrides"] = [
@@ -150,6 +146,7 @@ def test_exit_codes_from_pods_decide_retries_and_pod_runs_equal_the_policy(fleet
     assert condition(status, "Degraded")["status"] == "True"
     # the controllers' own message carries no code: the operator read it from the pods
     failed = jobs_of(h, kind)["codes-expert-001-a1"]["status"]["conditions"]
+    # JobSet's "jobset failed due to one or more job failures" (pkg/constants FailedJobsMessage, failure_policy.go)
     own = "replica(s) failed" if backend == "pytorchjob" else "jobset failed"
     assert any(c["type"] == "Failed" and "exit code" not in c["message"] and own in c["message"]
                for c in failed), failed
