@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import DataConfig, StageBase
+from .common import DataConfig, StageBase, TextEncoderConfig
 
 
 class ClusterConfig(StageBase):
@@ -29,6 +29,8 @@ class ClusterConfig(StageBase):
                                                description="Balance bound: no cluster holds more than this share")
     kmeans_iters: int = Field(20, ge=1, le=1000)
     examples_per_cluster: int = Field(8, ge=0, le=64, description="Images per cluster in examples.png (0: none)")
+    text_encoder: TextEncoderConfig | None = Field(None, description="Embed every caption (data.caption_field) "
+                                                   "once with it and store the embeddings with the cluster shards")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
@@ -38,3 +40,5 @@ class ClusterConfig(StageBase):
             raise ValueError(f"max_cluster_fraction={self.max_cluster_fraction} x num_clusters={self.num_clusters} "
                              "< 1: no partition fits")
         return self
+        if self.text_encoder is not None and self.data.caption_field is None:
+            raise ValueError("text_encoder is set but data.caption_field is null: there are no captions to embed")

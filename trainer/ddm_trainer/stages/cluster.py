@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import json
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .. import layout
-from ..cluster_shards import write_cluster_shards
+from ..cluster_shards import CaptionEncoding, load_shard_index, write_cluster_shards
 from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments, Clustering, examples_grid,
                           hierarchical_kmeans, import_faiss, load_assignments, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
@@ -54,27 +54,57 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_shards(store: Store, source: Source, assignments: Assignments, reporter: Reporter) -> None:
-    manifest = write_cluster_shards(store, source, assignments, reporter)
+def _write_shards(store: Store, source: Source, assignments: Assignments, reporter: Reporter,
+                  text: CaptionEncoding | None) -> None:
+    manifest = write_cluster_shards(store, source, assignments, reporter, text)
     print(f"cluster: {manifest['num_shards']} shards of up to {manifest['samples_per_shard']} samples at "
-          f"{store.url(layout.CLUSTER_SHARDS)}", file=sys.stderr)
+          f"{store.url(layout.CLUSTER_SHARDS)}" + (f", with caption embeddings of {text.meta['uri']}" if text else ""),
+          file=sys.stderr)
+
+
+def caption_encoding(cfg: ClusterConfig) -> CaptionEncoding | None:
+    """The run's text encoder, loaded and checked against text_encoder.width (a missing model or another width
+    stops here, before anything is read or written)."""
+    if cfg.text_encoder is None:
+        return None
+    from ..text import TextEncoder
+
+    te = cfg.text_encoder
+    model = TextEncoder(te.uri, resolve_device(cfg.device), te.max_tokens, expect_dim=te.width, kind=te.kind)
+
+    def encode(captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = model.encode(captions)
+        return out.tokens.numpy(), out.mask.numpy(), out.pooled.numpy()
+
+    return CaptionEncoding(te.model_dump(mode="json"), encode)
+
+
+def _shards_current(store: Store, cfg: ClusterConfig) -> bool:
+    """Committed shards that hold what this config asks (the same captions and text encoder, or none)."""
+    index = load_shard_index(store)
+    if index is None:
+        return False
+    want = cfg.text_encoder.model_dump(mode="json") if cfg.text_encoder is not None else None
+    return index.text == want and (want is None or index.caption_field == cfg.data.caption_field)
 
 
 def run(cfg: ClusterConfig) -> dict[str, Any]:
     store = open_store(cfg.run_uri)
-    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}})
+    # the text encoder changes the shards only: a new one rewrites them and keeps the clustering
+    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}, "text_encoder": True})
     encoder = None
     if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
         encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
     previous = store.read_manifest(layout.CLUSTERING)
     if previous is not None and previous.get("config") == config:
-        if store.read_manifest(layout.CLUSTER_SHARDS) is not None:
+        if _shards_current(store, cfg):
             print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
                   file=sys.stderr)
+    text = caption_encoding(cfg)
             return previous
         assignments = load_assignments(store)
         reporter = Reporter("cluster", None, len(assignments.keys), store)
-        _write_shards(store, open_source(cfg.data, store), assignments, reporter)
+        _write_shards(store, open_source(cfg.data, store), assignments, reporter, text)
         reporter.close(step=len(assignments.keys), num_clusters=cfg.num_clusters, sizes=assignments.sizes,
                        nmi=previous.get("nmi"))
         return previous
@@ -87,6 +117,8 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
         use_gpu = import_faiss().get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
         reporter.event("progress", step=len(keys), phase="kmeans")
         result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
+    if text is not None:
+        source.captions()  # a caption field the data lacks stops here, before anything is committed
                                      cfg.max_cluster_fraction, use_gpu)
     else:
         cluster = random_partition(len(keys), cfg.num_clusters, cfg.seed)
@@ -114,7 +146,7 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
             files[EXAMPLES] = grid
     store.delete_prefix(layout.CLUSTERING)  # an old clustering with another config must not mix with this one
     manifest = store.commit(layout.CLUSTERING, files, meta)
-    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter)
+    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter, text)
     reporter.close(step=len(keys), num_clusters=cfg.num_clusters, sizes=sizes, nmi=score)
     print(f"cluster: {cfg.num_clusters} clusters of {len(keys)} samples, sizes {sizes}"
           + (f", NMI with classes {score:.3f}" if score is not None else ""), file=sys.stderr)

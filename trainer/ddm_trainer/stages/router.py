@@ -35,8 +35,10 @@ class ClusterStream:
     """A data stream whose batches are ``{"x0": (B, C, H, W), "cluster": (B,)[, "y": (B,)]}``; resumable like the
     stream it wraps. ``with_labels``: the class labels go along (a conditional router)."""
 
-    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool = False):
+    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool = False,
+                 pooled: dict[str, np.ndarray] | None = None):
         self.stream, self.cluster_of, self.with_labels = stream, cluster_of, with_labels
+        self.pooled = pooled  # key -> the caption's pooled embedding (a text-conditioned router)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.stream:
@@ -46,6 +48,8 @@ class ClusterStream:
                 if batch.labels is None:
                     raise DataError(f"a class-conditional router needs labels, but batch {batch.keys[:3]} has none")
                 out["y"] = batch.labels
+            if self.pooled is not None:
+                out["text"] = torch.from_numpy(np.stack([self.pooled[k] for k in batch.keys]))  # (B, D)
             yield out
 
     def state_dict(self) -> dict[str, Any]:
@@ -57,18 +61,22 @@ class ClusterStream:
 
 def router_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator,
                 t_dist: str = "uniform", num_classes: int | None = None, label_dropout: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of router(x_t, t[, y]) against the cluster id of x0; t ~ t_dist, eps ~ N(0, I) from
+    """Cross-entropy of router(x_t, t[, y][, c]) against the cluster id of x0; t ~ t_dist, eps ~ N(0, I) from
     ``generator``. A conditional router (``num_classes``) sees y, replaced by the null label ``num_classes`` with
-    probability ``label_dropout``."""
+    probability ``label_dropout``; a text-conditioned one (``batch["text"]``, pooled caption embeddings) sees the
+    caption, replaced by the null caption as often (the same samples lose both)."""
     x0, k = batch["x0"], batch["cluster"]
     t = sample_t(x0.shape[0], generator, t_dist, device=x0.device)  # type: ignore[arg-type]  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)  # (B, C, H, W)
-    if num_classes is None:
+    text = batch.get("text")
+    if num_classes is None and text is None:
         logits = model(interpolate(x0, eps, t), t)  # (B, K)
     else:
-        y = batch["y"]
-        drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < label_dropout
-        logits = model(interpolate(x0, eps, t), t, torch.where(drop, torch.full_like(y, num_classes), y))
+        drop = torch.rand(k.shape, generator=generator, device=generator.device).to(k.device) < label_dropout  # (B,)
+        y = torch.where(drop, torch.full_like(batch["y"], num_classes), batch["y"]) if num_classes is not None \
+            else None
+        kwargs = {"text": text, "text_drop": drop} if text is not None else {}
+        logits = model(interpolate(x0, eps, t), t, y, **kwargs)
     return F.cross_entropy(logits.float(), k)
 
 
@@ -83,10 +91,11 @@ def split_holdout(keys: Sequence[str], holdout: int, seed: int) -> tuple[list[st
 
 @torch.no_grad()
 def accuracy_vs_t(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor, cfg: RouterEvalConfig,
-                  seed: int, device: torch.device, labels: torch.Tensor | None = None) -> dict[str, Any]:
+                  seed: int, device: torch.device, labels: torch.Tensor | None = None,
+                  text: torch.Tensor | None = None) -> dict[str, Any]:
     """Top-1 accuracy per equal-width t-bin on (images (N, C, H, W), clusters (N,)); t uniform within each bin.
-    With ``labels`` (N,) (a conditional router) each bin is scored with them (``accuracy``) and with the null
-    label (``accuracy_unconditional``) on the same noisy images."""
+    With ``labels`` (N,) and/or ``text`` (N, D) pooled captions (a conditional router) each bin is scored with
+    them (``accuracy``) and with the null label / caption (``accuracy_unconditional``) on the same noisy images."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     model.eval()
     rows = []
@@ -100,15 +109,17 @@ def accuracy_vs_t(model: nn.Module, images: torch.Tensor, clusters: torch.Tensor
                 t = lo + (hi - lo) * torch.rand(x0.shape[0], generator=gen)  # (b,)
                 eps = torch.randn(x0.shape, generator=gen)
                 x_t, t_dev = interpolate(x0, eps, t).to(device), t.to(device)
-                if labels is None:
+                if labels is None and text is None:
                     logits = model(x_t, t_dev)  # (b, K)
                 else:
-                    logits = model(x_t, t_dev, labels[start : start + cfg.batch_size].to(device))
+                    y = labels[start : start + cfg.batch_size].to(device) if labels is not None else None
+                    kwargs = {"text": text[start : start + cfg.batch_size].to(device)} if text is not None else {}
+                    logits = model(x_t, t_dev, y, **kwargs)
                     correct_marginal += int((model(x_t, t_dev).argmax(-1).cpu() == truth).sum())
                 correct += int((logits.argmax(-1).cpu() == truth).sum())
                 total += x0.shape[0]
         row = {"t_lo": lo, "t_hi": hi, "accuracy": correct / total, "n": total}
-        if labels is not None:
+        if labels is not None or text is not None:
             row["accuracy_unconditional"] = correct_marginal / total
         rows.append(row)
     K = int(getattr(model, "num_clusters"))
@@ -128,10 +139,10 @@ def plot_accuracy(result: dict[str, Any]) -> bytes:
     acc = [r["accuracy"] for r in result["bins"]]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     conditional = "accuracy_unconditional" in result["bins"][0]
-    ax.plot(mids, acc, marker="o", label="router top-1, with the class label" if conditional else "router top-1")
+    ax.plot(mids, acc, marker="o", label="router top-1, with the condition" if conditional else "router top-1")
     if conditional:
         ax.plot(mids, [r["accuracy_unconditional"] for r in result["bins"]], marker="s",
-                label="router top-1, null label (no condition)")
+                label="router top-1, null label / caption (no condition)")
     ax.axhline(result["chance"], color="gray", linestyle="--", label=f"chance 1/K = {result['chance']:.3f}")
     ax.axhline(result["majority"], color="gray", linestyle=":", label=f"majority share = {result['majority']:.3f}")
     ax.set_xlabel("t (0 = data, 1 = noise)")
@@ -150,7 +161,7 @@ def format_accuracy(result: dict[str, Any]) -> str:
     lines = [f"router held-out top-1 accuracy vs t (K={result['num_clusters']}, chance={result['chance']:.3f}, "
              f"majority={result['majority']:.3f}, n={result['holdout']})"]
     if "accuracy_unconditional" in result["bins"][0]:
-        lines[0] += "; with the class label / without"
+        lines[0] += "; with the condition (label / caption) / without"
         lines += [f"  t in [{r['t_lo']:.2f}, {r['t_hi']:.2f}): {r['accuracy']:.3f} / {r['accuracy_unconditional']:.3f}"
                   for r in result["bins"]]
         return "\n".join(lines)
@@ -164,9 +175,11 @@ def load_router(store: Store, device: str | torch.device = "cpu", use_ema: bool 
     spec = final.config.get("model") or {}
     try:
         classes = spec.get("num_classes")
+        text_dim = spec.get("text_dim")
         router = build_router_from_spec(RouterSpec(spec["preset"], int(spec["image_size"]), int(spec["channels"]),
                                                    int(spec["num_clusters"]),
-                                                   int(classes) if classes is not None else None))
+                                                   int(classes) if classes is not None else None,
+                                                   int(text_dim) if text_dim is not None else None))
     except KeyError as e:
         raise DataError(f"{store.url(layout.final(layout.ROUTER))}/config.json lacks model.{e.args[0]}") from None
     if use_ema is None:
@@ -178,7 +191,6 @@ def load_router(store: Store, device: str | torch.device = "cpu", use_ema: bool 
 def run(cfg: RouterConfig) -> dict[str, Any] | None:
     from ..clustering import load_assignments
     from ..data import open_source
-    from ..models.router import build_router
     from ..progress import Reporter
     from ..runtime import setup_runtime
     from ..store import open_store
@@ -199,15 +211,22 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     source = open_source(cfg.data, store)
     stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys,
                            prefetch=cfg.train.prefetch)
-    spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters, cfg.num_classes)
-    model = build_router(spec.preset, spec.image_size, spec.channels, spec.num_clusters, spec.num_classes)
+    pooled = None
+    if cfg.text_dim is not None:  # the captions' pooled embeddings, stored with the cluster shards
+        from ..cluster_shards import load_pooled, open_all_shards
+
+        pooled = load_pooled(open_all_shards(store, cfg.data, cfg.text_dim))
+    spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters, cfg.num_classes,
+                      cfg.text_dim)
+    model = build_router_from_spec(spec)
     reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
 
     def loss_fn(m: nn.Module, batch: Any, gen: torch.Generator) -> torch.Tensor:
         return router_loss(m, batch, gen, cfg.t_dist, cfg.num_classes, cfg.label_dropout)
 
-    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None), store, layout.ROUTER, cfg.train, reporter,
-                      seed=cfg.seed, runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec.as_dict())
+    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None, pooled), store,
+                      layout.ROUTER, cfg.train, reporter, seed=cfg.seed, runtime=rt,
+                      stage_config=cfg.model_dump(mode="json"), model_spec=spec.as_dict())
     losses = trainer.fit()
     if not rt.is_main or not held_keys:
         if reporter:
@@ -219,9 +238,10 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     if cfg.num_classes is not None:
         if held.labels is None:
             raise DataError(f"a class-conditional router needs labels ({cfg.data.class_field!r}) on held-out data")
+    text = torch.from_numpy(np.stack([pooled[k] for k in held.keys])) if pooled is not None else None
         labels = held.labels
     result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held.images, clusters, cfg.eval,
-                           cfg.seed, rt.device, labels)
+                           cfg.seed, rt.device, labels, text)
     result["use_ema"] = cfg.use_ema
     result["steps"] = trainer.step
     store.commit(EVAL_DIR, {"accuracy.json": json.dumps(result, indent=2).encode(),
