@@ -18,119 +18,19 @@ control plane binaries (scripts/testenv-build.sh, built on first use).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-GROUP, VERSION, PLURAL = "ddm.io", "v1alpha1", "decentralizeddiffusions"
-JOBS = ("kubeflow.org", "v1")
+from kube import (CLAIM, GROUP, JOBS, OPERATOR_USER, PLURAL, VERSION, JobWatch, OperatorProcess, operator_requests,
+                  operator_source, percentile, shared_volume, start_planes)
+
 NAMESPACE = "bench"
-OPERATOR_USER = "ddm-bench-operator"  # the operator's client certificate: the audit log counts its requests alone
-CLAIM = "bench-runs"  # a ReadWriteMany claim bound to a hostPath volume: the run store the stages would share
-
-
-def shared_volume(core: Any) -> None:
-    """The PersistentVolume and the claim bound to it that spec.storage.volumeClaim names (kwok pods mount nothing,
-    but the scheduler binds a pod only once its claim is Bound)."""
-    access = ["ReadWriteMany"]
-    core.create_persistent_volume({"metadata": {"name": f"{NAMESPACE}-{CLAIM}"}, "spec": {
-        "capacity": {"storage": "1Gi"}, "accessModes": access, "hostPath": {"path": "/tmp/ddm-bench-runs"},
-        "storageClassName": "", "claimRef": {"namespace": NAMESPACE, "name": CLAIM}}})
-    core.create_namespaced_persistent_volume_claim(NAMESPACE, {"metadata": {"name": CLAIM}, "spec": {
-        "accessModes": access, "storageClassName": "", "volumeName": f"{NAMESPACE}-{CLAIM}",
-        "resources": {"requests": {"storage": "1Gi"}}}})
-    deadline = time.monotonic() + 60
-    while core.read_namespaced_persistent_volume_claim(CLAIM, NAMESPACE).status.phase != "Bound":
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"claim {CLAIM} not Bound after 60 s")
-        time.sleep(0.2)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def audit_policy_with_operator(plane: Any) -> Path:
-    """The fixture's audit policy (writes to PyTorchJobs) plus every request of OPERATOR_USER at Metadata level."""
-    path = plane.workdir / "audit-policy.json"
-    path.write_text(json.dumps({
-        "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
-        "rules": [{"level": "Metadata", "users": [OPERATOR_USER]},
-                  {"level": "Request", "verbs": ["create", "update", "patch"],
-                   "resources": [{"group": "kubeflow.org", "resources": ["pytorchjobs"]}]},
-                  {"level": "None"}],
-    }))
-    return path
-
-
-def operator_requests(plane: Any) -> dict[str, int]:
-    """The operator's API requests so far by verb (one per audit ID: a watch logs ResponseStarted and Complete)."""
-    verbs: dict[str, str] = {}
-    for event in plane.audit_events():
-        if event.get("user", {}).get("username") == OPERATOR_USER:
-            verbs[event["auditID"]] = event["verb"]
-    out: dict[str, int] = {}
-    for verb in verbs.values():
-        out[verb] = out.get(verb, 0) + 1
-    return out
-
-
-class JobWatch(threading.Thread):
-    """From one watch over the namespace: when each PyTorchJob was first seen, and first seen Succeeded."""
-
-    def __init__(self, api_client: Any) -> None:
-        super().__init__(daemon=True)
-        self.api_client = api_client
-        self.seen: dict[str, float] = {}
-        self.succeeded: dict[str, float] = {}
-        self.lock = threading.Lock()
-        self.stopped = False
-
-    def run(self) -> None:
-        from kubernetes import client, watch
-
-        custom = client.CustomObjectsApi(self.api_client)
-        while not self.stopped:
-            w = watch.Watch()
-            try:
-                for event in w.stream(custom.list_namespaced_custom_object, *JOBS, NAMESPACE, "pytorchjobs",
-                                      timeout_seconds=60):
-                    now = time.monotonic()
-                    job = event["object"]
-                    name = job["metadata"]["name"]
-                    done = any(c.get("type") == "Succeeded" and c.get("status") == "True"
-                               for c in (job.get("status") or {}).get("conditions") or [])
-                    with self.lock:
-                        self.seen.setdefault(name, now)
-                        if done:
-                            self.succeeded.setdefault(name, now)
-                    if self.stopped:
-                        w.stop()
-                        break
-            except Exception:  # the control plane stopping under us at the end, or a dropped watch: re-watch
-                time.sleep(0.2)
-
-    def wait(self, names: list[str], timeout: float, table: str = "seen") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if all(n in getattr(self, table) for n in names):
-                    return
-            time.sleep(0.05)
-        missing = [n for n in names if n not in getattr(self, table)]
-        raise TimeoutError(f"jobs not {table} within {timeout}s: {missing[:5]} (+{max(len(missing) - 5, 0)})")
 
 
 def spec(k: int, tmp: str, fleet: bool, run_ms: int) -> dict[str, Any]:
@@ -150,31 +50,12 @@ def spec(k: int, tmp: str, fleet: bool, run_ms: int) -> dict[str, Any]:
     return out
 
 
-def operator_source(rev: str | None, work: Path) -> tuple[dict[str, str], str]:
-    """(extra environment, CRD text) of the operator at ``rev`` (None: this working tree)."""
-    if rev is None:
-        from ddm_operator.api.crd import render_crd
-
-        return {}, render_crd()
-    src = work / f"src-{rev}"
-    src.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "operator", "trainer"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-    env = {"PYTHONPATH": f"{src / 'operator'}{os.pathsep}{src / 'trainer'}"}
-    crd = subprocess.run([sys.executable, "-c", "from ddm_operator.api.crd import render_crd; print(render_crd())"],
-                         check=True, capture_output=True, text=True, env={**os.environ, **env}, cwd=src).stdout
-    return env, crd
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from fixtures import k8s as fixtures
     from kubernetes import client
 
     work = Path(tempfile.mkdtemp(prefix="ddm-bench-"))
-    fixtures.ControlPlane._write_audit_policy = audit_policy_with_operator  # type: ignore[method-assign]
-    plane = fixtures.start_control_plane("bench", work)
-    operator: subprocess.Popen[bytes] | None = None
+    (plane,) = start_planes(["bench"], work)
+    operator: OperatorProcess | None = None
     watcher: Any = argparse.Namespace(stopped=False)
     try:
         if args.fleet:
@@ -186,18 +67,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         api = plane.api_client()
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         core.create_namespace({"metadata": {"name": NAMESPACE}})
-        shared_volume(core)
-        watcher = JobWatch(plane.api_client())
+        shared_volume(core, NAMESPACE)
+        watcher = JobWatch(plane.api_client(), NAMESPACE)
         watcher.start()
-        env = {**os.environ, **src_env, "KUBECONFIG": str(plane.user_kubeconfig(OPERATOR_USER, ["system:masters"]))}
+        env = dict(src_env)
         if args.interval is not None:
             env["DDM_RECONCILE_INTERVAL_S"] = f"{args.interval:g}"
-        log = (work / "operator.log").open("wb")
-        operator = subprocess.Popen(
-            [str(Path(sys.executable).parent / "kopf"), "run", "--standalone", "-m", "ddm_operator.k8s.handlers",
-             "--namespace", NAMESPACE, *(["--verbose"] if args.verbose else [])], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            cwd=work)
-        time.sleep(3)
+        operator = OperatorProcess(plane.user_kubeconfig(OPERATOR_USER, ["system:masters"]), NAMESPACE,
+                                   work / "operator.log", env, verbose=args.verbose)
+        operator.start()
+        operator.wait_ready()
         names = [f"d{i:02d}" for i in range(args.ddms)]
         started = time.monotonic()
         for name in names:
@@ -252,15 +131,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.idle)  # all finished: what the operator still asks the API server while nothing happens
         requests = operator_requests(plane)
         idle = sum(requests.values()) - sum(busy.values())
-        rss_kib = 0
-        for line in Path(f"/proc/{operator.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss_kib = int(line.split()[1])
+        operator.stop()
+        rss_kib = operator.peak_rss_kib
     finally:
         watcher.stopped = True
-        if operator is not None and operator.poll() is None:
-            os.killpg(operator.pid, 15)
-            operator.wait(timeout=20)
+        if operator is not None:
+            operator.stop()
         plane.stop()
     return {"latencies": latencies, "first_launch": first_launch, "requests": requests, "rss_kib": rss_kib,
             "elapsed": elapsed, "idle_requests": idle}

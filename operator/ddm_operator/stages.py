@@ -108,6 +108,17 @@ def _data(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
 def _preview(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
     """The sample grid a trained model commits beside itself: drawn like the evaluation draws (steps, method)."""
     v = spec.evaluation
+def _text_encoder(spec: DecentralizedDiffusionSpec) -> dict[str, Any] | None:
+    t = spec.text_encoder
+    return None if t is None else {"kind": t.kind, "uri": t.uri, "width": t.width, "max_tokens": t.max_tokens}
+
+
+def _text(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
+    """A trained model's text conditioning: the text encoder's width and tokens, or none."""
+    t = spec.text_encoder
+    return {} if t is None else {"text_dim": t.width, "text_tokens": t.max_tokens}
+
+
     return {"steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale}
 
 
@@ -132,7 +143,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         c = spec.clustering
         return {**base, "seed": c.seed, "data": _data(spec), "encoder": c.encoder, "encoder_weights": c.encoder_weights,
                 "fine_clusters": c.fine_clusters, "num_clusters": c.num_clusters,
-                "max_cluster_fraction": c.max_cluster_fraction, "method": c.method}
+                "max_cluster_fraction": c.max_cluster_fraction, "method": c.method,
+                "text_encoder": _text_encoder(spec)}
     if key.stage in ("expert", "baseline"):
         if key.stage == "expert" and (key.index is None or not 0 <= key.index < spec.num_experts):
             raise ValueError(f"expert index {key.index} is outside 0..{spec.num_experts - 1}")
@@ -149,6 +161,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "train": {"steps": steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,
                           "compile": _compile(e.compile), "micro_batch_size": e.micro_batch_size,
+                **_text(spec), **({"caption_dropout": e.caption_dropout} if spec.text_encoder else {}),
                           "activation_checkpointing": e.activation_checkpointing}}
     if key.stage == "router":
         r = spec.router
@@ -162,6 +175,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
+                # text-conditioned experts: the router sees the pooled caption, p(k | x_t, t, c)
+                **({"text_dim": spec.text_encoder.width} if spec.text_encoder else {}),
                           "ema_decay": spec.experts.ema_decay, "compile": _compile(r.compile)}}
     if key.stage == "evaluate":
         v = spec.evaluation

@@ -78,6 +78,8 @@ QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE]
 GPU_RESOURCE = "nvidia.com/gpu"
 
 URI_MAX = 2048
+# A model folder the trainer copies from the store or reads in place (no http: weights are never downloaded).
+MODEL_URI_PATTERN = r"^(file:///.*|s3://[a-z0-9][a-z0-9.\-]{0,62}(/.*)?|[^:]+)$"
 NAME_MAX = 253
 STORE_MOUNT_PATH = "/mnt/ddm"  # where spec.storage.volumeClaim is mounted in every stage's pods
 LABEL_VALUE_MAX = 63
@@ -334,6 +336,21 @@ class DatasetSpec(SpecModel):
     limit: int | None = Field(None, ge=1, le=INT64_MAX, description="Use only the first N samples (default: all)")
 
 
+class TextEncoderSpec(SpecModel):
+    """The text encoder of a text-conditioned run: every caption (spec.dataset.captionField) is embedded once by
+    the clustering stage and stored with each cluster's shards; experts cross-attend to the token embeddings, the
+    router sees the pooled one. Immutable: the stored embeddings are made with it."""
+
+    kind: Literal["sentence-transformers", "clip", "t5"] = Field(
+        "sentence-transformers",
+        description="sentence-transformers: a sentence-transformers folder; clip: a transformers CLIPTextModel "
+                    "folder; t5: a transformers T5EncoderModel folder (each with its tokenizer files)")
+    uri: str = Field(max_length=URI_MAX, pattern=MODEL_URI_PATTERN,
+                     description="The model folder: a path in the trainer image or on a mounted volume, file:// or s3://")
+    width: int = Field(ge=1, le=16384, description="Width of its embeddings (e.g. 384 all-MiniLM-L6-v2, 768 CLIP ViT-L/14 text, 4096 T5-XXL)")
+    max_tokens: int = Field(16, ge=1, le=512, description="Caption tokens kept per image (cut or padded, with a mask)")
+
+
 class ClusteringSpec(SpecModel):
     """How the dataset is split into K clusters: encoder features, fine k-means, merged into K coarse clusters.
     Immutable after creation (the experts are trained on its assignments)."""
@@ -368,6 +385,8 @@ class ExpertsSpec(SpecModel):
     class_conditional: bool = Field(
         False, description="Condition the experts on dataset.classField (needs numClasses); immutable after creation")
     label_dropout: float = Field(0.1, ge=0, le=1, description="Share of labels dropped for classifier-free guidance")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by the null caption for "
+                                                                "classifier-free guidance (with spec.textEncoder)")
     micro_batch_size: int | None = Field(
         None, gt=0, le=1_000_000,
         description="Samples per forward/backward on each process; the gradients of batchSize / (nodes x "
@@ -451,7 +470,9 @@ class EvaluationSpec(SpecModel):
     method: Literal["euler", "heun"] = Field("euler", description="ODE solver")
     reference_samples: int | None = Field(
         None, ge=1, le=INT64_MAX, description="Real images for FID statistics (default: numSamples)")
-    cfg_scale: float = Field(1.0, ge=0, le=100, description="Classifier-free guidance scale (class-conditional experts)")
+    cfg_scale: float = Field(1.0, ge=0, le=100, description="Classifier-free guidance scale (class- or text-conditional experts)")
+    prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] | None = Field(
+        None, max_length=64, description="Captions (with spec.textEncoder): a grid of samples per prompt in the report")
     batch_size: int | None = Field(None, ge=1, le=65_536, description="Images per sampling batch and GPU (default: 1024 on a GPU, 256 on a CPU)")
     compile: bool = Field(True, description="Regional torch.compile of experts and router on CUDA")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs sampling in parallel (torchrun ranks, disjoint seeds)")
@@ -558,6 +579,8 @@ class DecentralizedDiffusionSpec(SpecModel):
         return self.distillation is not None and self.distillation.enabled
 
     @property
+    text_encoder: TextEncoderSpec | None = Field(
+        None, description="Text-conditioned experts, router and student on the captions (needs spec.dataset.captionField)")
     def baseline_enabled(self) -> bool:
         return self.baseline is not None and self.baseline.enabled
 
@@ -675,6 +698,18 @@ RULES: tuple[Rule, ...] = (
         check=lambda st: st.volume_claim is None or st.uri == f"file://{STORE_MOUNT_PATH}"
         or st.uri.startswith(f"file://{STORE_MOUNT_PATH}/"),
         got=lambda st: f"uri={st.uri}",
+    Rule(
+        at=(), field="textEncoder",
+        cel="!has(self.textEncoder) || has(self.dataset.captionField)",
+        message="needs spec.dataset.captionField (the per-sample key of the caption)",
+        check=lambda s: s.text_encoder is None or s.dataset.caption_field is not None,
+    ),
+    Rule(
+        at=(), field="evaluation.prompts",
+        cel="!has(self.evaluation) || !has(self.evaluation.prompts) || has(self.textEncoder)",
+        message="needs spec.textEncoder (prompts condition text-conditioned experts)",
+        check=lambda s: not s.evaluation.prompts or s.text_encoder is not None,
+    ),
     ),
 )
 
@@ -722,6 +757,7 @@ def immutable_changes(old: DecentralizedDiffusionSpec, new: DecentralizedDiffusi
 
 # ---------------------------------------------------------------- status
 
+    (("textEncoder",), "spec.textEncoder is immutable (the stored caption embeddings are made with it)"),
 Phase = Literal["Pending", "Clustering", "Training", "Evaluating", "Distilling", "Succeeded", "Failed", "Degraded", "Suspended"]
 StagePhase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
 ConditionStatus = Literal["True", "False", "Unknown"]

@@ -6,6 +6,7 @@ namespace and returns an exit code. Library code (runner, report) takes typed va
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -149,10 +150,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # -- sample --------------------------------------------------------------------------------------------------------
-def sample_config(run_uri: str, strategy: str, count: int, name: str, steps: int | None, seed: int) -> dict[str, Any]:
-    """The trainer's sample-stage config: it writes ``samples/<name>/grid.png`` into the run store."""
-    cfg: dict[str, Any] = {"run_uri": run_uri, "strategy": strategy, "n": count, "grid_max": count, "name": name,
-                           "seed": seed}
+def sample_config(run_uri: str, strategy: str, count: int, name: str, steps: int | None, seed: int,
+                  prompts: list[str] | None = None, cfg_scale: float | None = None) -> dict[str, Any]:
+    """The trainer's sample-stage config: it writes ``samples/<name>/grid.png`` (and ``grid-NN.png`` per prompt)
+    into the run store."""
+    cfg: dict[str, Any] = {"run_uri": run_uri, "strategy": strategy, "n": count,
+                           "grid_max": count * max(len(prompts or []), 1), "name": name, "seed": seed}
     if steps is not None:
         cfg["steps"] = steps
     return cfg
@@ -160,21 +163,37 @@ def sample_config(run_uri: str, strategy: str, count: int, name: str, steps: int
 
 def cmd_sample(args: argparse.Namespace) -> int:
     _, _, _, uri = resolve_run(args.run)
+    if prompts:
+        cfg["prompts"] = prompts
+    if cfg_scale is not None:
+        cfg["cfg_scale"] = cfg_scale
     out = Path(args.output)
     name = f"cli-{args.strategy}-n{args.n}-s{args.seed}"
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "sample.yaml"
-        config_path.write_text(yaml.safe_dump(sample_config(uri, args.strategy, args.n, name, args.steps, args.seed)))
+    import hashlib
+
+        config_path.write_text(yaml.safe_dump(sample_config(uri, args.strategy, args.n, name, args.steps, args.seed,
+                                                            prompts, args.cfg_scale)))
         code = subprocess.call(resolve_executable(["ddm-train", "sample", "--config", str(config_path)]))
+    prompts = args.prompt or None
     if code != 0:
+    if prompts or args.cfg_scale is not None:  # another draw: its own directory in the run store
+        tag = hashlib.sha256(json.dumps([prompts, args.cfg_scale]).encode()).hexdigest()[:8]
+        name += f"-{tag}"
         return code
-    open_store(uri).get_file(f"samples/{name}/grid.png", out)
+    store = open_store(uri)
+    store.get_file(f"samples/{name}/grid.png", out)
     print(f"wrote {out}")
     return 0
 
 
 # -- report --------------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
+    for p, prompt in enumerate(prompts or []):  # one grid per prompt beside it
+        path = out.with_name(f"{out.stem}-{p:02d}{out.suffix}")
+        store.get_file(f"samples/{name}/grid-{p:02d}.png", path)
+        print(f"wrote {path} ({prompt!r})")
     from .report import write_report
 
     obj, _, run_dir, uri = resolve_run(args.run)
@@ -207,4 +226,8 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("report", help="(re)write a run's report/index.html")
     p.add_argument("run", metavar="RUN_DIR_OR_SPEC")
     p.set_defaults(func=_guard(cmd_report))
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="caption for text-conditioned experts (repeat for several: -n images and a grid each)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the trainer's 1.0, no guidance)")
 

@@ -34,6 +34,8 @@ class ExpertSpec:
     image_size: int
     channels: int
     num_classes: int | None
+    text_dim: int | None = None  # text-conditioned (cross-attention to caption token embeddings of this width)
+    text_tokens: int = 16
 
 
 def _final_config(store: Store, stage_dir: str) -> dict[str, Any]:
@@ -58,7 +60,9 @@ def expert_spec(config: dict[str, Any], where: str) -> ExpertSpec:
         num_classes = model["num_classes"]
     else:
         num_classes = stage.get("num_classes") if stage.get("class_cond") else None
-    return ExpertSpec(preset, image_size, channels, int(num_classes) if num_classes else None)
+    text_dim = model.get("text_dim")
+    return ExpertSpec(preset, image_size, channels, int(num_classes) if num_classes else None,
+                      int(text_dim) if text_dim else None, int(model.get("text_tokens") or 16))
 
 
 def committed_experts(store: Store) -> list[int]:
@@ -136,10 +140,12 @@ def validate_ensemble(store: Store, strategy: str) -> Ensemble:
     for k, s in enumerate(specs):
         if s is None:
             continue
-        if (s.image_size, s.channels, s.num_classes) != (first.image_size, first.channels, first.num_classes):
+        if (s.image_size, s.channels, s.num_classes, s.text_dim) != \
+                (first.image_size, first.channels, first.num_classes, first.text_dim):
             raise ConfigError(f"expert {k} makes {s.channels}x{s.image_size}px images with num_classes="
-                              f"{s.num_classes}, expert 0 {first.channels}x{first.image_size}px with "
-                              f"num_classes={first.num_classes}")
+                              f"{s.num_classes}, text_dim={s.text_dim}; expert {present[0]} "
+                              f"{first.channels}x{first.image_size}px with num_classes={first.num_classes}, "
+                              f"text_dim={first.text_dim}")
     return Ensemble(specs, router_k)
 
 
@@ -148,7 +154,8 @@ def _expert_loader(store: Store, stage_dir: str, spec: ExpertSpec, use_ema: bool
         from ..models.dit import build_dit
 
         final = load_final(store, stage_dir, map_location="cpu", with_model=not use_ema)
-        model = build_dit(spec.preset, spec.image_size, spec.channels, spec.num_classes)
+        model = build_dit(spec.preset, spec.image_size, spec.channels, spec.num_classes, text_dim=spec.text_dim,
+                          text_tokens=spec.text_tokens)
         model.load_state_dict(final.ema if use_ema else final.model)
         return compile_blocks(model) if compile else model
 
@@ -182,14 +189,53 @@ def _check_labels(num_classes: int | None, labels: Sequence[int] | None) -> None
             raise ConfigError("labels were given but the experts are unconditional (num_classes is None)")
         return
     bad = [y for y in labels or [] if not 0 <= y < num_classes]
+@dataclass
+class Prompts:
+    """Captions encoded by the run's text encoder: what text-conditioned experts and router are given."""
+
+    captions: list[str]
+    tokens: torch.Tensor  # (P, L, D)
+    mask: torch.Tensor  # (P, L) bool
+    pooled: torch.Tensor  # (P, D)
+
+
+def run_text_encoder(store: Store) -> dict[str, Any]:
+    """The text encoder (kind, uri, width, max_tokens) whose caption embeddings the run's models trained on, as
+    the cluster stage recorded it with the shards."""
+    from ..cluster_shards import load_shard_index
+
+    index = load_shard_index(store)
+    if index is None or index.text is None:
+        raise ConfigError(f"the experts are text-conditioned but {store.url(layout.CLUSTER_SHARDS)} records no text "
+                          "encoder (the cluster stage stores it with the caption embeddings)")
+    return index.text
+
+
+def encode_prompts(store: Store, captions: Sequence[str], spec: ExpertSpec,
+                   device: str | torch.device = "cpu") -> Prompts:
+    """``captions`` encoded with the run's text encoder, checked against the experts' text_dim."""
+    from ..text import TextEncoder
+
+    if spec.text_dim is None:
+        raise ConfigError("prompts were given but the experts are not text-conditioned (text_dim is None)")
+    if not captions:
+        raise ConfigError("text-conditioned experts need at least one prompt")
+    meta = run_text_encoder(store)
+    encoder = TextEncoder(meta["uri"], device, int(meta["max_tokens"]), expect_dim=spec.text_dim, kind=meta["kind"])
+    out = encoder.encode(list(captions))
+    return Prompts(list(captions), out.tokens, out.mask, out.pooled)
+
+
     if bad:
         raise ConfigError(f"label {bad[0]} is outside [0, {num_classes}) of the experts' classes")
 
 
 @dataclass
 class Draw:
-    """What to draw: n images from the noise/label streams of ``seed`` (``labels`` cycled, else uniform)."""
+    """What to draw: n images from the noise/label streams of ``seed`` (``labels`` cycled, else uniform;
+    ``prompts`` cycled for text-conditioned experts)."""
 
+    prompts: Prompts | None = None
     n: int
     batch_size: int
     seed: int = 0
@@ -236,6 +282,10 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
 
     Batch i covers samples [i * batch_size, ...) and goes to rank i % world_size; its noise, labels and sample-K
     draws depend only on the sample indices and the seed, so any number of ranks draws the same images.
+    if spec.text_dim is not None and draw.prompts is None:
+        raise ConfigError("the experts are text-conditioned: give prompts (ddm sample --prompt, evaluation.prompts)")
+    if spec.text_dim is None and draw.prompts is not None:
+        raise ConfigError("prompts were given but the experts are not text-conditioned (text_dim is None)")
     ``skip`` leaves out this rank's first batches (a resumed evaluation)."""
     _check_labels(spec.num_classes, draw.labels)
     shape = (spec.channels, spec.image_size, spec.image_size)
@@ -246,24 +296,33 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
         if spec.num_classes is not None:
             y = (torch.tensor([draw.labels[j % len(draw.labels)] for j in range(start, stop)], dtype=torch.long)
                  if draw.labels else labels_range(start, stop, spec.num_classes, draw.seed))
-        x = sampler.sample(noise_range(start, stop, shape, draw.seed), y, seed=draw.seed * 1_000_003 + start)
+        text, pooled = None, None
+        if draw.prompts is not None:
+            which = torch.arange(start, stop) % len(draw.prompts.captions)  # (b,) prompt of each sample
+            text, pooled = (draw.prompts.tokens[which], draw.prompts.mask[which]), draw.prompts.pooled[which]
+        x = sampler.sample(noise_range(start, stop, shape, draw.seed), y, seed=draw.seed * 1_000_003 + start,
+                           text=text, pooled=pooled)
         yield start, x.clamp(-1, 1), y
 
 
 def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, steps: int = 50, method: str = "euler",
              seed: int = 0, device: str | torch.device = "cpu", cfg_scale: float = 1.0,
              labels: Sequence[int] | None = None, expert_devices: Sequence[str] | None = None,
-             use_ema: bool = True, precision: str = "fp32", compile: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+             use_ema: bool = True, precision: str = "fp32", compile: bool = False,
+    ``prompts`` (text-conditioned experts): image i gets prompt i mod len(prompts), encoded by the run's text
+    encoder; ``cfg_scale`` then guides against the null caption.
+             prompts: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Draw n images with ``strategy``; returns (images (N, C, H, W) in [-1, 1] on the CPU, stats).
 
     stats: nfe (expert evaluations per image), router_nfe, gflops_per_sample, expert_calls, labels (list or None),
     strategy, steps, method, cfg_scale, n. Deterministic for a seed (noise, labels and sample-K draws).
     precision="bf16" runs router and experts under bf16 autocast (the ODE state stays fp32): for GPUs.
     """
+    encoded = encode_prompts(run_store, prompts, spec, device) if prompts else None
     sampler, spec = sampler_for(run_store, strategy, steps, method, device, cfg_scale, expert_devices, use_ema,
                                 precision, compile)
     out, ys = [], []
-    for _, images, y in sample_batches(sampler, spec, Draw(n, batch_size, seed, labels)):
+    for _, images, y in sample_batches(sampler, spec, Draw(n, batch_size, seed, labels, encoded)):
         out.append(images.float().cpu())
         if y is not None:
             ys.append(y)
@@ -271,7 +330,8 @@ def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, step
     stats.update(strategy=parse_strategy(strategy).name, steps=steps, method=method, cfg_scale=cfg_scale, n=n,
                  precision=precision, labels=torch.cat(ys).tolist() if ys else None,
                  experts=sampler.present, missing_experts=[k for k in range(sampler.num_experts)
-                                                           if k not in sampler.present])
+                                                           if k not in sampler.present],
+                 prompts=list(prompts) if prompts else None)
     return torch.cat(out), stats
 
 
@@ -297,18 +357,25 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
     from ..store import open_store
 
     store = open_store(cfg.run_uri)
-    images, stats = generate(store, cfg.strategy, cfg.n, cfg.batch_size, cfg.steps, cfg.method, cfg.seed,
+    prompts = cfg.prompts or None
+    n = cfg.n * len(prompts) if prompts else cfg.n  # n images per prompt
+    images, stats = generate(store, cfg.strategy, n, cfg.batch_size, cfg.steps, cfg.method, cfg.seed,
                              resolve_device(cfg.device), cfg.cfg_scale, cfg.labels, cfg.expert_devices, cfg.use_ema,
-                             cfg.precision)
+                             cfg.precision, prompts=prompts)
     name = cfg.name or parse_strategy(cfg.strategy).name
     buf = io.BytesIO()
     labels = np.asarray(stats["labels"] if stats["labels"] is not None else [], dtype=np.int64)
-    np.savez_compressed(buf, images=to_uint8(images), labels=labels)
+    np.savez_compressed(buf, images=to_uint8(images), labels=labels,
+                        prompts=np.asarray([prompts[i % len(prompts)] for i in range(n)] if prompts else []))
     prefix = f"{SAMPLES}/{name}"
     meta = {k: v for k, v in stats.items() if k != "labels"}
     meta["seed"] = cfg.seed
-    store.commit(prefix, {"grid.png": grid_png(images[: cfg.grid_max], cfg.nrow), "samples.npz": buf.getvalue()},
-                 meta=meta)
+    files = {"grid.png": grid_png(images[: cfg.grid_max], cfg.nrow), "samples.npz": buf.getvalue()}
+    for p, prompt in enumerate(prompts or []):  # one grid per prompt: image i has prompt i mod P
+        files[f"grid-{p:02d}.png"] = grid_png(images[p::len(prompts)][: cfg.grid_max], cfg.nrow)
+    if prompts:
+        meta["grids"] = {f"grid-{p:02d}.png": prompt for p, prompt in enumerate(prompts)}
+    store.commit(prefix, files, meta=meta)
     print(f"sample: {cfg.n} images with {stats['strategy']} -> {store.url(prefix)}; nfe/image={stats['nfe']:.2f}, "
           f"router nfe/image={stats['router_nfe']:.2f}, GFLOPs/image={stats['gflops_per_sample']:.3f}", flush=True)
     if stats["missing_experts"]:
