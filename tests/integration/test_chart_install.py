@@ -216,9 +216,9 @@ def restricted_namespace(k8s_cluster: Any) -> Iterator[str]:
 
 def test_restricted_namespace_admits_every_pod_template_the_operator_creates(k8s_cluster: Any,
                                                                            restricted_namespace: str) -> None:
-    """Every stage's PyTorchJob (GPUs, multi-node workers, the placement case's tolerations and affinity), its pod
-    templates created as Pods with dryRun=All in a namespace enforcing `restricted`; a pod without our security
-    context is refused there (the check is live)."""
+    """Every stage's PyTorchJob and TrainingRuntime (GPUs, multi-node workers, the placement case's tolerations and
+    affinity), their pod templates created as Pods with dryRun=All in a namespace enforcing `restricted`; a pod
+    without our security context is refused there (the check is live)."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
@@ -244,6 +244,10 @@ def test_restricted_namespace_admits_every_pod_template_the_operator_creates(k8s
             pods.append({"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
                          "metadata": {**template["metadata"], "name": f"{job['metadata']['name']}-{role.lower()}"}})
             seen.append((key.id, role, template["spec"]["containers"][0].get("resources", {})))
+        runtime = b.build_training_runtime(job_request(spec, owner, key, 1))  # the Trainer v2 backend's pod
+        template = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+        pods.append({"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
+                     "metadata": {**template["metadata"], "name": f"{runtime['metadata']['name']}-node"}})
     assert {k for k, _, _ in seen} == {k.id for k in keys} and ("expert-000", "Worker") in {a[:2] for a in seen}
     assert any("nvidia.com/gpu" in (r.get("limits") or {}) for _, _, r in seen)
     out = k8s_cluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", check=False,
