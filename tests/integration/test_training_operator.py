@@ -207,3 +207,26 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_the_same_attempts(fl
     status = h.wait_phase("sus", "Succeeded", timeout=120)
     assert sorted(n for n in jobs_of(h, kind) if "-expert-" in n) == experts  # no new attempt
     assert all(e["retries"] == 0 and e["phase"] == "Succeeded" for e in status["experts"]), status["experts"]
+
+
+@pytest.mark.parametrize("job_backend", ["trainjob"])
+def test_trainjob_multi_node_experts_rendezvous_where_trainer_v2_says(fleet: Harness, tmp_path: Path) -> None:
+    """Experts on 2 nodes: Trainer v2 makes one indexed Job of 2 pods per expert and injects the torch
+    environment (plugins/torch/torch.go: PET_NNODES, PET_NODE_RANK from the completion index, PET_MASTER_ADDR of
+    pod 0); the command the operator wrote rendezvouses at $(PET_MASTER_ADDR):$(PET_MASTER_PORT), which the kubelet
+    expands from that environment."""
+    h, kind = fleet, BACKENDS["trainjob"]
+    spec = fleet_spec(2, tmp_path)
+    spec["experts"]["nodes"] = 2
+    h.create("mn", spec)
+    h.wait_phase("mn", "Succeeded", timeout=120)
+    for k in range(2):
+        name = f"mn-expert-{k:03d}-a1"
+        pods = h.core.list_namespaced_pod(h.ns, label_selector=f"{kind.pod_job_label}={name}").items
+        assert len(pods) == 2 and {p.status.phase for p in pods} == {"Succeeded"}, pods
+        for pod in pods:
+            [container] = pod.spec.containers
+            env = {e.name: e for e in container.env}
+            assert env["PET_NNODES"].value == "2" and env["PET_MASTER_ADDR"].value == f"{name}-node-0-0.{name}"
+            assert env["PET_NODE_RANK"].value_from.field_ref.field_path.endswith("job-completion-index']")
+            assert "--rdzv-endpoint=$(PET_MASTER_ADDR):$(PET_MASTER_PORT)" in container.command, container.command
