@@ -77,6 +77,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]
+# spec.suspend of a DDM whose jobs Kueue manages sets their Workloads' spec.active (found by Kueue's job-uid label)
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 # a failed job's exit code is only in its pods' container statuses
 - apiGroups: [""]
   resources: ["pods"]

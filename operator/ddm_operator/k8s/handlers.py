@@ -52,6 +52,7 @@ from ..api.models import (
     StrategyResult,
 )
 from . import builders as b
+from . import kueue
 from .admission import check_trainer_image
 from .multicluster import ClusterClients
 from .observe import JobState, has_failed, job_state, latest_attempts
@@ -124,6 +125,10 @@ def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
         pods = _pods_of(api_client, namespace, job, **_deadline(cluster)) if has_failed(job) else None
         if (state := job_state(job, cluster, pods)) is not None:
             states.append(state)
+    waiting = [s.uid for s in states if s.queued and s.phase not in ("Succeeded", "Failed")]
+    if waiting:  # a queued job paused by spec.suspend is paused through its Workload (k8s/kueue.py): read it there
+        inactive = kueue.inactive_jobs(_custom(api_client), namespace, waiting, **_deadline(cluster))
+        states = [dataclasses.replace(s, phase="Suspended") if s.uid in inactive else s for s in states]
     return states
 
 
@@ -207,7 +212,10 @@ def _create_or_adopt_custom(custom: k8s.CustomObjectsApi, namespace: str, obj: d
 
 def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
     if job.queued:  # Kueue admits, suspends and evicts it; writing the field would bypass its quota
-        log.info("%s is on a Kueue queue: its suspension is Kueue's (suspend=%s not written)", job.name, suspend)
+        patched = kueue.set_active(_custom(_client_for(namespace, job.cluster)), namespace, job.uid, not suspend,
+                                   **_deadline(job.cluster))
+        log.info("%s is on a Kueue queue: suspend=%s through its Workload's spec.active (%d patched)", job.name,
+                 suspend, patched)
         return
     _custom(_client_for(namespace, job.cluster)).patch_namespaced_custom_object(
         BACKEND.group, BACKEND.version, namespace, BACKEND.plural, job.name, b.suspend_patch(suspend, BACKEND))
@@ -474,7 +482,7 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
                                              phase="Pending", cluster=_placement_of(spec, action.key)[0].target_cluster)
         elif isinstance(action, (pl.Suspend, pl.Cancel)):
             job = latest.get(action.key.id)
-            if job is not None and job.phase in ("Pending", "Running"):  # already suspended: no request
+            if job is not None and job.phase in ("Pending", "Queued", "Running"):  # already suspended: no request
                 _set_suspend(namespace, job, True)
         elif isinstance(action, pl.Unsuspend) and action.key.id in latest:
             _set_suspend(namespace, latest[action.key.id], False)

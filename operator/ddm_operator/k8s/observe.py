@@ -42,6 +42,7 @@ class JobState:
     queued: bool = False  # on a Kueue queue: Kueue owns runPolicy.suspend, the operator never writes it
     started_at: float | None = None  # PyTorchJob status.startTime; TrainJob: when it was created or resumed
     progress: dict[str, Any] | None = None  # the stage's latest progress report, when it runs
+    uid: str = ""  # the job's metadata.uid: Kueue labels the job's Workload with it (k8s/kueue.py)
 
 
 def true_condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -126,7 +127,7 @@ def job_state(job: dict[str, Any], cluster: str | None = None, pods: list[dict[s
     finished_at = parse_time((done or {}).get("lastTransitionTime"))
     return JobState(key=key, attempt=int(attempt), name=meta.get("name", ""), phase=phase,
                     permanent=code is not None and 1 <= code <= 127, exit_code=code, message=message,
-                    cluster=cluster, finished_at=finished_at, queued=bool(labels.get(LABEL_QUEUE)),
+                    cluster=cluster, finished_at=finished_at, queued=bool(labels.get(LABEL_QUEUE)), uid=meta.get("uid", ""),
                     started_at=started_at)
 
 
