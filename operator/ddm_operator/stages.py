@@ -105,9 +105,6 @@ def _data(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
             "caption_field": d.caption_field, "limit": d.limit}
 
 
-def _preview(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
-    """The sample grid a trained model commits beside itself: drawn like the evaluation draws (steps, method)."""
-    v = spec.evaluation
 def _text_encoder(spec: DecentralizedDiffusionSpec) -> dict[str, Any] | None:
     t = spec.text_encoder
     return None if t is None else {"kind": t.kind, "uri": t.uri, "width": t.width, "max_tokens": t.max_tokens}
@@ -119,6 +116,9 @@ def _text(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
     return {} if t is None else {"text_dim": t.width, "text_tokens": t.max_tokens}
 
 
+def _preview(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
+    """The sample grid a trained model commits beside itself: drawn like the evaluation draws (steps, method)."""
+    v = spec.evaluation
     return {"steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale}
 
 
@@ -158,10 +158,10 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
                 "num_classes": spec.dataset.num_classes if e.class_conditional else None,
                 "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
+                **_text(spec), **({"caption_dropout": e.caption_dropout} if spec.text_encoder else {}),
                 "train": {"steps": steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,
                           "compile": _compile(e.compile), "micro_batch_size": e.micro_batch_size,
-                **_text(spec), **({"caption_dropout": e.caption_dropout} if spec.text_encoder else {}),
                           "activation_checkpointing": e.activation_checkpointing}}
     if key.stage == "router":
         r = spec.router
@@ -172,11 +172,11 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "preset": r.preset.replace("DiT-", "Router-"), "num_clusters": spec.num_experts,
                 # class-conditional experts: the router sees the label too, p(k | x_t, t, y)
                 "num_classes": spec.dataset.num_classes if spec.experts.class_conditional else None,
+                # text-conditioned experts: the router sees the pooled caption, p(k | x_t, t, c)
+                **({"text_dim": spec.text_encoder.width} if spec.text_encoder else {}),
                 "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
-                # text-conditioned experts: the router sees the pooled caption, p(k | x_t, t, c)
-                **({"text_dim": spec.text_encoder.width} if spec.text_encoder else {}),
                           "ema_decay": spec.experts.ema_decay, "compile": _compile(r.compile)}}
     if key.stage == "evaluate":
         v = spec.evaluation

@@ -122,7 +122,7 @@ def test_class_conditional_router_uses_the_label_near_the_noise(clustered_run: s
     # measured on the 2-core machine: 0.84 with the label vs 0.27 without (majority share 0.37)
     assert last["accuracy"] > last["accuracy_unconditional"] + 0.15, result["bins"]
     assert last["accuracy_unconditional"] <= result["majority"] + 0.12, result["bins"]
-    assert "with the class label / without" in capsys.readouterr().out
+    assert "with the condition (label / caption) / without" in capsys.readouterr().out
 
     router = load_router(open_store(clustered_run))
     assert router.num_classes == 10

@@ -2,8 +2,10 @@
 
 Written by the cluster stage once its assignments are committed (``write_cluster_shards``): cluster k's samples, in
 the dataset's order, go to ``clustering/shards/<k>/<k>-<j>.tar`` (the image bytes as they were stored, the class
-as ``<key>.<class_field>``); then ``index.json`` names every shard with its sample count, size and sha256; then the
-manifest. Shards hold at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a
+as ``<key>.<class_field>``; in a text-conditioned run also the caption as ``<key>.<caption_field>``, its token
+embeddings as ``<key>.temb`` (an .npy of float16 (l, D), the caption's l real tokens) and its sentence embedding as
+``<key>.tpool`` (float16 (D,)), computed here once with the run's text encoder); then ``index.json`` names every
+shard with its sample count, size and sha256 (and the text encoder that made the embeddings); then the manifest. Shards hold at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a
 multiple of 8 near-equal shards, so 1, 2, 4 or 8 ranks each own whole shards of equal sample counts.
 
 Read by the expert stage (``open_cluster_shards(...).stream(...)``), which then never opens the whole dataset:
@@ -42,11 +44,14 @@ from .clustering import Assignments
 from .configs.common import DataConfig
 from .data import IMAGE_EXTS, ImageBatch, Source, _cache_budget, put_until_stopped, tar_members
 from .decode import decode_batch, ignore_stop_signals
-from .errors import DataError, MissingArtifactError
+from .errors import ConfigError, DataError, MissingArtifactError
 from .progress import Reporter
 from .store import Store
 
-INDEX = "index.json"  # {"data_uri", "class_field", "labeled", "num_classes", "clusters": [{"shards": [ShardInfo]}]}
+INDEX = "index.json"  # {"data_uri", "class_field", "labeled", "num_classes", "caption_field", "text",
+#                        "clusters": [{"shards": [ShardInfo]}]}
+TEXT_TOKENS, TEXT_POOLED = "temb", "tpool"  # the extensions of a sample's caption embeddings
+TEXT_BATCH = 256  # captions encoded at once while writing
 SHARD_SAMPLES = 4096
 SHARD_BYTES = 128 << 20
 MIN_SHARD_BYTES = 16 << 20
@@ -70,6 +75,23 @@ class ShardIndex:
     labeled: bool  # whether the samples had that field (written beside each image)
     num_classes: int | None
     clusters: list[list[ShardInfo]]
+    caption_field: str | None = None  # its data.caption_field, when captions were stored
+    text: dict[str, Any] | None = None  # the text encoder of the stored embeddings: kind, uri, width, max_tokens
+
+
+@dataclass
+class CaptionEncoding:
+    """How the cluster stage embeds captions: ``meta`` (kind, uri, width, max_tokens of the text encoder) goes
+    into the index; ``encode(captions)`` gives (tokens (B, L, D), mask (B, L), pooled (B, D)) as numpy arrays."""
+
+    meta: dict[str, Any]
+    encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
@@ -93,19 +115,23 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
-                         reporter: Reporter | None = None) -> dict[str, Any]:
+                         reporter: Reporter | None = None, text: CaptionEncoding | None = None) -> dict[str, Any]:
     """Write every cluster's shards, then commit their index; returns the manifest.
 
     One pass over ``source`` in its order; each cluster fills one shard at a time, so at most one shard per
     cluster is held in memory (shards are smaller when many clusters would not fit the cache budget together).
+    ``text``: store each sample's caption and its embeddings (encoded TEXT_BATCH captions at a time on the way).
     """
     keys = source.keys()
     if keys != assignments.keys:
         raise DataError(f"data.uri {source.cfg.uri} now holds other samples than when it was clustered ({len(keys)} vs "
                         f"{len(assignments.keys)} keys); re-cluster it under a new run_uri")
     labels = source.labels()
+    captions = source.captions() if text is not None else None  # a sample without one stops here, nothing written
     probe = keys[:256]
     sample_bytes = sum(len(source.encoded(k)[1]) for k in probe) // len(probe) + TAR_OVERHEAD
+    if text is not None:  # tokens and pooled vector in float16, the caption, three more members
+        sample_bytes += 2 * int(text.meta["width"]) * (int(text.meta["max_tokens"]) + 1) + 128 + 3 * TAR_OVERHEAD
     target_bytes = min(SHARD_BYTES, max(MIN_SHARD_BYTES, _cache_budget() // assignments.num_clusters))
     per_shard = max(1, min(SHARD_SAMPLES, target_bytes // sample_bytes))
     sizes = [shard_sizes(n, per_shard) for n in assignments.sizes]
@@ -114,11 +140,21 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
     pending: list[list[tuple[str, bytes]]] = [[] for _ in sizes]  # the tar members of each cluster's next shard
     filled = [0 for _ in sizes]  # samples in it
     written: list[list[ShardInfo]] = [[] for _ in sizes]
+    embedded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the current TEXT_BATCH's embeddings
     for i, (key, k) in enumerate(zip(keys, assignments.cluster.tolist())):
         ext, image = source.encoded(key)
         pending[k].append((f"{key}.{ext}", image))
         if labels is not None:
             pending[k].append((f"{key}.{source.cfg.class_field}", str(labels[key]).encode()))
+        if text is not None and captions is not None:
+            if i % TEXT_BATCH == 0:
+                embedded = text.encode(captions[i : i + TEXT_BATCH])
+            assert embedded is not None
+            tokens, mask, pooled = embedded
+            j = i % TEXT_BATCH
+            pending[k].append((f"{key}.{source.cfg.caption_field}", captions[i].encode()))
+            pending[k].append((f"{key}.{TEXT_TOKENS}", _npy(tokens[j][mask[j]].astype(np.float16))))  # (l, D)
+            pending[k].append((f"{key}.{TEXT_POOLED}", _npy(pooled[j].astype(np.float16))))  # (D,)
         filled[k] += 1
         if filled[k] == sizes[k][len(written[k])]:
             shard_key = layout.cluster_shard(k, len(written[k]))
@@ -130,6 +166,8 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
                 reporter.update(i + 1, phase="shards")
     index = {"data_uri": source.cfg.uri, "class_field": source.cfg.class_field, "labeled": labels is not None,
              "num_classes": source.num_classes,
+             "caption_field": source.cfg.caption_field if text is not None else None,
+             "text": text.meta if text is not None else None,
              "clusters": [{"num_samples": sum(s.samples for s in shards), "shards": [asdict(s) for s in shards]}
                           for shards in written]}
     return store.commit(layout.CLUSTER_SHARDS, {INDEX: json.dumps(index, indent=1).encode()},
@@ -144,12 +182,58 @@ def load_shard_index(store: Store) -> ShardIndex | None:
         return None
     raw = json.loads(store.read_committed(layout.CLUSTER_SHARDS, INDEX))
     return ShardIndex(raw["data_uri"], raw["class_field"], raw["labeled"], raw["num_classes"],
-                      [[ShardInfo(**s) for s in c["shards"]] for c in raw["clusters"]])
+                      [[ShardInfo(**s) for s in c["shards"]] for c in raw["clusters"]],
+                      raw.get("caption_field"), raw.get("text"))
 
 
-def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig) -> ClusterShards | None:
+def _check_text(store: Store, index: ShardIndex, text_dim: int | None) -> dict[str, Any] | None:
+    """The stored embeddings' text encoder when the reader is text-conditioned (``text_dim``), checked: the shards
+    must hold caption embeddings of that width."""
+    if text_dim is None:
+        return None
+    if index.text is None:
+        raise DataError(f"text_dim={text_dim} (a text-conditioned model) but the cluster shards at "
+                        f"{store.url(layout.CLUSTER_SHARDS)} hold no caption embeddings: give the cluster stage a "
+                        f"text_encoder (spec.textEncoder) and data.caption_field")
+    if int(index.text["width"]) != text_dim:
+        raise ConfigError(f"text_dim={text_dim} but the caption embeddings at {store.url(layout.CLUSTER_SHARDS)} are "
+                          f"{index.text['width']}-d (text encoder {index.text['uri']})")
+    return index.text
+
+
+def load_pooled(shards: ClusterShards) -> dict[str, np.ndarray]:
+    """key -> the pooled caption embedding (D,) float32 of every sample in ``shards`` (one pass over them; the
+    router's condition, small beside the token embeddings)."""
+    out: dict[str, np.ndarray] = {}
+    for s in range(len(shards.shards)):
+        for key, parts in shards.fetch(s):
+            if TEXT_POOLED not in parts:
+                raise DataError(f"no caption embedding (.{TEXT_POOLED}) in shard "
+                                f"{shards.store.url(shards.shards[s].key)} key {key}")
+            out[key] = np.load(io.BytesIO(parts[TEXT_POOLED]), allow_pickle=False).astype(np.float32)
+    return out
+
+
+def open_all_shards(store: Store, cfg: DataConfig, text_dim: int | None = None) -> ClusterShards:
+    """Every cluster's shards as one stream (the baseline, the router and the student of a text-conditioned run,
+    which train on all the data with its stored caption embeddings)."""
+    index = load_shard_index(store)
+    if index is None:
+        raise DataError(f"no per-cluster shards are committed at {store.url(layout.CLUSTER_SHARDS)} (run the "
+                        "cluster stage first)")
+    if index.data_uri != cfg.uri:
+        raise DataError(f"the cluster shards hold {index.data_uri}, not data.uri {cfg.uri}")
+    text = _check_text(store, index, text_dim)
+    labeled = cfg.class_field is not None and index.labeled
+    return ClusterShards(store, [s for shards in index.clusters for s in shards], cfg,
+                         cfg.class_field if labeled else None, index.num_classes if labeled else None, text)
+
+
+def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig,
+                        text_dim: int | None = None) -> ClusterShards | None:
     """Cluster ``cluster``'s shards read as ``cfg`` says, or None (with the reason on stderr) when the run has no
-    shards of this data: the caller then reads ``cfg.uri`` whole, as before shards existed."""
+    shards of this data: the caller then reads ``cfg.uri`` whole, as before shards existed. ``text_dim``: the
+    reader is text-conditioned and needs the caption embeddings stored with the shards (an error without them)."""
     index = load_shard_index(store)
     if index is None:
         reason = f"no per-cluster shards are committed at {store.url(layout.CLUSTER_SHARDS)}"
@@ -162,7 +246,10 @@ def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig) -> ClusterS
             raise DataError(f"cluster {cluster} is outside 0..{len(index.clusters) - 1}")
         labeled = cfg.class_field is not None and index.labeled  # unlabeled data streams labels=None, as a Source
         return ClusterShards(store, index.clusters[cluster], cfg, cfg.class_field if labeled else None,
-                             index.num_classes if labeled else None)
+                             index.num_classes if labeled else None, _check_text(store, index, text_dim))
+    if text_dim is not None:  # the whole dataset has no caption embeddings: nothing to fall back on
+        raise DataError(f"text_dim={text_dim} (a text-conditioned model) needs the cluster shards with caption "
+                        f"embeddings, but {reason}")
     print(f"data: {reason}; reading {cfg.uri} whole", file=sys.stderr)
     return None
 
@@ -175,6 +262,9 @@ class _EncodedBatch:
     wheres: list[str]  # names the shard and key in a corrupt-image error
     labels: np.ndarray | None  # (B,) int64
     keys: list[str]
+    text: np.ndarray | None = None  # (B, L, D) float32 token embeddings, zero past each caption
+    text_mask: np.ndarray | None = None  # (B, L) bool
+    text_pooled: np.ndarray | None = None  # (B, D) float32
 
 
 Samples = list[tuple[str, dict[str, bytes]]]  # one shard's (key, extension -> bytes), in shard order
@@ -184,11 +274,12 @@ class ClusterShards:
     """One cluster's committed shards: the keys, labels and images an expert trains on, read shard by shard."""
 
     def __init__(self, store: Store, shards: list[ShardInfo], cfg: DataConfig, label_field: str | None,
-                 num_classes: int | None):
+                 num_classes: int | None, text: dict[str, Any] | None = None):
         if not shards:
             raise DataError(f"the cluster has no shards under {store.url(layout.CLUSTER_SHARDS)}")
         self.store, self.shards, self.cfg = store, shards, cfg
         self.label_field, self.num_classes = label_field, num_classes
+        self.text = text  # the stored caption embeddings' encoder (kind, uri, width, max_tokens): batches carry them
 
     def __len__(self) -> int:
         return sum(s.samples for s in self.shards)
@@ -214,8 +305,7 @@ class ClusterShards:
         encoded = self.encoded_batch([(found[k][0], k, found[k][1]) for k in keys])
         images = torch.from_numpy(decode_batch(encoded.images, encoded.wheres, self.cfg.image_size,
                                                self.cfg.channels))
-        labels = None if encoded.labels is None else torch.from_numpy(encoded.labels)
-        return ImageBatch(images=images, labels=labels, keys=encoded.keys)
+        return _to_batch(images, encoded)
 
     def fetch(self, s: int) -> Samples:
         """Shard ``s`` read, checked against its index entry and split into samples."""
@@ -255,7 +345,35 @@ class ClusterShards:
                 except ValueError:
                     raise DataError(f".{self.label_field} is not an integer {where}: {raw[:20]!r}") from None
         label_ids = np.asarray(labels, dtype=np.int64) if self.label_field is not None else None
-        return _EncodedBatch(images, wheres, label_ids, [key for _, key, _ in entries])
+        batch = _EncodedBatch(images, wheres, label_ids, [key for _, key, _ in entries])
+        if self.text is not None:
+            self._text_of(batch, [parts for _, _, parts in entries])
+        return batch
+
+    def _text_of(self, batch: _EncodedBatch, parts_of: list[dict[str, bytes]]) -> None:
+        """The batch's stored caption embeddings, padded to the encoder's max_tokens with a mask."""
+        assert self.text is not None
+        B, L, D = len(parts_of), int(self.text["max_tokens"]), int(self.text["width"])
+        tokens, mask, pooled = np.zeros((B, L, D), np.float32), np.zeros((B, L), bool), np.zeros((B, D), np.float32)
+        for i, parts in enumerate(parts_of):
+            where = batch.wheres[i]
+            if TEXT_TOKENS not in parts or TEXT_POOLED not in parts:
+                raise DataError(f"no caption embeddings (.{TEXT_TOKENS}, .{TEXT_POOLED}) {where}")
+            tok = np.load(io.BytesIO(parts[TEXT_TOKENS]), allow_pickle=False)  # (l, D) float16
+            if tok.ndim != 2 or tok.shape[1] != D or tok.shape[0] > L:
+                raise DataError(f".{TEXT_TOKENS} has shape {tok.shape}, expected (<= {L}, {D}) {where}")
+            tokens[i, : len(tok)], mask[i, : len(tok)] = tok, True
+            pooled[i] = np.load(io.BytesIO(parts[TEXT_POOLED]), allow_pickle=False)
+        batch.text, batch.text_mask, batch.text_pooled = tokens, mask, pooled
+
+
+def _to_batch(images: torch.Tensor, encoded: _EncodedBatch) -> ImageBatch:
+    """Decoded images (B, C, H, W) in [-1, 1] with what travelled beside them."""
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(a)
+
+    return ImageBatch(images=images, labels=tensor(encoded.labels), keys=encoded.keys, text=tensor(encoded.text),
+                      text_mask=tensor(encoded.text_mask), text_pooled=tensor(encoded.text_pooled))
 
 
 def default_workers() -> int:
@@ -418,9 +536,7 @@ class ShardStream:
         return decode_batch(encoded.images, encoded.wheres, self.shards.cfg.image_size, self.shards.cfg.channels)
 
     def _hand_out(self, images: np.ndarray, encoded: _EncodedBatch) -> ImageBatch:
-        tensor = torch.from_numpy(images)  # (B, C, H, W) float32 in [-1, 1]
-        labels = None if encoded.labels is None else torch.from_numpy(encoded.labels)
-        return ImageBatch(images=tensor, labels=labels, keys=encoded.keys)
+        return _to_batch(torch.from_numpy(images), encoded)
 
     def start_workers(self) -> None:
         """Start the decode processes now (they take seconds to come up), so that they are ready when the first

@@ -55,6 +55,10 @@ class ImageBatch:
     images: torch.Tensor  # (B, C, H, W) float32 in [-1, 1]
     labels: torch.Tensor | None  # (B,) int64
     keys: list[str]
+    # caption embeddings stored with the cluster shards (text-conditioned runs), else None:
+    text: torch.Tensor | None = None  # (B, L, D) float32 token embeddings, zero past each caption
+    text_mask: torch.Tensor | None = None  # (B, L) bool, True = a real token
+    text_pooled: torch.Tensor | None = None  # (B, D) float32 sentence embeddings (the router's condition)
 
 
 # -- locating files ------------------------------------------------------------------------------------------------
@@ -208,6 +212,8 @@ class Source:
         self._keys: list[str] = []
         self._label_ids: np.ndarray | None = None  # (N,) int64, aligned with _keys
         self._num_classes: int | None = None
+        self._captions: list[str | None] | None = None  # aligned with _keys; None: this source has no captions
+        self._caption_where: list[str] = []  # names the shard of each caption, for the error of a missing one
         self._index: dict[str, int] = {}
         self._decoded: dict[int, np.ndarray] = {}
         self._decoded_bytes = 0
@@ -238,6 +244,21 @@ class Source:
     @property
     def num_classes(self) -> int | None:
         return self._num_classes
+
+    def captions(self) -> list[str]:
+        """Every sample's caption (``data.caption_field``), aligned with ``keys()``; DataError naming the field and
+        the first sample without one."""
+        field = self.cfg.caption_field
+        if field is None:
+            raise DataError("data.caption_field is not set: the run has no captions to encode")
+        if self._captions is None:
+            raise DataError(f"data.caption_field {field!r}: data.uri {self.cfg.uri} ({type(self).__name__}) holds "
+                            "no captions (only tar shards carry <key>.<caption_field>)")
+        for i, caption in enumerate(self._captions[: len(self._keys)]):
+            if caption is None:
+                raise DataError(f"data.caption_field {field!r}: {self._caption_where[i]} key {self._keys[i]} has no "
+                                f".{field}")
+        return [c for c in self._captions[: len(self._keys)] if c is not None]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -407,6 +428,11 @@ class ShardSource(Source):
                 self._keys.append(key)
                 self._shard_of.append(s)
                 self._ext_of.append(ext)
+                if cfg.caption_field is not None:
+                    raw_caption = parts.get(cfg.caption_field.lower())
+                    self._captions = self._captions if self._captions is not None else []
+                    self._captions.append(None if raw_caption is None else raw_caption.decode("utf-8", "replace"))
+                    self._caption_where.append(f"shard {f.url}")
                 if has_labels:
                     raw = parts.get(cfg.class_field or "")
                     if raw is None:

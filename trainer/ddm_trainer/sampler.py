@@ -7,7 +7,8 @@ first use. Kept free of pydantic/minio: the GPU benchmark imports it on a machin
 
 Conventions: x_t = (1 - t) x0 + t eps, velocity v = eps - x0, dx/dt = v integrated from t=1 to t=0.
 An expert is called as ``expert(x, t, y)`` with x (B, C, H, W), t (B,), y (B,) long or None; the router as
-``router(x, t)`` returning logits (B, K), or ``router(x, t, y)`` when it is class-conditional (``num_classes``).
+``router(x, t)`` returning logits (B, K), or ``router(x, t, y)`` when it is class-conditional (``num_classes``),
+``router(x, t, y, text=pooled)`` when it is text-conditioned (``text_dim``).
 """
 from __future__ import annotations
 
@@ -121,15 +122,19 @@ class CombinedSampler:
 
     # -- one velocity evaluation ---------------------------------------------------------------------------------
     def weights(self, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """Expert weights w (B, K) at (x_t, t); a class-conditional router also sees the labels y (B,)."""
+                y: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert weights w (B, K) at (x_t, t); a class-conditional router also sees the labels y (B,), a
+        text-conditioned one the captions' pooled embeddings (B, D)."""
         if not self.strategy.needs_router:
             return expert_weights(torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device),
                                   self.strategy)
         router = self.router()
         with self._autocast(self.device):
             conditional = getattr(router, "num_classes", None) is not None and y is not None
-            logits = router(x, t, y) if conditional else router(x, t)  # (B, K)
+            captioned = getattr(router, "text_dim", None) is not None and pooled is not None
+            kwargs = {"text": pooled} if captioned else {}
+            logits = router(x, t, y if conditional else None, **kwargs) if conditional or captioned \
+                else router(x, t)  # (B, K)
         if logits.shape[-1] != self.num_experts:
             raise ConfigError(f"router gives {logits.shape[-1]} logits but {self.num_experts} experts were given")
         self._stats.router_nfe += x.shape[0]
@@ -179,10 +184,12 @@ class CombinedSampler:
     @torch.no_grad()
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                  generator: torch.Generator | None = None,
-                 text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 pooled: torch.Tensor | None = None) -> torch.Tensor:
         """u(x_t, t) = sum_k w_k u_k, evaluating each expert only on the samples that weight it. ``text``:
-        (token embeddings (B, L, D), mask (B, L)) of the captions, for text-conditioned experts."""
-        w = self.weights(x, t, generator, y)  # (B, K)
+        (token embeddings (B, L, D), mask (B, L)) of the captions, for text-conditioned experts; ``pooled`` (B, D):
+        their sentence embeddings, for a text-conditioned router."""
+        w = self.weights(x, t, generator, y, pooled)  # (B, K)
         u = torch.zeros_like(x)
         shape = (-1, *([1] * (x.dim() - 1)))
         for k in needed_experts(w):
@@ -198,16 +205,18 @@ class CombinedSampler:
     # -- the ODE -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, x1: torch.Tensor, y: torch.Tensor | None = None, seed: int = 0,
-               text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               text: tuple[torch.Tensor, torch.Tensor] | None = None,
+               pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate from x1 ~ N(0, I) at t=1 to t=0 with ``flow.ode_sample``; deterministic for (x1, y, text,
         seed) (the seed drives sample-K's draws)."""
         x = x1.to(self.device, self.dtype)
         y = y.to(self.device) if y is not None else None
         text = (text[0].to(self.device), text[1].to(self.device)) if text is not None else None
+        pooled = pooled.to(self.device) if pooled is not None else None
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.velocity(x, t.to(self.dtype), y, gen, text)
+            return self.velocity(x, t.to(self.dtype), y, gen, text, pooled)
 
         return cast(torch.Tensor, ode_sample(velocity_fn, x, self.steps, self.method))
 

@@ -551,6 +551,8 @@ class DecentralizedDiffusionSpec(SpecModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, json_schema_extra={"default": {}})
     distillation: DistillationSpec | None = None
     baseline: BaselineSpec | None = Field(None, description="The compute-matched monolith trained beside the experts")
+    text_encoder: TextEncoderSpec | None = Field(
+        None, description="Text-conditioned experts, router and student on the captions (needs spec.dataset.captionField)")
     storage: StorageSpec
     trainer_image: str = Field("ghcr.io/ddm/ddm-trainer:0.1.0", min_length=1, max_length=512, pattern=r"^\S+$",
                                description="Image of every stage's pods (ddm-train entrypoint)")
@@ -579,8 +581,6 @@ class DecentralizedDiffusionSpec(SpecModel):
         return self.distillation is not None and self.distillation.enabled
 
     @property
-    text_encoder: TextEncoderSpec | None = Field(
-        None, description="Text-conditioned experts, router and student on the captions (needs spec.dataset.captionField)")
     def baseline_enabled(self) -> bool:
         return self.baseline is not None and self.baseline.enabled
 
@@ -669,6 +669,18 @@ RULES: tuple[Rule, ...] = (
         message="needs spec.dataset.numClasses (every expert's label embedding has one row per class)",
         check=lambda s: not s.experts.class_conditional or s.dataset.num_classes is not None,
     ),
+    Rule(
+        at=(), field="textEncoder",
+        cel="!has(self.textEncoder) || has(self.dataset.captionField)",
+        message="needs spec.dataset.captionField (the per-sample key of the caption)",
+        check=lambda s: s.text_encoder is None or s.dataset.caption_field is not None,
+    ),
+    Rule(
+        at=(), field="evaluation.prompts",
+        cel="!has(self.evaluation) || !has(self.evaluation.prompts) || has(self.textEncoder)",
+        message="needs spec.textEncoder (prompts condition text-conditioned experts)",
+        check=lambda s: not s.evaluation.prompts or s.text_encoder is not None,
+    ),
     _patch_rule("experts", "modelPreset", lambda s: s.experts.model_preset),
     _patch_rule("router", "preset", lambda s: s.router.preset),
     _patch_rule("distillation", "studentPreset", lambda s: s.distillation.student_preset if s.distill_enabled else None,
@@ -698,18 +710,6 @@ RULES: tuple[Rule, ...] = (
         check=lambda st: st.volume_claim is None or st.uri == f"file://{STORE_MOUNT_PATH}"
         or st.uri.startswith(f"file://{STORE_MOUNT_PATH}/"),
         got=lambda st: f"uri={st.uri}",
-    Rule(
-        at=(), field="textEncoder",
-        cel="!has(self.textEncoder) || has(self.dataset.captionField)",
-        message="needs spec.dataset.captionField (the per-sample key of the caption)",
-        check=lambda s: s.text_encoder is None or s.dataset.caption_field is not None,
-    ),
-    Rule(
-        at=(), field="evaluation.prompts",
-        cel="!has(self.evaluation) || !has(self.evaluation.prompts) || has(self.textEncoder)",
-        message="needs spec.textEncoder (prompts condition text-conditioned experts)",
-        check=lambda s: not s.evaluation.prompts or s.text_encoder is not None,
-    ),
     ),
 )
 
@@ -721,6 +721,7 @@ IMMUTABLE_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("storage", "volumeClaim"), "spec.storage.volumeClaim is immutable"),
     (("experts", "modelPreset"), "spec.experts.modelPreset is immutable"),
     (("experts", "classConditional"), "spec.experts.classConditional is immutable"),
+    (("textEncoder",), "spec.textEncoder is immutable (the stored caption embeddings are made with it)"),
 )
 
 
@@ -757,7 +758,6 @@ def immutable_changes(old: DecentralizedDiffusionSpec, new: DecentralizedDiffusi
 
 # ---------------------------------------------------------------- status
 
-    (("textEncoder",), "spec.textEncoder is immutable (the stored caption embeddings are made with it)"),
 Phase = Literal["Pending", "Clustering", "Training", "Evaluating", "Distilling", "Succeeded", "Failed", "Degraded", "Suspended"]
 StagePhase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
 ConditionStatus = Literal["True", "False", "Unknown"]

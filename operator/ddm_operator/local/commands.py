@@ -158,42 +158,42 @@ def sample_config(run_uri: str, strategy: str, count: int, name: str, steps: int
                            "grid_max": count * max(len(prompts or []), 1), "name": name, "seed": seed}
     if steps is not None:
         cfg["steps"] = steps
-    return cfg
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    _, _, _, uri = resolve_run(args.run)
     if prompts:
         cfg["prompts"] = prompts
     if cfg_scale is not None:
         cfg["cfg_scale"] = cfg_scale
-    out = Path(args.output)
-    name = f"cli-{args.strategy}-n{args.n}-s{args.seed}"
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "sample.yaml"
+    return cfg
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
     import hashlib
 
-        config_path.write_text(yaml.safe_dump(sample_config(uri, args.strategy, args.n, name, args.steps, args.seed,
-                                                            prompts, args.cfg_scale)))
-        code = subprocess.call(resolve_executable(["ddm-train", "sample", "--config", str(config_path)]))
+    _, _, _, uri = resolve_run(args.run)
+    out = Path(args.output)
     prompts = args.prompt or None
-    if code != 0:
+    name = f"cli-{args.strategy}-n{args.n}-s{args.seed}"
     if prompts or args.cfg_scale is not None:  # another draw: its own directory in the run store
         tag = hashlib.sha256(json.dumps([prompts, args.cfg_scale]).encode()).hexdigest()[:8]
         name += f"-{tag}"
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "sample.yaml"
+        config_path.write_text(yaml.safe_dump(sample_config(uri, args.strategy, args.n, name, args.steps, args.seed,
+                                                            prompts, args.cfg_scale)))
+        code = subprocess.call(resolve_executable(["ddm-train", "sample", "--config", str(config_path)]))
+    if code != 0:
         return code
     store = open_store(uri)
     store.get_file(f"samples/{name}/grid.png", out)
     print(f"wrote {out}")
+    for p, prompt in enumerate(prompts or []):  # one grid per prompt beside it
+        path = out.with_name(f"{out.stem}-{p:02d}{out.suffix}")
+        store.get_file(f"samples/{name}/grid-{p:02d}.png", path)
+        print(f"wrote {path} ({prompt!r})")
     return 0
 
 
 # -- report --------------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    for p, prompt in enumerate(prompts or []):  # one grid per prompt beside it
-        path = out.with_name(f"{out.stem}-{p:02d}{out.suffix}")
-        store.get_file(f"samples/{name}/grid-{p:02d}.png", path)
-        print(f"wrote {path} ({prompt!r})")
     from .report import write_report
 
     obj, _, run_dir, uri = resolve_run(args.run)
@@ -221,13 +221,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("-o", "--output", default="samples.png", help="PNG to write (default samples.png)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the trainer's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="caption for text-conditioned experts (repeat for several: -n images and a grid each)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the trainer's 1.0, no guidance)")
     p.set_defaults(func=_guard(cmd_sample))
 
     p = subparsers.add_parser("report", help="(re)write a run's report/index.html")
     p.add_argument("run", metavar="RUN_DIR_OR_SPEC")
     p.set_defaults(func=_guard(cmd_report))
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="caption for text-conditioned experts (repeat for several: -n images and a grid each)")
-    p.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the trainer's 1.0, no guidance)")
 

@@ -34,11 +34,11 @@ class ClusterConfig(StageBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":
+        if self.text_encoder is not None and self.data.caption_field is None:
+            raise ValueError("text_encoder is set but data.caption_field is null: there are no captions to embed")
         if self.fine_clusters < self.num_clusters:
             raise ValueError(f"fine_clusters={self.fine_clusters} must be >= num_clusters={self.num_clusters}")
         if self.max_cluster_fraction is not None and self.max_cluster_fraction * self.num_clusters < 1:
             raise ValueError(f"max_cluster_fraction={self.max_cluster_fraction} x num_clusters={self.num_clusters} "
                              "< 1: no partition fits")
         return self
-        if self.text_encoder is not None and self.data.caption_field is None:
-            raise ValueError("text_encoder is set but data.caption_field is null: there are no captions to embed")

@@ -57,3 +57,19 @@ class StageBase(StrictModel):
     @classmethod
     def _run_uri(cls, v: str) -> str:
         return check_uri(v, "run_uri")
+
+
+class TextEncoderConfig(StrictModel):
+    """The text encoder whose caption embeddings the cluster stage stores beside each cluster's shards."""
+
+    kind: Literal["sentence-transformers", "clip", "t5"] = Field(
+        "sentence-transformers", description="sentence-transformers folder, transformers CLIPTextModel or "
+                                             "T5EncoderModel folder")
+    uri: str = Field(description="The model folder: a local path, file:// or s3:// URI")
+    width: int = Field(ge=1, le=16384, description="Width of its token embeddings (the experts' text_dim)")
+    max_tokens: int = Field(16, ge=1, le=512, description="Tokens kept per caption (cut or padded, with a mask)")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, "text_encoder.uri")

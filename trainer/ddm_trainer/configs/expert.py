@@ -52,7 +52,7 @@ class SampleGridConfig(StrictModel):
     nrow: int = Field(8, ge=1)
     steps: int = Field(50, ge=1, description="ODE steps")
     method: Literal["euler", "heun"] = "euler"
-    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional only)")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class- or text-conditional)")
 
 
 class ExpertConfig(StageBase):
@@ -65,6 +65,11 @@ class ExpertConfig(StageBase):
     num_classes: int | None = Field(None, ge=1, description="Number of classes (required with class_cond)")
     label_dropout: float = Field(0.1, ge=0, le=1, description="P(label -> null) for classifier-free guidance")
     t_dist: Literal["uniform", "logit_normal"] = "logit_normal"
+    text_dim: int | None = Field(None, ge=1, description="Text-conditioned: cross-attend to caption token embeddings "
+                                 "of this width, read from the cluster shards (stored by the cluster stage)")
+    text_tokens: int = Field(16, ge=1, le=512, description="Caption tokens per image (the text encoder's max_tokens)")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="P(caption -> null caption) for classifier-free "
+                                                                "guidance on text")
     train: TrainerConfig = TrainerConfig()
     sample_grid: SampleGridConfig = SampleGridConfig()
 
@@ -74,4 +79,6 @@ class ExpertConfig(StageBase):
             raise ValueError("class_cond is true but num_classes is not set")
         if self.class_cond and self.data.class_field is None:
             raise ValueError("class_cond is true but data.class_field is null")
+        if self.text_dim is not None and self.data.caption_field is None:
+            raise ValueError("text_dim is set but data.caption_field is null: there are no captions to condition on")
         return self

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .common import DataConfig, StageBase, StrictModel
 from .expert import TrainerConfig
@@ -29,9 +29,17 @@ class RouterConfig(StageBase):
     preset: str = Field("Router-B/2", description="Router-B/2 (DiT-B/2 backbone), Router-S/2, Router-T/4 (CPU), ...")
     num_classes: int | None = Field(None, ge=1, description="Class-conditional router p(k | x_t, t, y) over this "
                                                           "many classes (data.class_field gives y); null: p(k | x_t, t)")
-    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of training labels replaced by the null label, "
-                                                               "so the same router also gives p(k | x_t, t)")
+    text_dim: int | None = Field(None, ge=1, description="Caption-conditional router p(k | x_t, t, c) on the pooled "
+                                 "caption embeddings of this width stored with the cluster shards; null: no caption")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of training labels (and captions) replaced by "
+                                                               "the null one, so the same router also gives p(k | x_t, t)")
     t_dist: Literal["uniform", "logit_normal"] = Field("uniform", description="Distribution of training times t")
     use_ema: bool = Field(True, description="Evaluate and sample with the EMA weights (else the raw weights)")
     train: TrainerConfig = TrainerConfig()
     eval: RouterEvalConfig = RouterEvalConfig()
+
+    @model_validator(mode="after")
+    def _captions(self) -> "RouterConfig":
+        if self.text_dim is not None and self.data.caption_field is None:
+            raise ValueError("text_dim is set but data.caption_field is null: there are no captions to condition on")
+        return self

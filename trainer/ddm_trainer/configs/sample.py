@@ -33,9 +33,12 @@ class SampleConfig(StageBase):
     batch_size: int = Field(64, ge=1)
     steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
     method: Literal["euler", "heun"] = "euler"
-    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional experts)")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class- or text-conditional "
+                                                    "experts)")
     labels: list[int] | None = Field(None, description="Class labels, cycled over the n images (conditional "
                                                        "experts; default: uniform random)")
+    prompts: list[str] | None = Field(None, description="Captions for text-conditioned experts: n images per "
+                                      "prompt, a grid each (encoded with the run's text encoder)")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9._@-]+$",
                              description="Output directory under samples/ (default: the strategy's name)")
     nrow: int = Field(8, ge=1, description="Images per row of the grid")

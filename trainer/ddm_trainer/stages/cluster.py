@@ -95,12 +95,12 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
     encoder = None
     if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
         encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
+    text = caption_encoding(cfg)
     previous = store.read_manifest(layout.CLUSTERING)
     if previous is not None and previous.get("config") == config:
         if _shards_current(store, cfg):
             print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
                   file=sys.stderr)
-    text = caption_encoding(cfg)
             return previous
         assignments = load_assignments(store)
         reporter = Reporter("cluster", None, len(assignments.keys), store)
@@ -111,14 +111,14 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
 
     source = open_source(cfg.data, store)
     keys = source.keys()
+    if text is not None:
+        source.captions()  # a caption field the data lacks stops here, before anything is committed
     reporter = Reporter("cluster", None, len(keys), store)
     if encoder is not None:
         features = _embed(source, keys, encoder, cfg.embed_batch_size, reporter)
         use_gpu = import_faiss().get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
         reporter.event("progress", step=len(keys), phase="kmeans")
         result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
-    if text is not None:
-        source.captions()  # a caption field the data lacks stops here, before anything is committed
                                      cfg.max_cluster_fraction, use_gpu)
     else:
         cluster = random_partition(len(keys), cfg.num_clusters, cfg.seed)

@@ -26,10 +26,11 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torc
 
 
 class DistillStream:
-    """Batches ``{"x0": (B, C, H, W), "cluster": (B,), "y": (B,) [class-conditional]}``; resumable as it wraps."""
+    """Batches ``{"x0": (B, C, H, W), "cluster": (B,), "y": (B,) [class-conditional], "text": (B, L, D),
+    "text_mask": (B, L), "text_pooled": (B, D) [text-conditioned]}``; resumable as it wraps."""
 
-    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool):
-        self.stream, self.cluster_of, self.with_labels = stream, cluster_of, with_labels
+    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool, with_text: bool = False):
+        self.stream, self.cluster_of, self.with_labels, self.with_text = stream, cluster_of, with_labels, with_text
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.stream:
@@ -37,6 +38,8 @@ class DistillStream:
                    "cluster": torch.tensor([self.cluster_of[k] for k in batch.keys], dtype=torch.long)}  # (B,)
             if self.with_labels and batch.labels is not None:
                 out["y"] = batch.labels
+            if self.with_text:
+                out.update(text=batch.text, text_mask=batch.text_mask, text_pooled=batch.text_pooled)
             yield out
 
     def state_dict(self) -> dict[str, Any]:
@@ -50,11 +53,12 @@ def expert_of_cluster_teacher(experts: list[nn.Module]) -> TeacherFn:
     """v(x_t, t) from the expert of each sample's own cluster."""
 
     def teacher(x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        k_of, y = batch["cluster"], batch.get("y")
+        k_of, y, text, mask = batch["cluster"], batch.get("y"), batch.get("text"), batch.get("text_mask")
         v = torch.empty_like(x_t)  # (B, C, H, W)
         for k in torch.unique(k_of).tolist():
             idx = torch.nonzero(k_of == k).flatten()  # (b,)
-            v[idx] = experts[k](x_t[idx], t[idx], y[idx] if y is not None else None).to(v.dtype)
+            extra = (text[idx], mask[idx]) if text is not None and mask is not None else ()
+            v[idx] = experts[k](x_t[idx], t[idx], y[idx] if y is not None else None, *extra).to(v.dtype)
         return v
 
     return teacher
@@ -65,7 +69,9 @@ def ensemble_teacher(sampler: Any, seed: int) -> TeacherFn:
     gen = torch.Generator().manual_seed(seed)  # drives sample-K draws
 
     def teacher(x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sampler.velocity(x_t.float(), t.float(), batch.get("y"), gen).to(x_t.dtype)
+        text = (batch["text"], batch["text_mask"]) if "text" in batch else None
+        return sampler.velocity(x_t.float(), t.float(), batch.get("y"), gen, text,
+                                batch.get("text_pooled")).to(x_t.dtype)
 
     return teacher
 
@@ -80,7 +86,8 @@ def distill_loss(teacher: TeacherFn, t_dist: str = "logit_normal") -> Callable[.
         x_t = interpolate(x0, eps, t)  # (B, C, H, W)
         with torch.no_grad():
             target = teacher(x_t, t, batch)  # (B, C, H, W)
-        v = student(x_t, t, batch.get("y"))  # (B, C, H, W)
+        extra = (batch["text"], batch["text_mask"]) if "text" in batch else ()
+        v = student(x_t, t, batch.get("y"), *extra)  # (B, C, H, W)
         return F.mse_loss(v.float(), target.float())
 
     return loss_fn
@@ -131,15 +138,24 @@ def run(cfg: DistillConfig) -> list[float]:
     num_clusters = int(assignments.num_clusters)
     spec = check_teachers(cfg, store, num_clusters)
     model_spec = {"arch": "dit", "preset": cfg.model, "image_size": spec.image_size, "channels": spec.channels,
-                  "num_classes": spec.num_classes}
+                  "num_classes": spec.num_classes, "text_dim": spec.text_dim, "text_tokens": spec.text_tokens}
     torch.manual_seed(cfg.seed)
-    student = build_dit(cfg.model, spec.image_size, spec.channels, spec.num_classes)  # validates the preset
+    # the student is conditioned as the teachers are (validates the preset)
+    student = build_dit(cfg.model, spec.image_size, spec.channels, spec.num_classes, text_dim=spec.text_dim,
+                        text_tokens=spec.text_tokens)
 
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
     cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
-    source = open_source(cfg.data, store)
-    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=list(cluster_of),
-                           prefetch=cfg.train.prefetch)
+    stream: Any
+    if spec.text_dim is not None:  # every cluster's shards, with the caption embeddings stored beside them
+        from ..cluster_shards import open_all_shards
+
+        shards = open_all_shards(store, cfg.data, spec.text_dim)
+        stream = shards.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, prefetch=cfg.train.prefetch,
+                               workers=cfg.data.workers)
+    else:
+        stream = open_source(cfg.data, store).stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size,
+                                                     keys=list(cluster_of), prefetch=cfg.train.prefetch)
     experts = [load_expert(store, layout.expert(k), rt.device, ema=cfg.use_ema).requires_grad_(False)
                for k in range(num_clusters)]
     if cfg.teacher == "ensemble":
@@ -150,11 +166,15 @@ def run(cfg: DistillConfig) -> list[float]:
         teacher = expert_of_cluster_teacher(experts)
     reporter = Reporter("distill", None, cfg.train.steps, store) if rt.is_main else None
     trainer = Trainer(student, distill_loss(teacher, cfg.t_dist), DistillStream(stream, cluster_of,
-                      spec.num_classes is not None), store, layout.DISTILLATION, cfg.train, reporter, seed=cfg.seed,
+                      spec.num_classes is not None, spec.text_dim is not None), store, layout.DISTILLATION, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=model_spec)
     losses = trainer.fit()
     if rt.is_main:
         labels = torch.arange(cfg.sample_grid.count) % spec.num_classes if spec.num_classes else None
-        finish(trainer, store, layout.DISTILLATION, cfg.sample_grid, labels, cfg.seed, reporter)
+        text = None
+        if spec.text_dim is not None and cfg.sample_grid.count > 0:  # captions of the first training samples
+            picked = next(iter(shards.stream(cfg.sample_grid.count, cfg.seed, workers=0)))
+            text = (picked.text, picked.text_mask)
+        finish(trainer, store, layout.DISTILLATION, cfg.sample_grid, labels, cfg.seed, reporter, text)
     shutdown(rt)
     return losses

@@ -32,11 +32,13 @@ def stage_dir_of(cluster_index: int | None) -> str:
 def model_spec(cfg: ExpertConfig) -> dict[str, Any]:
     """What ``load_expert`` needs to rebuild the network from the final weights."""
     return {"arch": "dit", "preset": cfg.model, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
-            "num_classes": cfg.num_classes if cfg.class_cond else None}
+            "num_classes": cfg.num_classes if cfg.class_cond else None, "text_dim": cfg.text_dim,
+            "text_tokens": cfg.text_tokens}
 
 
 def build_from_spec(spec: dict[str, Any]) -> DiT:
-    return build_dit(spec["preset"], spec["image_size"], spec["channels"], num_classes=spec.get("num_classes"))
+    return build_dit(spec["preset"], spec["image_size"], spec["channels"], num_classes=spec.get("num_classes"),
+                     text_dim=spec.get("text_dim"), text_tokens=int(spec.get("text_tokens") or 16))
 
 
 def load_expert(store: Store, stage_dir: str, device: str | torch.device = "cpu", ema: bool = True) -> DiT:
@@ -52,22 +54,33 @@ def expert_loss(cfg: ExpertConfig):  # type: ignore[no-untyped-def]
 
     def loss_fn(model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         y = batch.labels if cfg.class_cond else None
-        return flow_loss(model, batch.images, y, generator, cfg.t_dist, cfg.label_dropout if cfg.class_cond else 0.0)
+        text = None
+        if cfg.text_dim is not None:
+            if batch.text is None:
+                raise DataError(f"text_dim={cfg.text_dim} but batch {batch.keys[:3]} carries no caption embeddings")
+            text = (batch.text, batch.text_mask)
+        return flow_loss(model, batch.images, y, generator, cfg.t_dist, cfg.label_dropout if cfg.class_cond else 0.0,
+                         text=text, caption_dropout=cfg.caption_dropout)
 
     return loss_fn
 
 
 @torch.no_grad()
 def sample_grid(model: DiT, grid: SampleGridConfig, labels: torch.Tensor | None, seed: int,
-                device: torch.device) -> torch.Tensor:
-    """``grid.count`` samples in [-1, 1] from fixed seeded noise; classifier-free guidance when labels are given."""
+                device: torch.device, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``grid.count`` samples in [-1, 1] from fixed seeded noise; classifier-free guidance when labels are given,
+    or captions (``text``: token embeddings (N, L, D), mask (N, L), against the null caption)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x1 = torch.randn(grid.count, model.channels, model.image_size, model.image_size, generator=gen).to(device)
     y = labels.to(device) if labels is not None else None
     scale = grid.cfg_scale
+    tokens, mask = (text[0].to(device), text[1].to(device)) if text is not None else (None, None)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if tokens is not None:
+                v = model(x, t, y, tokens, mask).float()
+                return v if scale == 1.0 else (u := model(x, t, y).float()) + scale * (v - u)
             if y is None or scale == 1.0:
                 return model(x, t, y).float()
             null = torch.full_like(y, model.null_label)
@@ -85,13 +98,13 @@ def write_report(store: Store, stage_dir: str, losses: list[float], grid_png: by
 
 
 def finish(trainer: Any, store: Store, stage_dir: str, grid: SampleGridConfig, labels: torch.Tensor | None,
-           seed: int, reporter: Any) -> None:
+           seed: int, reporter: Any, text: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Rank 0 after training: an EMA sample grid and the loss curve as the stage's report, then the 'done' event."""
     from ..images import save_grid
 
     png = None
     if grid.count > 0:
-        png = save_grid(sample_grid(trainer.ema, grid, labels, seed, trainer.rt.device), nrow=grid.nrow)
+        png = save_grid(sample_grid(trainer.ema, grid, labels, seed, trainer.rt.device, text), nrow=grid.nrow)
     write_report(store, stage_dir, trainer.losses, png)
     if reporter:
         reporter.close(step=trainer.step, loss=trainer.losses[-1] if trainer.losses else None,
@@ -120,7 +133,12 @@ def run(cfg: ExpertConfig) -> None:
         keys = list(load_assignments(store).keys_of(cfg.cluster_index))
         if not keys:
             raise DataError(f"cluster_index {cfg.cluster_index} has no samples in {store.url(layout.CLUSTERING)}")
-        shards = open_cluster_shards(store, cfg.cluster_index, cfg.data)  # None: clustered before shards existed
+        # None: clustered before shards existed; text-conditioned: the shards' caption embeddings, checked
+        shards = open_cluster_shards(store, cfg.cluster_index, cfg.data, cfg.text_dim)
+    elif cfg.text_dim is not None:  # the monolith of a text-conditioned run: every cluster's shards
+        from ..cluster_shards import open_all_shards
+
+        shards = open_all_shards(store, cfg.data, cfg.text_dim)
     source = shards if shards is not None else open_source(cfg.data, store)
     if cfg.class_cond and source.num_classes is not None and cfg.num_classes is not None \
             and source.num_classes > cfg.num_classes:
@@ -139,11 +157,15 @@ def run(cfg: ExpertConfig) -> None:
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)
     trainer.fit()
     if rt.is_main:
-        labels = None
-        if cfg.class_cond and cfg.sample_grid.count > 0:  # the cluster's own label mix: what this expert covers
-            pick = (keys or source.keys())[: cfg.sample_grid.count]
-            batch_labels = source.load(pick).labels
-            labels = batch_labels.repeat(-(-cfg.sample_grid.count // len(pick)))[: cfg.sample_grid.count] \
-                if batch_labels is not None else None
-        finish(trainer, store, stage_dir, cfg.sample_grid, labels, cfg.seed, reporter)
+        labels, text = None, None
+        n = cfg.sample_grid.count
+        if (cfg.class_cond or cfg.text_dim is not None) and n > 0:  # the cluster's own labels / captions
+            picked = next(iter(shards.stream(n, cfg.seed, workers=0))) if shards is not None and keys is None \
+                else source.load((keys or source.keys())[:n])
+            reps = -(-n // len(picked.keys))
+            if cfg.class_cond and picked.labels is not None:
+                labels = picked.labels.repeat(reps)[:n]
+            if cfg.text_dim is not None and picked.text is not None and picked.text_mask is not None:
+                text = (picked.text.repeat(reps, 1, 1)[:n], picked.text_mask.repeat(reps, 1)[:n])
+        finish(trainer, store, stage_dir, cfg.sample_grid, labels, cfg.seed, reporter, text)
     shutdown(rt)

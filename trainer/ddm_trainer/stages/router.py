@@ -238,8 +238,8 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     if cfg.num_classes is not None:
         if held.labels is None:
             raise DataError(f"a class-conditional router needs labels ({cfg.data.class_field!r}) on held-out data")
-    text = torch.from_numpy(np.stack([pooled[k] for k in held.keys])) if pooled is not None else None
         labels = held.labels
+    text = torch.from_numpy(np.stack([pooled[k] for k in held.keys])) if pooled is not None else None
     result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held.images, clusters, cfg.eval,
                            cfg.seed, rt.device, labels, text)
     result["use_ema"] = cfg.use_ema

@@ -189,6 +189,10 @@ def _check_labels(num_classes: int | None, labels: Sequence[int] | None) -> None
             raise ConfigError("labels were given but the experts are unconditional (num_classes is None)")
         return
     bad = [y for y in labels or [] if not 0 <= y < num_classes]
+    if bad:
+        raise ConfigError(f"label {bad[0]} is outside [0, {num_classes}) of the experts' classes")
+
+
 @dataclass
 class Prompts:
     """Captions encoded by the run's text encoder: what text-conditioned experts and router are given."""
@@ -226,20 +230,16 @@ def encode_prompts(store: Store, captions: Sequence[str], spec: ExpertSpec,
     return Prompts(list(captions), out.tokens, out.mask, out.pooled)
 
 
-    if bad:
-        raise ConfigError(f"label {bad[0]} is outside [0, {num_classes}) of the experts' classes")
-
-
 @dataclass
 class Draw:
     """What to draw: n images from the noise/label streams of ``seed`` (``labels`` cycled, else uniform;
     ``prompts`` cycled for text-conditioned experts)."""
 
-    prompts: Prompts | None = None
     n: int
     batch_size: int
     seed: int = 0
     labels: Sequence[int] | None = None
+    prompts: Prompts | None = None
 
 
 def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = "euler",
@@ -282,12 +282,12 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
 
     Batch i covers samples [i * batch_size, ...) and goes to rank i % world_size; its noise, labels and sample-K
     draws depend only on the sample indices and the seed, so any number of ranks draws the same images.
+    ``skip`` leaves out this rank's first batches (a resumed evaluation)."""
+    _check_labels(spec.num_classes, draw.labels)
     if spec.text_dim is not None and draw.prompts is None:
         raise ConfigError("the experts are text-conditioned: give prompts (ddm sample --prompt, evaluation.prompts)")
     if spec.text_dim is None and draw.prompts is not None:
         raise ConfigError("prompts were given but the experts are not text-conditioned (text_dim is None)")
-    ``skip`` leaves out this rank's first batches (a resumed evaluation)."""
-    _check_labels(spec.num_classes, draw.labels)
     shape = (spec.channels, spec.image_size, spec.image_size)
     batches = range(rank, -(-draw.n // draw.batch_size), world_size)
     for i in list(batches)[skip:]:
@@ -309,18 +309,18 @@ def generate(run_store: Store, strategy: str, n: int, batch_size: int = 64, step
              seed: int = 0, device: str | torch.device = "cpu", cfg_scale: float = 1.0,
              labels: Sequence[int] | None = None, expert_devices: Sequence[str] | None = None,
              use_ema: bool = True, precision: str = "fp32", compile: bool = False,
-    ``prompts`` (text-conditioned experts): image i gets prompt i mod len(prompts), encoded by the run's text
-    encoder; ``cfg_scale`` then guides against the null caption.
              prompts: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Draw n images with ``strategy``; returns (images (N, C, H, W) in [-1, 1] on the CPU, stats).
+    ``prompts`` (text-conditioned experts): image i gets prompt i mod len(prompts), encoded by the run's text
+    encoder; ``cfg_scale`` then guides against the null caption.
 
     stats: nfe (expert evaluations per image), router_nfe, gflops_per_sample, expert_calls, labels (list or None),
     strategy, steps, method, cfg_scale, n. Deterministic for a seed (noise, labels and sample-K draws).
     precision="bf16" runs router and experts under bf16 autocast (the ODE state stays fp32): for GPUs.
     """
-    encoded = encode_prompts(run_store, prompts, spec, device) if prompts else None
     sampler, spec = sampler_for(run_store, strategy, steps, method, device, cfg_scale, expert_devices, use_ema,
                                 precision, compile)
+    encoded = encode_prompts(run_store, prompts, spec, device) if prompts else None
     out, ys = [], []
     for _, images, y in sample_batches(sampler, spec, Draw(n, batch_size, seed, labels, encoded)):
         out.append(images.float().cpu())
