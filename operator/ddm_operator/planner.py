@@ -38,11 +38,11 @@ from .api.models import (
     StageStatus,
 )
 
-Stage = Literal["cluster", "expert", "router", "baseline", "evaluate", "distill"]
+Stage = Literal["cluster", "expert", "router", "baseline", "probe", "evaluate", "distill"]
 MAX_BACKOFF_SECONDS = 3600.0
 
 
-_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "baseline": 3, "evaluate": 4, "distill": 5}
+_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "baseline": 3, "probe": 4, "evaluate": 5, "distill": 6}
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ def expert_key(index: int) -> StageKey:
     return StageKey("expert", index)
 
 
+def probe_key(experts: int) -> StageKey:
+    """The lightweight evaluation of a partial ensemble launched when ``experts`` experts had committed."""
+    return StageKey("probe", experts)
+
+
 class State(str, Enum):
     ABSENT = "absent"  # never launched (or its child was deleted)
     RUNNING = "running"  # launched, not finished (includes pending pods)
@@ -99,9 +104,28 @@ ABSENT = StageObservation(State.ABSENT)
 
 
 @dataclass(frozen=True)
+class ParentObservation:
+    """A grown run's parent, as its clustering manifest recorded it (``parent_from_manifest``)."""
+
+    uri: str
+    num_clusters: int  # the parent's K: experts 0..K-1 are the parent's, never trained here
+    experts: frozenset[int]  # those the parent had committed; the others are lost to the grown run too
+
+
+def parent_from_manifest(manifest: Mapping[str, object] | None) -> ParentObservation | None:
+    """The parent named by a committed clustering manifest (its ``parent`` entry), or None."""
+    parent = (manifest or {}).get("parent")
+    if not isinstance(parent, dict):
+        return None
+    return ParentObservation(str(parent["uri"]), int(parent["num_clusters"]),
+                             frozenset(int(k) for k in parent["experts"]))
+
+
+@dataclass(frozen=True)
 class Observed:
     now: float  # seconds, any epoch, the same clock as StageObservation.failed_at
     stages: Mapping[StageKey, StageObservation] = field(default_factory=dict)
+    parent: ParentObservation | None = None  # a grown run's parent, once its clustering has committed
 
     def get(self, key: StageKey) -> StageObservation:
         return self.stages.get(key, ABSENT)
@@ -241,6 +265,10 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     distill = observed.get(DISTILL)
     baseline = observed.get(BASELINE)
     experts = [observed.get(expert_key(k)) for k in range(k_total)]
+    grown = spec.growth is not None and cluster.state is State.SUCCEEDED
+    if grown and observed.parent is not None:
+        experts = [_inherited(k, observed.parent) if k < observed.parent.num_clusters else o
+                   for k, o in enumerate(experts)]
 
     succeeded = [k for k, o in enumerate(experts) if o.state is State.SUCCEEDED]
     dead = [k for k, o in enumerate(experts) if _is_dead(o, expert_retries)]
@@ -279,6 +307,8 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     in_dag_order = sorted(observed.stages.items(), key=lambda kv: kv[0])
     failure = _failure(spec, cluster, router, evaluate, distill, stage_retries, k_total, len(dead), min_experts,
                        baseline)
+    if failure is None and grown and observed.parent is None:
+        failure = ("ParentUnknown", "the clustering committed no parent (spec.growth.parentUri): re-run clustering")
     if failure is not None:
         reason, message = failure
         cancels: list[Action] = [Cancel(key) for key, o in in_dag_order if o.state in (State.RUNNING, State.SUSPENDED)]
@@ -307,6 +337,9 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
 
     # ---- experts, the baseline and the router, side by side (the baseline takes a parallelism slot like an expert)
     take(_next_for(ROUTER, router, stage_retries, spec, now))
+    if spec.evaluation.partial is not None and router.state is State.SUCCEEDED \
+            and len(succeeded) + len(dead) < k_total:  # before the experts: a runner with few slots shows it first
+        take(_next_probe(spec, observed, len(succeeded), stage_retries, now))
     trainees = [*experts, baseline] if spec.baseline_enabled else experts
     busy = sum(1 for o in trainees if o.state in (State.RUNNING, State.SUSPENDED))
     slots = (spec.parallelism - busy) if spec.parallelism is not None else len(trainees)
@@ -317,7 +350,7 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     if spec.baseline_enabled and baseline.state is State.SUSPENDED:
         actions.append(Unsuspend(BASELINE))
     for k, o in enumerate(experts):
-        if o.state in (State.RUNNING, State.SUCCEEDED, State.SUSPENDED):
+        if o.state in (State.RUNNING, State.SUCCEEDED, State.SUSPENDED) or k in dead:
             continue
         nxt = _next_for(expert_key(k), o, expert_retries, spec, now)
         if nxt.action is not None:
@@ -357,6 +390,28 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
         return finish("Degraded", "FinishedDegraded",
                       f"finished with {len(succeeded)}/{k_total} experts (lost: {dead})", actions, waiting)
     return finish("Succeeded", "Succeeded", f"finished with {k_total}/{k_total} experts", actions, waiting)
+
+
+def _inherited(k: int, parent: ParentObservation) -> StageObservation:
+    """Expert k of a grown run that belongs to its parent: committed there (used by reference), or lost there."""
+    if k in parent.experts:
+        return StageObservation(State.SUCCEEDED, message=f"the parent's, by reference: {parent.uri}")
+    return StageObservation(State.FAILED, attempts=1, retryable=False,
+                            message=f"not committed in the parent run {parent.uri}; a grown run trains only new experts")
+
+
+def _next_probe(spec: DecentralizedDiffusionSpec, observed: Observed, ready: int, max_retries: int,
+                now: float) -> _Next:
+    """The partial ensemble's lightweight evaluation: one for each count of committed experts, the latest only,
+    one at a time (a probe that failed for good is given up: it is advice, the run goes on)."""
+    probes = {k: o for k, o in observed.stages.items() if k.stage == "probe"}
+    if ready == 0 or any(o.state in (State.RUNNING, State.SUSPENDED) for o in probes.values()):
+        return _Next()
+    key = probe_key(ready)
+    obs = observed.get(key)
+    if obs.state is State.SUCCEEDED:
+        return _Next()
+    return _next_for(key, obs, max_retries, spec, now)
 
 
 def _describe(what: str, obs: StageObservation) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .api.models import DecentralizedDiffusionSpec
-from .planner import BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key
+from .planner import BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key, probe_key
 
 __all__ = [
     "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "BASELINE", "expert_key", "trainer_command",
@@ -40,9 +40,12 @@ def parse_key(text: str) -> StageKey:
     stage, sep, index = text.partition("-")
     if sep and index.isdigit() and stage == "expert":
         return expert_key(int(index))
+    if sep and index.isdigit() and stage == "probe":
+        return probe_key(int(index))
     if not sep and stage in ("cluster", "router", "baseline", "evaluate", "distill"):
         return StageKey(stage)  # type: ignore[arg-type]
-    raise ValueError(f"unknown stage key {text!r} (cluster, expert-NNN, router, baseline, evaluate, distill)")
+    raise ValueError(f"unknown stage key {text!r} (cluster, expert-NNN, router, baseline, probe-NNN, evaluate, "
+                     "distill)")
 
 
 def run_uri(spec: DecentralizedDiffusionSpec, namespace: str | None = None, name: str | None = None) -> str:
@@ -143,7 +146,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         c = spec.clustering
         return {**base, "seed": c.seed, "data": _data(spec), "encoder": c.encoder, "encoder_weights": c.encoder_weights,
                 "fine_clusters": c.fine_clusters, "num_clusters": c.num_clusters,
-                "max_cluster_fraction": c.max_cluster_fraction, "method": c.method,
+                "max_cluster_fraction": c.max_cluster_fraction, "method": c.method, "growth": _growth(spec),
                 "text_encoder": _text_encoder(spec)}
     if key.stage in ("expert", "baseline"):
         if key.stage == "expert" and (key.index is None or not 0 <= key.index < spec.num_experts):
@@ -178,15 +181,24 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
                           "ema_decay": spec.experts.ema_decay, "compile": _compile(r.compile)}}
-    if key.stage == "evaluate":
+    if key.stage in ("evaluate", "probe"):
         v = spec.evaluation
         reference = v.reference_samples or v.num_samples
+        strategies = [*v.strategies, *(["monolith"] if spec.baseline_enabled else [])]
+        if spec.growth is not None and spec.growth.compare_parent:  # the parent's ensemble on the same references
+            strategies += [f"parent:{s}" for s in v.strategies]
+        steps, output = v.steps, None
+        if key.stage == "probe":  # the partial ensemble's lightweight evaluation (spec.evaluation.partial)
+            if v.partial is None:
+                raise ValueError("spec.evaluation.partial is not set: there is no probe stage")
+            reference, strategies, steps = v.partial.num_samples, [v.partial.strategy], v.partial.steps or v.steps
+            output = partial_prefix(key.index or 0)
         if spec.dataset.limit is not None:
             reference = min(reference, spec.dataset.limit)  # cannot reference more images than the run reads
         return {**base, "device": _device(spec, v.gpus_per_node), "data": _data(spec),
-                "strategies": [*v.strategies, *(["monolith"] if spec.baseline_enabled else [])],
-                "n_samples": max(v.num_samples, 2),
-                "reference_n": max(reference, 2), "steps": v.steps, "method": v.method, "cfg_scale": v.cfg_scale,
+                "strategies": strategies, **({"output": output} if output else {}),
+                "n_samples": max(v.num_samples if key.stage == "evaluate" else v.partial.num_samples, 2),  # type: ignore[union-attr]
+                "reference_n": max(reference, 2), "steps": steps, "method": v.method, "cfg_scale": v.cfg_scale,
                 "batch_size": v.batch_size, "compile": _compile(v.compile),
                 "precision": spec.experts.precision}
     if key.stage == "distill":
@@ -222,8 +234,21 @@ def stage_command(spec: DecentralizedDiffusionSpec, key: StageKey, config_path: 
 
 
 def trainer_command(key: StageKey) -> str:
-    """The ``ddm-train`` command that runs a stage: the baseline is the expert stage on all the data."""
-    return "expert" if key.stage == "baseline" else key.stage
+    """The ``ddm-train`` command that runs a stage: the baseline is the expert stage on all the data, a probe (the
+    partial ensemble's lightweight evaluation) the evaluate stage."""
+    return {"baseline": "expert", "probe": "evaluate"}.get(key.stage, key.stage)
+
+
+def partial_prefix(experts: int) -> str:
+    """Where probe-NNN commits its results: ``partial/NNN`` (NNN: committed experts when it was launched)."""
+    return f"partial/{experts:03d}"
+
+
+def _growth(spec: DecentralizedDiffusionSpec) -> dict[str, Any] | None:
+    g = spec.growth
+    if g is None:
+        return None
+    return {"parent_uri": g.parent_uri, "assignment": "new-clusters" if g.assignment == "newClusters" else "nearest"}
 
 
 def baseline_steps(spec: DecentralizedDiffusionSpec) -> int:

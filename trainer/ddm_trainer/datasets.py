@@ -9,7 +9,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 
@@ -69,19 +69,22 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, shard_size: int
 
 
 def fashion_mnist_to_shards(out_dir: str | Path, split: str = "train", limit: int | None = None,
-                            shard_size: int = 1000, source_dir: str | Path = FASHION_MNIST_DIR) -> list[Path]:
-    """Fashion-MNIST ``split`` (train | t10k) as PNG shards with .cls and a caption, first ``limit`` images."""
+                            shard_size: int = 1000, source_dir: str | Path = FASHION_MNIST_DIR,
+                            classes: Collection[int] | None = None) -> list[Path]:
+    """Fashion-MNIST ``split`` (train | t10k) as PNG shards with .cls and a caption, first ``limit`` images (of
+    ``classes`` only, when given: data islands of a grown DDM)."""
     from .configs.common import DataConfig
     from .data import IdxSource, _list_files
 
     cfg = DataConfig(uri=f"{source_dir}#{split}", image_size=28, channels=1)
     files, _ = _list_files(str(source_dir), None)
     src = IdxSource(cfg, files, split)
-    n = len(src) if limit is None else min(limit, len(src))
     labels = src._label_ids
+    picked = [i for i in range(len(src)) if classes is None or (labels is not None and int(labels[i]) in classes)]
+    picked = picked if limit is None else picked[:limit]
 
     def samples() -> Iterable[Sample]:
-        for i in range(n):
+        for i in picked:
             cls = None if labels is None else int(labels[i])
             caption = None if cls is None else f"a photo of a {FASHION_MNIST_CLASSES[cls].lower()}"
             yield Sample(key=f"{split}-{i:06d}", image=src._raw[i], cls=cls, caption=caption)

@@ -209,7 +209,12 @@ class _Features(nn.Module):
 
 
 def fid_from_features(real: Tensor, fake: Tensor, device: str | torch.device = "cpu") -> float:
-    """torchmetrics' Frechet distance between two (N, 2048) feature sets (float64, computed on ``device``)."""
+    """torchmetrics' Frechet distance between two (N, 2048) feature sets (float64, computed on ``device``).
+
+    With fewer samples than feature dimensions (a partial ensemble's or a test's small FID) the same number comes
+    from the samples' Gram matrices (``low_rank_fid``) instead of the eigenvalues of a 2048 x 2048 product."""
+    if min(real.shape[0], fake.shape[0]) < real.shape[1]:
+        return low_rank_fid(real.to(device, torch.float64), fake.to(device, torch.float64))
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     # sync_on_compute=False: under torchrun only rank 0 computes, on features it has already gathered
@@ -217,6 +222,18 @@ def fid_from_features(real: Tensor, fake: Tensor, device: str | torch.device = "
     metric.update(real.to(device, torch.float64), real=True)
     metric.update(fake.to(device, torch.float64), real=False)
     return float(metric.compute())
+
+
+def low_rank_fid(real: Tensor, fake: Tensor) -> float:
+    """The Frechet distance ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) of two sets of feature rows,
+    torchmetrics' ``_compute_fid`` (torchmetrics/image/fid.py) with its last term computed exactly at the samples'
+    rank: S1 = A^T A and S2 = B^T B (A, B the centred rows over sqrt(n - 1)), and the non-zero eigenvalues of
+    S1 S2 are those of (A B^T)(A B^T)^T, so tr sqrt(S1 S2) is the sum of the singular values of A B^T (n x m)."""
+    a = (real - real.mean(0)) / (real.shape[0] - 1) ** 0.5  # (n, D)
+    b = (fake - fake.mean(0)) / (fake.shape[0] - 1) ** 0.5  # (m, D)
+    mean_term = (real.mean(0) - fake.mean(0)).square().sum()
+    cross = torch.linalg.svdvals(a @ b.T).sum()  # (n, m) -> tr sqrt(S1 S2)
+    return float(mean_term + a.square().sum() + b.square().sum() - 2 * cross)
 
 
 def kid_from_features(real: Tensor, fake: Tensor, subset_size: int = 1000, subsets: int = 100,

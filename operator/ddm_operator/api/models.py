@@ -450,6 +450,15 @@ _SAME_STRATEGY = " && ".join(f"{a} == {b}" for a, b in zip(_strategy_key_cel("t"
 Strategy = Annotated[str, StringConstraints(max_length=32, pattern=STRATEGY_PATTERN)]
 
 
+class PartialEvaluationSpec(SpecModel):
+    """A lightweight evaluation of the experts that have committed, each time one more lands while others still
+    train: its FID and expert list go to status.partial, so quality is seen growing."""
+
+    num_samples: int = Field(256, ge=2, le=100_000, description="Generated images (and reference images) of the FID")
+    strategy: Strategy = Field("full", description=f"The routing strategy evaluated: {STRATEGY_GRAMMAR}")
+    steps: int | None = Field(None, gt=0, le=10_000, description="Sampler steps (default: spec.evaluation.steps)")
+
+
 class EvaluationSpec(SpecModel):
     """FID/KID of the ensemble under each routing strategy (and of the monolith baseline when it is trained)."""
 
@@ -476,6 +485,8 @@ class EvaluationSpec(SpecModel):
     batch_size: int | None = Field(None, ge=1, le=65_536, description="Images per sampling batch and GPU (default: 1024 on a GPU, 256 on a CPU)")
     compile: bool = Field(True, description="Regional torch.compile of experts and router on CUDA")
     gpus_per_node: int = Field(1, ge=0, le=64, description="GPUs sampling in parallel (torchrun ranks, disjoint seeds)")
+    partial: PartialEvaluationSpec | None = Field(
+        None, description="Evaluate the partial ensemble (small N) as experts land; unset: only the final evaluation")
     placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}},
                                  description="Placement of the evaluation's pods")
 
@@ -529,6 +540,23 @@ class StorageSpec(SpecModel):
     )
 
 
+class GrowthSpec(SpecModel):
+    """Grow a trained DDM with new data: spec.dataset is the new data only; it is clustered beside the parent's
+    clusters, only new experts train, the router is trained again on all the data (it must know every cluster),
+    and the grown ensemble is evaluated beside the parent's. The parent's experts are read where the parent
+    committed them: never copied, never retrained. Immutable."""
+
+    parent_uri: str = Field(max_length=URI_MAX, pattern=STORAGE_URI_PATTERN,
+                            description="The parent run's root: a local run's storage.uri, or <storage.uri>/<namespace>/"
+                                        "<name> of a DecentralizedDiffusion in a cluster")
+    assignment: Literal["newClusters", "nearest"] = Field(
+        "newClusters", description="newClusters: cluster the new data into numClusters minus the parent's K new "
+                                   "clusters, each with a new expert; nearest: assign it to the parent's clusters "
+                                   "(numClusters = the parent's K; no expert trains, the router learns the new data)")
+    compare_parent: bool = Field(True, description="Evaluate the parent's ensemble too, on the same reference images "
+                                                   "(rows parent:<strategy>)")
+
+
 class FailurePolicy(SpecModel):
     """Retries of stages that failed with a retryable exit code (>= 128: store unreachable, out of memory, SIGTERM)."""
 
@@ -551,6 +579,7 @@ class DecentralizedDiffusionSpec(SpecModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, json_schema_extra={"default": {}})
     distillation: DistillationSpec | None = None
     baseline: BaselineSpec | None = Field(None, description="The compute-matched monolith trained beside the experts")
+    growth: GrowthSpec | None = Field(None, description="Grow a trained DDM (its parent) with spec.dataset as new data")
     text_encoder: TextEncoderSpec | None = Field(
         None, description="Text-conditioned experts, router and student on the captions (needs spec.dataset.captionField)")
     storage: StorageSpec
@@ -683,6 +712,12 @@ RULES: tuple[Rule, ...] = (
     ),
     _patch_rule("experts", "modelPreset", lambda s: s.experts.model_preset),
     _patch_rule("router", "preset", lambda s: s.router.preset),
+    Rule(
+        at=(), field="growth",
+        cel="!has(self.growth) || !has(self.distillation) || !has(self.distillation.enabled) || !self.distillation.enabled",
+        message="a grown run cannot distil yet: disable spec.distillation",
+        check=lambda s: s.growth is None or not s.distill_enabled,
+    ),
     _patch_rule("distillation", "studentPreset", lambda s: s.distillation.student_preset if s.distill_enabled else None,
                 enabled="enabled"),
     Rule(
@@ -715,6 +750,7 @@ RULES: tuple[Rule, ...] = (
 
 # Fields that may not change after creation: (alias path below spec, CEL message).
 IMMUTABLE_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("growth",), "spec.growth is immutable (create a new DecentralizedDiffusion naming its parent)"),
     (("dataset",), "spec.dataset is immutable (create a new DecentralizedDiffusion)"),
     (("clustering",), "spec.clustering is immutable (create a new DecentralizedDiffusion)"),
     (("storage", "uri"), "spec.storage.uri is immutable"),
@@ -819,6 +855,17 @@ class RouterStatus(ApiModel):
     uri: str | None = Field(None, description="URI of the committed router")
 
 
+class PartialEnsembleStatus(ApiModel):
+    """The latest lightweight evaluation of the experts committed so far (spec.evaluation.partial)."""
+
+    experts: list[int] = Field(default_factory=list, description="The experts it held")
+    missing_experts: list[int] = Field(default_factory=list, description="Experts it lacked (training or failed)")
+    strategy: str = Field(description="The routing strategy evaluated")
+    fid: float = Field(description="FID of the partial ensemble (lower is better)")
+    num_samples: int = Field(description="Generated images the FID is computed on")
+    uri: str | None = Field(None, description="URI of its results.json")
+
+
 class StrategyResult(ApiModel):
     """One row of the evaluation table."""
 
@@ -838,6 +885,7 @@ class Results(ApiModel):
     best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID over the monolith "
                                                              "baseline's (below 1: the ensemble wins)")
     experts: list[int] | None = Field(None, description="The experts the evaluated ensemble held")
+    parent_uri: str | None = Field(None, description="A grown run's parent: its rows are parent:<strategy>")
     missing_experts: list[int] | None = Field(None, description="Experts it lacked (failed for good): the router "
                                                                 "was renormalised over the others")
 
@@ -862,6 +910,8 @@ class DecentralizedDiffusionStatus(ApiModel):
                                               "reports (e.g. 1h05m); empty when none runs")
     best_fid: float | None = Field(None, description="The best routing strategy's FID (the monolith row excluded)")
     results: Results | None = Field(None, description="The evaluation table and artifact URIs")
+    partial: PartialEnsembleStatus | None = Field(
+        None, description="The partial ensemble's latest lightweight evaluation (spec.evaluation.partial)")
 
 
 # ---------------------------------------------------------------- the whole object

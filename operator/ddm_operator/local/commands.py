@@ -131,6 +131,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    from ..partial import describe, latest_partial
+
+    partial = latest_partial(store)  # spec.evaluation.partial: quality growing as experts land
+    if partial is not None:
+        print(f"\n{describe(partial)}")
     results = f"{layout.EVALUATION}/results.json"
     if store.read_manifest(layout.EVALUATION) is not None and store.exists(results):
         from .report import fid_rows

@@ -18,6 +18,9 @@ from ddm_trainer import layout
 from ddm_trainer.store import Store
 
 from ..comparison import compare
+from ..partial import PARTIAL
+
+PARENT_ROW = "parent:"  # a grown run's rows of its parent's ensemble (the trainer's configs.evaluate.PARENT_ROW)
 
 ROUTER_EVAL = f"{layout.ROUTER}/eval"  # the router stage commits accuracy.json + accuracy_vs_t.png here
 EXPERT_REPORT = "report"  # experts/NNN/report: loss_curve.json + samples.png, committed by the expert stage
@@ -32,6 +35,8 @@ class ReportInputs:
     fid_rows: list[dict[str, Any]] = field(default_factory=list)
     experts: list[int] = field(default_factory=list)  # the experts the evaluated ensemble held
     missing_experts: list[int] = field(default_factory=list)  # and those it lacked (a partial ensemble)
+    parent: dict[str, Any] | None = None  # a grown run's parent (uri, num_clusters, experts); rows parent:<strategy>
+    partials: list[dict[str, Any]] = field(default_factory=list)  # the partial ensembles evaluated while training
     grids: dict[str, bytes] = field(default_factory=dict)  # strategy -> PNG
     cluster_sizes: list[int] = field(default_factory=list)
     cluster_examples: bytes | None = None  # PNG
@@ -84,11 +89,33 @@ def _read_evaluation(store: Store, out: ReportInputs) -> None:
         if isinstance(results, dict):
             out.experts = list(results.get("experts") or [])
             out.missing_experts = list(results.get("missing_experts") or [])
+            out.parent = results.get("parent")
     for k in store.list(layout.EVALUATION):
         name = k.rsplit("/", 1)[-1]
         if name.endswith(".png") and "/checkpoints/" not in k:
             strategy = name[: -len(".png")].removeprefix("grid-").removeprefix("grid_").removesuffix("_grid")
             out.grids[strategy] = store.get_bytes(k)
+
+
+def _read_partials(store: Store, out: ReportInputs) -> None:
+    """spec.evaluation.partial: each committed probe's experts and its one row, in the order experts landed."""
+    for prefix in store.committed_prefixes(PARTIAL):
+        manifest = store.read_manifest(prefix) or {}
+        rows = fid_rows(manifest.get("table") or [])
+        if rows:
+            out.partials.append({**rows[0], "experts": list(manifest.get("experts") or []),
+                                 "missing": list(manifest.get("missing_experts") or [])})
+
+
+def _fid_table(rows: list[dict[str, Any]], strip: str = "") -> tuple[str, list[str]]:
+    """(HTML, Markdown lines) of FID rows; ``strip`` is cut from the strategy names (parent:)."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in FID_HEADERS)
+    cells = [{**r, "strategy": str(r["strategy"]).removeprefix(strip)} for r in rows]
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in FID_COLUMNS) + "</tr>"
+                   for r in cells)
+    md = ["| " + " | ".join(FID_HEADERS) + " |", "|" + "---|" * len(FID_COLUMNS)]
+    md += ["| " + " | ".join(_fmt(r[c]) for c in FID_COLUMNS) + " |" for r in cells]
+    return f"<table><tr>{head}</tr>{body}</table>", md
 
 
 def _read_clustering(store: Store, out: ReportInputs) -> None:
@@ -177,6 +204,7 @@ def _read_student(store: Store, out: ReportInputs) -> None:
 def gather(store: Store, run_dir: Path) -> ReportInputs:
     out = ReportInputs()
     _read_evaluation(store, out)
+    _read_partials(store, out)
     _read_clustering(store, out)
     _read_router_accuracy(store, out)
     out.loss_curves = read_loss_curves(run_dir / "logs")
@@ -285,24 +313,53 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
     sections_html: list[str] = []
     sections_md: list[str] = [f"# {title}", "", f"Run store: `{store.uri}`", ""]
 
-    if inputs.fid_rows:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in FID_HEADERS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in FID_COLUMNS) + "</tr>"
-                       for r in inputs.fid_rows)
-        sections_html.append(f"<h2>Sample quality per routing strategy</h2><table><tr>{head}</tr>{body}</table>")
-        sections_md += ["## Sample quality per routing strategy", "", "| " + " | ".join(FID_HEADERS) + " |",
-                        "|" + "---|" * len(FID_COLUMNS)]
-        sections_md += ["| " + " | ".join(_fmt(r[c]) for c in FID_COLUMNS) + " |" for r in inputs.fid_rows]
+    own_rows = [r for r in inputs.fid_rows if not str(r["strategy"]).startswith(PARENT_ROW)]
+    parent_rows = [r for r in inputs.fid_rows if str(r["strategy"]).startswith(PARENT_ROW)]
+    if inputs.parent is not None and own_rows:
+        # a grown run: its FID table beside its parent's ensemble's, both against the same reference images
+        k_grown = len(inputs.experts) + len(inputs.missing_experts)
+        grown_html, grown_md = _fid_table(own_rows)
+        left = f"<div><h3>grown: K={k_grown}, experts {html.escape(str(inputs.experts))}</h3>{grown_html}</div>"
+        right = ""
+        title = (f"parent: K={inputs.parent.get('num_clusters')}, experts {inputs.parent.get('experts')} "
+                 f"({inputs.parent.get('uri')})")
+        sections_md += ["## Grown ensemble beside its parent", "",
+                        "Both tables are against the same reference images (the parent's data and the new data).", "",
+                        f"### grown: K={k_grown}, experts {inputs.experts}", "", *grown_md, ""]
+        if parent_rows:
+            parent_html, parent_md = _fid_table(parent_rows, PARENT_ROW)
+            right = f"<div><h3>{html.escape(title)}</h3>{parent_html}</div>"
+            sections_md += [f"### {title}", "", *parent_md, ""]
+        sections_html.append("<h2>Grown ensemble beside its parent</h2><p>Both tables are against the same reference "
+                             "images (the parent's data and the new data).</p>"
+                             f"<div class=grid>{left}{right}</div>")
+    elif inputs.fid_rows:
+        table_html, table_md = _fid_table(inputs.fid_rows)
+        sections_html.append(f"<h2>Sample quality per routing strategy</h2>{table_html}")
+        sections_md += ["## Sample quality per routing strategy", "", *table_md]
         sections_md.append("")
+    if inputs.fid_rows:
         if inputs.missing_experts:
             held = (f"A partial ensemble: experts {inputs.experts} of {len(inputs.experts) + len(inputs.missing_experts)}"
                     f" (missing: {inputs.missing_experts}, failed for good); the router was renormalised over them.")
             sections_html.append(f"<p><b>{html.escape(held)}</b></p>")
             sections_md += [f"**{held}**", ""]
-        vs = compare((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None) for r in inputs.fid_rows)
+        vs = compare((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None) for r in own_rows)
         if vs is not None:  # spec.baseline: the answer to "is it better than one model on the same compute?"
             sections_html.append(f"<p><b>Against the compute-matched monolith:</b> {html.escape(vs.sentence())}</p>")
             sections_md += [f"**Against the compute-matched monolith:** {vs.sentence()}", ""]
+
+    if inputs.partials:  # spec.evaluation.partial: quality as experts landed
+        rows_html = "".join(f"<tr><td>{html.escape(str(p['experts']))}</td><td>{html.escape(str(p['strategy']))}</td>"
+                            f"<td>{html.escape(_fmt(p['fid']))}</td><td>{html.escape(_fmt(p['n']))}</td></tr>"
+                            for p in inputs.partials)
+        sections_html.append("<h2>Partial ensembles while experts trained</h2><table><tr><th>experts</th>"
+                             f"<th>strategy</th><th>FID</th><th>N</th></tr>{rows_html}</table>")
+        sections_md += ["## Partial ensembles while experts trained", "", "| experts | strategy | FID | N |",
+                        "|---|---|---|---|"]
+        sections_md += [f"| {p['experts']} | {p['strategy']} | {_fmt(p['fid'])} | {_fmt(p['n'])} |"
+                        for p in inputs.partials]
+        sections_md.append("")
 
     if inputs.grids:
         figs = []

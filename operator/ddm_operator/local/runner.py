@@ -34,7 +34,7 @@ from ddm_trainer.store import Store, open_store
 from .. import planner
 from ..api.models import DecentralizedDiffusionSpec
 from ..planner import Observed, Plan, StageKey, StageObservation, State
-from ..stages import all_keys, grace_period_seconds, stage_command, stage_config
+from ..stages import all_keys, grace_period_seconds, partial_prefix, stage_command, stage_config
 
 POLL_S = 0.5
 # A child saving a checkpoint on SIGTERM gets its stage's grace period (the pods' terminationGracePeriodSeconds)
@@ -56,7 +56,27 @@ def done_prefix(key: StageKey) -> str:
         return layout.EVALUATION
     if key.stage == "baseline":
         return layout.final(layout.MONOLITH)
+    if key.stage == "probe":
+        return partial_prefix(key.index or 0)
     return layout.final(layout.DISTILLATION)
+
+
+def observed_keys(spec: DecentralizedDiffusionSpec) -> list[StageKey]:
+    """Every stage of the run, and the partial ensemble's lightweight evaluations it may launch (one per count of
+    committed experts)."""
+    keys = all_keys(spec)
+    if spec.evaluation.partial is not None:
+        keys += [planner.probe_key(n) for n in range(1, spec.num_experts + 1)]
+    return keys
+
+
+def with_local_parent(spec: DecentralizedDiffusionSpec, base_dir: Path) -> DecentralizedDiffusionSpec:
+    """spec.growth.parentUri with a relative local path made absolute, as the run's own URI is."""
+    g = spec.growth
+    if g is None or urlparse(g.parent_uri).scheme != "":
+        return spec
+    growth = g.model_copy(update={"parent_uri": str((base_dir / g.parent_uri).resolve())})
+    return spec.model_copy(update={"growth": growth})
 
 
 def local_run_uri(spec: DecentralizedDiffusionSpec, base_dir: Path) -> str:
@@ -114,7 +134,7 @@ class ObservedState:
 def observe(spec: DecentralizedDiffusionSpec, store: Store, state: ObservedState, now: float) -> Observed:
     """Level-triggered: a manifest in the store beats anything this process remembers."""
     stages: dict[StageKey, StageObservation] = {}
-    for key in all_keys(spec):
+    for key in observed_keys(spec):
         attempts = state.attempts.get(key, 0)
         if store.read_manifest(done_prefix(key)) is not None:
             stages[key] = StageObservation(State.SUCCEEDED, attempts=attempts)
@@ -130,7 +150,10 @@ def observe(spec: DecentralizedDiffusionSpec, store: Store, state: ObservedState
                                                failed_at=f.at, message=f.message)
         else:
             stages[key] = StageObservation(State.ABSENT, attempts=attempts)
-    return Observed(now=now, stages=stages)
+    parent = None
+    if spec.growth is not None:  # a grown run: the parent its clustering recorded (which experts it inherits)
+        parent = planner.parent_from_manifest(store.read_manifest(layout.CLUSTERING))
+    return Observed(now=now, stages=stages, parent=parent)
 
 
 def _tail(path: Path, n: int = TAIL_LINES) -> list[str]:
@@ -170,7 +193,8 @@ class LocalRunner:
 
     def __init__(self, spec: DecentralizedDiffusionSpec, spec_path: Path, run_dir: Path, run_uri: str,
                  parallel: int, name: str, out: IO[str] = sys.stderr):
-        self.spec, self.spec_path, self.run_dir, self.run_uri = spec, spec_path, run_dir, run_uri
+        self.spec, self.spec_path, self.run_dir, self.run_uri = with_local_parent(spec, Path.cwd()), spec_path, \
+            run_dir, run_uri
         self.parallel = max(parallel, 1)
         self.name = name
         self.out = out

@@ -8,7 +8,17 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import DataConfig, StageBase, TextEncoderConfig
+from .common import DataConfig, StageBase, StrictModel, TextEncoderConfig
+
+
+class ClusterGrowth(StrictModel):
+    """The new data of a grown run beside its parent's clusters (``ddm_trainer.growth``)."""
+
+    parent_uri: str = Field(description="The parent run's root (its run_uri)")
+    assignment: Literal["new-clusters", "nearest"] = Field(
+        "new-clusters", description="new-clusters: cluster the new data into num_clusters minus the parent's K new "
+                                    "clusters; nearest: assign it to the parent's clusters (nearest fine centroid, "
+                                    "then its coarse cluster)")
 
 
 class ClusterConfig(StageBase):
@@ -29,6 +39,8 @@ class ClusterConfig(StageBase):
                                                description="Balance bound: no cluster holds more than this share")
     kmeans_iters: int = Field(20, ge=1, le=1000)
     examples_per_cluster: int = Field(8, ge=0, le=64, description="Images per cluster in examples.png (0: none)")
+    growth: ClusterGrowth | None = Field(None, description="Grow a parent run (spec.growth): cluster only data.uri, "
+                                                           "the new data, beside the parent's clusters")
     text_encoder: TextEncoderConfig | None = Field(None, description="Embed every caption (data.caption_field) "
                                                    "once with it and store the embeddings with the cluster shards")
 

@@ -13,6 +13,7 @@ from .common import DataConfig, StageBase
 from .sample import strategy_name
 
 MONOLITH_ROW = "monolith"  # the K=1 baseline (experts/monolith) as one more row of the table
+PARENT_ROW = "parent:"  # parent:<strategy>: a grown run's parent ensemble, on the grown run's reference images
 
 
 class EvaluateConfig(StageBase):
@@ -20,7 +21,8 @@ class EvaluateConfig(StageBase):
 
     data: DataConfig = Field(description="Reference images (the training data) for the FID/KID statistics")
     strategies: list[str] = Field(["full", "top1", "top-2", "sample-2", "nucleus-0.9"], min_length=1,
-                                  description=f"Rows of the table: {STRATEGY_HELP}, or '{MONOLITH_ROW}'")
+                                  description=f"Rows of the table: {STRATEGY_HELP}, '{MONOLITH_ROW}', or "
+                                              f"'{PARENT_ROW}<strategy>' (a grown run's parent ensemble)")
     n_samples: int = Field(10_000, ge=2, description="Generated images per strategy (FID-N)")
     reference_n: int = Field(10_000, ge=2, description="Training images in the reference statistics")
     batch_size: int | None = Field(None, ge=1, description="Images per sampling batch and process (null: about 1024 "
@@ -37,6 +39,9 @@ class EvaluateConfig(StageBase):
     grid_count: int = Field(64, ge=0, description="Images in each strategy's PNG grid (0: none)")
     grid_nrow: int = Field(8, ge=1)
     use_ema: bool = Field(True, description="Sample with the EMA weights")
+    output: str = Field("evaluation", pattern=r"^[a-z0-9_/-]+$",
+                        description="Store prefix the results are committed under (partial/NNN: the lightweight "
+                                    "evaluation of a partial ensemble while experts train)")
 
     @field_validator("strategies")
     @classmethod
@@ -45,6 +50,9 @@ class EvaluateConfig(StageBase):
         for s in v:
             if s.strip().lower() == MONOLITH_ROW:
                 out.append(MONOLITH_ROW)
+                continue
+            if s.startswith(PARENT_ROW):
+                out.append(PARENT_ROW + strategy_name(s[len(PARENT_ROW):]))
                 continue
             out.append(strategy_name(s))
         dup = sorted({s for s in out if out.count(s) > 1})

@@ -22,6 +22,7 @@ from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments,
 from ..configs.cluster import ClusterConfig
 from ..data import Source, open_source
 from ..encoders import Encoder, build_encoder, resolve_device
+from ..growth import grow_kmeans, grow_random, growth_meta, open_parent
 from ..progress import Reporter
 from ..store import Store, open_store
 
@@ -92,6 +93,8 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
     store = open_store(cfg.run_uri)
     # the text encoder changes the shards only: a new one rewrites them and keeps the clustering
     config = cfg.model_dump(mode="json", exclude={"data": {"workers"}, "text_encoder": True})
+    if cfg.growth is None:
+        config.pop("growth")  # a run clustered before growth existed keeps its committed clustering
     encoder = None
     if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
         encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
@@ -109,6 +112,7 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
                        nmi=previous.get("nmi"))
         return previous
 
+    parent = open_parent(cfg) if cfg.growth is not None else None  # a grown run (growth.py): checked first
     source = open_source(cfg.data, store)
     keys = source.keys()
     if text is not None:
@@ -118,10 +122,14 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
         features = _embed(source, keys, encoder, cfg.embed_batch_size, reporter)
         use_gpu = import_faiss().get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
         reporter.event("progress", step=len(keys), phase="kmeans")
-        result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
-                                     cfg.max_cluster_fraction, use_gpu)
+        if parent is not None:
+            result = grow_kmeans(features, parent, cfg, use_gpu)
+        else:
+            result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
+                                         cfg.max_cluster_fraction, use_gpu)
     else:
-        cluster = random_partition(len(keys), cfg.num_clusters, cfg.seed)
+        cluster = random_partition(len(keys), cfg.num_clusters, cfg.seed) if parent is None \
+            else grow_random(len(keys), parent, cfg)
         empty = np.zeros((0, 0), dtype=np.float32)
         result = Clustering(cluster, np.full(len(keys), -1, dtype=np.int64), empty, empty,
                             np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
@@ -134,6 +142,8 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
     meta = {"num_clusters": cfg.num_clusters, "sizes": sizes, "num_samples": len(keys), "method": cfg.method,
             "encoder": cfg.encoder if encoder is not None else None, "fine_clusters_used": result.fine_used,
             "nmi": score, "config": config}
+    if parent is not None:
+        meta.update(growth_meta(parent, cfg, sizes))
     files = {
         ASSIGNMENTS: _npz(keys=np.asarray(keys), cluster=result.cluster, fine=result.fine),
         CENTROIDS: _npz(fine=result.fine_centroids, coarse=result.coarse_centroids,

@@ -29,12 +29,12 @@ import torch
 
 from .. import fid, layout
 from ..configs.common import DataConfig
-from ..configs.evaluate import MONOLITH_ROW, EvaluateConfig
+from ..configs.evaluate import MONOLITH_ROW, PARENT_ROW, EvaluateConfig
 from ..errors import ConfigError, DataError, MissingArtifactError
 from ..store import Store
 
 REFERENCE = f"{layout.EVALUATION}/reference"
-STRATEGIES = f"{layout.EVALUATION}/strategies"  # <name>/: one committed row (manifest meta) and its grid
+# <output>/strategies/<name>/ (strategy_prefix): one committed row (manifest meta) and its grid
 EXTRACTOR_ID = "tf-inception-2015-12-05-pool3"
 
 
@@ -50,17 +50,21 @@ class Row:
     seconds: float
 
 
-def reference_key(data: DataConfig, n: int) -> str:
-    """Cache key of the reference features: what decides which pixels go into Inception."""
-    ident = json.dumps({"uri": data.uri, "image_size": data.image_size, "channels": data.channels,
-                        "limit": data.limit, "n": n, "extractor": EXTRACTOR_ID}, sort_keys=True)
+def reference_key(data: DataConfig, n: int, parts: list[dict[str, Any]] | None = None) -> str:
+    """Cache key of the reference features: what decides which pixels go into Inception (``parts``: a grown run's
+    generations, whose union is its reference data)."""
+    fields: dict[str, Any] = {"uri": data.uri, "image_size": data.image_size, "channels": data.channels,
+                              "limit": data.limit, "n": n, "extractor": EXTRACTOR_ID}
+    if parts:
+        fields["parts"] = parts
+    ident = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def reference_features(store: Store, data: DataConfig, n: int, extractor: torch.nn.Module, batch_size: int,
-                       source: Any = None) -> torch.Tensor:
+                       source: Any = None, parts: list[dict[str, Any]] | None = None) -> torch.Tensor:
     """(n, 2048) Inception features of n training images (a fixed random subset), cached in the store."""
-    prefix = f"{REFERENCE}/{reference_key(data, n)}"
+    prefix = f"{REFERENCE}/{reference_key(data, n, parts)}"
     if store.read_manifest(prefix) is not None:
         return torch.load(io.BytesIO(store.read_committed(prefix, "features.pt")), weights_only=True)
     if source is None:
@@ -86,10 +90,24 @@ def _model_shape(spec: Any) -> tuple[int, int]:
     return int(spec.channels), int(spec.image_size)
 
 
-def validate(cfg: EvaluateConfig, store: Store) -> Any:
-    """Every check that can fail before sampling; returns the opened reference data source."""
+def row_store(store: Store, name: str) -> tuple[Store, str]:
+    """(the run whose ensemble a row samples, its strategy): ``parent:<strategy>`` rows sample the parent's."""
+    if not name.startswith(PARENT_ROW):
+        return store, name
+    from ..lineage import parent_of
+    from ..store import open_store
+
+    parent = parent_of(store)
+    if parent is None:
+        raise ConfigError(f"strategy {name!r} needs a grown run, but {store.url(layout.CLUSTERING)} names no parent")
+    return open_store(parent["uri"]), name[len(PARENT_ROW):]
+
+
+def validate(cfg: EvaluateConfig, store: Store) -> tuple[Any, list[dict[str, Any]]]:
+    """Every check that can fail before sampling; returns the opened reference data source (a grown run's: every
+    generation's data) and what identifies it beyond ``cfg.data``."""
     from ..checkpoint import has_final
-    from ..data import open_source
+    from ..grown_data import open_reference_data
     from .expert import MONOLITH
     from .sample import expert_spec, validate_ensemble
 
@@ -102,15 +120,15 @@ def validate(cfg: EvaluateConfig, store: Store) -> Any:
             config = json.loads(store.read_committed(layout.final(MONOLITH), "config.json"))
             specs = [expert_spec(config, store.url(layout.final(MONOLITH)))]
         else:
-            specs = [s for s in validate_ensemble(store, name).experts if s is not None]
+            specs = [s for s in validate_ensemble(*row_store(store, name)).experts if s is not None]
         got = _model_shape(specs[0])
         if got != want:
             raise ConfigError(f"strategy {name!r}: the models make {got[0]}x{got[1]}px images but data "
                               f"{cfg.data.uri} is {want[0]}x{want[1]}px (set data.channels / data.image_size)")
-    source = open_source(cfg.data, store)
+    source, parts = open_reference_data(store, cfg.data)
     if len(source) < cfg.reference_n:
         raise DataError(f"reference_n={cfg.reference_n} but data.uri {cfg.data.uri} holds {len(source)} images")
-    return source
+    return source, parts
 
 
 def format_table(rows: list[Row]) -> str:
@@ -122,27 +140,35 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def row_key(cfg: EvaluateConfig, name: str, experts: list[int] | None = None) -> str:
+def row_key(cfg: EvaluateConfig, name: str, experts: list[int] | None = None,
+            parts: list[dict[str, Any]] | None = None) -> str:
     """What decides a strategy's row: a committed row with another key is sampled again, not reused (a partial
     ensemble's row is redone once more experts have committed)."""
     ident = json.dumps({"strategy": name, "experts": experts, "n": cfg.n_samples, "steps": cfg.steps,
                         "method": cfg.method,
                         "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "use_ema": cfg.use_ema,
-                        "precision": cfg.precision, "reference": reference_key(cfg.data, cfg.reference_n),
+                        "precision": cfg.precision, "reference": reference_key(cfg.data, cfg.reference_n, parts),
                         "kid": [cfg.kid_subset_size, cfg.kid_subsets]}, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def strategy_prefix(name: str) -> str:
-    return f"{STRATEGIES}/{name}"
+def strategy_prefix(name: str, output: str = layout.EVALUATION) -> str:
+    return f"{output}/strategies/{file_name(name)}"
 
 
-def committed_row(store: Store, name: str, key: str) -> tuple[Row, bytes | None] | None:
+def file_name(name: str) -> str:
+    """A row's name in paths: ``parent:full`` -> ``parent-full``."""
+    return name.replace(":", "-")
+
+
+def committed_row(store: Store, name: str, key: str, output: str = layout.EVALUATION
+                  ) -> tuple[Row, bytes | None] | None:
     """The row (and grid) a previous attempt committed for this strategy with the same settings, if any."""
-    manifest = store.read_manifest(strategy_prefix(name))
+    manifest = store.read_manifest(strategy_prefix(name, output))
     if manifest is None or manifest.get("key") != key:
         return None
-    grid = store.read_committed(strategy_prefix(name), "grid.png") if "grid.png" in manifest["files"] else None
+    grid = store.read_committed(strategy_prefix(name, output), "grid.png") if "grid.png" in manifest["files"] \
+        else None
     return Row(**manifest["row"]), grid
 
 
@@ -185,7 +211,8 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     start_time = time.monotonic()
     # The monolith is the K=1 baseline sampled exactly as an ensemble: same noise, labels, ODE and cost accounting.
     strategy, dirs = ("oracle-0", [MONOLITH]) if name == MONOLITH_ROW else (name, None)
-    sampler, spec = sampler_for(store, strategy, cfg.steps, cfg.method, rt.device, cfg.cfg_scale,
+    sample_store, strategy = row_store(store, strategy)  # parent:<strategy>: the parent's ensemble
+    sampler, spec = sampler_for(sample_store, strategy, cfg.steps, cfg.method, rt.device, cfg.cfg_scale,
                                 use_ema=cfg.use_ema, precision=cfg.precision, compile=compile, stage_dirs=dirs,
                                 models=models)
     if auto_batch:
@@ -227,6 +254,25 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     return row, png
 
 
+def runnable_rows(cfg: EvaluateConfig, store: Store) -> EvaluateConfig:
+    """``cfg`` without the parent:<strategy> rows the parent's ensemble cannot draw (top-K or oracle-C beyond the
+    parent's K: the grown run asks for its own K)."""
+    from ..combine import parse_strategy
+    from ..lineage import parent_of
+
+    parent = parent_of(store)
+    keep = []
+    for name in cfg.strategies:
+        if name.startswith(PARENT_ROW) and parent is not None:
+            try:
+                parse_strategy(name[len(PARENT_ROW):]).check(int(parent["num_clusters"]))
+            except ConfigError as e:
+                print(f"evaluate: no row {name}: {e}", flush=True)
+                continue
+        keep.append(name)
+    return cfg if keep == cfg.strategies else cfg.model_copy(update={"strategies": keep})
+
+
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Every strategy's row, each committed when it is done (a restarted evaluation goes on with the next one),
     then the table. Under torchrun every rank samples a disjoint share of each strategy's images."""
@@ -236,17 +282,22 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     rt = setup_runtime(cfg.device)
     store = open_store(cfg.run_uri)
-    source = validate(cfg, store)
+    cfg = runnable_rows(cfg, store)
+    source, parts = validate(cfg, store)
     cuda = rt.device.type == "cuda"
     batch_size = cfg.batch_size or (1024 if cuda else 256)  # a routed strategy draws more at once: strategy_batch
     models: dict[tuple[Any, ...], torch.nn.Module] = {}  # experts and router read and compiled once for all rows
     compile = cfg.compile if cfg.compile is not None else cuda
-    reporter = Reporter("evaluate", None, len(cfg.strategies), store) if rt.is_main else None
+    # progress/evaluate.json, or probe-NNN.json for a partial ensemble's evaluation (output partial/NNN)
+    probe = cfg.output.startswith("partial/") and cfg.output.split("/")[-1].isdigit()
+    reporter = (Reporter("probe", int(cfg.output.split("/")[-1]), len(cfg.strategies), store) if probe
+                else Reporter("evaluate", None, len(cfg.strategies), store)) if rt.is_main else None
     extractor = fid.build_extractor(rt.device)
     real = None
     if rt.is_main:
         reporter.event("reference", n=cfg.reference_n)  # type: ignore[union-attr]
-        real = reference_features(store, cfg.data, cfg.reference_n, extractor, min(batch_size, 500), source)
+        real = reference_features(store, cfg.data, cfg.reference_n, extractor, min(batch_size, 500), source, parts)
+    from ..lineage import parent_of
     from .sample import committed_experts, ensemble_size
 
     rows: list[Row] = []
@@ -255,25 +306,26 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     num_experts = ensemble_size(store, experts)
     missing = [k for k in range(num_experts) if k not in experts]
     for i, name in enumerate(cfg.strategies):
-        key = row_key(cfg, name, experts if name != MONOLITH_ROW else None)
-        found = committed_row(store, name, key)
+        row_experts = None if name == MONOLITH_ROW else committed_experts(row_store(store, name)[0])
+        key = row_key(cfg, name, row_experts, parts)
+        found = committed_row(store, name, key, cfg.output)
         if found is None:
             result = evaluate_strategy(cfg, store, name, rt, extractor, batch_size, compile, real, reporter, i,
                                        auto_batch=cfg.batch_size is None, models=models)
             if rt.is_main:
                 assert result is not None
                 row, png = result
-                store.commit(strategy_prefix(name), {"grid.png": png} if png else {},
+                store.commit(strategy_prefix(name, cfg.output), {"grid.png": png} if png else {},
                              meta={"key": key, "row": asdict(row)})
                 found = result
             barrier(rt)
         elif reporter:
-            reporter.event("reused", strategy=name, uri=store.url(strategy_prefix(name)))
+            reporter.event("reused", strategy=name, uri=store.url(strategy_prefix(name, cfg.output)))
         if rt.is_main:
             row, png = found  # type: ignore[misc]
             rows.append(row)
             if png:
-                files[f"grids/{name}.png"] = png
+                files[f"grids/{file_name(name)}.png"] = png
             reporter.update(i + 1, strategy=name, fid=row.fid, kid=row.kid_mean, seconds=row.seconds,  # type: ignore[union-attr]
                             images_per_s=row.n / max(row.seconds, 1e-9))
     result: dict[str, Any] = {}
@@ -283,13 +335,18 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                   "method": cfg.method, "cfg_scale": cfg.cfg_scale, "seed": cfg.seed, "extractor": EXTRACTOR_ID,
                   "precision": cfg.precision, "world_size": rt.world_size, "batch_size": batch_size,
                   "experts": experts, "missing_experts": missing}
+        parent = parent_of(store)
+        if parent is not None:  # a grown run: its parent's ensemble, whose rows are parent:<strategy>
+            result["parent"] = {"uri": parent["uri"], "experts": parent["experts"],
+                                "num_clusters": parent["num_clusters"]}
         files["results.json"] = json.dumps(result, indent=2).encode()
         partial = (f"; a partial ensemble of experts {experts} of {num_experts} (missing: {missing})"
                    if missing else "")
         files["results.md"] = (f"FID-{cfg.n_samples} vs {cfg.reference_n} training images ({cfg.data.uri}), "
                                f"{cfg.steps} {cfg.method} steps{partial}\n\n" + format_table(rows)).encode()
-        store.commit(layout.EVALUATION, files, meta={"table": table, "experts": experts, "missing_experts": missing})
-        reporter.close(step=len(rows), results=store.url(f"{layout.EVALUATION}/results.json"))  # type: ignore[union-attr]
+        store.commit(cfg.output, files, meta={"table": table, "experts": experts, "missing_experts": missing,
+                                              "parent": result.get("parent"), "n_samples": cfg.n_samples})
+        reporter.close(step=len(rows), results=store.url(f"{cfg.output}/results.json"))  # type: ignore[union-attr]
         print(format_table(rows), flush=True)
     barrier(rt)
     shutdown(rt)

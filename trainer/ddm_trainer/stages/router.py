@@ -190,7 +190,7 @@ def load_router(store: Store, device: str | torch.device = "cpu", use_ema: bool 
 
 def run(cfg: RouterConfig) -> dict[str, Any] | None:
     from ..clustering import load_assignments
-    from ..data import open_source
+    from ..grown_data import open_run_data
     from ..progress import Reporter
     from ..runtime import setup_runtime
     from ..store import open_store
@@ -201,14 +201,14 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     if int(assignments.num_clusters) != cfg.num_clusters:
         raise ConfigError(f"num_clusters={cfg.num_clusters} but the clustering at {store.url(layout.CLUSTERING)} "
                           f"has {assignments.num_clusters} clusters")
-    cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
+    # a grown run's router learns every cluster, old and new: it trains on every generation's data (grown_data)
+    source, cluster_of, _ = open_run_data(store, cfg.data)
     train_keys, held_keys = split_holdout(list(cluster_of), cfg.eval.holdout, cfg.seed)
 
     if cfg.num_classes is not None and not cfg.data.class_field:
         raise ConfigError("num_classes is set (a class-conditional router) but data.class_field is not: "
                           "the router would have no labels to condition on")
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
-    source = open_source(cfg.data, store)
     stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys,
                            prefetch=cfg.train.prefetch)
     pooled = None

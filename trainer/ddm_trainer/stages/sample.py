@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import layout
+from .. import layout, lineage
 from ..checkpoint import CONFIG_FILE, load_final
 from ..combine import parse_strategy
 from ..configs.sample import SampleConfig
 from ..errors import ConfigError, DataError, MissingArtifactError
 from ..sampler import CombinedSampler, labels_range, noise_range
-from ..store import MANIFEST, Store
+from ..store import Store
 
 SAMPLES = "samples"  # samples/<name>/: MANIFEST.json, grid.png, samples.npz
 
@@ -66,13 +66,9 @@ def expert_spec(config: dict[str, Any], where: str) -> ExpertSpec:
 
 
 def committed_experts(store: Store) -> list[int]:
-    """Indices of experts whose final weights are committed (``experts/NNN/final/MANIFEST.json``), ascending."""
-    found = set()
-    for key in store.list(layout.EXPERTS):
-        parts = key.split("/")
-        if len(parts) == 4 and parts[1].isdigit() and parts[2:] == ["final", MANIFEST]:
-            found.add(int(parts[1]))
-    return sorted(found)
+    """Indices of the run's committed experts, ascending: its own (``experts/NNN/final/MANIFEST.json``) and, for a
+    grown run, those it inherited from its parent (``lineage``)."""
+    return lineage.committed_experts(store)
 
 
 def ensemble_size(store: Store, present: list[int]) -> int:
@@ -123,8 +119,8 @@ def validate_ensemble(store: Store, strategy: str) -> Ensemble:
     # router's probabilities are renormalised over them (CombinedSampler).
     specs: list[ExpertSpec | None] = []
     for k in range(count):
-        stage_dir = layout.expert(k)
-        specs.append(expert_spec(_final_config(store, stage_dir), store.url(layout.final(stage_dir)))
+        stage_dir, home = layout.expert(k), lineage.expert_home(store, k)  # a grown run's old experts: the parent's
+        specs.append(expert_spec(_final_config(home, stage_dir), home.url(layout.final(stage_dir)))
                      if k in present else None)
     strat.check(count)
     if not present:
@@ -258,16 +254,17 @@ def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = 
         ensemble = validate_ensemble(run_store, strategy)
         specs, dirs, router_k = ensemble.experts, [layout.expert(k) for k in range(len(ensemble.experts))], \
             ensemble.router_k
-    else:
+        homes = [lineage.expert_home(run_store, k) for k in range(len(dirs))]  # a grown run reads old experts where
+    else:                                                                      # its parent committed them
         dirs = list(stage_dirs)
         specs = [expert_spec(_final_config(run_store, d), run_store.url(layout.final(d))) for d in dirs]
-        router_k = None
+        router_k, homes = None, [run_store] * len(dirs)
     spec0 = next(s for s in specs if s is not None)
-    experts = [_cached(models, ("expert", d, use_ema, compile), _expert_loader(run_store, d, s, use_ema, compile))
-               if s is not None else None for d, s in zip(dirs, specs)]
+    experts = [_cached(models, ("expert", h.url(d), use_ema, compile), _expert_loader(h, d, s, use_ema, compile))
+               if s is not None else None for d, s, h in zip(dirs, specs, homes)]
     router_src = None
     if router_k is not None:
-        router_src = _cached(models, ("router", compile), (lambda: compile_blocks(load_router(run_store, "cpu")))
+        router_src = _cached(models, ("router", run_store.url(layout.ROUTER), compile), (lambda: compile_blocks(load_router(run_store, "cpu")))
                              if compile else (lambda: load_router(run_store, "cpu")))
     sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
                               cfg_scale=cfg_scale, device=device, devices=expert_devices,
