@@ -1,0 +1,537 @@
+"""Fleet harness: N DecentralizedDiffusions of K experts over two real control planes and a kwok GPU fleet, with faults.
+
+Two planes from the test environment (tests/fixtures/k8s.py), "a" (the operator's own) and "b" (a member cluster,
+reached through a kubeconfig Secret named by spec placement.targetCluster). Each runs kube-scheduler, the real
+Kubeflow training operator v1.9.4 and kwok, with ``--nodes / 2`` simulated GPU nodes (8 nvidia.com/gpu each, label
+pool=gpu, taint nvidia.com/gpu=present:NoSchedule, which every stage tolerates). Every DDM runs its experts
+k >= K/2 in b; odd-numbered DDMs run their router and evaluation in b too (clustering follows the experts' default
+placement, a). Each stage's pod runs ``--run-ms`` on a kwok node and exits 0 (kwok Stage, fixtures RUN_MS_ANNOTATION).
+
+Measured (no fault): stage-transition latency (the last job of a stage Succeeded, as the bench's own watches see it,
+until all of the next stage's jobs exist; split by whether the next stage's jobs are in a or b), the operator's peak
+RSS, its API requests per DDM (both API servers' audit logs of its client certificate, every verb, by resource)
+beside the minimum the pipeline needs (``minimum_requests``).
+
+Faults (``--faults`` takes a comma list, injected one after another while the DDMs run):
+  kill       SIGKILL the operator at ``--kills`` random points (uniform over ``--kill-window`` s); it restarts at once
+  pods       when experts run: delete ``--pod-faults`` expert pods and fail as many (exit 137, as kubelet reports an
+             OOM kill) in both clusters
+  cluster-b  b's API server stopped for ``--outage-s`` s (connections refused), then started at the same address
+  delete     the operator killed, ``--delete-ddms`` DDMs deleted while it is down, the operator started again
+After the run the harness checks: every DDM not deleted Succeeded, 0 duplicate children (one job per stage attempt,
+in one cluster, at most one live attempt per stage), 0 orphans (every child's ddm.io/uid is a DDM that exists, in
+both clusters, after garbage collection), no stage or expert marked Succeeded whose job did not succeed, retries
+within the failure policy and every expert hit by a pod fault Succeeded (retried when its pod failed), deleted DDMs
+gone, and, after the outage, b's stages finished with no operator restart. It exits 1 when a check fails.
+
+    python bench/fleet.py --ddms 100 --experts 8 --nodes 500            # the load run, figures recorded
+    python bench/fleet.py --ddms 10 --nodes 100 --faults kill,pods,cluster-b,delete --run-ms 20000
+
+Results (load runs only, no ``--faults``, unless ``--record``) go through bench/common.py's record() into
+bench/results/fleet.json. The run store is file:///mnt/ddm on a ReadWriteMany claim: kwok pods never touch it, so
+the operator's advisory store reads (progress, results) find nothing, in every run alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kube import (CLAIM, GROUP, JOBS, OPERATOR_USER, PLURAL, VERSION, JobWatch, OperatorProcess,
+                  operator_requests_by_resource, percentile, shared_volume, start_planes)
+
+NAMESPACE = "fleet"
+REMOTE_SECRET = "cluster-b"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+GPUS_PER_NODE = 8
+FAULTS = ("kill", "pods", "cluster-b", "delete")
+LABEL_UID = "ddm.io/uid"
+
+
+def ddm_names(n: int) -> list[str]:
+    return [f"d{i:03d}" for i in range(n)]
+
+
+def in_b(i: int, section: str, k: int = 0, experts: int = 0) -> bool:
+    """Where the harness puts each stage: experts k >= K/2 in b; router and evaluation of odd DDMs in b."""
+    if section == "expert":
+        return k >= experts // 2
+    return section in ("router", "evaluate") and i % 2 == 1
+
+
+def spec(i: int, k: int, run_ms: int, backoff_s: int) -> dict[str, Any]:
+    from fixtures.k8s import RUN_MS_ANNOTATION
+
+    toleration = {"key": GPU_TAINT["key"], "operator": "Exists", "effect": GPU_TAINT["effect"]}
+    local = {"nodeSelector": {"pool": "gpu"}, "tolerations": [toleration],
+             "podAnnotations": {RUN_MS_ANNOTATION: str(run_ms)}}
+    remote = {**local, "targetCluster": REMOTE_SECRET}
+    return {
+        "dataset": {"uri": "file:///data/bench", "imageSize": 32},
+        "clustering": {"numClusters": k, "fineClusters": 8 * k},
+        "experts": {"modelPreset": "DiT-S/2", "steps": 1000, "gpusPerNode": 1, "placement": local,
+                    "overrides": [{"experts": [e for e in range(k) if in_b(i, "expert", e, k)], "placement": remote}]},
+        "router": {"placement": remote if in_b(i, "router") else local},
+        "evaluation": {"placement": remote if in_b(i, "evaluate") else local},
+        "failurePolicy": {"backoffSeconds": backoff_s},
+        "storage": {"uri": "file:///mnt/ddm", "volumeClaim": CLAIM},  # a path on one node needs a shared volume
+        "trainerImage": "ddm-trainer:bench",
+    }
+
+
+def minimum_requests(k: int, remote: bool) -> dict[str, int]:
+    """The API requests one DDM of K experts cannot do without, with every read served from watches: each stage's
+    PyTorchJob and ConfigMap created (clustering, K experts, router, evaluation), one status write per step the user
+    must see (clustering launched, experts and router launched, evaluation launched, Succeeded), and kopf's
+    finalizer added when children live in another cluster (no owner reference reaches them there)."""
+    jobs = 1 + k + 1 + 1
+    out = {"create pytorchjobs": jobs, "create configmaps": jobs, "patch decentralizeddiffusions/status": 4}
+    if remote:
+        out["patch decentralizeddiffusions (finalizer)"] = 1
+    return out
+
+
+class Fleet:
+    """The two planes, their watches, the operator, and the admin clients the harness acts and checks with."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args, self.work = args, work
+        self.planes: list[Any] = []
+        self.watches: dict[str, JobWatch] = {}
+        self.operator: OperatorProcess | None = None
+        self.log: list[str] = []  # what the harness did, in order (printed and kept in the report)
+
+    def note(self, text: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
+        self.log.append(line)
+        print(line, flush=True)
+
+    def setup(self) -> None:
+        from fixtures.k8s import inline_kubeconfig
+        from kubernetes import client
+
+        started = time.monotonic()
+        self.planes = start_planes(["a", "b"], self.work)
+        self.a, self.b = self.planes
+        per_plane = -(-self.args.nodes // 2)
+
+        def fleet(plane: Any) -> None:
+            plane.start_fleet()
+            plane.add_gpu_nodes("gpu", per_plane, gpus=GPUS_PER_NODE, taints=[GPU_TAINT])
+
+        for plane in self.planes:  # not from worker threads: the fixtures' children die with the thread that
+            fleet(plane)             # spawned them (PR_SET_PDEATHSIG follows the thread, not the process)
+        from ddm_operator.api.crd import render_crd
+
+        self.a.apply_yaml(render_crd())  # the working tree's CRD (crds/ may lag an uncommitted change)
+        self.custom = {p.name: client.CustomObjectsApi(p.api_client()) for p in self.planes}
+        self.core = {p.name: client.CoreV1Api(p.api_client()) for p in self.planes}
+        for plane in self.planes:
+            self.core[plane.name].create_namespace({"metadata": {"name": NAMESPACE}})
+            shared_volume(self.core[plane.name], NAMESPACE)
+            self.watches[plane.name] = JobWatch(plane.api_client(), NAMESPACE)
+            self.watches[plane.name].start()
+        remote = inline_kubeconfig(self.b.user_kubeconfig(OPERATOR_USER, ["system:masters"]))
+        self.core["a"].create_namespaced_secret(NAMESPACE, {"metadata": {"name": REMOTE_SECRET},
+                                                            "stringData": {"kubeconfig": remote}})
+        env = {"DDM_RECONCILE_INTERVAL_S": f"{self.args.interval:g}"} if self.args.interval else {}
+        self.operator = OperatorProcess(self.a.user_kubeconfig(OPERATOR_USER, ["system:masters"]), NAMESPACE,
+                                        self.work / "operator.log", env, verbose=self.args.verbose)
+        self.operator.start()
+        self.operator.wait_ready()
+        self.note(f"2 planes, {2 * per_plane} kwok GPU nodes, operator live in {time.monotonic() - started:.0f} s "
+                  f"(work dir {self.work})")
+
+    def stop(self) -> None:
+        for w in self.watches.values():
+            w.stopped = True
+        if self.operator is not None:
+            self.operator.stop()
+        for plane in self.planes:
+            plane.stop()
+
+    # ---- views
+
+    def ddms(self) -> dict[str, dict[str, Any]]:
+        items = self.custom["a"].list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
+        return {d["metadata"]["name"]: d for d in items}
+
+    def children(self, plane: str, kind: str) -> list[dict[str, Any]]:
+        """PyTorchJobs, ConfigMaps or pods of plane carrying the ddm.io/uid label (metadata and status only)."""
+        from kubernetes import client
+
+        if kind == "pytorchjobs":
+            return self.custom[plane].list_namespaced_custom_object(*JOBS, NAMESPACE, kind, label_selector=LABEL_UID)["items"]
+        lister = (self.core[plane].list_namespaced_config_map if kind == "configmaps"
+                  else self.core[plane].list_namespaced_pod)
+        return [client.ApiClient().sanitize_for_serialization(o) for o in lister(NAMESPACE, label_selector=LABEL_UID).items]
+
+    def seen(self, table: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for w in self.watches.values():
+            with w.lock:
+                out.update(getattr(w, table))
+        return out
+
+
+# ---------------------------------------------------------------- faults
+
+
+def fault_kill(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
+    op = fleet.operator
+    assert op is not None
+    points = sorted(rng.uniform(0.5, fleet.args.kill_window) for _ in range(fleet.args.kills))
+    t0, restarts = time.monotonic(), []
+    for n, at in enumerate(points, 1):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        op.kill()
+        op.start()
+        restarts.append(op.wait_ready())
+        fleet.note(f"kill {n}/{len(points)} at +{at:.1f} s; live again in {restarts[-1]:.1f} s"
+                   + (" (all DDMs had finished)" if done.is_set() else ""))
+    return {"kills": len(points), "restart_s_max": round(max(restarts), 2)}
+
+
+def _running_expert_pods(fleet: Fleet) -> list[tuple[str, dict[str, Any]]]:
+    return [(plane, pod) for plane in ("a", "b") for pod in fleet.children(plane, "pods")
+            if pod["metadata"]["labels"].get("ddm.io/stage") == "expert" and pod["status"].get("phase") == "Running"]
+
+
+def fault_pods(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
+    """Deletes n running expert pods and makes n others fail with exit 137 (the pod status kubelet writes for a
+    container the kernel OOM-killed: phase Failed, terminated exitCode 137, reason OOMKilled)."""
+    n = fleet.args.pod_faults
+    deadline = time.monotonic() + 600
+    while len(pods := _running_expert_pods(fleet)) < 2 * n:
+        if time.monotonic() > deadline or done.is_set():
+            raise RuntimeError(f"fewer than {2 * n} expert pods ever ran at once")
+        time.sleep(0.5)
+    chosen = rng.sample(pods, 2 * n)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    hit: dict[str, str] = {}
+    for i, (plane, pod) in enumerate(chosen):
+        meta = pod["metadata"]
+        job = meta["labels"]["training.kubeflow.org/job-name"]
+        if i < n:
+            fleet.core[plane].delete_namespaced_pod(meta["name"], NAMESPACE, grace_period_seconds=0)
+            hit[job] = f"pod deleted ({plane})"
+        else:
+            container = pod["spec"]["containers"][0]
+            fleet.core[plane].patch_namespaced_pod_status(meta["name"], NAMESPACE, {"status": {
+                "phase": "Failed", "reason": "OOMKilled", "containerStatuses": [{
+                    "name": container["name"], "image": container["image"], "imageID": "", "ready": False,
+                    "restartCount": 0, "started": False, "state": {"terminated": {
+                        "exitCode": 137, "reason": "OOMKilled", "startedAt": now, "finishedAt": now}}}]}})
+            hit[job] = f"pod failed, exit 137 ({plane})"
+    fleet.note(f"pod faults: {hit}")
+    return {"pods": hit}
+
+
+def fault_cluster_b(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
+    """b's API server stopped for --outage-s once experts run there, then started at the same address."""
+    wait_for_experts_in_b(fleet, done)
+    starts = fleet.operator.starts if fleet.operator else 0
+    fleet.b.stop_apiserver()
+    fleet.note(f"cluster b API server stopped for {fleet.args.outage_s:g} s")
+    time.sleep(fleet.args.outage_s)
+    fleet.b.start_apiserver()
+    back = time.monotonic()
+    fleet.note("cluster b API server started again")
+    return {"outage_s": fleet.args.outage_s, "back_at": back, "operator_starts_before": starts}
+
+
+def wait_for_experts_in_b(fleet: Fleet, done: threading.Event) -> None:
+    deadline = time.monotonic() + 600
+    while not any("-expert-" in n for n in fleet.watches["b"].seen):
+        if time.monotonic() > deadline or done.is_set():
+            raise RuntimeError("no expert job ever appeared in cluster b")
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
+def fault_delete(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
+    """The operator killed; --delete-ddms DDMs with jobs in both clusters deleted while it is down; started again."""
+    wait_for_experts_in_b(fleet, done)
+    op = fleet.operator
+    assert op is not None
+    op.kill()
+    names = rng.sample(sorted(fleet.ddms()), fleet.args.delete_ddms)
+    for name in names:
+        fleet.custom["a"].delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+    time.sleep(2.0)
+    op.start()
+    op.wait_ready()
+    fleet.note(f"deleted {names} while the operator was down; it runs again")
+    return {"deleted": names}
+
+
+FAULT_FUNCS = {"kill": fault_kill, "pods": fault_pods, "cluster-b": fault_cluster_b, "delete": fault_delete}
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check(fleet: Fleet, faults: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The invariants after the run (see the module docstring); returns {"problems": [...], ...}."""
+    problems: list[str] = []
+    deleted = set((faults.get("delete") or {}).get("deleted", []))
+    ddms = fleet.ddms()
+    uids = {d["metadata"]["uid"] for d in ddms.values()}
+    for name in deleted & set(ddms):
+        problems.append(f"{name} was deleted but still exists (finalizers {ddms[name]['metadata'].get('finalizers')})")
+    jobs = {p: fleet.children(p, "pytorchjobs") for p in ("a", "b")}
+    # duplicates: a stage attempt made twice (in both clusters), or two live attempts of one stage
+    attempts: dict[tuple[str, str], list[tuple[int, str, bool]]] = {}
+    for plane, items in jobs.items():
+        for job in items:
+            labels = job["metadata"]["labels"]
+            done = any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
+                       for c in (job.get("status") or {}).get("conditions") or [])
+            attempts.setdefault((labels[LABEL_UID], labels["ddm.io/key"]), []).append(
+                (int(labels["ddm.io/attempt"]), plane, done))
+    duplicates = []
+    for (uid, key), seen in attempts.items():
+        numbers = [a for a, _, _ in seen]
+        if len(numbers) != len(set(numbers)) or sum(not d for _, _, d in seen) > 1:
+            duplicates.append(f"{uid[:8]}/{key}: {sorted(seen)}")
+    problems += [f"duplicate children: {d}" for d in duplicates]
+    # orphans: children whose DDM does not exist (garbage collection of a's children is asynchronous: wait for it)
+    deadline = time.monotonic() + 120
+    while True:
+        orphans = [f"{plane} {kind} {o['metadata']['name']}" for plane in ("a", "b")
+                   for kind in ("pytorchjobs", "configmaps", "pods") for o in fleet.children(plane, kind)
+                   if o["metadata"]["labels"][LABEL_UID] not in uids]
+        if not orphans or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    problems += [f"orphan: {o}" for o in orphans[:20]] + ([f"... {len(orphans) - 20} more orphans"] if len(orphans) > 20 else [])
+    # stages marked done that did not succeed, and retries within the policy
+    job_ok = {(p, j["metadata"]["name"]): any(c.get("type") == "Succeeded" and c.get("status") == "True"
+                                             for c in (j.get("status") or {}).get("conditions") or [])
+              for p, items in jobs.items() for j in items}
+    not_succeeded, over_policy, retried = [], [], {}
+    for name, ddm in ddms.items():
+        status, pol = ddm.get("status") or {}, (ddm["spec"].get("failurePolicy") or {})
+        if status.get("phase") != "Succeeded":
+            not_succeeded.append(f"{name}: {status.get('phase')} ({status.get('message')})")
+        for field, key in (("clustering", "cluster"), ("router", "router"), ("evaluation", "evaluate")):
+            st = (status.get("stages") or {}).get(field) or {}
+            plane = "b" if in_b(int(name[1:]), key) else "a"
+            if st.get("phase") == "Succeeded" and not job_ok.get((plane, st.get("jobName", ""))):
+                problems.append(f"{name} {field} marked Succeeded but job {plane}/{st.get('jobName')} did not succeed")
+            if st.get("attempts", 0) > 1 + pol.get("maxRetriesPerStage", 2):
+                over_policy.append(f"{name} {field}: {st.get('attempts')} attempts")
+        for e in status.get("experts") or []:
+            plane = "b" if e.get("cluster") == REMOTE_SECRET else "a"
+            if e.get("phase") == "Succeeded" and not job_ok.get((plane, e.get("jobName", ""))):
+                problems.append(f"{name} expert {e['index']} marked Succeeded but job {plane}/{e.get('jobName')} did not")
+            if e.get("retries", 0) > pol.get("maxRetriesPerExpert", 3):
+                over_policy.append(f"{name} expert {e['index']}: {e.get('retries')} retries")
+            if e.get("retries"):
+                retried[f"{name}/expert-{e['index']:03d}"] = f"{e['retries']} retries, now {e.get('jobName')}"
+    problems += [f"not Succeeded: {n}" for n in not_succeeded] + [f"over policy: {o}" for o in over_policy]
+    # every expert hit by a pod fault finished (a failed pod: retried as a new attempt)
+    for job, what in ((faults.get("pods") or {}).get("pods") or {}).items():
+        ddm, rest = job.split("-expert-")
+        index = int(rest.split("-")[0])
+        if ddm in deleted:
+            continue
+        e = next((e for e in (ddms.get(ddm, {}).get("status") or {}).get("experts") or [] if e["index"] == index), {})
+        if e.get("phase") != "Succeeded":
+            problems.append(f"{job} ({what}) ended {e.get('phase')}")
+        elif "exit 137" in what and not e.get("retries"):
+            problems.append(f"{job} ({what}) Succeeded without a retry: its failure went unseen")
+    if "cluster-b" in faults and fleet.operator is not None:
+        outage = faults["cluster-b"]
+        restarts = fleet.operator.starts - outage["operator_starts_before"]
+        if restarts and "kill" not in faults and "delete" not in faults:
+            problems.append(f"the operator restarted {restarts} times around b's outage")
+    return {"problems": problems, "ddms": len(ddms), "deleted": sorted(deleted), "duplicates": len(duplicates),
+            "orphans": len(orphans), "retried_experts": retried, "jobs": {p: len(v) for p, v in jobs.items()}}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def latest_name(seen: dict[str, float], stem: str) -> str:
+    """The highest attempt of stage ``stem`` (``<ddm>-<key>``) that a watch saw."""
+    found = [n for n in seen if n.rsplit("-a", 1)[0] == stem]
+    return max(found, key=lambda n: int(n.rsplit("-a", 1)[1])) if found else f"{stem}-a1"
+
+
+def transition_latencies(fleet: Fleet, names: list[str], k: int) -> dict[str, list[float]]:
+    """Stage done -> next stage's jobs all exist, per DDM and boundary, keyed by where the next jobs are."""
+    seen, succeeded = fleet.seen("seen"), fleet.seen("succeeded")
+    out: dict[str, list[float]] = {}
+    for name in names:
+        i = int(name[1:])
+        experts = [f"{name}-expert-{e:03d}" for e in range(k)]
+        boundaries = [("cluster->experts+router", [f"{name}-cluster"], [*experts, f"{name}-router"],
+                       "a+b"),
+                      ("experts+router->evaluate", [*experts, f"{name}-router"], [f"{name}-evaluate"],
+                       "b" if in_b(i, "evaluate") else "a")]
+        for label, before, after, where in boundaries:
+            done = [succeeded.get(latest_name(succeeded, s)) for s in before]
+            nxt = [seen.get(latest_name(seen, s)) for s in after]
+            if None in done or None in nxt:
+                continue
+            out.setdefault(f"{label} (next in {where})", []).append(max(nxt) - max(done))  # type: ignore[type-var]
+    return out
+
+
+def diagnose(fleet: Fleet) -> str:
+    """Where a stuck run stands: DDM phases, and pod phases per cluster with one pending pod's conditions."""
+    phases: dict[str, int] = {}
+    for d in fleet.ddms().values():
+        phase = str((d.get("status") or {}).get("phase"))
+        phases[phase] = phases.get(phase, 0) + 1
+    out = [f"DDM phases {phases}"]
+    for plane in ("a", "b"):
+        pods = fleet.children(plane, "pods")
+        counts: dict[str, int] = {}
+        for pod in pods:
+            counts[pod["status"].get("phase", "?")] = counts.get(pod["status"].get("phase", "?"), 0) + 1
+        pending = next((p for p in pods if p["status"].get("phase") == "Pending"), None)
+        out.append(f"{plane} pods {counts}" + (f", e.g. {pending['metadata']['name']}: "
+                                               f"{pending['status'].get('conditions')}" if pending else ""))
+        job = next(iter(fleet.children(plane, "pytorchjobs")), None)
+        if job is not None:
+            out.append(f"{plane} job {job['metadata']['name']} status {job.get('status')}")
+    return "; ".join(out)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ddm-fleet-"))
+    fleet = Fleet(args, work)
+    rng = random.Random(args.seed)
+    finished = threading.Event()
+    try:
+        fleet.setup()
+        names = ddm_names(args.ddms)
+        started = time.monotonic()
+        for name in names:
+            fleet.custom["a"].create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "DecentralizedDiffusion", "metadata": {"name": name},
+                "spec": spec(int(name[1:]), args.experts, args.run_ms, args.backoff_s)})
+        fleet.note(f"{len(names)} DDMs of K={args.experts} created")
+        done, injected = threading.Event(), threading.Event()
+        faults: dict[str, Any] = {}
+        errors: list[str] = []
+
+        def inject() -> None:
+            for fault in [f for f in args.faults.split(",") if f]:
+                try:
+                    faults[fault] = FAULT_FUNCS[fault](fleet, rng, done)
+                except Exception as exc:  # noqa: BLE001 (reported as a failed check)
+                    errors.append(f"fault {fault}: {type(exc).__name__}: {exc}")
+                    fleet.note(errors[-1])
+            injected.set()
+            finished.wait()  # an API server it restarted dies with this thread (PR_SET_PDEATHSIG): outlive the run
+
+        injector = threading.Thread(target=inject, daemon=True)
+        injector.start()
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            if not injected.is_set():
+                continue
+            deleted = set((faults.get("delete") or {}).get("deleted", []))
+            phases = {n: (d.get("status") or {}).get("phase") for n, d in fleet.ddms().items()}
+            if all(phases.get(n) == "Succeeded" for n in names if n not in deleted) and not deleted & set(phases):
+                break
+        else:
+            errors.append(f"not all DDMs finished within --timeout {args.timeout} s; {diagnose(fleet)}")
+        done.set()
+        elapsed = time.monotonic() - started
+        injected.wait(timeout=600)
+        fleet.note(f"all DDMs finished in {elapsed:.0f} s" if not errors else f"stopped after {elapsed:.0f} s")
+        result = check(fleet, faults, names)
+        result["problems"] = errors + result["problems"]
+        if "cluster-b" in faults:  # b's stages picked up again: the last job Succeeded in b after it was back
+            back = faults["cluster-b"]["back_at"]
+            after = [t for t in fleet.watches["b"].succeeded.values() if t > back]
+            result["b_back_to_last_job_done_s"] = round(max(after) - back, 1) if after else None
+        requests: dict[str, int] = {}
+        for plane in fleet.planes:
+            for what, count in operator_requests_by_resource(plane).items():
+                requests[what] = requests.get(what, 0) + count
+        assert fleet.operator is not None
+        fleet.operator.stop()
+        result.update(latencies=transition_latencies(fleet, names, args.experts), requests=requests,
+                      rss_kib=fleet.operator.peak_rss_kib, elapsed=elapsed, faults=faults,
+                      operator_starts=fleet.operator.starts, log=fleet.log, work=str(work))
+        return result
+    finally:
+        fleet.stop()
+        finished.set()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ddms", type=int, default=10)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--nodes", type=int, default=100, help="kwok GPU nodes in all (half per cluster)")
+    parser.add_argument("--run-ms", type=int, default=3000, help="how long each stage's pod runs")
+    parser.add_argument("--backoff-s", type=int, default=2, help="spec failurePolicy.backoffSeconds")
+    parser.add_argument("--interval", type=float, default=None, help="DDM_RECONCILE_INTERVAL_S (default: the operator's)")
+    parser.add_argument("--faults", default="", help=f"comma list of {', '.join(FAULTS)}, injected in that order")
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kill-window", type=float, default=60.0, help="kill: the span the kill points are drawn from (s)")
+    parser.add_argument("--pod-faults", type=int, default=3, help="pods: expert pods deleted, and as many failed")
+    parser.add_argument("--outage-s", type=float, default=300.0, help="cluster-b: how long b's API is down")
+    parser.add_argument("--delete-ddms", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="the whole run, from the DDMs' creation (s)")
+    parser.add_argument("--record", action="store_true", help="record figures of a fault run too")
+    parser.add_argument("--verbose", action="store_true", help="the operator's debug log (operator.log in the work dir)")
+    args = parser.parse_args()
+    unknown = {f for f in args.faults.split(",") if f} - set(FAULTS)
+    if unknown:
+        parser.error(f"--faults: unknown {sorted(unknown)}; choose from {', '.join(FAULTS)}")
+
+    out = run(args)
+    all_lat = [v for vs in out["latencies"].values() for v in vs]
+    total = sum(out["requests"].values())
+    print(json.dumps({k: v for k, v in out.items() if k not in ("log",)}, indent=1, default=str)[:20000])
+    summary = {"latency_p50_s": round(statistics.median(all_lat), 3) if all_lat else None,
+               "latency_p99_s": round(percentile(all_lat, 99), 3) if all_lat else None,
+               "requests_per_ddm": round(total / args.ddms, 1), "peak_rss_mib": round(out["rss_kib"] / 1024, 1),
+               "wall_s": round(out["elapsed"], 1), "problems": len(out["problems"])}
+    print("SUMMARY", json.dumps(summary))
+    for problem in out["problems"]:
+        print("PROBLEM", problem)
+    if (args.faults and not args.record) or out["problems"]:
+        sys.exit(1 if out["problems"] else 0)
+
+    from common import record
+
+    tag = f"{args.ddms}x{args.experts}, {args.nodes} nodes, 2 clusters, run {args.run_ms} ms" + (
+        f", faults {args.faults}" if args.faults else "")
+
+    def rec(metric: str, value: float, unit: str, reference: float | None = None) -> None:
+        record("fleet", f"{metric}[{tag}]", round(value, 4), unit, reference)
+
+    rec("stage_transition_latency_p50", statistics.median(all_lat), "s")
+    rec("stage_transition_latency_p99", percentile(all_lat, 99), "s", 2.0)
+    for label, values in sorted(out["latencies"].items()):
+        rec(f"stage_transition_latency_p50/{label}", statistics.median(values), "s")
+        rec(f"stage_transition_latency_p99/{label}", percentile(values, 99), "s")
+    rec("operator_peak_rss", out["rss_kib"] / 1024, "MiB", 150 * 1e6 / 2**20)
+    minimum = sum(minimum_requests(args.experts, True).values())
+    rec("operator_api_requests_per_ddm", total / args.ddms, "requests", minimum)
+    for what, count in sorted(out["requests"].items()):
+        rec(f"operator_api_requests_per_ddm/{what}", count / args.ddms, "requests")
+    rec("run_wall_time", out["elapsed"], "s")
+
+
+if __name__ == "__main__":
+    main()
