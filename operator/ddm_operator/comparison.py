@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 MONOLITH = "monolith"  # the evaluation table's row of the baseline (spec.baseline)
+PARENT = "parent:"  # a grown run's rows of its parent's ensemble (spec.growth.compareParent)
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ class Comparison:
 
 
 def best_fid(rows: Iterable[tuple[str, float | None]]) -> tuple[str, float] | None:
-    """(strategy, FID) of the best routing strategy; the monolith row is a reference, not a DDM result."""
-    scored = [(s, f) for s, f in rows if s != MONOLITH and f is not None]
+    """(strategy, FID) of the best routing strategy; the monolith row and a grown run's parent:<strategy> rows are
+    references, not this DDM's results."""
+    scored = [(s, f) for s, f in rows if s != MONOLITH and not s.startswith(PARENT) and f is not None]
     return min(scored, key=lambda sf: sf[1]) if scored else None
 
 

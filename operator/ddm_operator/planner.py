@@ -307,8 +307,6 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     in_dag_order = sorted(observed.stages.items(), key=lambda kv: kv[0])
     failure = _failure(spec, cluster, router, evaluate, distill, stage_retries, k_total, len(dead), min_experts,
                        baseline)
-    if failure is None and grown and observed.parent is None:
-        failure = ("ParentUnknown", "the clustering committed no parent (spec.growth.parentUri): re-run clustering")
     if failure is not None:
         reason, message = failure
         cancels: list[Action] = [Cancel(key) for key, o in in_dag_order if o.state in (State.RUNNING, State.SUSPENDED)]
@@ -334,6 +332,11 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
         if cluster.state is State.ABSENT:
             return finish("Pending", "Starting", "launching clustering", actions, waiting)
         return finish("Clustering", "Clustering", _describe("clustering", cluster), actions, waiting)
+
+    if grown and observed.parent is None:  # which experts are the parent's is not known yet (store unreadable)
+        return finish("Training", "WaitingForParent",
+                      "waiting to read the parent run recorded by the committed clustering (spec.growth)", actions,
+                      waiting)
 
     # ---- experts, the baseline and the router, side by side (the baseline takes a parallelism slot like an expert)
     take(_next_for(ROUTER, router, stage_retries, spec, now))

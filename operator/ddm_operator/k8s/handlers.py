@@ -6,9 +6,10 @@ Level-triggered: every reconcile recomputes everything from the spec and the obs
 event or a killed operator costs nothing. Event-driven: each DDM that is not finished has one async daemon
 (``reconciler``) that runs a pass, then sleeps until it is woken or a deadline passes. It is woken by a change of
 the DDM's spec and by a change of the phase of any of its PyTorchJobs in this cluster (one kopf watch on
-pytorchjobs; the parent is found by the ``ddm.io/uid`` label every child carries). Deadlines: a retry's backoff
-expiring, a stage live in another cluster (no watch there: DDM_REMOTE_INTERVAL_S), else a safety net
-(DDM_RECONCILE_INTERVAL_S). A Succeeded, Degraded or Failed DDM whose spec was handled has no daemon at all: nothing
+pytorchjobs; the parent is found by the ``ddm.io/uid`` label every child carries), and likewise by its PyTorchJobs in
+member clusters (one watch thread per cluster in use, remote_watch.py). Deadlines: a retry's backoff expiring, a
+stage live in another cluster whose watch is down (polled every DDM_REMOTE_INTERVAL_S until it is back), else a
+safety net (DDM_RECONCILE_INTERVAL_S). A Succeeded, Degraded or Failed DDM whose spec was handled has no daemon at all: nothing
 polls it until its spec changes. Children have deterministic names; creating one that exists (409) adopts it, so a
 re-run never duplicates.
 
@@ -41,12 +42,14 @@ from ddm_trainer.errors import DDMError
 from .. import planner as pl
 from .. import stages
 from ..comparison import best_fid, compare
+from ..partial import latest_partial
 from ..api.models import (
     GROUP,
     PLURAL,
     VERSION,
     DecentralizedDiffusionSpec,
     DecentralizedDiffusionStatus,
+    PartialEnsembleStatus,
     Placement,
     Results,
     StrategyResult,
@@ -57,10 +60,11 @@ from .admission import check_trainer_image
 from .multicluster import ClusterClients
 from .observe import JobState, has_failed, job_state, latest_attempts
 from .observe import parse_time as observe_time
+from .remote_watch import RemoteWatches
 from .storage import StoreClients, check_storage
 
 INTERVAL_S = float(os.environ.get("DDM_RECONCILE_INTERVAL_S", "30"))  # safety net: events wake a DDM at once
-REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # stages in other clusters: not watched
+REMOTE_INTERVAL_S = float(os.environ.get("DDM_REMOTE_INTERVAL_S", "5"))  # a member cluster whose watch is down
 WAKE_ON_CHILDREN = os.environ.get("DDM_WAKE_ON_CHILDREN", "1") != "0"  # 0: timer only (for benchmarks)
 BACKEND = b.backend_named(os.environ.get("DDM_JOB_BACKEND", b.PYTORCHJOB.name))  # PyTorchJob or TrainJob children
 # Every request to another cluster has a deadline: a member whose API server stops answering (a firewall dropping
@@ -76,6 +80,7 @@ _clusters = ClusterClients()
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 _stores = StoreClients()
+_parents: dict[str, pl.ParentObservation] = {}  # DDM uid -> its parent, once its clustering has committed
 
 
 def _lock(uid: str) -> threading.Lock:
@@ -160,7 +165,7 @@ def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[P
         return spec.experts.placement_for(key.index or 0), spec.experts.gpus_per_node
     if key.stage == "router":
         return spec.router.placement, spec.router.gpus_per_node
-    if key.stage == "evaluate":
+    if key.stage in ("evaluate", "probe"):  # a probe: the partial ensemble's lightweight evaluation
         return spec.evaluation.placement, spec.evaluation.gpus_per_node
     if key.stage == "distill" and spec.distillation is not None:
         return spec.distillation.placement, 1
@@ -270,9 +275,36 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
         artifacts["student"] = store.url(layout.final(layout.DISTILLATION))
     if spec.baseline_enabled:
         artifacts["baseline"] = store.url(layout.final(layout.MONOLITH))
+    parent = manifest.get("parent")
+    if parent:  # a grown run: its parent's experts are where the parent committed them
+        for k in parent.get("experts") or []:
+            artifacts[f"expert-{k:03d}"] = f"{parent['uri'].rstrip('/')}/{layout.final(layout.expert(k))}"
     vs = compare((r.strategy, r.fid) for r in rows)
     return Results(fid=rows, artifacts=artifacts, best_vs_monolith=round(vs.ratio, 4) if vs else None,
-                   experts=manifest.get("experts"), missing_experts=manifest.get("missing_experts"))
+                   experts=manifest.get("experts"), missing_experts=manifest.get("missing_experts"),
+                   parent_uri=parent.get("uri") if parent else None)
+
+
+def _parent(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> pl.ParentObservation | None:
+    """A grown run's parent as its committed clustering recorded it; read once (a committed clustering does not
+    change), None while the store is unreadable (the planner then waits)."""
+    if uid not in _parents:
+        try:
+            found = pl.parent_from_manifest(_run_store(spec, namespace, name).read_manifest(layout.CLUSTERING))
+        except Exception:  # store unreachable from the operator: try again on the next pass
+            return None
+        if found is None:
+            return None
+        _parents[uid] = found
+    return _parents[uid]
+
+
+def _partial(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> PartialEnsembleStatus | None:
+    """The latest committed lightweight evaluation of the partial ensemble (None when unreadable)."""
+    try:
+        return latest_partial(_run_store(spec, namespace, name))
+    except Exception:  # advisory, like progress
+        return None
 
 
 WAITING_FOR_ADMISSION = "waiting for admission by Kueue"
@@ -315,7 +347,10 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
         observed[key] = pl.StageObservation(
             state=state_of[job.phase], attempts=job.attempt, step=step, retryable=not job.permanent,
             failed_at=job.finished_at, message=message, cluster=job.cluster, waiting=job.phase == "Queued")
-    return pl.Observed(now=time.time(), stages=observed), latest
+    parent = None
+    if spec.growth is not None and pl.CLUSTER in observed and observed[pl.CLUSTER].state is pl.State.SUCCEEDED:
+        parent = _parent(spec, namespace, name, uid)
+    return pl.Observed(now=time.time(), stages=observed, parent=parent), latest
 
 
 # ---------------------------------------------------------------- status
@@ -463,6 +498,8 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             kopf.warn(body, reason="InvalidSpec", message=message)
         return None
     owner = b.Owner(name=name, namespace=namespace, uid=uid)
+    if WAKE_ON_CHILDREN:  # its stages in member clusters wake it too
+        _remote.use(namespace, {c for c in clusters_of(spec) if c}, uid)
     try:
         observed, latest = observe(spec, namespace, name, uid)
     except DDMError as exc:  # e.g. a targetCluster Secret missing or unsafe: the user must fix it
@@ -499,18 +536,27 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             and not (old.router and old.router.uri)):
         router_facts = _router_facts(spec, namespace, name)  # once: a committed router does not change
     new = _status_of(plan, old, latest, generation, results, spec.experts.batch_size, router_facts)
+    probes = [j for k, j in latest.items() if k.startswith("probe-") and j.phase == "Succeeded"]
+    newest = max((int(j.key.split("-")[1]) for j in probes), default=0)
+    if newest and (old.partial is None or not (old.partial.uri or "").endswith(f"/{newest:03d}/results.json")):
+        new.partial = _partial(spec, namespace, name) or old.partial  # a probe landed: read its row once
+    else:
+        new.partial = old.partial
     wire = new.to_wire()
     if wire != _compact(old.to_wire()):
         _patch_status(namespace, name, wire)
         for reason, message in _transitions(old, new):
             (kopf.warn if "Failed" in message or "Retrying" in message else kopf.info)(body, reason=reason, message=message)
-    return next_look(plan.requeue_after, latest)
+    return next_look(plan.requeue_after, latest, _remote.watched(namespace))
 
 
-def next_look(requeue_after: float | None, latest: dict[str, JobState]) -> float | None:
+def next_look(requeue_after: float | None, latest: dict[str, JobState], watched: set[str] | frozenset[str] = frozenset(),
+              ) -> float | None:
     """Seconds until a pass is due even if no event comes: a retry's backoff expiring, or a stage live in another
-    cluster (its jobs are not watched: polled every REMOTE_INTERVAL_S while they run, never once they are done)."""
-    remote = any(j.cluster is not None and j.phase not in ("Succeeded", "Failed") for j in latest.values())
+    cluster whose watch is not connected (``watched``: those that are): polled every REMOTE_INTERVAL_S while it
+    runs, never once it is done."""
+    remote = any(j.cluster is not None and j.cluster not in watched and j.phase not in ("Succeeded", "Failed")
+                 for j in latest.values())
     due = [d for d in (requeue_after, REMOTE_INTERVAL_S if remote else None) if d is not None]
     return min(due, default=None)
 
@@ -529,12 +575,25 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()
     settings.posting.level = logging.INFO
+    logging.getLogger("kopf.objects").addFilter(_quiet_event_handlers)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.execution.max_workers = 8
     memo.executor = settings.execution.executor  # passes run in kopf's own pool for sync handlers (max_workers)
+
+
+def _quiet_event_handlers(record: logging.LogRecord) -> bool:
+    """kopf logs every handler's success at INFO: for the event handlers that is a line per child or DDM event
+    (thousands a minute on a fleet). Those lines become DEBUG (shown with --verbose)."""
+    if record.levelno == logging.INFO and record.getMessage().startswith(EVENT_HANDLER_SUCCESS):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+    return True
+
+
+EVENT_HANDLER_SUCCESS = ("Handler 'on_child_event' succeeded", "Handler 'on_ddm_event' succeeded")
 
 
 @kopf.on.probe(id="reconciled")
@@ -590,6 +649,19 @@ def _wake(ddm_uid: str | None) -> None:
         wake.set()
 
 
+_loop: asyncio.AbstractEventLoop | None = None  # kopf's loop, where the wake-up Events live
+
+
+def _wake_from_thread(ddm_uid: str) -> None:
+    """_wake from a member cluster's watch thread (asyncio Events are set on their own loop only)."""
+    if _loop is not None and not _loop.is_closed():
+        _loop.call_soon_threadsafe(_wake, ddm_uid)
+
+
+_remote = RemoteWatches(lambda namespace, cluster: _client_for(namespace, cluster),
+                        lambda event_type, job, seen: child_wakes_parent(event_type, job, seen), _wake_from_thread)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, id="reconciler", when=needs_reconciler, cancellation_backoff=5.0,
              cancellation_timeout=60.0)
 async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
@@ -597,8 +669,9 @@ async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopp
     """Pass, sleep until woken or due, repeat. A wake-up during a pass leaves the Event set: exactly one more pass
     follows, which reads everything that changed meanwhile (K experts finishing together cost one or two passes).
     When kopf stops it (the DDM finished or is deleted) it returns after its pass; cancellation is only a backstop."""
+    global _loop
     wake = _wakes[uid] = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    loop = _loop = asyncio.get_running_loop()
     stopping = asyncio.ensure_future(stopped.wait())
     try:
         while not stopped:
@@ -619,6 +692,7 @@ async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopp
                 woken.cancel()
     finally:
         stopping.cancel()
+        _remote.release(uid)
         if _wakes.get(uid) is wake:
             del _wakes[uid]
 
