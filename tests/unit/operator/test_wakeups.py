@@ -66,3 +66,26 @@ def test_next_pass_without_an_event_retry_backoff_or_a_live_remote_stage() -> No
     assert handlers.next_look(2.5, {"a": local}) == 2.5
     assert handlers.next_look(None, {"b": remote_running}) == handlers.REMOTE_INTERVAL_S
     assert handlers.next_look(0.5, {"b": remote_running}) == 0.5
+
+
+def test_a_remote_stage_is_polled_only_while_its_clusters_watch_is_down() -> None:
+    remote_running = JobState(key="expert-001", attempt=1, name="b", phase="Running", cluster="east")
+    assert handlers.next_look(None, {"b": remote_running}, {"east"}) is None  # its watch wakes the DDM
+    assert handlers.next_look(None, {"b": remote_running}, {"west"}) == handlers.REMOTE_INTERVAL_S
+
+
+def test_event_handler_successes_are_debug_lines() -> None:
+    import logging
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, message, None, None)
+
+    quiet, kept = record("Handler 'on_child_event' succeeded."), record("Handler 'on_delete' succeeded.")
+    logging.getLogger("kopf.objects").setLevel(logging.INFO)
+    try:
+        assert handlers._quiet_event_handlers(quiet) is False and quiet.levelname == "DEBUG"
+        assert handlers._quiet_event_handlers(kept) is True and kept.levelname == "INFO"
+        logging.getLogger("kopf.objects").setLevel(logging.DEBUG)
+        assert handlers._quiet_event_handlers(record("Handler 'on_ddm_event' succeeded.")) is True  # --verbose
+    finally:
+        logging.getLogger("kopf.objects").setLevel(logging.NOTSET)
