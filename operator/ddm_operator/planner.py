@@ -110,6 +110,7 @@ class ParentObservation:
     uri: str
     num_clusters: int  # the parent's K: experts 0..K-1 are the parent's, never trained here
     experts: frozenset[int]  # those the parent had committed; the others are lost to the grown run too
+    grown: frozenset[int] = frozenset()  # the parent's clusters that received new data (retrain: grown)
 
 
 def parent_from_manifest(manifest: Mapping[str, object] | None) -> ParentObservation | None:
@@ -118,7 +119,8 @@ def parent_from_manifest(manifest: Mapping[str, object] | None) -> ParentObserva
     if not isinstance(parent, dict):
         return None
     return ParentObservation(str(parent["uri"]), int(parent["num_clusters"]),
-                             frozenset(int(k) for k in parent["experts"]))
+                             frozenset(int(k) for k in parent["experts"]),
+                             frozenset(int(k) for k in (manifest or {}).get("grown") or []))
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,10 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     experts = [observed.get(expert_key(k)) for k in range(k_total)]
     grown = spec.growth is not None and cluster.state is State.SUCCEEDED
     if grown and observed.parent is not None:
-        experts = [_inherited(k, observed.parent) if k < observed.parent.num_clusters else o
+        # the parent's experts are used by reference, unless retrain: grown trains those whose cluster grew again
+        retrained = observed.parent.grown if spec.growth is not None and spec.growth.retrain == "grown" \
+            else frozenset()
+        experts = [_inherited(k, observed.parent) if k < observed.parent.num_clusters and k not in retrained else o
                    for k, o in enumerate(experts)]
 
     succeeded = [k for k, o in enumerate(experts) if o.state is State.SUCCEEDED]

@@ -161,6 +161,9 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
                 "num_classes": spec.dataset.num_classes if e.class_conditional else None,
                 "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
+                # growth.retrain grown: an expert of the parent's clusters starts from the parent's weights
+                **({"init_from_parent": True} if spec.growth is not None and spec.growth.retrain == "grown"
+                   and key.stage == "expert" else {}),
                 **_text(spec), **({"caption_dropout": e.caption_dropout} if spec.text_encoder else {}),
                 "train": {"steps": steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,

@@ -75,3 +75,51 @@ def open_reference_data(store: Store, data: DataConfig) -> tuple[Source, list[di
         return open_source(data, store), []
     source, _, parts = open_run_data(store, data)
     return source, [{"store": p.store.url(), "uri": p.data.uri, "limit": p.data.limit} for p in parts]
+
+
+class RoutedStore:
+    """The reads ``ClusterShards`` makes (``get_bytes``, ``url``), routed by a ``g<generation>/`` key prefix to
+    that generation's store: one cluster's shards of several generations, each read where it was committed."""
+
+    def __init__(self, stores: list[Store]):
+        self.stores = stores
+
+    def _split(self, key: str) -> tuple[Store, str]:
+        head, _, rest = key.partition("/")
+        if head.startswith("g") and head[1:].isdigit() and rest:
+            return self.stores[int(head[1:])], rest
+        return self.stores[-1], key
+
+    def get_bytes(self, key: str) -> bytes:
+        store, rest = self._split(key)
+        return store.get_bytes(rest)
+
+    def url(self, key: str = "") -> str:
+        store, rest = self._split(key)
+        return store.url(rest)
+
+
+def grown_cluster_shards(store: Store, cluster: int, data: DataConfig, own: Any,
+                         text_dim: int | None = None) -> Any:
+    """Cluster ``cluster``'s shards of every generation that has samples of it (an expert of a grown run retrained
+    on its cluster's old and new data, spec.growth.retrain grown); ``own`` (this run's shards) unchanged when the
+    run was not grown or only this run holds the cluster."""
+    from dataclasses import replace
+
+    from .cluster_shards import ClusterShards, open_cluster_shards
+
+    if parent_of(store) is None:
+        return own
+    parts = [p for p in data_parts(store, data) if (p.cluster == cluster).any()]
+    if len(parts) < 2 and (not parts or parts[0].store.url() == store.url()):
+        return own
+    opened = [open_cluster_shards(p.store, cluster, p.data, text_dim) for p in parts]
+    if any(o is None for o in opened):
+        from .errors import DataError
+
+        raise DataError(f"cluster {cluster} has samples in a generation without cluster shards "
+                        f"({[p.store.url() for p, o in zip(parts, opened) if o is None]})")
+    infos = [replace(info, key=f"g{g}/{info.key}") for g, o in enumerate(opened) for info in o.shards]
+    first = opened[-1]
+    return ClusterShards(RoutedStore([o.store for o in opened]), infos, data,  # type: ignore[arg-type]
+                         first.label_field, max((o.num_classes or 0) for o in opened) or None, first.text)

@@ -553,6 +553,10 @@ class GrowthSpec(SpecModel):
         "newClusters", description="newClusters: cluster the new data into numClusters minus the parent's K new "
                                    "clusters, each with a new expert; nearest: assign it to the parent's clusters "
                                    "(numClusters = the parent's K; no expert trains, the router learns the new data)")
+    retrain: Literal["new", "grown"] = Field(
+        "new", description="new: train only the new clusters' experts; grown: also retrain each of the parent's "
+                           "experts whose cluster received new data, from the parent's weights, on the cluster's "
+                           "old and new data (written to this run's store: the parent's files stay untouched)")
     compare_parent: bool = Field(True, description="Evaluate the parent's ensemble too, on the same reference images "
                                                    "(rows parent:<strategy>)")
 

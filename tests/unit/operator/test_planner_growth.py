@@ -70,6 +70,20 @@ def test_nearest_assignment_trains_no_expert() -> None:
     assert launched(plan(s, Observed(NOW, {CLUSTER: OK}, parent=PARENT))) == [ROUTER]
 
 
+def test_retrain_grown_trains_the_parents_experts_whose_clusters_grew() -> None:
+    parent = ParentObservation("runs/parent", 3, frozenset({0, 1, 2}), grown=frozenset({1}))
+    s = spec(k=3, evaluation={"strategies": ["full"]}, growth={"parentUri": "p", "assignment": "nearest",
+                                                               "retrain": "grown"})
+    assert launched(plan(s, Observed(NOW, {CLUSTER: OK}, parent=parent))) == [ROUTER, expert_key(1)]
+    cfg = stage_config(s, expert_key(1), "runs/grown")
+    assert cfg["init_from_parent"] is True and cfg["cluster_index"] == 1
+    assert launched(plan(spec(k=3, evaluation={"strategies": ["full"]}, growth={"parentUri": "p", "assignment": "nearest"}),
+                         Observed(NOW, {CLUSTER: OK}, parent=parent))) == [ROUTER]  # retrain: new (default)
+    assert "init_from_parent" not in stage_config(spec(), expert_key(3), "r")
+    assert parent_from_manifest({"parent": {"uri": "runs/parent", "num_clusters": 3, "experts": [0, 1, 2]},
+                                 "grown": [1]}) == parent
+
+
 def test_nothing_trains_until_the_parent_is_read() -> None:
     p = plan(spec(), Observed(NOW, {CLUSTER: OK}))  # e.g. the store unreadable from the operator for a moment
     assert (p.phase, p.reason, launched(p)) == ("Training", "WaitingForParent", [])

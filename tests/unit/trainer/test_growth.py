@@ -89,3 +89,59 @@ def test_low_rank_fid_is_torchmetrics_fid() -> None:
     metric.update(fake, real=False)
     assert fid.low_rank_fid(real, fake) == pytest.approx(float(metric.compute()), rel=1e-6)
     assert fid.fid_from_features(real, real) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_retrain_grown_starts_from_the_parents_weights_on_old_and_new_data(fashion_mnist_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Three generations in process: a K=2 parent, a child that assigns new data to the parent's clusters
+    (nearest) and retrains the experts whose clusters grew, from the parent's weights, on both generations' shards
+    (read where each generation committed them); the parent's files are never written."""
+    from ddm_trainer.checkpoint import load_final
+    from ddm_trainer.configs.expert import ExpertConfig
+    from ddm_trainer.datasets import fashion_mnist_to_shards
+    from ddm_trainer.grown_data import grown_cluster_shards
+    from ddm_trainer.stages import expert
+    from ddm_trainer.stages.cluster import run as run_cluster
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    fashion_mnist_to_shards(old, limit=80, shard_size=80, source_dir=fashion_mnist_dir, classes=(1, 7))
+    fashion_mnist_to_shards(new, limit=20, shard_size=20, source_dir=fashion_mnist_dir, classes=(7,))
+    data = {"image_size": 16, "channels": 1, "workers": 0}
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    common = {"num_clusters": 2, "fine_clusters": 2, "encoder": "raw-pixels", "examples_per_cluster": 0}
+    run_cluster(ClusterConfig.model_validate({"run_uri": str(parent), "data": {"uri": str(old), **data}, **common}))
+    torch.set_num_threads(1)
+    train = {"steps": 2, "batch_size": 8, "ckpt_every": 2, "precision": "fp32", "compile": False}
+    for k in (0, 1):
+        expert.run(ExpertConfig.model_validate({"run_uri": str(parent), "device": "cpu", "cluster_index": k,
+                                                "model": "DiT-T/4", "data": {"uri": str(old), **data},
+                                                "train": train, "sample_grid": {"count": 0}}))
+    before = {str(p): p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()}
+    run_cluster(ClusterConfig.model_validate({"run_uri": str(child), "data": {"uri": str(new), **data}, **common,
+                                              "growth": {"parent_uri": str(parent), "assignment": "nearest"}}))
+    pstore, cstore = FileStore(parent), FileStore(child)
+    grown = cstore.read_manifest(layout.CLUSTERING)["grown"]
+    assert grown, "the new sneakers land in one of the parent's clusters"
+    k = grown[0]
+    own = cstore.read_manifest(layout.CLUSTERING)["sizes"][k]
+    old_k = pstore.read_manifest(layout.CLUSTERING)["sizes"][k]
+    from ddm_trainer.cluster_shards import open_cluster_shards
+    from ddm_trainer.configs.common import DataConfig
+
+    cfg_data = DataConfig(uri=str(new), **data)
+    both = grown_cluster_shards(cstore, k, cfg_data, open_cluster_shards(cstore, k, cfg_data))
+    assert len(both) == own + old_k  # the cluster's old samples (the parent's shards) and its new ones
+    assert both.shards[0].key.startswith("g0/") and both.fetch(0)  # the parent's shard, read from its store
+
+    expert.run(ExpertConfig.model_validate({"run_uri": str(child), "device": "cpu", "cluster_index": k,
+                                            "model": "DiT-T/4", "data": {"uri": str(new), **data},
+                                            "train": {**train, "steps": 1}, "sample_grid": {"count": 0},
+                                            "init_from_parent": True}))
+    theirs = load_final(pstore, layout.expert(k))
+    mine = load_final(cstore, layout.expert(k))
+    # one AdamW step (lr 1e-4) from the parent's weights, not from a fresh initialisation
+    drift = max((mine.model[n] - theirs.model[n]).abs().max().item() for n in theirs.model)
+    assert 0 < drift < 1e-3
+    assert committed_experts(cstore) == [0, 1] and expert_home(cstore, k).uri == cstore.uri
+    assert expert_home(cstore, 1 - k).uri == pstore.uri  # the other one is still the parent's, by reference
+    assert {str(p): p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == before

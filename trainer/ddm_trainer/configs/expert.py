@@ -72,6 +72,9 @@ class ExpertConfig(StageBase):
                                                                 "guidance on text")
     train: TrainerConfig = TrainerConfig()
     sample_grid: SampleGridConfig = SampleGridConfig()
+    init_from_parent: bool = Field(False, description="A grown run (spec.growth.retrain grown): start from the "
+                                                      "parent's weights of this expert and train on the cluster's "
+                                                      "data of every generation")
 
     @model_validator(mode="after")
     def _classes(self) -> "ExpertConfig":

@@ -16,7 +16,7 @@ from torch import nn
 from .. import layout
 from ..checkpoint import load_final
 from ..configs.expert import ExpertConfig, SampleGridConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..flow import flow_loss, ode_sample
 from ..models.dit import DiT, build_dit
 from ..store import Store
@@ -111,6 +111,27 @@ def finish(trainer: Any, store: Store, stage_dir: str, grid: SampleGridConfig, l
                        final=store.url(layout.final(stage_dir)))
 
 
+def init_from_parent(model: DiT, store: Store, cfg: ExpertConfig,
+                     spec: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Start a grown run's retrained expert from its parent's weights (model into ``model``; returns the EMA), or
+    None when the parent never committed this expert (it then trains from scratch)."""
+    from ..lineage import expert_home, parent_of
+    from ..store import open_store
+
+    parent = parent_of(store)
+    k = cfg.cluster_index
+    if parent is None or k is None or k not in parent["experts"]:
+        return None
+    home = expert_home(open_store(parent["uri"]), k)
+    final = load_final(home, layout.expert(k))
+    theirs = final.config.get("model") or {}
+    if any(theirs.get(f) != spec.get(f) for f in ("preset", "image_size", "channels", "num_classes")):
+        raise ConfigError(f"expert {k} of the parent ({home.url(layout.final(layout.expert(k)))}) is {theirs}; "
+                          f"retraining it needs the same spec.experts.modelPreset and data shape, got {spec}")
+    model.load_state_dict(final.model)
+    return final.ema
+
+
 def run(cfg: ExpertConfig) -> None:
     from ..data import open_source
     from ..progress import Reporter
@@ -135,6 +156,10 @@ def run(cfg: ExpertConfig) -> None:
             raise DataError(f"cluster_index {cfg.cluster_index} has no samples in {store.url(layout.CLUSTERING)}")
         # None: clustered before shards existed; text-conditioned: the shards' caption embeddings, checked
         shards = open_cluster_shards(store, cfg.cluster_index, cfg.data, cfg.text_dim)
+        if cfg.init_from_parent:  # a grown run retrains a grown cluster's expert on its old and new data
+            from ..grown_data import grown_cluster_shards
+
+            shards = grown_cluster_shards(store, cfg.cluster_index, cfg.data, shards, cfg.text_dim)
     elif cfg.text_dim is not None:  # the monolith of a text-conditioned run: every cluster's shards
         from ..cluster_shards import open_all_shards
 
@@ -153,8 +178,11 @@ def run(cfg: ExpertConfig) -> None:
     # progress/<id>.json: expert-NNN, or baseline for the monolith (the operator's stage key of it)
     reporter = Reporter("expert" if cfg.cluster_index is not None else "baseline", cfg.cluster_index,
                         cfg.train.steps, store) if rt.is_main else None
+    parent_ema = init_from_parent(model, store, cfg, spec) if cfg.init_from_parent else None
     trainer = Trainer(model, expert_loss(cfg), stream, store, stage_dir, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=spec)
+    if parent_ema is not None:  # a checkpoint of this run, if any, still wins: fit() resumes from it
+        trainer.ema.load_state_dict(parent_ema)
     trainer.fit()
     if rt.is_main:
         labels, text = None, None
