@@ -93,14 +93,13 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         non_null = [o for o in options if not _is_null(o)]
         if len(non_null) < len(options):
             out["nullable"] = True
-        if len(non_null) == 1:
-            inner = _structural(non_null[0])
-            node = {**inner, **node}  # the outer node's description/default win
-            out.update({k: v for k, v in inner.items() if k not in node})
+        if len(non_null) == 1:  # converted once, below (converting it here too described it twice)
+            node = {**non_null[0], **node}  # the outer node's description/default win
         elif _is_int_or_string(non_null):
             out["x-kubernetes-int-or-string"] = True
             for option in non_null:  # the integer's bounds, the string's pattern: each applies to its own type
-                out.update({k: v for k, v in option.items() if k not in ("type", "title")})
+                out.update({k: v for k, v in option.items() if k not in ("type", "title")
+                            and not (k == "maximum" and v == INT64_MAX)})  # int64 already (see below)
         else:
             raise ValueError(f"cannot express anyOf {non_null} structurally")
     if node.get("maximum") == INT64_MAX:  # the API server's integers are int64 already (and 2**63-1 is no float64)
