@@ -14,8 +14,8 @@ beside the minimum the pipeline needs (``minimum_requests``).
 
 Faults (``--faults`` takes a comma list, injected one after another while the DDMs run):
   kill       SIGKILL the operator at ``--kills`` random points (uniform over ``--kill-window`` s); it restarts at once
-  pods       when experts run: delete ``--pod-faults`` expert pods and fail as many (exit 137, as kubelet reports an
-             OOM kill) in both clusters
+  pods       when experts run: delete ``--pod-faults`` expert pods, and make as many others exit 137 (an OOM kill),
+             in both clusters
   cluster-b  b's API server stopped for ``--outage-s`` s (connections refused), then started at the same address
   delete     the operator killed, ``--delete-ddms`` DDMs deleted while it is down, the operator started again
 After the run the harness checks: every DDM not deleted Succeeded, 0 duplicate children (one job per stage attempt,
@@ -207,8 +207,11 @@ def _running_expert_pods(fleet: Fleet) -> list[tuple[str, dict[str, Any]]]:
 
 
 def fault_pods(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
-    """Deletes n running expert pods and makes n others fail with exit 137 (the pod status kubelet writes for a
-    container the kernel OOM-killed: phase Failed, terminated exitCode 137, reason OOMKilled)."""
+    """Deletes n running expert pods, and makes n others exit 137 (an OOM kill): their kwok exit-code annotation
+    is set, which the fixtures' exit Stage reads when it ends the pod. (Writing a Failed pod status directly races
+    with that Stage, which later writes Succeeded over it.)"""
+    from fixtures.k8s import EXIT_CODE_ANNOTATION
+
     n = fleet.args.pod_faults
     deadline = time.monotonic() + 600
     while len(pods := _running_expert_pods(fleet)) < 2 * n:
@@ -216,7 +219,6 @@ def fault_pods(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[
             raise RuntimeError(f"fewer than {2 * n} expert pods ever ran at once")
         time.sleep(0.5)
     chosen = rng.sample(pods, 2 * n)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     hit: dict[str, str] = {}
     for i, (plane, pod) in enumerate(chosen):
         meta = pod["metadata"]
@@ -225,13 +227,9 @@ def fault_pods(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[
             fleet.core[plane].delete_namespaced_pod(meta["name"], NAMESPACE, grace_period_seconds=0)
             hit[job] = f"pod deleted ({plane})"
         else:
-            container = pod["spec"]["containers"][0]
-            fleet.core[plane].patch_namespaced_pod_status(meta["name"], NAMESPACE, {"status": {
-                "phase": "Failed", "reason": "OOMKilled", "containerStatuses": [{
-                    "name": container["name"], "image": container["image"], "imageID": "", "ready": False,
-                    "restartCount": 0, "started": False, "state": {"terminated": {
-                        "exitCode": 137, "reason": "OOMKilled", "startedAt": now, "finishedAt": now}}}]}})
-            hit[job] = f"pod failed, exit 137 ({plane})"
+            fleet.core[plane].patch_namespaced_pod(meta["name"], NAMESPACE,
+                                                   {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: "137"}}})
+            hit[job] = f"pod exits 137 ({plane})"
     fleet.note(f"pod faults: {hit}")
     return {"pods": hit}
 
@@ -348,13 +346,23 @@ def check(fleet: Fleet, faults: dict[str, Any], names: list[str]) -> dict[str, A
         e = next((e for e in (ddms.get(ddm, {}).get("status") or {}).get("experts") or [] if e["index"] == index), {})
         if e.get("phase") != "Succeeded":
             problems.append(f"{job} ({what}) ended {e.get('phase')}")
-        elif "exit 137" in what and not e.get("retries"):
+        elif "137" in what and not e.get("retries"):
             problems.append(f"{job} ({what}) Succeeded without a retry: its failure went unseen")
     if "cluster-b" in faults and fleet.operator is not None:
         outage = faults["cluster-b"]
         restarts = fleet.operator.starts - outage["operator_starts_before"]
         if restarts and "kill" not in faults and "delete" not in faults:
             problems.append(f"the operator restarted {restarts} times around b's outage")
+        reach = {n: next((c for c in (d.get("status") or {}).get("conditions") or [] if c["type"] == "ClustersReachable"),
+                         None) for n, d in ddms.items()}
+        still = [n for n, c in reach.items() if c and c["status"] != "True"]
+        problems += [f"{n} still says cluster b is unreachable: {reach[n]['message']}" for n in still]
+        reconnected = sorted(n for n, c in reach.items() if c and c["reason"] == "Reconnected")
+        if not reconnected:
+            problems.append("no DDM's status records b's outage (condition ClustersReachable)")
+        faults["cluster-b"]["recorded_by"] = reconnected
+        if reconnected:
+            faults["cluster-b"]["example"] = reach[reconnected[0]]["message"]
     return {"problems": problems, "ddms": len(ddms), "deleted": sorted(deleted), "duplicates": len(duplicates),
             "orphans": len(orphans), "retried_experts": retried, "jobs": {p: len(v) for p, v in jobs.items()}}
 

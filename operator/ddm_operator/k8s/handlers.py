@@ -318,10 +318,28 @@ def _just_launched(spec: DecentralizedDiffusionSpec, key: pl.StageKey, job: JobS
                                message=WAITING_FOR_ADMISSION if queued else "")
 
 
+class ClusterUnreachable(Exception):
+    """A member cluster did not answer (refused, timed out, credentials rejected) while its jobs were read."""
+
+    def __init__(self, cluster: str, exc: Exception) -> None:
+        super().__init__(f"cluster {cluster} unreachable: {type(exc).__name__}: {str(exc)[:300]}")
+        self.cluster = cluster
+
+
+REACHABLE = "ClustersReachable"  # condition: False while a member cluster does not answer; True again, saying when
+
+
 def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> tuple[pl.Observed, dict[str, JobState]]:
     jobs: list[JobState] = []
     for cluster in sorted(clusters_of(spec), key=lambda c: c or ""):
-        jobs += _list_jobs(namespace, uid, cluster)
+        try:
+            jobs += _list_jobs(namespace, uid, cluster)
+        except DDMError:
+            raise
+        except Exception as exc:  # without its jobs the plan could relaunch or skip them: no plan this pass
+            if cluster is None:
+                raise
+            raise ClusterUnreachable(cluster, exc) from exc
     latest = latest_attempts(jobs)
     # Queued: suspended by Kueue until admitted; to the plan it is launched and waiting (never unsuspended by us)
     state_of = {"Pending": pl.State.RUNNING, "Queued": pl.State.RUNNING, "Running": pl.State.RUNNING,
@@ -507,6 +525,16 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             _patch_status(namespace, name, {"message": str(exc)})
             kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
         return REMOTE_INTERVAL_S
+    except ClusterUnreachable as exc:  # nothing is planned until it answers: no stage is relaunched or skipped
+        was = next((c for c in old.conditions if c.type == REACHABLE), None)
+        if was is None or was.status != "False":
+            message = f"{exc}; this DDM waits for it (its stages there keep running or wait)"
+            conditions = pl.merge_conditions(old.conditions, [pl.ConditionUpdate(REACHABLE, "False", "Unreachable",
+                                                                                 message)], _now_rfc3339(), generation)
+            _patch_status(namespace, name, {"message": message,
+                                            "conditions": [c.to_wire() for c in conditions]})
+            kopf.warn(body, reason="ClusterUnreachable", message=message)
+        return REMOTE_INTERVAL_S
     plan = pl.plan(spec, observed)
     launches = [a for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))]
     if launches:  # independent children: create them side by side (K experts + router at once)
@@ -536,6 +564,12 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             and not (old.router and old.router.uri)):
         router_facts = _router_facts(spec, namespace, name)  # once: a committed router does not change
     new = _status_of(plan, old, latest, generation, results, spec.experts.batch_size, router_facts)
+    was = next((c for c in old.conditions if c.type == REACHABLE), None)
+    if was is not None and was.status == "False":  # back: the final status keeps when and what
+        message = f"reachable again at {_now_rfc3339()}; since {was.last_transition_time}: {was.message}"[:4096]
+        new.conditions = pl.merge_conditions(new.conditions, [pl.ConditionUpdate(REACHABLE, "True", "Reconnected",
+                                                                                  message)], _now_rfc3339(), generation)
+        kopf.info(body, reason="ClusterReachable", message=message[:1000])
     probes = [j for k, j in latest.items() if k.startswith("probe-") and j.phase == "Succeeded"]
     newest = max((int(j.key.split("-")[1]) for j in probes), default=0)
     if newest and (old.partial is None or not (old.partial.uri or "").endswith(f"/{newest:03d}/results.json")):
