@@ -206,6 +206,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "K", "type": "integer", "jsonPath": ".spec.clustering.numClusters", "description": "Experts (numClusters)"},
     {"name": "Router", "type": "string", "jsonPath": ".status.router.phase"},
     {"name": "Best FID", "type": "number", "jsonPath": ".status.bestFid", "description": "Best routing strategy's FID"},
+    {"name": "Partial FID", "type": "number", "jsonPath": ".status.partial.fid",
+     "description": "FID of the experts committed so far, while others train (spec.evaluation.partial)"},
     {"name": "vs Monolith", "type": "number", "jsonPath": ".status.results.bestVsMonolith",
      "description": "Best FID over the compute-matched monolith's (spec.baseline; below 1: the ensemble wins)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -113,7 +113,7 @@ def test_status_subresource_printer_columns_and_names() -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if not c.get("priority")}
     assert columns == {"Phase": ".status.phase", "Ready": ".status.expertsReady", "K": ".spec.clustering.numClusters",
                        "Router": ".status.router.phase", "Best FID": ".status.bestFid",
-                       "vs Monolith": ".status.results.bestVsMonolith", "Age": ".metadata.creationTimestamp"}
+                       "Partial FID": ".status.partial.fid", "vs Monolith": ".status.results.bestVsMonolith", "Age": ".metadata.creationTimestamp"}
     wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"] if c.get("priority") == 1}
     assert wide["Progress"] == ".status.message" and wide["Preset"] == ".spec.experts.modelPreset"
     status = schema()["properties"]["status"]
