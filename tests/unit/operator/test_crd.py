@@ -86,7 +86,7 @@ def test_every_rule_and_immutable_field_is_in_the_schema() -> None:
         assert (where, {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}"}) in rules
     immutable = {path for path, v in rules if v["rule"] == "self == oldSelf"}
     assert immutable == {".dataset", ".clustering", ".storage.uri", ".storage.volumeClaim", ".experts.modelPreset",
-                         ".experts.classConditional", ".textEncoder", ".growth"}
+                         ".experts.classConditional", ".textEncoder", ".growth", ".vae"}
     # a model's own rules sit on every node made from it (tolerations of each placement, each override's resources)
     toleration_rules = [path for path, v in rules if v["message"] == models.Toleration.rules[0].message]
     assert ".experts.placement.tolerations[]" in toleration_rules

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import DataConfig, StageBase, StrictModel, TextEncoderConfig
+from .common import DataConfig, StageBase, StrictModel, TextEncoderConfig, VaeConfig
 
 
 class ClusterGrowth(StrictModel):
@@ -43,6 +43,8 @@ class ClusterConfig(StageBase):
                                                            "the new data, beside the parent's clusters")
     text_encoder: TextEncoderConfig | None = Field(None, description="Embed every caption (data.caption_field) "
                                                    "once with it and store the embeddings with the cluster shards")
+    vae: VaeConfig | None = Field(None, description="Encode every image (and its horizontal flip) once into this "
+                                             "VAE's latents, stored with the cluster shards (latent-space experts)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterConfig":

@@ -73,3 +73,17 @@ class TextEncoderConfig(StrictModel):
     @classmethod
     def _uri(cls, v: str) -> str:
         return check_uri(v, "text_encoder.uri")
+
+
+class VaeConfig(StrictModel):
+    """The VAE of latent-space experts (diffusers AutoencoderKL): the cluster stage stores every image's latents."""
+
+    uri: str = Field(description="A diffusers AutoencoderKL folder (config.json + weights) or a .safetensors file "
+                                 "beside its config.json: a local path, file:// or s3:// URI")
+    scaling_factor: float | None = Field(None, gt=0, description="Latent scale (null: the VAE config's)")
+    shift_factor: float | None = Field(None, description="Latent shift (null: the VAE config's, else 0)")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, "vae.uri")

@@ -33,12 +33,16 @@ class EvaluateConfig(StageBase):
     compile: bool | None = Field(None, description="Regional torch.compile of experts and router (null: on CUDA)")
     steps: int = Field(50, ge=1, description="ODE steps from t=1 to t=0")
     method: Literal["euler", "heun"] = "euler"
-    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class-conditional experts)")
+    cfg_scale: float = Field(1.0, ge=0, description="Classifier-free guidance scale (class- or text-conditional "
+                                                    "experts)")
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at half the smaller set's size)")
     kid_subsets: int = Field(100, ge=1)
     grid_count: int = Field(64, ge=0, description="Images in each strategy's PNG grid (0: none)")
     grid_nrow: int = Field(8, ge=1)
     use_ema: bool = Field(True, description="Sample with the EMA weights")
+    prompts: list[str] | None = Field(None, description="Captions (text-conditioned experts): a grid of grid_nrow "
+                                      "images per prompt, drawn with the first strategy, committed as "
+                                      "prompts/<prompt>.png")
     output: str = Field("evaluation", pattern=r"^[a-z0-9_/-]+$",
                         description="Store prefix the results are committed under (partial/NNN: the lightweight "
                                     "evaluation of a partial ensemble while experts train)")

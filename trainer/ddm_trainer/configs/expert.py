@@ -65,6 +65,9 @@ class ExpertConfig(StageBase):
     num_classes: int | None = Field(None, ge=1, description="Number of classes (required with class_cond)")
     label_dropout: float = Field(0.1, ge=0, le=1, description="P(label -> null) for classifier-free guidance")
     t_dist: Literal["uniform", "logit_normal"] = "logit_normal"
+    latents: bool = Field(False, description="Train in the VAE latent space: the latents the cluster stage stored with "
+                                             "the shards (data.image_size is the images' size; the model's is the "
+                                             "latents')")
     text_dim: int | None = Field(None, ge=1, description="Text-conditioned: cross-attend to caption token embeddings "
                                  "of this width, read from the cluster shards (stored by the cluster stage)")
     text_tokens: int = Field(16, ge=1, le=512, description="Caption tokens per image (the text encoder's max_tokens)")

@@ -29,6 +29,8 @@ class RouterConfig(StageBase):
     preset: str = Field("Router-B/2", description="Router-B/2 (DiT-B/2 backbone), Router-S/2, Router-T/4 (CPU), ...")
     num_classes: int | None = Field(None, ge=1, description="Class-conditional router p(k | x_t, t, y) over this "
                                                           "many classes (data.class_field gives y); null: p(k | x_t, t)")
+    latents: bool = Field(False, description="Route VAE latents (stored with the cluster shards), as latent-space "
+                                             "experts see them; false: pixels")
     text_dim: int | None = Field(None, ge=1, description="Caption-conditional router p(k | x_t, t, c) on the pooled "
                                  "caption embeddings of this width stored with the cluster shards; null: no caption")
     label_dropout: float = Field(0.1, ge=0, lt=1, description="Share of training labels (and captions) replaced by "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import layout
-from ..cluster_shards import CaptionEncoding, load_shard_index, write_cluster_shards
+from ..cluster_shards import CaptionEncoding, LatentEncoding, load_shard_index, write_cluster_shards
 from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments, Clustering, examples_grid,
                           hierarchical_kmeans, import_faiss, load_assignments, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
@@ -56,8 +56,8 @@ def _npz(**arrays: np.ndarray) -> bytes:
 
 
 def _write_shards(store: Store, source: Source, assignments: Assignments, reporter: Reporter,
-                  text: CaptionEncoding | None) -> None:
-    manifest = write_cluster_shards(store, source, assignments, reporter, text)
+                  text: CaptionEncoding | None, latents: LatentEncoding | None = None) -> None:
+    manifest = write_cluster_shards(store, source, assignments, reporter, text, latents)
     print(f"cluster: {manifest['num_shards']} shards of up to {manifest['samples_per_shard']} samples at "
           f"{store.url(layout.CLUSTER_SHARDS)}" + (f", with caption embeddings of {text.meta['uri']}" if text else ""),
           file=sys.stderr)
@@ -80,34 +80,53 @@ def caption_encoding(cfg: ClusterConfig) -> CaptionEncoding | None:
     return CaptionEncoding(te.model_dump(mode="json"), encode)
 
 
-def _shards_current(store: Store, cfg: ClusterConfig) -> bool:
-    """Committed shards that hold what this config asks (the same captions and text encoder, or none)."""
+def latent_encoding(cfg: ClusterConfig) -> LatentEncoding | None:
+    """The run's VAE, loaded (a path that holds none stops here, before anything is read or written)."""
+    if cfg.vae is None:
+        return None
+    from ..vae import Vae
+
+    vae = Vae(cfg.vae.uri, resolve_device(cfg.device), cfg.vae.scaling_factor, cfg.vae.shift_factor)
+    shape = vae.shape(cfg.data.image_size)
+
+    def encode(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return vae.encode(images).cpu().numpy(), vae.encode(images.flip(-1)).cpu().numpy()
+
+    return LatentEncoding({"channels": shape.channels, "size": shape.size, "vae": vae.meta(),
+                           "image_size": cfg.data.image_size, "image_channels": cfg.data.channels}, encode)
+
+
+def _shards_current(store: Store, cfg: ClusterConfig, latents: LatentEncoding | None) -> bool:
+    """Committed shards that hold what this config asks (the same captions and text encoder, the same latents, or
+    none)."""
     index = load_shard_index(store)
     if index is None:
         return False
     want = cfg.text_encoder.model_dump(mode="json") if cfg.text_encoder is not None else None
-    return index.text == want and (want is None or index.caption_field == cfg.data.caption_field)
+    return index.text == want and (want is None or index.caption_field == cfg.data.caption_field) \
+        and index.latent == (latents.meta if latents is not None else None)
 
 
 def run(cfg: ClusterConfig) -> dict[str, Any]:
     store = open_store(cfg.run_uri)
     # the text encoder changes the shards only: a new one rewrites them and keeps the clustering
-    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}, "text_encoder": True})
+    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}, "text_encoder": True, "vae": True})
     if cfg.growth is None:
         config.pop("growth")  # a run clustered before growth existed keeps its committed clustering
     encoder = None
     if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
         encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
     text = caption_encoding(cfg)
+    latents = latent_encoding(cfg)
     previous = store.read_manifest(layout.CLUSTERING)
     if previous is not None and previous.get("config") == config:
-        if _shards_current(store, cfg):
+        if _shards_current(store, cfg, latents):
             print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
                   file=sys.stderr)
             return previous
         assignments = load_assignments(store)
         reporter = Reporter("cluster", None, len(assignments.keys), store)
-        _write_shards(store, open_source(cfg.data, store), assignments, reporter, text)
+        _write_shards(store, open_source(cfg.data, store), assignments, reporter, text, latents)
         reporter.close(step=len(assignments.keys), num_clusters=cfg.num_clusters, sizes=assignments.sizes,
                        nmi=previous.get("nmi"))
         return previous
@@ -156,7 +175,8 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
             files[EXAMPLES] = grid
     store.delete_prefix(layout.CLUSTERING)  # an old clustering with another config must not mix with this one
     manifest = store.commit(layout.CLUSTERING, files, meta)
-    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter, text)
+    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter, text,
+                  latents)
     reporter.close(step=len(keys), num_clusters=cfg.num_clusters, sizes=sizes, nmi=score)
     print(f"cluster: {cfg.num_clusters} clusters of {len(keys)} samples, sizes {sizes}"
           + (f", NMI with classes {score:.3f}" if score is not None else ""), file=sys.stderr)

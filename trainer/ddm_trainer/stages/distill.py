@@ -115,8 +115,9 @@ def check_teachers(cfg: DistillConfig, store: Store, num_clusters: int) -> Any:
         specs = [expert_spec(_expert_config(store, k), store.url(layout.final(layout.expert(k))))
                  for k in range(num_clusters)]
     spec = next(s for s in specs if s is not None)  # a partial ensemble teaches with the experts it has
-    if (spec.channels, spec.image_size) != (cfg.data.channels, cfg.data.image_size):
-        raise ConfigError(f"the experts make {spec.channels}x{spec.image_size}px images but data {cfg.data.uri} is "
+    if spec.output_shape != (cfg.data.channels, cfg.data.image_size):
+        raise ConfigError(f"the experts make {spec.output_shape[0]}x{spec.output_shape[1]}px images but data "
+                          f"{cfg.data.uri} is "
                           f"{cfg.data.channels}x{cfg.data.image_size}px (set data.channels / data.image_size)")
     return spec
 
@@ -139,6 +140,8 @@ def run(cfg: DistillConfig) -> list[float]:
     spec = check_teachers(cfg, store, num_clusters)
     model_spec = {"arch": "dit", "preset": cfg.model, "image_size": spec.image_size, "channels": spec.channels,
                   "num_classes": spec.num_classes, "text_dim": spec.text_dim, "text_tokens": spec.text_tokens}
+    if spec.vae is not None:  # latent-space teachers: the student learns their latents, decoded by their VAE
+        model_spec.update(vae=spec.vae, pixel_size=spec.pixel_size, pixel_channels=spec.pixel_channels)
     torch.manual_seed(cfg.seed)
     # the student is conditioned as the teachers are (validates the preset)
     student = build_dit(cfg.model, spec.image_size, spec.channels, spec.num_classes, text_dim=spec.text_dim,
@@ -147,10 +150,11 @@ def run(cfg: DistillConfig) -> list[float]:
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
     cluster_of = {str(k): int(c) for k, c in zip(assignments.keys, np.asarray(assignments.cluster).tolist())}
     stream: Any
-    if spec.text_dim is not None:  # every cluster's shards, with the caption embeddings stored beside them
+    latents = spec.vae is not None
+    if spec.text_dim is not None or latents:  # every cluster's shards, with the embeddings / latents stored there
         from ..cluster_shards import open_all_shards
 
-        shards = open_all_shards(store, cfg.data, spec.text_dim)
+        shards = open_all_shards(store, cfg.data, spec.text_dim, latents)
         stream = shards.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, prefetch=cfg.train.prefetch,
                                workers=cfg.data.workers)
     else:

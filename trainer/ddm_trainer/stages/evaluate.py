@@ -87,7 +87,9 @@ def reference_features(store: Store, data: DataConfig, n: int, extractor: torch.
 
 
 def _model_shape(spec: Any) -> tuple[int, int]:
-    return int(spec.channels), int(spec.image_size)
+    """(channels, side) of the images the models make: decoded pixels for latent-space models."""
+    channels, size = spec.output_shape
+    return int(channels), int(size)
 
 
 def row_store(store: Store, name: str) -> tuple[Store, str]:
@@ -181,6 +183,42 @@ def _gather(rt: Any, obj: Any) -> list[Any]:
     return out
 
 
+FID_CAPTIONS = 1024  # distinct training captions the FID draws cycle through (text-conditioned experts)
+_captions_cache: dict[tuple[str, int, int], Any] = {}
+
+
+def fid_captions(store: Store, data: DataConfig, spec: Any, seed: int) -> Any:
+    """The conditions of a text-conditioned ensemble's FID draws: the caption embeddings the cluster stage stored
+    for a seeded sample of FID_CAPTIONS training images (sample i gets caption i mod FID_CAPTIONS), so the
+    generated images follow the training captions' distribution, as the reference images do."""
+    from ..cluster_shards import open_all_shards
+    from .sample import Prompts
+
+    key = (store.url(), int(spec.text_dim), seed)
+    if key not in _captions_cache:
+        shards = open_all_shards(store, data, spec.text_dim)
+        batch = next(iter(shards.stream(min(FID_CAPTIONS, len(shards)), seed, workers=0)))
+        _captions_cache[key] = Prompts(batch.keys, batch.text, batch.text_mask, batch.text_pooled)
+    return _captions_cache[key]
+
+
+def prompt_grids(cfg: EvaluateConfig, store: Store, device: torch.device) -> dict[str, bytes]:
+    """``prompts/<slug>.png``: grid_nrow images per evaluation prompt, drawn with the first ensemble strategy."""
+    from .sample import generate, grid_png
+
+    if not cfg.prompts:
+        return {}
+    strategy = next((s for s in cfg.strategies if s != MONOLITH_ROW and not s.startswith(PARENT_ROW)), "full")
+    n = cfg.grid_nrow * len(cfg.prompts)
+    images, _ = generate(store, strategy, n, min(n, 256), cfg.steps, cfg.method, cfg.seed, device, cfg.cfg_scale,
+                         use_ema=cfg.use_ema, precision=cfg.precision, prompts=cfg.prompts)
+    out = {}
+    for p, prompt in enumerate(cfg.prompts):  # image i has prompt i mod P
+        slug = "-".join("".join(c if c.isalnum() else " " for c in prompt.lower()).split())[:80] or f"{p:02d}"
+        out[f"prompts/{slug}.png"] = grid_png(images[p :: len(cfg.prompts)], cfg.grid_nrow)
+    return out
+
+
 MAX_ROUTED_FACTOR = 4  # a routed strategy's batch grows at most this much over the base (memory of router/ODE)
 
 
@@ -221,7 +259,8 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     feats: list[tuple[int, torch.Tensor]] = []  # (first sample index, (b, 2048) float32)
     grid: list[torch.Tensor] = []
     done, last_report = 0, 0.0
-    draw = Draw(cfg.n_samples, batch_size, cfg.seed)
+    captions = fid_captions(sample_store, cfg.data, spec, cfg.seed) if spec.text_dim is not None else None
+    draw = Draw(cfg.n_samples, batch_size, cfg.seed, prompts=captions)
     feature_batch = min(batch_size, 500)
     for start, images, _ in sample_batches(sampler, spec, draw, rt.rank, rt.world_size):
         feats.append((start, fid.extract_features(extractor, images, feature_batch).float()))
@@ -339,6 +378,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         if parent is not None:  # a grown run: its parent's ensemble, whose rows are parent:<strategy>
             result["parent"] = {"uri": parent["uri"], "experts": parent["experts"],
                                 "num_clusters": parent["num_clusters"]}
+        grids = prompt_grids(cfg, store, rt.device)
+        files.update(grids)
+        if grids:
+            result["prompts"] = dict(zip(grids, cfg.prompts or []))
         files["results.json"] = json.dumps(result, indent=2).encode()
         partial = (f"; a partial ensemble of experts {experts} of {num_experts} (missing: {missing})"
                    if missing else "")

@@ -29,11 +29,40 @@ def stage_dir_of(cluster_index: int | None) -> str:
     return MONOLITH if cluster_index is None else layout.expert(cluster_index)
 
 
-def model_spec(cfg: ExpertConfig) -> dict[str, Any]:
-    """What ``load_expert`` needs to rebuild the network from the final weights."""
-    return {"arch": "dit", "preset": cfg.model, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+def model_spec(cfg: ExpertConfig, latent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``load_expert`` needs to rebuild the network from the final weights. ``latent`` (the stored latents'
+    description): the network works on latents of that shape, and samples are decoded by its ``vae``."""
+    spec = {"arch": "dit", "preset": cfg.model, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
             "num_classes": cfg.num_classes if cfg.class_cond else None, "text_dim": cfg.text_dim,
             "text_tokens": cfg.text_tokens}
+    if latent is not None:
+        spec.update(image_size=int(latent["size"]), channels=int(latent["channels"]), vae=latent["vae"],
+                    pixel_size=cfg.data.image_size, pixel_channels=cfg.data.channels)
+    return spec
+
+
+def stored_latent(store: Store, latents: bool) -> dict[str, Any] | None:
+    """The latents the cluster stage stored (channels, size, vae) when the stage trains on latents."""
+    if not latents:
+        return None
+    from ..cluster_shards import load_shard_index
+
+    index = load_shard_index(store)
+    if index is None or index.latent is None:
+        raise DataError(f"latents is true but {store.url(layout.CLUSTER_SHARDS)} holds no VAE latents: give the "
+                        "cluster stage a vae (spec.vae)")
+    return index.latent
+
+
+def decode_latents(spec: dict[str, Any], samples: torch.Tensor) -> torch.Tensor:
+    """Samples of a latent-space model decoded by its VAE into images in [-1, 1]; pixels pass through."""
+    if not spec.get("vae"):
+        return samples
+    from ..vae import Vae
+
+    vae = spec["vae"]
+    decoder = Vae(vae["uri"], samples.device, vae["scaling_factor"], vae["shift_factor"])
+    return decoder.decode(samples, spec.get("pixel_channels"))
 
 
 def build_from_spec(spec: dict[str, Any]) -> DiT:
@@ -103,8 +132,9 @@ def finish(trainer: Any, store: Store, stage_dir: str, grid: SampleGridConfig, l
     from ..images import save_grid
 
     png = None
-    if grid.count > 0:
-        png = save_grid(sample_grid(trainer.ema, grid, labels, seed, trainer.rt.device, text), nrow=grid.nrow)
+    if grid.count > 0:  # a latent-space model's samples decoded by its VAE
+        samples = sample_grid(trainer.ema, grid, labels, seed, trainer.rt.device, text)
+        png = save_grid(decode_latents(trainer.model_spec, samples), nrow=grid.nrow)
     write_report(store, stage_dir, trainer.losses, png)
     if reporter:
         reporter.close(step=trainer.step, loss=trainer.losses[-1] if trainer.losses else None,
@@ -141,9 +171,9 @@ def run(cfg: ExpertConfig) -> None:
 
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    spec = model_spec(cfg)
-    model = build_from_spec(spec)  # first: a bad preset fails before any data is read
     store = open_store(cfg.run_uri)
+    spec = model_spec(cfg, stored_latent(store, cfg.latents))
+    model = build_from_spec(spec)  # first: a bad preset fails before any data is read
     stage_dir = stage_dir_of(cfg.cluster_index)
     keys = None
     shards = None
@@ -155,15 +185,15 @@ def run(cfg: ExpertConfig) -> None:
         if not keys:
             raise DataError(f"cluster_index {cfg.cluster_index} has no samples in {store.url(layout.CLUSTERING)}")
         # None: clustered before shards existed; text-conditioned: the shards' caption embeddings, checked
-        shards = open_cluster_shards(store, cfg.cluster_index, cfg.data, cfg.text_dim)
+        shards = open_cluster_shards(store, cfg.cluster_index, cfg.data, cfg.text_dim, cfg.latents)
         if cfg.init_from_parent:  # a grown run retrains a grown cluster's expert on its old and new data
             from ..grown_data import grown_cluster_shards
 
             shards = grown_cluster_shards(store, cfg.cluster_index, cfg.data, shards, cfg.text_dim)
-    elif cfg.text_dim is not None:  # the monolith of a text-conditioned run: every cluster's shards
+    elif cfg.text_dim is not None or cfg.latents:  # the monolith of a text or latent run: every cluster's shards
         from ..cluster_shards import open_all_shards
 
-        shards = open_all_shards(store, cfg.data, cfg.text_dim)
+        shards = open_all_shards(store, cfg.data, cfg.text_dim, cfg.latents)
     source = shards if shards is not None else open_source(cfg.data, store)
     if cfg.class_cond and source.num_classes is not None and cfg.num_classes is not None \
             and source.num_classes > cfg.num_classes:

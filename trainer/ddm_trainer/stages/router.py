@@ -36,14 +36,17 @@ class ClusterStream:
     stream it wraps. ``with_labels``: the class labels go along (a conditional router)."""
 
     def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool = False,
-                 pooled: dict[str, np.ndarray] | None = None):
+                 pooled: dict[str, np.ndarray] | None = None, latents: dict[str, np.ndarray] | None = None):
         self.stream, self.cluster_of, self.with_labels = stream, cluster_of, with_labels
         self.pooled = pooled  # key -> the caption's pooled embedding (a text-conditioned router)
+        self.latents = latents  # key -> the image's VAE latent: x0 in latent space (a latent-space ensemble)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.stream:
             ids = torch.tensor([self.cluster_of[k] for k in batch.keys], dtype=torch.long)  # (B,)
-            out = {"x0": batch.images, "cluster": ids}
+            x0 = batch.images if self.latents is None else \
+                torch.from_numpy(np.stack([self.latents[k] for k in batch.keys]))  # (B, c, h, w)
+            out = {"x0": x0, "cluster": ids}
             if self.with_labels:
                 if batch.labels is None:
                     raise DataError(f"a class-conditional router needs labels, but batch {batch.keys[:3]} has none")
@@ -216,15 +219,20 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
         from ..cluster_shards import load_pooled, open_all_shards
 
         pooled = load_pooled(open_all_shards(store, cfg.data, cfg.text_dim))
-    spec = RouterSpec(cfg.preset, cfg.data.image_size, cfg.data.channels, cfg.num_clusters, cfg.num_classes,
-                      cfg.text_dim)
+    latents, size, channels = None, cfg.data.image_size, cfg.data.channels
+    if cfg.latents:  # the stored VAE latents of every sample: the router sees what latent-space experts see
+        from ..cluster_shards import load_latents, open_all_shards
+
+        shards = open_all_shards(store, cfg.data, latents=True)
+        latents, size, channels = load_latents(shards), int(shards.latent["size"]), int(shards.latent["channels"])  # type: ignore[index]
+    spec = RouterSpec(cfg.preset, size, channels, cfg.num_clusters, cfg.num_classes, cfg.text_dim)
     model = build_router_from_spec(spec)
     reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
 
     def loss_fn(m: nn.Module, batch: Any, gen: torch.Generator) -> torch.Tensor:
         return router_loss(m, batch, gen, cfg.t_dist, cfg.num_classes, cfg.label_dropout)
 
-    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None, pooled), store,
+    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None, pooled, latents), store,
                       layout.ROUTER, cfg.train, reporter, seed=cfg.seed, runtime=rt,
                       stage_config=cfg.model_dump(mode="json"), model_spec=spec.as_dict())
     losses = trainer.fit()
@@ -240,7 +248,8 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
             raise DataError(f"a class-conditional router needs labels ({cfg.data.class_field!r}) on held-out data")
         labels = held.labels
     text = torch.from_numpy(np.stack([pooled[k] for k in held.keys])) if pooled is not None else None
-    result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held.images, clusters, cfg.eval,
+    held_x0 = held.images if latents is None else torch.from_numpy(np.stack([latents[k] for k in held.keys]))
+    result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held_x0, clusters, cfg.eval,
                            cfg.seed, rt.device, labels, text)
     result["use_ema"] = cfg.use_ema
     result["steps"] = trainer.step

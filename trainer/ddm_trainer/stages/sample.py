@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -36,6 +36,15 @@ class ExpertSpec:
     num_classes: int | None
     text_dim: int | None = None  # text-conditioned (cross-attention to caption token embeddings of this width)
     text_tokens: int = 16
+    # a latent-space model: image_size/channels are its latents'; samples are decoded by this VAE to these pixels
+    vae: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    pixel_size: int | None = None
+    pixel_channels: int | None = None
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """(channels, side) of the images it makes: decoded pixels for a latent-space model."""
+        return (self.pixel_channels or self.channels, self.pixel_size or self.image_size)
 
 
 def _final_config(store: Store, stage_dir: str) -> dict[str, Any]:
@@ -61,8 +70,10 @@ def expert_spec(config: dict[str, Any], where: str) -> ExpertSpec:
     else:
         num_classes = stage.get("num_classes") if stage.get("class_cond") else None
     text_dim = model.get("text_dim")
+    pixel_size, pixel_channels = model.get("pixel_size"), model.get("pixel_channels")
     return ExpertSpec(preset, image_size, channels, int(num_classes) if num_classes else None,
-                      int(text_dim) if text_dim else None, int(model.get("text_tokens") or 16))
+                      int(text_dim) if text_dim else None, int(model.get("text_tokens") or 16), model.get("vae"),
+                      int(pixel_size) if pixel_size else None, int(pixel_channels) if pixel_channels else None)
 
 
 def committed_experts(store: Store) -> list[int]:
@@ -264,7 +275,8 @@ def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = 
                if s is not None else None for d, s, h in zip(dirs, specs, homes)]
     router_src = None
     if router_k is not None:
-        router_src = _cached(models, ("router", run_store.url(layout.ROUTER), compile), (lambda: compile_blocks(load_router(run_store, "cpu")))
+        router_src = _cached(models, ("router", run_store.url(layout.ROUTER), compile),
+                             (lambda: compile_blocks(load_router(run_store, "cpu")))
                              if compile else (lambda: load_router(run_store, "cpu")))
     sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
                               cfg_scale=cfg_scale, device=device, devices=expert_devices,
@@ -286,6 +298,11 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
     if spec.text_dim is None and draw.prompts is not None:
         raise ConfigError("prompts were given but the experts are not text-conditioned (text_dim is None)")
     shape = (spec.channels, spec.image_size, spec.image_size)
+    decoder = None
+    if spec.vae is not None:
+        from ..vae import Vae
+
+        decoder = Vae(spec.vae["uri"], sampler.device, spec.vae["scaling_factor"], spec.vae["shift_factor"])
     batches = range(rank, -(-draw.n // draw.batch_size), world_size)
     for i in list(batches)[skip:]:
         start, stop = i * draw.batch_size, min((i + 1) * draw.batch_size, draw.n)
@@ -299,6 +316,8 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
             text, pooled = (draw.prompts.tokens[which], draw.prompts.mask[which]), draw.prompts.pooled[which]
         x = sampler.sample(noise_range(start, stop, shape, draw.seed), y, seed=draw.seed * 1_000_003 + start,
                            text=text, pooled=pooled)
+        if decoder is not None:  # a latent-space ensemble: its samples decoded into images
+            x = decoder.decode(x, spec.pixel_channels)
         yield start, x.clamp(-1, 1), y
 
 
