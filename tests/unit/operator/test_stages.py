@@ -78,6 +78,29 @@ def test_class_conditional_spec_gives_valid_configs_with_the_class_count() -> No
     assert stage_config(_spec(dataset__numClasses=10).spec, ROUTER, "file:///tmp/run")["num_classes"] is None
 
 
+def test_latent_and_text_specs_reach_every_stage_that_trains_or_samples() -> None:
+    """The LAION example: the clustering stage gets the VAE and the text encoder (it stores latents and caption
+    embeddings), experts and baseline train on latents with the encoder's width and tokens, the router routes
+    latents on the pooled caption, the evaluation draws a grid per prompt."""
+    obj = DecentralizedDiffusion.model_validate(yaml.safe_load((ROOT / "examples" / "ddm-laion.yaml").read_text()))
+    spec = obj.spec
+    assert spec.vae is not None and spec.text_encoder is not None
+    configs = {key.id: _config_class(trainer_command(key)).model_validate(stage_config(spec, key, "s3://b/run"))
+               for key in all_keys(spec)}
+    cluster = configs["cluster"]
+    assert cluster.vae.uri == spec.vae.uri and cluster.text_encoder.kind == "clip"
+    assert (cluster.text_encoder.width, cluster.text_encoder.max_tokens, cluster.data.caption_field) == (768, 77, "txt")
+    for key in ("expert-000", "expert-007"):
+        assert configs[key].latents and (configs[key].text_dim, configs[key].text_tokens) == (768, 77)
+        assert configs[key].caption_dropout == spec.experts.caption_dropout
+    assert configs["router"].latents and configs["router"].text_dim == 768
+    assert configs["evaluate"].prompts == spec.evaluation.prompts and configs["evaluate"].cfg_scale == 4.5
+    pixels = _spec().spec  # neither: pixel space, no captions
+    assert stage_config(pixels, CLUSTER, "s3://b/run")["vae"] is None
+    assert stage_config(pixels, expert_key(0), "s3://b/run")["latents"] is False
+    assert "text_dim" not in stage_config(pixels, ROUTER, "s3://b/run")
+
+
 def test_router_maps_dit_preset_and_k() -> None:
     obj = _spec()
     cfg = stage_config(obj.spec, ROUTER, "/tmp/run")

@@ -82,3 +82,32 @@ def test_a_path_without_a_model_or_of_the_wrong_width_is_refused(tmp_path: Path,
         TextEncoder(tmp_path)
     with pytest.raises(ConfigError, match="gives 384-d embeddings but the run expects 768"):
         TextEncoder(minilm.path, expect_dim=768)
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_clip_and_t5_text_towers_load_from_a_folder(kind: str, tmp_path: Path, minilm: TextEncoder) -> None:
+    """A transformers CLIPTextModel / T5EncoderModel folder (a tiny config with random weights, MiniLM's tokenizer
+    files beside it): masked token embeddings and a pooled vector of the model's width; another width is refused."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                             bos_token_id=101, eos_token_id=102, pad_token_id=0))  # MiniLM's ids
+    else:
+        model = T5EncoderModel(T5Config(vocab_size=30522, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    model.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm.path / name, tmp_path / name)
+    encoder = TextEncoder(tmp_path, max_tokens=8, kind=kind, expect_dim=32)
+    out = encoder.encode(["a photo of a cat", "a photo of a large red truck on a road at night"])
+    assert out.tokens.shape == (2, 8, 32) and out.pooled.shape == (2, 32)
+    assert out.mask[0].sum() < out.mask[1].sum() == 8 and torch.all(out.tokens[0][~out.mask[0]] == 0)
+    assert not torch.allclose(out.pooled[0], out.pooled[1])
+    with pytest.raises(ConfigError, match="gives 32-d embeddings but the run expects 64"):
+        TextEncoder(tmp_path, kind=kind, expect_dim=64)
+    with pytest.raises(ConfigError, match=f"not a transformers {kind} model folder"):
+        TextEncoder(tmp_path / "nothing", kind=kind)
