@@ -143,7 +143,8 @@ class Fleet:
         remote = inline_kubeconfig(self.b.user_kubeconfig(OPERATOR_USER, ["system:masters"]))
         self.core["a"].create_namespaced_secret(NAMESPACE, {"metadata": {"name": REMOTE_SECRET},
                                                             "stringData": {"kubeconfig": remote}})
-        env = {"DDM_RECONCILE_INTERVAL_S": f"{self.args.interval:g}"} if self.args.interval else {}
+        env = {name: f"{value:g}" for name, value in (("DDM_RECONCILE_INTERVAL_S", self.args.interval),
+                                                      ("DDM_REMOTE_INTERVAL_S", self.args.remote_interval)) if value}
         self.operator = OperatorProcess(self.a.user_kubeconfig(OPERATOR_USER, ["system:masters"]), NAMESPACE,
                                         self.work / "operator.log", env, verbose=self.args.verbose)
         self.operator.start()
@@ -449,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         injector.start()
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
-            time.sleep(2)
+            time.sleep(1)
             if not injected.is_set():
                 continue
             deleted = set((faults.get("delete") or {}).get("deleted", []))
@@ -483,7 +484,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finished.set()
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ddms", type=int, default=10)
     parser.add_argument("--experts", type=int, default=8)
@@ -500,7 +501,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="the whole run, from the DDMs' creation (s)")
     parser.add_argument("--record", action="store_true", help="record figures of a fault run too")
+    parser.add_argument("--remote-interval", type=float, default=None,
+                        help="DDM_REMOTE_INTERVAL_S: polling of a member cluster whose watch is down (default: the operator's)")
     parser.add_argument("--verbose", action="store_true", help="the operator's debug log (operator.log in the work dir)")
+    return parser
+
+
+def main() -> None:
+    parser = make_parser()
     args = parser.parse_args()
     unknown = {f for f in args.faults.split(",") if f} - set(FAULTS)
     if unknown:
