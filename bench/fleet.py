@@ -144,7 +144,8 @@ class Fleet:
         self.core["a"].create_namespaced_secret(NAMESPACE, {"metadata": {"name": REMOTE_SECRET},
                                                             "stringData": {"kubeconfig": remote}})
         env = {name: f"{value:g}" for name, value in (("DDM_RECONCILE_INTERVAL_S", self.args.interval),
-                                                      ("DDM_REMOTE_INTERVAL_S", self.args.remote_interval)) if value}
+                                                      ("DDM_REMOTE_INTERVAL_S", self.args.remote_interval),
+                                                      ("DDM_MAX_WORKERS", self.args.max_workers)) if value}
         self.operator = OperatorProcess(self.a.user_kubeconfig(OPERATOR_USER, ["system:masters"]), NAMESPACE,
                                         self.work / "operator.log", env, verbose=self.args.verbose)
         self.operator.start()
@@ -503,6 +504,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record", action="store_true", help="record figures of a fault run too")
     parser.add_argument("--remote-interval", type=float, default=None,
                         help="DDM_REMOTE_INTERVAL_S: polling of a member cluster whose watch is down (default: the operator's)")
+    parser.add_argument("--max-workers", type=int, default=None, help="DDM_MAX_WORKERS: passes at once (default: the operator's)")
     parser.add_argument("--verbose", action="store_true", help="the operator's debug log (operator.log in the work dir)")
     return parser
 
@@ -531,7 +533,7 @@ def main() -> None:
     from common import record
 
     tag = f"{args.ddms}x{args.experts}, {args.nodes} nodes, 2 clusters, run {args.run_ms} ms" + (
-        f", faults {args.faults}" if args.faults else "")
+        f", faults {args.faults}" if args.faults else "") + (f", {args.max_workers} workers" if args.max_workers else "")
 
     def rec(metric: str, value: float, unit: str, reference: float | None = None) -> None:
         record("fleet", f"{metric}[{tag}]", round(value, 4), unit, reference)

@@ -71,6 +71,7 @@ BACKEND = b.backend_named(os.environ.get("DDM_JOB_BACKEND", b.PYTORCHJOB.name)) 
 # packets, a half-dead load balancer) must not hold a pass, or the deletion of a DDM, for ever.
 REMOTE_REQUEST_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_REQUEST_TIMEOUT_S", "10"))
 ERROR_BACKOFF_S = 10.0
+MAX_WORKERS = int(os.environ.get("DDM_MAX_WORKERS", "8"))  # passes at once (each mostly waits on API requests)
 TERMINAL_PHASES = ("Succeeded", "Degraded", "Failed")
 LAUNCH_THREADS = 4
 CONFIG_PATH = f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"
@@ -454,13 +455,20 @@ def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionS
             if was != after.phase or (before and before.attempts != after.attempts):
                 out.append(("StageChanged", f"{field} {was} -> {after.phase} (attempt {after.attempts})"))
     old_experts = {e.index: e for e in old.experts}
+    changed: dict[tuple[str, str], list[Any]] = {}  # one Event per transition, not per expert (K at once at scale)
     for e in new.experts:
         prev = old_experts.get(e.index)
         was = prev.phase if prev else "Pending"
         if prev and prev.job_name and e.job_name and prev.job_name != e.job_name:
             out.append(("ExpertRetried", f"expert {e.index} retried as {e.job_name} (after {prev.job_name})"))
         elif was != e.phase:
-            out.append(("ExpertChanged", f"expert {e.index} {was} -> {e.phase}" + (f" ({e.job_name})" if e.job_name else "")))
+            changed.setdefault((was, e.phase), []).append(e)
+    for (was, phase), experts in changed.items():
+        if len(experts) == 1:
+            e = experts[0]
+            out.append(("ExpertChanged", f"expert {e.index} {was} -> {phase}" + (f" ({e.job_name})" if e.job_name else "")))
+        else:
+            out.append(("ExpertChanged", f"experts {', '.join(str(e.index) for e in experts)} {was} -> {phase}"))
     return out
 
 
@@ -614,7 +622,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30
     settings.persistence.finalizer = f"{GROUP}/cleanup"
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = MAX_WORKERS
     memo.executor = settings.execution.executor  # passes run in kopf's own pool for sync handlers (max_workers)
 
 

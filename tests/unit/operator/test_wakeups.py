@@ -89,3 +89,19 @@ def test_event_handler_successes_are_debug_lines() -> None:
         assert handlers._quiet_event_handlers(record("Handler 'on_ddm_event' succeeded.")) is True  # --verbose
     finally:
         logging.getLogger("kopf.objects").setLevel(logging.NOTSET)
+
+
+def test_experts_changing_together_make_one_event() -> None:
+    from ddm_operator.api.models import DecentralizedDiffusionStatus
+
+    def status(*phases: str, jobs: tuple[str, ...] = ()) -> DecentralizedDiffusionStatus:
+        return DecentralizedDiffusionStatus.model_validate({"phase": "Training", "experts": [
+            {"index": i, "phase": p, **({"jobName": jobs[i]} if jobs else {})} for i, p in enumerate(phases)]})
+
+    jobs = ("x-expert-000-a1", "x-expert-001-a1", "x-expert-002-a1")
+    events = handlers._transitions(status("Pending", "Pending", "Running", jobs=jobs),
+                                   status("Running", "Running", "Succeeded", jobs=jobs))
+    assert events == [("ExpertChanged", "experts 0, 1 Pending -> Running"),
+                      ("ExpertChanged", "expert 2 Running -> Succeeded (x-expert-002-a1)")]
+    retried = handlers._transitions(status("Failed", jobs=jobs[:1]), status("Running", jobs=("x-expert-000-a2",)))
+    assert retried == [("ExpertRetried", "expert 0 retried as x-expert-000-a2 (after x-expert-000-a1)")]
