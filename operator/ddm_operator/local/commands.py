@@ -22,6 +22,7 @@ from ddm_trainer.store import Store, open_store
 
 from ..api.models import DecentralizedDiffusion
 from ..comparison import compare
+from ..planner import parent_from_manifest
 from ..stages import all_keys
 from .runner import LocalRunner, default_run_dir, done_prefix, local_run_uri, resolve_executable
 
@@ -100,8 +101,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def stage_rows(obj: DecentralizedDiffusion, store: Store) -> list[tuple[str, str, str, str]]:
     """(stage, state, progress, detail) per stage, from the store alone."""
     rows = []
+    growth = obj.spec.growth
+    parent = parent_from_manifest(store.read_manifest(layout.CLUSTERING)) if growth is not None else None
     for key in all_keys(obj.spec):
         manifest = store.read_manifest(done_prefix(key))
+        if parent is not None and key.stage == "expert" and manifest is None and key.index in parent.experts \
+                and not (growth.retrain == "grown" and key.index in parent.grown):  # type: ignore[union-attr]
+            rows.append((key.id, "parent's", "", f"by reference: {parent.uri}"))  # never trained here
+            continue
         progress_key = f"{layout.PROGRESS}/{key.id}.json"
         ev = store.get_json(progress_key) if store.exists(progress_key) else None
         if manifest is not None:

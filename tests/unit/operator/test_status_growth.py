@@ -68,3 +68,22 @@ def test_the_report_lists_partial_ensembles_and_puts_the_grown_table_beside_the_
     grown, parent = md.split("### grown")[1].split("### parent")
     assert "| full | 50" in grown and "| full | 60" in parent and "parent:" not in parent.split("\n", 1)[1]
     assert "| [0] | full | 90" in md
+
+
+def test_ddm_status_names_the_parents_experts(tmp_path: Path) -> None:
+    from ddm_operator.api.models import DecentralizedDiffusion
+    from ddm_operator.local.commands import stage_rows
+
+    def obj(retrain: str) -> DecentralizedDiffusion:
+        return DecentralizedDiffusion.model_validate({
+            "apiVersion": "ddm.io/v1alpha1", "kind": "DecentralizedDiffusion", "metadata": {"name": "grown"},
+            "spec": {**spec(tmp_path).to_wire(), "growth": {"parentUri": "/runs/parent", "retrain": retrain}}})
+
+    store = FileStore(tmp_path / "grown")
+    store.commit("clustering", {}, {"num_clusters": 3, "grown": [1],
+                                    "parent": {"uri": "/runs/parent", "num_clusters": 2, "experts": [0, 1]}})
+    rows = {r[0]: r for r in stage_rows(obj("new"), store)}
+    assert rows["expert-000"][1:] == ("parent's", "", "by reference: /runs/parent")
+    assert rows["expert-001"][1] == "parent's" and rows["expert-002"][1] == "pending"
+    rows = {r[0]: r for r in stage_rows(obj("grown"), store)}
+    assert rows["expert-000"][1] == "parent's" and rows["expert-001"][1] == "pending"  # retrained here
