@@ -738,6 +738,13 @@ RULES: tuple[Rule, ...] = (
         message="a grown run cannot distil yet: disable spec.distillation",
         check=lambda s: s.growth is None or not s.distill_enabled,
     ),
+    Rule(
+        at=(), field="growth",
+        cel="!has(self.growth) || !has(self.textEncoder)",
+        message="a grown run cannot be text-conditioned yet (its router would need every generation's caption "
+                "embeddings): remove spec.textEncoder",
+        check=lambda s: s.growth is None or s.text_encoder is None,
+    ),
     _patch_rule("distillation", "studentPreset", lambda s: s.distillation.student_preset if s.distill_enabled else None,
                 enabled="enabled"),
     Rule(
