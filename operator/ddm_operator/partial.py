@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api.models import PartialEnsembleStatus
+from ddm_trainer.layout import PARTIAL
 
-PARTIAL = "partial"  # partial/NNN/: probe-NNN's committed results (stages.partial_prefix)
+from .api.models import PartialEnsembleStatus
 
 
 def latest_partial(store: Any) -> PartialEnsembleStatus | None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ddm_trainer import layout
+
 from .api.models import DecentralizedDiffusionSpec
 from .planner import BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key, probe_key
 
@@ -252,7 +254,7 @@ def trainer_command(key: StageKey) -> str:
 
 def partial_prefix(experts: int) -> str:
     """Where probe-NNN commits its results: ``partial/NNN`` (NNN: committed experts when it was launched)."""
-    return f"partial/{experts:03d}"
+    return f"{layout.PARTIAL}/{experts:03d}"
 
 
 def _growth(spec: DecentralizedDiffusionSpec) -> dict[str, Any] | None:

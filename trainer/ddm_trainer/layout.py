@@ -10,6 +10,7 @@ EXPERTS = "experts"
 MONOLITH = f"{EXPERTS}/monolith"  # the baseline: one model of the experts' preset trained on all the data
 ROUTER = "router"
 EVALUATION = "evaluation"  # MANIFEST.json + results.json (FID table), grids
+PARTIAL = "partial"  # <NNN>/: a partial ensemble's lightweight evaluation (probe-NNN), laid out as evaluation/
 DISTILLATION = "distillation"
 PROGRESS = "progress"  # progress/<stage-id>.json: latest progress line of each stage, for the operator
 

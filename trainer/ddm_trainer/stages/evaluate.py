@@ -328,7 +328,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     models: dict[tuple[Any, ...], torch.nn.Module] = {}  # experts and router read and compiled once for all rows
     compile = cfg.compile if cfg.compile is not None else cuda
     # progress/evaluate.json, or probe-NNN.json for a partial ensemble's evaluation (output partial/NNN)
-    probe = cfg.output.startswith("partial/") and cfg.output.split("/")[-1].isdigit()
+    probe = cfg.output.startswith(f"{layout.PARTIAL}/") and cfg.output.split("/")[-1].isdigit()
     reporter = (Reporter("probe", int(cfg.output.split("/")[-1]), len(cfg.strategies), store) if probe
                 else Reporter("evaluate", None, len(cfg.strategies), store)) if rt.is_main else None
     extractor = fid.build_extractor(rt.device)
