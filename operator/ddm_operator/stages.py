@@ -212,7 +212,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "n_samples": max(v.num_samples if key.stage == "evaluate" else v.partial.num_samples, 2),  # type: ignore[union-attr]
                 "reference_n": max(reference, 2), "steps": steps, "method": v.method, "cfg_scale": v.cfg_scale,
                 "batch_size": v.batch_size, "compile": _compile(v.compile),
-                **({"prompts": v.prompts} if v.prompts else {}),
+                **({"prompts": v.prompts} if v.prompts and key.stage == "evaluate" else {}),  # not the probes
                 "precision": spec.experts.precision}
     if key.stage == "distill":
         if spec.distillation is None:

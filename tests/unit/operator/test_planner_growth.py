@@ -146,3 +146,12 @@ def test_probe_keys_and_configs() -> None:
     assert (cfg["output"], cfg["strategies"], cfg["n_samples"], cfg["reference_n"], cfg["steps"]) == \
         ("partial/002", ["top1"], 64, 64, 30)
     assert "output" not in stage_config(s, EVALUATE, "runs/x")
+
+
+def test_a_probe_draws_no_prompt_grids() -> None:
+    s = DecentralizedDiffusionSpec.model_validate({
+        "dataset": {"uri": "/d", "captionField": "txt"}, "clustering": {"numClusters": 2, "fineClusters": 16},
+        "experts": {"steps": 100}, "storage": {"uri": "r"}, "textEncoder": {"uri": "/m", "width": 384},
+        "evaluation": {"strategies": ["full"], "prompts": ["a bag"], "partial": {"numSamples": 64}}})
+    assert stage_config(s, EVALUATE, "r")["prompts"] == ["a bag"]
+    assert "prompts" not in stage_config(s, probe_key(1), "r")  # a probe is the lightweight one
