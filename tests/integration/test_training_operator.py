@@ -229,3 +229,19 @@ def test_trainjob_multi_node_experts_rendezvous_where_trainer_v2_says(fleet: Har
             assert env["PET_NNODES"].value == "2" and env["PET_MASTER_ADDR"].value == f"{name}-node-0-0.{name}"
             assert env["PET_NODE_RANK"].value_from.field_ref.field_path.endswith("job-completion-index']")
             assert "--rdzv-endpoint=$(PET_MASTER_ADDR):$(PET_MASTER_PORT)" in container.command, container.command
+    # deleting the DDM takes everything with it: TrainJobs and runtimes by their owner reference (a runtime's
+    # resource-in-use finalizer goes once no TrainJob names it: pkg/controller/trainingruntime_controller.go), and
+    # the JobSets, Jobs and pods by theirs
+    def left() -> dict[str, int]:
+        counts = {plural: len(h.custom.list_namespaced_custom_object(group, version, h.ns, plural)["items"])
+                  for group, version, plural in (("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+                                                 ("trainer.kubeflow.org", "v1alpha1", "trainingruntimes"),
+                                                 ("jobset.x-k8s.io", "v1alpha2", "jobsets"))}
+        counts["pods"] = len(h.core.list_namespaced_pod(h.ns, label_selector=kind.pod_job_label).items)
+        return counts
+
+    before = left()
+    # cluster, 2 experts, router, evaluate; the experts on 2 pods each
+    assert before == {"trainjobs": 5, "trainingruntimes": 5, "jobsets": 5, "pods": 7}, before
+    h.custom.delete_namespaced_custom_object("ddm.io", "v1alpha1", h.ns, "decentralizeddiffusions", "mn")
+    wait_for(lambda: not any(left().values()), "every child of the DDM gone", timeout=90)
