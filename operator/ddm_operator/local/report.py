@@ -92,7 +92,7 @@ def _read_evaluation(store: Store, out: ReportInputs) -> None:
             out.parent = results.get("parent")
     for k in store.list(layout.EVALUATION):
         name = k.rsplit("/", 1)[-1]
-        if name.endswith(".png") and "/checkpoints/" not in k:
+        if name.endswith(".png") and "/checkpoints/" not in k and "/strategies/" not in k:  # each row's own copy
             strategy = name[: -len(".png")].removeprefix("grid-").removeprefix("grid_").removesuffix("_grid")
             out.grids[strategy] = store.get_bytes(k)
 

@@ -87,3 +87,12 @@ def test_ddm_status_names_the_parents_experts(tmp_path: Path) -> None:
     assert rows["expert-001"][1] == "parent's" and rows["expert-002"][1] == "pending"
     rows = {r[0]: r for r in stage_rows(obj("grown"), store)}
     assert rows["expert-000"][1] == "parent's" and rows["expert-001"][1] == "pending"  # retrained here
+
+
+def test_the_report_shows_each_strategys_grid_once(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "run")
+    store.commit("evaluation/strategies/full", {"grid.png": b"row"}, {})  # a row committed as it finished
+    store.commit("evaluation", {"grids/full.png": b"png", "grids/parent-full.png": b"png", "results.json": b"{}"})
+    from ddm_operator.local.report import gather
+
+    assert sorted(gather(store, tmp_path / "run").grids) == ["full", "parent-full"]
