@@ -200,7 +200,7 @@ def selector_labels(owner: Owner) -> dict[str, str]:
 def child_labels(owner: Owner, key: str, attempt: int) -> dict[str, str]:
     stage, index = parse_key(key)
     labels = {**selector_labels(owner), LABEL_STAGE: stage, LABEL_KEY: key, LABEL_ATTEMPT: str(attempt)}
-    if index is not None:
+    if index is not None and stage == "expert":  # probe-NNN's number counts experts, it names none
         labels[LABEL_EXPERT] = f"{index:03d}"
     return labels
 

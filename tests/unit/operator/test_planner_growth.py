@@ -155,3 +155,12 @@ def test_a_probe_draws_no_prompt_grids() -> None:
         "evaluation": {"strategies": ["full"], "prompts": ["a bag"], "partial": {"numSamples": 64}}})
     assert stage_config(s, EVALUATE, "r")["prompts"] == ["a bag"]
     assert "prompts" not in stage_config(s, probe_key(1), "r")  # a probe is the lightweight one
+
+
+def test_a_probe_job_is_labelled_as_no_expert() -> None:
+    from ddm_operator.k8s.builders import LABEL_EXPERT, LABEL_STAGE, Owner, child_labels
+
+    owner = Owner(name="d", namespace="ns", uid="u")
+    assert child_labels(owner, "probe-002", 1)[LABEL_STAGE] == "probe"
+    assert LABEL_EXPERT not in child_labels(owner, "probe-002", 1)
+    assert child_labels(owner, "expert-002", 1)[LABEL_EXPERT] == "002"
