@@ -413,7 +413,10 @@ def _next_probe(spec: DecentralizedDiffusionSpec, observed: Observed, ready: int
     """The partial ensemble's lightweight evaluation: one for each count of committed experts, the latest only,
     one at a time (a probe that failed for good is given up: it is advice, the run goes on)."""
     probes = {k: o for k, o in observed.stages.items() if k.stage == "probe"}
-    if ready == 0 or any(o.state in (State.RUNNING, State.SUSPENDED) for o in probes.values()):
+    suspended = [k for k, o in probes.items() if o.state is State.SUSPENDED]
+    if suspended:  # spec.suspend was lifted: it goes on before any other starts
+        return _Next(action=Unsuspend(max(suspended)))
+    if ready == 0 or any(o.state is State.RUNNING for o in probes.values()):
         return _Next()
     key = probe_key(ready)
     obs = observed.get(key)

@@ -128,6 +128,19 @@ def test_a_probe_follows_each_expert_that_lands_while_others_train() -> None:
     assert launched(plan(s, Observed(NOW, finished))) == [EVALUATE]  # all landed: the full evaluation instead
 
 
+def test_a_probe_suspended_with_the_run_resumes_with_it() -> None:
+    from ddm_operator.planner import Suspend, Unsuspend
+
+    s = spec(growth=None, clustering={"numClusters": 2, "fineClusters": 16},
+             evaluation={"strategies": ["full"], "partial": {"numSamples": 64}})
+    stages = {CLUSTER: OK, ROUTER: OK, expert_key(0): OK, expert_key(1): RUN, probe_key(1): RUN}
+    paused = plan(s.model_copy(update={"suspend": True}), Observed(NOW, stages))
+    assert Suspend(probe_key(1)) in paused.actions
+    stopped = StageObservation(State.SUSPENDED, attempts=1)
+    resumed = plan(s, Observed(NOW, {**stages, probe_key(1): stopped, expert_key(1): stopped}))
+    assert Unsuspend(probe_key(1)) in resumed.actions and Unsuspend(expert_key(1)) in resumed.actions
+
+
 def test_a_failed_probe_never_fails_the_run() -> None:
     s = spec(growth=None, clustering={"numClusters": 2, "fineClusters": 16},
              evaluation={"strategies": ["full"], "partial": {"numSamples": 64}})
