@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from ddm_operator.k8s.builders import BACKENDS, Backend
-from fixtures.k8s import EXIT_CODE_ANNOTATION, RUN_MS_ANNOTATION
+from fixtures.k8s import EXIT_CODE_ANNOTATION, RUN_MS_ANNOTATION, inline_kubeconfig
 from integration.test_operator import Harness, Operator, chart_account, ddm_spec, render_rbac, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.k8s]
@@ -245,3 +245,33 @@ def test_trainjob_multi_node_experts_rendezvous_where_trainer_v2_says(fleet: Har
     assert before == {"trainjobs": 5, "trainingruntimes": 5, "jobsets": 5, "pods": 7}, before
     h.custom.delete_namespaced_custom_object("ddm.io", "v1alpha1", h.ns, "decentralizeddiffusions", "mn")
     wait_for(lambda: not any(left().values()), "every child of the DDM gone", timeout=90)
+
+
+@pytest.mark.parametrize("job_backend", ["trainjob"])
+def test_trainjob_in_a_target_cluster_is_watched_classified_and_cleaned_up(fleet: Harness, tmp_path: Path) -> None:
+    """Expert 1 in a targetCluster (a kubeconfig Secret; here the fleet plane itself reached as a member, so its
+    jobs are also seen as local ones) exits 3: created through the member's client (no owner reference), watched
+    there as TrainJobs, a permanent failure, no retry; deleting the DDM removes its TrainJob and TrainingRuntime
+    there by label (nothing else would: without an owner reference the garbage collector leaves them)."""
+    h, kind = fleet, BACKENDS["trainjob"]
+    member = inline_kubeconfig(h.plane.user_kubeconfig("ddm-member", ["system:masters"]))
+    h.core.create_namespaced_secret(h.ns, {"metadata": {"name": "member"}, "stringData": {"kubeconfig": member}})
+    spec = fleet_spec(2, tmp_path, failurePolicy={"maxRetriesPerExpert": 2, "backoffSeconds": 0, "minExperts": 1})
+    base = spec["experts"]["placement"]
+    spec["experts"]["overrides"] = [{"experts": [1], "placement": {
+        **base, "targetCluster": "member", "podAnnotations": {EXIT_CODE_ANNOTATION: "3"}}}]
+    h.create("mc", spec)
+    status = h.wait_phase("mc", "Degraded", timeout=120)
+    expert = status["experts"][1]
+    assert expert["retries"] == 0 and "exit code 3 (permanent)" in expert["message"], expert
+    assert "watching TrainJobs of cluster member in" in (tmp_path / "operator.log").read_text()
+    jobs = jobs_of(h, kind)
+    assert "ownerReferences" not in jobs["mc-expert-001-a1"]["metadata"]  # made through the member's client
+    assert "ownerReferences" in jobs["mc-expert-000-a1"]["metadata"]
+    selector = "ddm.io/key=expert-001"
+    h.custom.delete_namespaced_custom_object("ddm.io", "v1alpha1", h.ns, "decentralizeddiffusions", "mc")
+    wait_for(lambda: h.ddm("mc") is None, "the DDM gone after its cleanup of the member", timeout=60)
+    for plural in ("trainjobs", "trainingruntimes"):
+        left = h.custom.list_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", h.ns, plural,
+                                                      label_selector=selector)["items"]
+        assert not left, (plural, [o["metadata"]["name"] for o in left])

@@ -701,7 +701,8 @@ def _wake_from_thread(ddm_uid: str) -> None:
 
 
 _remote = RemoteWatches(lambda namespace, cluster: _client_for(namespace, cluster),
-                        lambda event_type, job, seen: child_wakes_parent(event_type, job, seen), _wake_from_thread)
+                        lambda event_type, job, seen: child_wakes_parent(event_type, job, seen), _wake_from_thread,
+                        BACKEND)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, id="reconciler", when=needs_reconciler, cancellation_backoff=5.0,

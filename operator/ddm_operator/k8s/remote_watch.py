@@ -1,7 +1,8 @@
-"""Watches of our PyTorchJobs in member clusters: a stage that ends in another cluster wakes its DDM at once.
+"""Watches of our jobs (PyTorchJobs or TrainJobs, the operator's backend) in member clusters: a stage that ends in
+another cluster wakes its DDM at once.
 
 kopf watches only the operator's own cluster. For each (namespace, targetCluster Secret) that an unfinished DDM
-uses, one thread lists and then watches the PyTorchJobs carrying ``ddm.io/uid`` there, and calls ``wake(ddm_uid)``
+uses, one thread lists and then watches the jobs carrying ``ddm.io/uid`` there, and calls ``wake(ddm_uid)``
 on a phase change the planner sees (the same rule as the local watch: ``handlers.child_wakes_parent``). A watch
 that breaks (the member's API server unreachable, its credentials refused) is retried with a growing delay, capped
 at ``MAX_RETRY_S``; each retry re-reads the Secret, so a rotated kubeconfig is used. Its re-list after a break
@@ -33,8 +34,9 @@ class RemoteWatches:
     ``wakes(event_type, job, seen)`` decides whether an event wakes the DDM named by the job's ddm.io/uid label."""
 
     def __init__(self, client_for: Callable[[str, str], Any], wakes: Callable[[str | None, dict[str, Any], dict[str, str]], bool],
-                 wake: Callable[[str], None]) -> None:
+                 wake: Callable[[str], None], backend: b.Backend = b.PYTORCHJOB) -> None:
         self._client_for, self._wakes, self._wake = client_for, wakes, wake
+        self._backend = backend  # the kind of job the operator makes (handlers.BACKEND)
         self._users: dict[Key, set[str]] = {}
         self._live: dict[Key, bool] = {}
         self._threads: dict[Key, threading.Thread] = {}
@@ -86,7 +88,7 @@ class RemoteWatches:
         while self._in_use(key):
             try:
                 custom = client.CustomObjectsApi(self._client_for(namespace, cluster))
-                args = (b.PYTORCHJOB_GROUP, b.PYTORCHJOB_VERSION, namespace, b.PYTORCHJOB_PLURAL)
+                args = (self._backend.group, self._backend.version, namespace, self._backend.plural)
                 listed = custom.list_namespaced_custom_object(*args, label_selector=b.LABEL_UID,
                                                               _request_timeout=REQUEST_TIMEOUT_S)
                 present = set()
@@ -97,7 +99,7 @@ class RemoteWatches:
                     seen.pop(gone, None)
                 version = listed["metadata"]["resourceVersion"]
                 if not self._live.get(key):
-                    log.info("watching PyTorchJobs of cluster %s in %s", cluster, namespace)
+                    log.info("watching %ss of cluster %s in %s", self._backend.kind, cluster, namespace)
                 self._live[key], delay = True, 0.5
                 while self._in_use(key):
                     stream = watch.Watch().stream(custom.list_namespaced_custom_object, *args,
