@@ -166,8 +166,9 @@ def test_a_single_safetensors_file_loads_and_a_path_without_a_vae_is_refused(tmp
     assert open_store(run_uri).read_manifest(layout.CLUSTERING) is None
     # latent experts need stored latents: a pixel-only run has none
     pixel_run = str(tmp_path / "pixels")
-    cluster.run(ClusterConfig.model_validate({"run_uri": pixel_run, "device": "cpu", "data": _data(fashion_mnist_shards),
-                                              "num_clusters": K, "encoder": "raw-pixels", "examples_per_cluster": 0}))
+    cluster.run(ClusterConfig.model_validate({"run_uri": pixel_run, "device": "cpu",
+                                              "data": _data(fashion_mnist_shards), "num_clusters": K,
+                                              "encoder": "raw-pixels", "examples_per_cluster": 0}))
     with pytest.raises(DataError, match="^latents is true but .* holds no VAE latents"):
         expert.run(ExpertConfig.model_validate({"run_uri": pixel_run, "device": "cpu",
                                                 "data": _data(fashion_mnist_shards), "cluster_index": 0,

@@ -4,11 +4,12 @@ Written by the cluster stage once its assignments are committed (``write_cluster
 the dataset's order, go to ``clustering/shards/<k>/<k>-<j>.tar`` (the image bytes as they were stored, the class
 as ``<key>.<class_field>``; in a text-conditioned run also the caption as ``<key>.<caption_field>``, its token
 embeddings as ``<key>.temb`` (an .npy of float16 (l, D), the caption's l real tokens) and its sentence embedding as
-``<key>.tpool`` (float16 (D,)), computed here once with the run's text encoder; in a latent-space run the image's
-VAE latent as ``<key>.lat`` and its horizontal flip's as ``<key>.latf`` (float16 (c, h, w) .npy, as DiT's feature
-extraction keeps both), encoded here once); then ``index.json`` names every shard with its sample count, size and
-sha256 (and the text encoder and VAE that made the embeddings and latents); then the manifest. Shards hold at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a
-multiple of 8 near-equal shards, so 1, 2, 4 or 8 ranks each own whole shards of equal sample counts.
+``<key>.tpool`` (float16 (D,)); in a latent-space run the image's VAE latent as ``<key>.lat`` and its horizontal
+flip's as ``<key>.latf`` (float16 (c, h, w) .npy, as DiT's feature extraction keeps both); embeddings and latents
+as the encode step computed them once, ``encode``); then ``index.json`` names every shard with its sample count,
+size and sha256 (and the text encoder and VAE that made the embeddings and latents); then the manifest. Shards hold
+at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a multiple of 8 near-equal
+shards, so 1, 2, 4 or 8 ranks each own whole shards of equal sample counts.
 
 Read by the expert stage (``open_cluster_shards(...).stream(...)``), which then never opens the whole dataset:
 - rank r of W owns shards r, r+W, ... when W divides the shard count and reads no other; otherwise every rank
@@ -54,7 +55,7 @@ INDEX = "index.json"  # {"data_uri", "class_field", "labeled", "num_classes", "c
 #                        "clusters": [{"shards": [ShardInfo]}]}
 TEXT_TOKENS, TEXT_POOLED = "temb", "tpool"  # the extensions of a sample's caption embeddings
 LATENT, LATENT_FLIP = "lat", "latf"  # its VAE latent and the latent of its horizontal flip
-TEXT_BATCH = 256  # captions encoded at once while writing
+TEXT_BATCH = 256  # samples whose stored embeddings / latents are fetched at once while writing
 SHARD_SAMPLES = 4096
 SHARD_BYTES = 128 << 20
 MIN_SHARD_BYTES = 16 << 20
@@ -85,20 +86,21 @@ class ShardIndex:
 
 @dataclass
 class LatentEncoding:
-    """How the cluster stage encodes images into latents: ``meta`` (channels, size, vae) goes into the index;
-    ``encode(images)`` gives (latents, latents of the flipped images), (B, c, h, w) numpy arrays."""
+    """The images' latents the shards store: ``meta`` (channels, size, vae) goes into the index; ``encode(start,
+    stop)`` gives those of samples [start, stop) (latents, latents of the flipped images: (B, c, h, w) arrays)."""
 
     meta: dict[str, Any]
-    encode: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+    encode: Callable[[int, int], list[np.ndarray]]
 
 
 @dataclass
 class CaptionEncoding:
-    """How the cluster stage embeds captions: ``meta`` (kind, uri, width, max_tokens of the text encoder) goes
-    into the index; ``encode(captions)`` gives (tokens (B, L, D), mask (B, L), pooled (B, D)) as numpy arrays."""
+    """The captions' embeddings the shards store: ``meta`` (kind, uri, width, max_tokens of the text encoder) goes
+    into the index; ``encode(start, stop)`` gives those of samples [start, stop) of the source's order (tokens
+    (B, L, D), mask (B, L), pooled (B, D) numpy arrays: the encode step's, ``encode.Parts``)."""
 
     meta: dict[str, Any]
-    encode: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    encode: Callable[[int, int], list[np.ndarray]]
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -134,8 +136,8 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
 
     One pass over ``source`` in its order; each cluster fills one shard at a time, so at most one shard per
     cluster is held in memory (shards are smaller when many clusters would not fit the cache budget together).
-    ``text``: store each sample's caption and its embeddings (encoded TEXT_BATCH captions at a time on the way);
-    ``latents``: each image's VAE latents, its flip's too (TEXT_BATCH images at a time).
+    ``text``: store each sample's caption and its embeddings; ``latents``: each image's VAE latents, its flip's too
+    (both as the encode step made them, TEXT_BATCH samples at a time).
     """
     keys = source.keys()
     if keys != assignments.keys:
@@ -143,6 +145,7 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
                         f"{len(assignments.keys)} keys); re-cluster it under a new run_uri")
     labels = source.labels()
     captions = source.captions() if text is not None else None  # a sample without one stops here, nothing written
+    batch = TEXT_BATCH  # divides encode.PART: a batch never spans two encode parts
     probe = keys[:256]
     sample_bytes = sum(len(source.encoded(k)[1]) for k in probe) // len(probe) + TAR_OVERHEAD
     if text is not None:  # tokens and pooled vector in float16, the caption, three more members
@@ -158,27 +161,27 @@ def write_cluster_shards(store: Store, source: Source, assignments: Assignments,
     pending: list[list[tuple[str, bytes]]] = [[] for _ in sizes]  # the tar members of each cluster's next shard
     filled = [0 for _ in sizes]  # samples in it
     written: list[list[ShardInfo]] = [[] for _ in sizes]
-    embedded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the current TEXT_BATCH's embeddings
-    encoded: tuple[np.ndarray, np.ndarray] | None = None  # and its latents
+    embedded: list[np.ndarray] | None = None  # the current TEXT_BATCH's embeddings
+    encoded: list[np.ndarray] | None = None  # and its latents
     for i, (key, k) in enumerate(zip(keys, assignments.cluster.tolist())):
         ext, image = source.encoded(key)
         pending[k].append((f"{key}.{ext}", image))
         if labels is not None:
             pending[k].append((f"{key}.{source.cfg.class_field}", str(labels[key]).encode()))
         if text is not None and captions is not None:
-            if i % TEXT_BATCH == 0:
-                embedded = text.encode(captions[i : i + TEXT_BATCH])
+            if i % batch == 0:
+                embedded = text.encode(i, min(i + batch, len(keys)))
             assert embedded is not None
             tokens, mask, pooled = embedded
-            j = i % TEXT_BATCH
+            j = i % batch
             pending[k].append((f"{key}.{source.cfg.caption_field}", captions[i].encode()))
             pending[k].append((f"{key}.{TEXT_TOKENS}", _npy(tokens[j][mask[j]].astype(np.float16))))  # (l, D)
             pending[k].append((f"{key}.{TEXT_POOLED}", _npy(pooled[j].astype(np.float16))))  # (D,)
         if latents is not None:
-            if i % TEXT_BATCH == 0:
-                encoded = latents.encode(source.load(keys[i : i + TEXT_BATCH]).images)
+            if i % batch == 0:
+                encoded = latents.encode(i, min(i + batch, len(keys)))
             assert encoded is not None
-            j = i % TEXT_BATCH
+            j = i % batch
             pending[k].append((f"{key}.{LATENT}", _npy(encoded[0][j].astype(np.float16))))  # (c, h, w)
             pending[k].append((f"{key}.{LATENT_FLIP}", _npy(encoded[1][j].astype(np.float16))))
         filled[k] += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 CLUSTERING = "clustering"  # MANIFEST.json + assignments.npz (keys, cluster ids), centroids, sizes
 CLUSTER_SHARDS = f"{CLUSTERING}/shards"  # MANIFEST.json + index.json; <k>/<k>-<j>.tar: cluster k's samples
+ENCODE = "encode"  # <part>/: MANIFEST.json + part.npz: features, caption embeddings, latents of a part of the samples
 EXPERTS = "experts"
 MONOLITH = f"{EXPERTS}/monolith"  # the baseline: one model of the experts' preset trained on all the data
 ROUTER = "router"

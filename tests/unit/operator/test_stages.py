@@ -137,6 +137,10 @@ def test_command_uses_torchrun_for_several_gpus_and_nodes() -> None:
     assert "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in multi
     router = stage_command(_spec(router__gpusPerNode=2).spec, ROUTER, "c.yaml")
     assert router[0] == "ddm-launch" and "--nproc-per-node=2" in router
+    # the clustering pod has the experts' GPUs: its encode step runs a process on each
+    cluster = stage_command(_spec(experts__gpusPerNode=8).spec, CLUSTER, "c.yaml")
+    assert cluster[0] == "ddm-launch" and "--nproc-per-node=8" in cluster and cluster[-3] == "cluster"
+    assert stage_command(_spec(experts__gpusPerNode=0).spec, CLUSTER, "c.yaml")[0] == "ddm-train"
 
 
 def test_run_uri_namespaces_cluster_objects() -> None:

@@ -35,6 +35,8 @@ class ClusterConfig(StageBase):
     encoder_resolution: int | None = Field(None, ge=16, le=1024,
                                            description="Encoder input size (efficientnet_lite0 default 224)")
     embed_batch_size: int = Field(256, ge=1)
+    encode_part_size: int = Field(4096, ge=256, multiple_of=256,
+                                  description="Samples per committed part of the encode step (ranks share out parts)")
     max_cluster_fraction: float | None = Field(None, gt=0, le=1,
                                                description="Balance bound: no cluster holds more than this share")
     kmeans_iters: int = Field(20, ge=1, le=1000)

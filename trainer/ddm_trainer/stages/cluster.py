@@ -1,5 +1,8 @@
-"""The cluster stage: embed every sample, cluster, commit assignments under ``<run>/clustering``, then write each
-cluster's samples as shards of their own under ``<run>/clustering/shards`` (``cluster_shards``), committed apart.
+"""The cluster stage: encode every sample (image features; caption embeddings and VAE latents when the run has a
+text encoder or a VAE), spread over the stage's processes and committed part by part under ``<run>/encode``
+(``encode``); then, on rank 0, cluster, commit assignments under ``<run>/clustering``, and write each cluster's
+samples (with their stored embeddings and latents) as shards of their own under ``<run>/clustering/shards``
+(``cluster_shards``), committed apart.
 
 Runs at least once safely: a committed clustering with the same config is kept as is; only its shards are written
 when they are missing (a run clustered before shards existed, or killed while writing them); with both committed
@@ -21,19 +24,12 @@ from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments,
                           hierarchical_kmeans, import_faiss, load_assignments, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
 from ..data import Source, open_source
-from ..encoders import Encoder, build_encoder, resolve_device
+from ..encode import Encoders, Parts, encode_parts
+from ..encoders import Encoder, build_encoder
 from ..growth import grow_kmeans, grow_random, growth_meta, open_parent
 from ..progress import Reporter
+from ..runtime import barrier, setup_runtime, shutdown
 from ..store import Store, open_store
-
-
-def _embed(source: Source, keys: list[str], encoder: Encoder, batch_size: int, reporter: Reporter) -> np.ndarray:
-    chunks = []
-    for start in range(0, len(keys), batch_size):
-        batch = source.load(keys[start : start + batch_size])
-        chunks.append(encoder.embed(batch.images, batch_size))  # (B, D)
-        reporter.update(min(start + batch_size, len(keys)), phase="embed")
-    return np.concatenate(chunks)  # (N, D)
 
 
 def _examples(source: Source, keys: list[str], cluster: np.ndarray, k: int, per_cluster: int, seed: int) -> bytes:
@@ -63,40 +59,67 @@ def _write_shards(store: Store, source: Source, assignments: Assignments, report
           file=sys.stderr)
 
 
-def caption_encoding(cfg: ClusterConfig) -> CaptionEncoding | None:
-    """The run's text encoder, loaded and checked against text_encoder.width (a missing model or another width
-    stops here, before anything is read or written)."""
+def text_model(cfg: ClusterConfig, device: torch.device) -> tuple[dict[str, Any], Any] | None:
+    """(meta, captions -> (tokens, mask, pooled)) of the run's text encoder, loaded and checked against
+    text_encoder.width (a missing model or another width stops here, before anything is read or written)."""
     if cfg.text_encoder is None:
         return None
     from ..text import TextEncoder
 
     te = cfg.text_encoder
-    model = TextEncoder(te.uri, resolve_device(cfg.device), te.max_tokens, expect_dim=te.width, kind=te.kind)
+    model = TextEncoder(te.uri, device, te.max_tokens, expect_dim=te.width, kind=te.kind)
 
     def encode(captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = model.encode(captions)
         return out.tokens.numpy(), out.mask.numpy(), out.pooled.numpy()
 
-    return CaptionEncoding(te.model_dump(mode="json"), encode)
+    return te.model_dump(mode="json"), encode
 
 
-def latent_encoding(cfg: ClusterConfig) -> LatentEncoding | None:
-    """The run's VAE, loaded (a path that holds none stops here, before anything is read or written)."""
+def latent_model(cfg: ClusterConfig, device: torch.device) -> tuple[dict[str, Any], Any] | None:
+    """(meta, images -> (latents, flipped latents)) of the run's VAE (a path that holds none stops here, before
+    anything is read or written)."""
     if cfg.vae is None:
         return None
     from ..vae import Vae
 
-    vae = Vae(cfg.vae.uri, resolve_device(cfg.device), cfg.vae.scaling_factor, cfg.vae.shift_factor)
+    vae = Vae(cfg.vae.uri, device, cfg.vae.scaling_factor, cfg.vae.shift_factor)
     shape = vae.shape(cfg.data.image_size)
 
     def encode(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return vae.encode(images).cpu().numpy(), vae.encode(images.flip(-1)).cpu().numpy()
 
-    return LatentEncoding({"channels": shape.channels, "size": shape.size, "vae": vae.meta(),
-                           "image_size": cfg.data.image_size, "image_channels": cfg.data.channels}, encode)
+    return {"channels": shape.channels, "size": shape.size, "vae": vae.meta(), "image_size": cfg.data.image_size,
+            "image_channels": cfg.data.channels}, encode
 
 
-def _shards_current(store: Store, cfg: ClusterConfig, latents: LatentEncoding | None) -> bool:
+def encoders_of(cfg: ClusterConfig, encoder: Encoder | None, text: tuple[dict[str, Any], Any] | None,
+                latents: tuple[dict[str, Any], Any] | None) -> Encoders:
+    """The encode step's encoders, and the config that decides its parts (a part made otherwise is redone)."""
+    config = {"data": cfg.data.model_dump(mode="json", exclude={"workers"}), "batch": cfg.embed_batch_size,
+              "part": cfg.encode_part_size,
+              "encoder": [cfg.encoder, cfg.encoder_weights, cfg.encoder_resolution] if encoder else None,
+              "text": text[0] if text else None, "latents": latents[0] if latents else None}
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        assert encoder is not None
+        return encoder.embed(images, cfg.embed_batch_size)
+
+    return Encoders(features if encoder is not None else None, text[1] if text else None,
+                    latents[1] if latents else None, cfg.embed_batch_size, cfg.encode_part_size, config)
+
+
+def stored_encodings(parts: Parts, text: tuple[dict[str, Any], Any] | None,
+                     latents: tuple[dict[str, Any], Any] | None) -> tuple[CaptionEncoding | None,
+                                                                           LatentEncoding | None]:
+    """What the cluster shards store beside each image, read back from the committed encode parts."""
+    caption = CaptionEncoding(text[0], lambda a, b: parts.rows(("tokens", "mask", "pooled"), a, b)) if text else None
+    latent = LatentEncoding(latents[0], lambda a, b: parts.rows(("latents", "latents_flip"), a, b)) \
+        if latents else None
+    return caption, latent
+
+
+def _shards_current(store: Store, cfg: ClusterConfig, latents: tuple[dict[str, Any], Any] | None) -> bool:
     """Committed shards that hold what this config asks (the same captions and text encoder, the same latents, or
     none)."""
     index = load_shard_index(store)
@@ -104,42 +127,58 @@ def _shards_current(store: Store, cfg: ClusterConfig, latents: LatentEncoding | 
         return False
     want = cfg.text_encoder.model_dump(mode="json") if cfg.text_encoder is not None else None
     return index.text == want and (want is None or index.caption_field == cfg.data.caption_field) \
-        and index.latent == (latents.meta if latents is not None else None)
+        and index.latent == (latents[0] if latents is not None else None)
 
 
 def run(cfg: ClusterConfig) -> dict[str, Any]:
+    """Under torchrun every rank encodes its share of the parts (``encode``); rank 0 then clusters and writes the
+    cluster shards alone, the other ranks return once their parts are committed."""
+    rt = setup_runtime(cfg.device)
     store = open_store(cfg.run_uri)
-    # the text encoder changes the shards only: a new one rewrites them and keeps the clustering
-    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}, "text_encoder": True, "vae": True})
+    # the text encoder and the VAE change the shards only: new ones rewrite them and keep the clustering (the part
+    # size changes nothing)
+    config = cfg.model_dump(mode="json", exclude={"data": {"workers"}, "text_encoder": True, "vae": True,
+                                                  "encode_part_size": True})
     if cfg.growth is None:
         config.pop("growth")  # a run clustered before growth existed keeps its committed clustering
     encoder = None
     if cfg.method == "kmeans":  # an unknown encoder or missing weights fails before any data is read or written
-        encoder = build_encoder(cfg.encoder, cfg.encoder_weights, cfg.device, cfg.encoder_resolution, cfg.data.channels)
-    text = caption_encoding(cfg)
-    latents = latent_encoding(cfg)
+        encoder = build_encoder(cfg.encoder, cfg.encoder_weights, rt.device, cfg.encoder_resolution, cfg.data.channels)
+    text, latents = text_model(cfg, rt.device), latent_model(cfg, rt.device)
     previous = store.read_manifest(layout.CLUSTERING)
     if previous is not None and previous.get("config") == config:
         if _shards_current(store, cfg, latents):
-            print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
-                  file=sys.stderr)
+            if rt.is_main:
+                print(f"cluster: {store.url(layout.CLUSTERING)} already committed with this config; nothing to do",
+                      file=sys.stderr)
+            shutdown(rt)
             return previous
-        assignments = load_assignments(store)
-        reporter = Reporter("cluster", None, len(assignments.keys), store)
-        _write_shards(store, open_source(cfg.data, store), assignments, reporter, text, latents)
-        reporter.close(step=len(assignments.keys), num_clusters=cfg.num_clusters, sizes=assignments.sizes,
-                       nmi=previous.get("nmi"))
-        return previous
-
+        encoder = None  # only the shards are missing: the parts need no features
     parent = open_parent(cfg) if cfg.growth is not None else None  # a grown run (growth.py): checked first
     source = open_source(cfg.data, store)
     keys = source.keys()
     if text is not None:
         source.captions()  # a caption field the data lacks stops here, before anything is committed
-    reporter = Reporter("cluster", None, len(keys), store)
+    reporter = Reporter("cluster", None, len(keys), store) if rt.is_main else None
+    encoders = encoders_of(cfg, encoder, text, latents)
+    encode_parts(store, source, keys, encoders, rt.rank, rt.world_size, reporter)
+    barrier(rt)  # every part is committed
+    shutdown(rt)
+    if not rt.is_main:
+        return {}
+    assert reporter is not None
+    parts = Parts(store, keys, encoders)
+    caption, latent = stored_encodings(parts, text, latents)
+    if previous is not None and previous.get("config") == config:  # the clustering stands; its shards were missing
+        assignments = load_assignments(store)
+        _write_shards(store, source, assignments, reporter, caption, latent)
+        reporter.close(step=len(assignments.keys), num_clusters=cfg.num_clusters, sizes=assignments.sizes,
+                       nmi=previous.get("nmi"))
+        return previous
+
     if encoder is not None:
-        features = _embed(source, keys, encoder, cfg.embed_batch_size, reporter)
-        use_gpu = import_faiss().get_num_gpus() > 0 and resolve_device(cfg.device).type == "cuda"
+        features = parts.features()  # (N, F), in the source's order
+        use_gpu = import_faiss().get_num_gpus() > 0 and rt.device.type == "cuda"
         reporter.event("progress", step=len(keys), phase="kmeans")
         if parent is not None:
             result = grow_kmeans(features, parent, cfg, use_gpu)
@@ -175,8 +214,8 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
             files[EXAMPLES] = grid
     store.delete_prefix(layout.CLUSTERING)  # an old clustering with another config must not mix with this one
     manifest = store.commit(layout.CLUSTERING, files, meta)
-    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter, text,
-                  latents)
+    _write_shards(store, source, Assignments(keys, result.cluster, cfg.num_clusters, sizes, manifest), reporter,
+                  caption, latent)
     reporter.close(step=len(keys), num_clusters=cfg.num_clusters, sizes=sizes, nmi=score)
     print(f"cluster: {cfg.num_clusters} clusters of {len(keys)} samples, sizes {sizes}"
           + (f", NMI with classes {score:.3f}" if score is not None else ""), file=sys.stderr)

@@ -224,7 +224,8 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
         from ..cluster_shards import load_latents, open_all_shards
 
         shards = open_all_shards(store, cfg.data, latents=True)
-        latents, size, channels = load_latents(shards), int(shards.latent["size"]), int(shards.latent["channels"])  # type: ignore[index]
+        assert shards.latent is not None
+        latents, size, channels = load_latents(shards), int(shards.latent["size"]), int(shards.latent["channels"])
     spec = RouterSpec(cfg.preset, size, channels, cfg.num_clusters, cfg.num_classes, cfg.text_dim)
     model = build_router_from_spec(spec)
     reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
