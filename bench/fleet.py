@@ -68,7 +68,10 @@ def in_b(i: int, section: str, k: int = 0, experts: int = 0) -> bool:
     return section in ("router", "evaluate") and i % 2 == 1
 
 
-def spec(i: int, k: int, run_ms: int, backoff_s: int) -> dict[str, Any]:
+STORE_SECRET = "bench-store"
+
+
+def spec(i: int, k: int, run_ms: int, backoff_s: int, store_down: bool = False) -> dict[str, Any]:
     from fixtures.k8s import RUN_MS_ANNOTATION
 
     toleration = {"key": GPU_TAINT["key"], "operator": "Exists", "effect": GPU_TAINT["effect"]}
@@ -83,9 +86,20 @@ def spec(i: int, k: int, run_ms: int, backoff_s: int) -> dict[str, Any]:
         "router": {"placement": remote if in_b(i, "router") else local},
         "evaluation": {"placement": remote if in_b(i, "evaluate") else local},
         "failurePolicy": {"backoffSeconds": backoff_s},
-        "storage": {"uri": "file:///mnt/ddm", "volumeClaim": CLAIM},  # a path on one node needs a shared volume
+        # a path on one node needs a shared volume; or an S3 store that refuses every connection (--store-unreachable)
+        "storage": ({"uri": "s3://ddm-bench/runs", "credentialsSecret": STORE_SECRET} if store_down
+                    else {"uri": "file:///mnt/ddm", "volumeClaim": CLAIM}),
         "trainerImage": "ddm-trainer:bench",
     }
+
+
+def refused_endpoint() -> str:
+    """http://127.0.0.1:<port> where nothing listens (a port just bound and released): connections are refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def minimum_requests(k: int, remote: bool) -> dict[str, int]:
@@ -140,6 +154,11 @@ class Fleet:
             shared_volume(self.core[plane.name], NAMESPACE)
             self.watches[plane.name] = JobWatch(plane.api_client(), NAMESPACE)
             self.watches[plane.name].start()
+        if self.args.store_unreachable:  # the stages' envFrom Secret, in both clusters; the operator reads a's
+            store = {"DDM_S3_ENDPOINT": refused_endpoint(), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+            for plane in self.planes:
+                self.core[plane.name].create_namespaced_secret(NAMESPACE, {"metadata": {"name": STORE_SECRET},
+                                                                           "stringData": store})
         remote = inline_kubeconfig(self.b.user_kubeconfig(OPERATOR_USER, ["system:masters"]))
         self.core["a"].create_namespaced_secret(NAMESPACE, {"metadata": {"name": REMOTE_SECRET},
                                                             "stringData": {"kubeconfig": remote}})
@@ -431,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             fleet.custom["a"].create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "DecentralizedDiffusion", "metadata": {"name": name},
-                "spec": spec(int(name[1:]), args.experts, args.run_ms, args.backoff_s)})
+                "spec": spec(int(name[1:]), args.experts, args.run_ms, args.backoff_s, args.store_unreachable)})
         fleet.note(f"{len(names)} DDMs of K={args.experts} created")
         done, injected = threading.Event(), threading.Event()
         faults: dict[str, Any] = {}
@@ -504,6 +523,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record", action="store_true", help="record figures of a fault run too")
     parser.add_argument("--remote-interval", type=float, default=None,
                         help="DDM_REMOTE_INTERVAL_S: polling of a member cluster whose watch is down (default: the operator's)")
+    parser.add_argument("--store-unreachable", action="store_true",
+                        help="the run store is s3:// at an endpoint that refuses connections, the whole run")
     parser.add_argument("--max-workers", type=int, default=None, help="DDM_MAX_WORKERS: passes at once (default: the operator's)")
     parser.add_argument("--verbose", action="store_true", help="the operator's debug log (operator.log in the work dir)")
     return parser
@@ -533,7 +554,8 @@ def main() -> None:
     from common import record
 
     tag = f"{args.ddms}x{args.experts}, {args.nodes} nodes, 2 clusters, run {args.run_ms} ms" + (
-        f", faults {args.faults}" if args.faults else "") + (f", {args.max_workers} workers" if args.max_workers else "")
+        f", faults {args.faults}" if args.faults else "") + (f", {args.max_workers} workers" if args.max_workers else "") + (
+        ", store unreachable" if args.store_unreachable else "")
 
     def rec(metric: str, value: float, unit: str, reference: float | None = None) -> None:
         record("fleet", f"{metric}[{tag}]", round(value, 4), unit, reference)

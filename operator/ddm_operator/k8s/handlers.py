@@ -37,7 +37,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from ddm_trainer import layout
-from ddm_trainer.errors import DDMError
+from ddm_trainer.errors import DDMError, MissingArtifactError
 
 from .. import planner as pl
 from .. import stages
@@ -236,7 +236,8 @@ def _progress_report(spec: DecentralizedDiffusionSpec, namespace: str, name: str
     try:
         report = _run_store(spec, namespace, name).get_json(f"progress/{key}.json")
         return report if isinstance(report, dict) else {}
-    except Exception:  # no report yet, store unreachable from the operator, ...: progress is advisory
+    except Exception as exc:  # no report yet, store unreachable from the operator, ...: progress is advisory
+        _store_failed(spec, namespace, name, exc)
         return {}
 
 
@@ -247,14 +248,34 @@ def _router_facts(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -
         bins = store.get_json(f"{layout.ROUTER}/eval/accuracy.json").get("bins") or []
         accuracy = round(sum(b["accuracy"] for b in bins) / len(bins), 4) if bins else None
         return accuracy, store.url(layout.final(layout.ROUTER))
-    except Exception:  # store unreachable, or a router committed without its evaluation: stays empty
+    except Exception as exc:  # store unreachable, or a router committed without its evaluation: stays empty
+        _store_failed(spec, namespace, name, exc)
         return None, None
+
+
+STORE_RETRY_S = float(os.environ.get("DDM_STORE_RETRY_S", "30"))
+_store_down: dict[str, float] = {}  # run URI -> monotonic time before which its store is not read again
+
+
+class StoreResting(Exception):
+    """The run's store failed lately: the operator's advisory reads skip it until DDM_STORE_RETRY_S have passed."""
 
 
 def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Any:
     """The run's store, with the same credentials Secret the stage pods get (never the operator's own), re-read
-    when the Secret changes (storage.StoreClients)."""
+    when the Secret changes (storage.StoreClients). StoreResting while it rests after a failure."""
+    run = stages.run_uri(spec, namespace, name)
+    if time.monotonic() < _store_down.get(run, 0.0):
+        raise StoreResting(f"{run}: not read for {STORE_RETRY_S:g} s after a failure")
     return _stores.get(_core(), spec, namespace, name)
+
+
+def _store_failed(spec: DecentralizedDiffusionSpec, namespace: str, name: str, exc: Exception) -> None:
+    """After a read that failed for another reason than a missing object, the run's store rests: a store that does
+    not answer costs seconds per read (the S3 client retries a refused connection 5 times), and every pass of the
+    DDM, which reads the progress of each running stage, would wait on it."""
+    if not isinstance(exc, (MissingArtifactError, StoreResting)):
+        _store_down[stages.run_uri(spec, namespace, name)] = time.monotonic() + STORE_RETRY_S
 
 
 def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Results | None:
@@ -262,7 +283,8 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
     try:
         store = _run_store(spec, namespace, name)
         manifest = store.read_manifest(layout.EVALUATION)
-    except Exception:  # store unreachable from the operator: results stay empty, the run is unaffected
+    except Exception as exc:  # store unreachable from the operator: results stay empty, the run is unaffected
+        _store_failed(spec, namespace, name, exc)
         return None
     if manifest is None:
         return None

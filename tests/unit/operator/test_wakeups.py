@@ -105,3 +105,33 @@ def test_experts_changing_together_make_one_event() -> None:
                       ("ExpertChanged", "expert 2 Running -> Succeeded (x-expert-002-a1)")]
     retried = handlers._transitions(status("Failed", jobs=jobs[:1]), status("Running", jobs=("x-expert-000-a2",)))
     assert retried == [("ExpertRetried", "expert 0 retried as x-expert-000-a2 (after x-expert-000-a1)")]
+
+
+def test_a_store_that_fails_rests_but_a_missing_report_does_not(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass reads the progress of each running stage; a store that does not answer must not make every read of
+    every pass wait on it (an unreachable S3 endpoint costs seconds per read)."""
+    import json
+    from pathlib import Path
+
+    from ddm_operator import stages
+    from ddm_operator.api.models import DecentralizedDiffusionSpec
+
+    spec = DecentralizedDiffusionSpec.model_validate({
+        "dataset": {"uri": "/data"}, "clustering": {"numClusters": 2, "fineClusters": 16},
+        "experts": {"steps": 100}, "storage": {"uri": f"file://{tmp_path}/runs"}})
+    monkeypatch.setattr(handlers, "_store_down", {})
+    run = Path(stages.run_uri(spec, "ns", "d").removeprefix("file://"))
+    run.mkdir(parents=True)
+    assert handlers._progress_report(spec, "ns", "d", "expert-000") == {}  # no report yet: not a failure
+    assert handlers._store_down == {}
+    (run / "progress").write_text("a file where the folder should be")  # reads now fail (StoreError)
+    assert handlers._progress_report(spec, "ns", "d", "expert-000") == {}
+    assert list(handlers._store_down) == [stages.run_uri(spec, "ns", "d")]
+    (run / "progress").unlink()
+    (run / "progress").mkdir()
+    (run / "progress" / "expert-000.json").write_text(json.dumps({"step": 7}))
+    with pytest.raises(handlers.StoreResting):
+        handlers._run_store(spec, "ns", "d")
+    assert handlers._progress_report(spec, "ns", "d", "expert-000") == {}  # resting: not read
+    handlers._store_down.clear()  # DDM_STORE_RETRY_S later
+    assert handlers._progress_report(spec, "ns", "d", "expert-000") == {"step": 7}
