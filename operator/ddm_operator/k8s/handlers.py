@@ -254,7 +254,7 @@ def _router_facts(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -
 
 
 STORE_RETRY_S = float(os.environ.get("DDM_STORE_RETRY_S", "30"))
-_store_down: dict[str, float] = {}  # run URI -> monotonic time before which its store is not read again
+_store_down: dict[str, tuple[float, Any]] = {}  # run URI -> (monotonic time, client) before which it is not read
 
 
 class StoreResting(Exception):
@@ -263,19 +263,29 @@ class StoreResting(Exception):
 
 def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Any:
     """The run's store, with the same credentials Secret the stage pods get (never the operator's own), re-read
-    when the Secret changes (storage.StoreClients). StoreResting while it rests after a failure."""
+    when the Secret changes (storage.StoreClients). StoreResting while that client rests after a failure (a client
+    rebuilt from a changed Secret does not rest)."""
     run = stages.run_uri(spec, namespace, name)
-    if time.monotonic() < _store_down.get(run, 0.0):
+    store = _stores.get(_core(), spec, namespace, name)
+    until, client = _store_down.get(run, (0.0, None))
+    if client is store and time.monotonic() < until:
         raise StoreResting(f"{run}: not read for {STORE_RETRY_S:g} s after a failure")
-    return _stores.get(_core(), spec, namespace, name)
+    _store_down[run] = (until, store)
+    return store
 
 
 def _store_failed(spec: DecentralizedDiffusionSpec, namespace: str, name: str, exc: Exception) -> None:
-    """After a read that failed for another reason than a missing object, the run's store rests: a store that does
-    not answer costs seconds per read (the S3 client retries a refused connection 5 times), and every pass of the
-    DDM, which reads the progress of each running stage, would wait on it."""
-    if not isinstance(exc, (MissingArtifactError, StoreResting)):
-        _store_down[stages.run_uri(spec, namespace, name)] = time.monotonic() + STORE_RETRY_S
+    """After a read that failed because the store did not answer, the run's store rests: such a read costs seconds
+    (the S3 client retries a refused connection 5 times), and every pass of the DDM, which reads the progress of
+    each running stage, would wait on it. A missing object, or an answer such as AccessDenied (keys being rotated),
+    costs one quick request and rests nothing."""
+    from minio.error import S3Error
+
+    if isinstance(exc, (MissingArtifactError, StoreResting)) or isinstance(exc.__cause__, S3Error):
+        return
+    run = stages.run_uri(spec, namespace, name)
+    if run in _store_down:  # the client that failed (set by _run_store before the read)
+        _store_down[run] = (time.monotonic() + STORE_RETRY_S, _store_down[run][1])
 
 
 def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Results | None:
