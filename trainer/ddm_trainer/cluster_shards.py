@@ -460,6 +460,7 @@ class _EpochPlan:
     order: np.ndarray  # (P,) sample ids (offset of the shard + index within it), this rank's, in batch order
     window_of: np.ndarray  # (P,) the window of each sample's shard
     windows: list[np.ndarray]  # shard ids of each window, in reading order
+    flips: np.ndarray | None = None  # (P,) bool: take the latent of the flipped image (latent-space shards)
 
 
 class _ShardCache:
@@ -555,7 +556,10 @@ class ShardStream:
                 keep = slice(0, self.per_rank)
             else:
                 keep = slice(self.rank, self.per_rank * self.world_size, self.world_size)
-            plan = _EpochPlan(order[keep], where[keep], windows)
+            flips = None
+            if self.shards.latent is not None:  # a random horizontal flip per sample, planned like the order
+                flips = np.random.default_rng([self.seed, epoch, 1]).random(len(order[keep])) < 0.5
+            plan = _EpochPlan(order[keep], where[keep], windows, flips)
             self._plans[epoch] = plan
             while len(self._plans) > 2:  # this epoch and the next (read ahead across the boundary)
                 del self._plans[min(self._plans)]
@@ -578,9 +582,7 @@ class ShardStream:
         for sample, s in zip(ids.tolist(), shard_of.tolist()):
             key, parts = self._cache.get(s)[sample - int(self._offsets[s])]
             entries.append((s, key, parts))
-        flips = None
-        if self.shards.latent is not None:  # random horizontal flips as stored latents, planned like the order
-            flips = np.random.default_rng([self.seed, epoch, 1]).random(len(plan.order))[pos : pos + len(ids)] < 0.5
+        flips = plan.flips[pos : pos + len(ids)] if plan.flips is not None else None
         return self.shards.encoded_batch(entries, flips), epoch, pos + len(ids)
 
     # -- handing out ---------------------------------------------------------------------------------------------
