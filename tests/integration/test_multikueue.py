@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from fixtures.k8s import (
+    EXIT_CODE_ANNOTATION,
     KUEUE_API,
     KUEUE_FLAVOR,
     KUEUE_NAMESPACE,
@@ -42,6 +43,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.k8s]
 MULTIKUEUE = "kueue.x-k8s.io/multikueue"  # apis/kueue/v1beta2 MultiKueueControllerName
 WORKER = "worker"  # the MultiKueueCluster's name, which Workload.status.clusterName reports
 QUEUE = "mk"
+WORKER_SECRET = "worker-kubeconfig"  # the worker's kubeconfig in the DDM's namespace (placement.multiKueueWorkers)
 
 
 def _docs(*docs: dict[str, Any]) -> str:
@@ -70,7 +72,8 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
 def multikueue(k8s_kueue: ControlPlane, worker: ControlPlane, k8s_fleet_namespace: str, tmp_path: Path
                ) -> Iterator[tuple[Harness, Harness]]:
     """The DDM operator on the manager for a fresh namespace, a MultiKueue queue ``mk`` there whose ClusterQueue
-    dispatches to ``worker``, and the same namespace and queue on the worker. Yields (manager, worker) harnesses."""
+    dispatches to ``worker``, and the same namespace and queue on the worker; the worker's kubeconfig also in the
+    Secret WORKER_SECRET of that namespace, for DDMs that name it. Yields (manager, worker) harnesses."""
     ns = k8s_fleet_namespace
     manager = k8s_kueue
     kubeconfig = inline_kubeconfig(worker.user_kubeconfig("multikueue", ["system:masters"]))
@@ -100,6 +103,7 @@ def multikueue(k8s_kueue: ControlPlane, worker: ControlPlane, k8s_fleet_namespac
     op = Operator(manager.serviceaccount_kubeconfig(ns, account), ns, tmp_path / "operator.log")
     op.start()
     h, w = Harness(manager, ns), Harness(worker, ns)
+    h.core.create_namespaced_secret(ns, {"metadata": {"name": WORKER_SECRET}, "stringData": {"kubeconfig": kubeconfig}})
     wait_for(lambda: _active(h, "admissionchecks", check), f"AdmissionCheck {check} Active", timeout=60)
     yield h, w
     op.stop()
@@ -113,17 +117,20 @@ def _active(h: Harness, plural: str, name: str) -> bool:
     return any(c["type"] == "Active" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions") or [])
 
 
+def _spec(tmp_path: Path, **placement: Any) -> dict[str, Any]:
+    """Clustering and experts (1 GPU each) on the MultiKueue queue; router and evaluation local."""
+    base = {"nodeSelector": {"pool": "tainted"}, "tolerations": TOLERATE_GPU, "kueueQueueName": QUEUE,
+            "podAnnotations": {RUN_MS_ANNOTATION: "500"}, **placement}
+    return ddm_spec(2, tmp_path, experts={"modelPreset": "DiT-T/4", "steps": 100, "gpusPerNode": 1, "placement": base},
+                    router={"gpusPerNode": 1, "placement": {"nodeSelector": {"pool": "gpu"}}},
+                    evaluation={"gpusPerNode": 1, "placement": {"nodeSelector": {"pool": "gpu"}}})
+
+
 def test_experts_through_multikueue_run_in_the_worker(multikueue: tuple[Harness, Harness], tmp_path: Path) -> None:
     """Clustering and 2 experts on the MultiKueue queue run as PyTorchJobs in the worker (pods on its kwok nodes);
     the router and evaluation run in the manager; the DDM Succeeds from the status Kueue mirrors back."""
     h, w = multikueue
-    placement = {"nodeSelector": {"pool": "tainted"}, "tolerations": TOLERATE_GPU, "kueueQueueName": QUEUE,
-                 "podAnnotations": {RUN_MS_ANNOTATION: "500"}}
-    spec = ddm_spec(2, tmp_path, experts={"modelPreset": "DiT-T/4", "steps": 100, "gpusPerNode": 1,
-                                          "placement": placement},
-                    router={"gpusPerNode": 1, "placement": {"nodeSelector": {"pool": "gpu"}}},
-                    evaluation={"gpusPerNode": 1, "placement": {"nodeSelector": {"pool": "gpu"}}})
-    h.create("mk", spec)
+    h.create("mk", _spec(tmp_path))
     uid = h.ddm("mk")["metadata"]["uid"]  # type: ignore[index]
     seen_jobs: dict[str, dict[str, Any]] = {}  # in the worker, while they exist: MultiKueue deletes them when done
     seen_pods: dict[str, tuple[str, str, str]] = {}  # worker pod uid -> (job, node, last phase seen)
@@ -158,3 +165,40 @@ def test_experts_through_multikueue_run_in_the_worker(multikueue: tuple[Harness,
     assert {wl["metadata"]["ownerReferences"][0]["name"]: wl["status"].get("clusterName") for wl in workloads} == {
         n: WORKER for n in remote}
     assert status["expertsReady"] == 2
+
+
+def test_a_permanent_exit_code_in_the_worker_is_read_there(multikueue: tuple[Harness, Harness], tmp_path: Path
+                                                           ) -> None:
+    """With placement.multiKueueWorkers naming the worker's kubeconfig Secret, the operator puts each stage's
+    ConfigMap in the worker (MultiKueue copies only the job) and reads the exit code of expert 1, which exits 3 there
+    (a bad config): permanent, one pod run, no retry, the message names the code; the DDM ends Degraded on expert 0.
+    Deleting the DDM removes the ConfigMaps from the worker."""
+    h, w = multikueue
+    spec = _spec(tmp_path, multiKueueWorkers={WORKER: WORKER_SECRET})
+    spec["failurePolicy"] = {"maxRetriesPerExpert": 2, "backoffSeconds": 0, "minExperts": 1}
+    base = spec["experts"]["placement"]
+    spec["experts"]["overrides"] = [{"experts": [1], "placement": {**base, "podAnnotations": {EXIT_CODE_ANNOTATION: "3"}}}]
+    h.create("mx", spec)
+    uid = h.ddm("mx")["metadata"]["uid"]  # type: ignore[index]
+    seen_pods: dict[str, str] = {}  # worker pod uid -> job
+    seen_configmaps: set[str] = set()
+
+    def done() -> bool:
+        for p in w.core.list_namespaced_pod(w.ns, label_selector=JOB_NAME_LABEL).items:
+            seen_pods[p.metadata.uid] = p.metadata.labels[JOB_NAME_LABEL]
+        seen_configmaps.update(w.configmaps(f"ddm.io/uid={uid}"))
+        return h.status("mx").get("phase") == "Degraded"
+
+    wait_for(done, "mx Degraded", timeout=150)
+    experts = {e["index"]: e for e in h.status("mx")["experts"]}
+    assert experts[1]["phase"] == "Failed" and experts[1]["retries"] == 0, experts[1]
+    assert "exit code 3 (permanent)" in experts[1]["message"], experts[1]
+    assert experts[0]["phase"] == "Succeeded"
+    assert sorted(seen_pods.values()).count("mx-expert-001-a1") == 1 and "mx-expert-001-a2" not in h.jobs(), seen_pods
+    # the manager's copy of the job never had a pod or a code: its condition is the worker's, mirrored
+    failed = h.jobs()["mx-expert-001-a1"]["status"]["conditions"]
+    assert any(c["type"] == "Failed" and "exit code" not in c["message"] for c in failed), failed
+    assert {"mx-cluster-a1", "mx-expert-000-a1", "mx-expert-001-a1"} <= seen_configmaps, seen_configmaps
+    assert all(not w.configmaps(f"ddm.io/key={k}") for k in ("router", "evaluate"))  # local stages: not in the worker
+    h.custom.delete_namespaced_custom_object("ddm.io", "v1alpha1", h.ns, "decentralizeddiffusions", "mx")
+    wait_for(lambda: h.ddm("mx") is None and not w.configmaps(f"ddm.io/uid={uid}"), "worker ConfigMaps removed")

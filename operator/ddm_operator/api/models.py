@@ -274,6 +274,13 @@ class Placement(SpecModel):
         None, max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN,
         description="Name of a Secret (in this namespace) holding a kubeconfig of the cluster to run on",
     )
+    multi_kueue_workers: dict[str, Annotated[str, StringConstraints(max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN)]] | None = Field(
+        None, max_length=20,
+        description="With a kueueQueueName whose ClusterQueue has a MultiKueue admission check: kubeconfig Secrets (in "
+                    "this namespace) of its worker clusters, by MultiKueueCluster name. MultiKueue copies only the job: "
+                    "the operator puts the stage's ConfigMap in each worker and reads a failed job's exit code in the "
+                    "worker that ran it (its pods, else the training operator's ExitedWithCode Events); without an "
+                    "entry a failed job has no code and is retried")
     pod_labels: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=32, description="Labels added to the stage's pods (the operator's own ddm.io/* labels win)")
     pod_annotations: dict[AnnotationKey, Annotated[str, StringConstraints(max_length=4096)]] | None = Field(

@@ -136,6 +136,7 @@ class Placement:
     priority_class_name: str | None = None
     queue_name: str | None = None  # Kueue LocalQueue
     target_cluster: str | None = None  # Secret (in the DDM's namespace) holding the kubeconfig of another cluster
+    multi_kueue_workers: dict[str, str] = field(default_factory=dict)  # MultiKueueCluster name -> kubeconfig Secret
     pod_labels: dict[str, str] = field(default_factory=dict)
     pod_annotations: dict[str, str] = field(default_factory=dict)
 
@@ -155,6 +156,7 @@ def placement_from_dict(d: dict[str, Any] | None) -> Placement:
         priority_class_name=get("priorityClassName", "priority_class_name"),
         queue_name=get("kueueQueueName", "kueue_queue_name") or get("queueName", "queue_name"),
         target_cluster=get("targetCluster", "target_cluster"),
+        multi_kueue_workers=dict(get("multiKueueWorkers", "multi_kueue_workers") or {}),
         pod_labels=dict(get("podLabels", "pod_labels") or {}),
         pod_annotations=dict(get("podAnnotations", "pod_annotations") or {}),
     )

@@ -58,7 +58,7 @@ from . import builders as b
 from . import kueue
 from .admission import check_trainer_image
 from .multicluster import ClusterClients
-from .observe import JobState, has_failed, job_state, latest_attempts
+from .observe import JobState, exit_code_of_events, exit_code_of_pods, has_failed, job_state, latest_attempts
 from .observe import parse_time as observe_time
 from .remote_watch import RemoteWatches
 from .storage import StoreClients, check_storage
@@ -146,15 +146,25 @@ def _pods_of(api_client: Any, namespace: str, job: dict[str, Any], **kw: Any) ->
     return [k8s.ApiClient().sanitize_for_serialization(p) for p in pods]
 
 
-def clusters_of(spec: DecentralizedDiffusionSpec) -> set[str | None]:
-    """Every cluster a stage of this DDM runs in (None: the operator's own), from every stage's placement."""
+def _placements(spec: DecentralizedDiffusionSpec) -> list[Placement]:
     placements = [spec.experts.placement_for(k) for k in range(spec.num_experts)]
     placements += [spec.router.placement, spec.evaluation.placement]
     if spec.distillation is not None:
         placements.append(spec.distillation.placement)
     if spec.baseline is not None:
         placements.append(spec.baseline.placement or spec.experts.placement)
-    return {None} | {p.target_cluster for p in placements}
+    return placements
+
+
+def workers_of(spec: DecentralizedDiffusionSpec) -> set[str]:
+    """The kubeconfig Secrets of every MultiKueue worker a stage names (placement.multiKueueWorkers): the operator
+    puts ConfigMaps there and reads exit codes there, never lists jobs there (Kueue mirrors their status)."""
+    return {secret for p in _placements(spec) for secret in (p.multi_kueue_workers or {}).values()}
+
+
+def clusters_of(spec: DecentralizedDiffusionSpec) -> set[str | None]:
+    """Every cluster a stage of this DDM runs in (None: the operator's own), from every stage's placement."""
+    return {None} | {p.target_cluster for p in _placements(spec)}
 
 
 # ---------------------------------------------------------------- spec -> children
@@ -203,6 +213,8 @@ def _launch(req: b.JobRequest) -> None:
     cm = b.build_configmap(req)
     _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm, **kw),
                      lambda: core.read_namespaced_config_map(name, ns, **kw))
+    for worker, secret in sorted(req.placement.multi_kueue_workers.items()):
+        _put_config_in_worker(req, worker, secret)
     for obj in b.build_job(req, BACKEND):  # a TrainingRuntime before the TrainJob that names it
         _create_or_adopt_custom(custom, ns, obj, kw)
 
@@ -214,6 +226,50 @@ def _create_or_adopt_custom(custom: k8s.CustomObjectsApi, namespace: str, obj: d
     name = obj["metadata"]["name"]
     _create_or_adopt(lambda: custom.create_namespaced_custom_object(group, version, namespace, plural, obj, **kw),
                      lambda: custom.get_namespaced_custom_object(group, version, namespace, plural, name, **kw))
+
+
+def _put_config_in_worker(req: b.JobRequest, worker: str, secret: str) -> None:
+    """MultiKueue copies the job alone to the worker it picks (kueue pkg/controller/jobs/kubeflow/kubeflowjob/
+    kubeflowjob_multikueue_adapter.go SyncJob); its pods mount the stage's ConfigMap, so each worker the placement
+    names gets one (no owner reference there: the deletion finalizer removes it). Best effort: a worker that cannot
+    be reached now is logged; kubelet keeps retrying the mount should the job land there."""
+    ns, kw = req.owner.namespace, _deadline(secret)
+    remote = dataclasses.replace(req, placement=dataclasses.replace(req.placement, target_cluster=secret))
+    try:
+        core = _core(_client_for(ns, secret))
+        _create_or_adopt(lambda: core.create_namespaced_config_map(ns, b.build_configmap(remote), **kw),
+                         lambda: core.read_namespaced_config_map(req.name, ns, **kw))
+    except Exception as exc:  # noqa: BLE001 (any failure to reach the worker: logged, the launch goes on)
+        log.warning("ConfigMap %s/%s not put in MultiKueue worker %s (Secret %s): %s", ns, req.name, worker, secret,
+                    _why(exc))
+
+
+def _worker_exit_code(spec: DecentralizedDiffusionSpec, namespace: str, key: pl.StageKey, job: JobState
+                      ) -> int | None:
+    """The exit code of a failed job that MultiKueue ran in a worker (no pods here): read in the worker its Workload
+    names (status.clusterName), with the kubeconfig Secret placement.multiKueueWorkers gives for it; its pods if
+    they are still there, else the training operator's ExitedWithCode Events, which outlive them. None when the
+    worker is not named or cannot be read (the failure then counts as retryable)."""
+    workers = _placement_of(spec, key)[0].multi_kueue_workers or {}
+    if not workers or not job.queued or not job.uid:
+        return None
+    try:
+        worker = kueue.worker_of(_custom(_client_for(namespace, job.cluster)), namespace, job.uid,
+                                 **_deadline(job.cluster))
+        if worker is None or worker not in workers:
+            return None
+        api_client, kw = _client_for(namespace, workers[worker]), _deadline(workers[worker])
+        pods = _pods_of(api_client, namespace, {"metadata": {"name": job.name}}, **kw)
+        code, source = exit_code_of_pods(pods, BACKEND.container), "pods"
+        if code is None:
+            events = _core(api_client).list_namespaced_event(
+                namespace, field_selector=f"involvedObject.name={job.name},reason=ExitedWithCode", **kw).items
+            code, source = exit_code_of_events([{"reason": e.reason, "message": e.message} for e in events]), "Events"
+        log.info("exit code %s of %s read from its %s in MultiKueue worker %s", code, job.name, source, worker)
+        return code
+    except Exception as exc:  # noqa: BLE001 (worker unreachable, Secret missing: no code, the failure is retryable)
+        log.warning("exit code of %s in MultiKueue worker not read: %s", job.name, _why(exc))
+        return None
 
 
 def _set_suspend(namespace: str, job: JobState, suspend: bool) -> None:
@@ -384,6 +440,10 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
             key = stages.parse_key(key_id)
         except ValueError:
             continue
+        if job.phase == "Failed" and job.exit_code is None and job.queued:
+            code = _worker_exit_code(spec, namespace, key, job)
+            if code is not None:
+                latest[key_id] = job = dataclasses.replace(job, exit_code=code, permanent=1 <= code <= 127)
         report = _progress_report(spec, namespace, name, key_id) if job.phase == "Running" else {}
         if report:
             latest[key_id] = job = dataclasses.replace(job, progress=report)
@@ -680,7 +740,7 @@ def _uses_remote(spec: Any, **_: Any) -> bool:
     experts = spec.get("experts") or {}
     placements = [experts.get("placement") or {}] + [(o or {}).get("placement") or {} for o in experts.get("overrides") or []]
     placements += [((spec.get(section) or {}).get("placement") or {}) for section in ("router", "evaluation", "distillation")]
-    return any(p.get("targetCluster") for p in placements)
+    return any(p.get("targetCluster") or p.get("multiKueueWorkers") for p in placements)
 
 
 # ---- wake-ups: one daemon per unfinished DDM; child and spec events set its Event (in-memory, no API request)
@@ -807,7 +867,7 @@ def on_delete(namespace: str, uid: str, spec: Any, meta: kopf.Meta, body: kopf.B
     cannot be reached is retried for DDM_REMOTE_CLEANUP_TIMEOUT_S after the deletion was asked for; then the DDM
     is released anyway and a Warning Event names the cluster and the label selector of what was left behind."""
     parsed = DecentralizedDiffusionSpec.model_validate(dict(spec))
-    clusters = clusters_of(parsed) - {None}
+    clusters: set[str | None] = (clusters_of(parsed) | workers_of(parsed)) - {None}  # workers: our ConfigMaps
     selector = f"{b.LABEL_UID}={uid}"
     unreachable: dict[str, str] = {}
     for cluster in sorted(c for c in clusters if c):

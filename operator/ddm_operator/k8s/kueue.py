@@ -50,3 +50,12 @@ def set_active(custom: Any, namespace: str, job_uid: str, active: bool, **kw: An
         log.info("Workload %s/%s of job uid %s: active=%s", namespace, workload["metadata"]["name"], job_uid, active)
         patched += 1
     return patched
+
+
+def worker_of(custom: Any, namespace: str, job_uid: str, **kw: Any) -> str | None:
+    """The MultiKueueCluster that ran the job ``job_uid``: its Workload's ``status.clusterName`` (set by MultiKueue
+    when a worker admits it, apis/kueue/v1beta2/workload_types.go); None if not dispatched, or no Workload."""
+    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                 label_selector=f"{JOB_UID_LABEL}={job_uid}", **kw)["items"]
+    names = [(w.get("status") or {}).get("clusterName") for w in items]
+    return next((n for n in names if n), None)

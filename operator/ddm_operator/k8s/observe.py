@@ -18,6 +18,7 @@ Jobs (status.jobsStatus[].active). Exit codes again are only in the pods (contai
 """
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -69,11 +70,28 @@ def exit_code_of_pods(pods: list[dict[str, Any]], container: str = CONTAINER_NAM
     or preempted under one pod makes the others' collectives fail with plain errors, exit 1), else the first
     permanent one, else None (0s and unterminated containers say nothing about the failure). The same rule as
     ddm-launch applies to the workers inside one pod (ddm_trainer/launch.py)."""
-    codes = [c for c in (container_exit_code(p, container) for p in pods) if c]
+    return most_telling([c for c in (container_exit_code(p, container) for p in pods) if c is not None])
+
+
+def most_telling(codes: list[int]) -> int | None:
+    """The highest retryable code (128-255) if any, else the first permanent one, else None (0s say nothing)."""
+    codes = [c for c in codes if c]
     retryable = [c for c in codes if c >= 128]
     if retryable:
         return max(retryable)
     return codes[0] if codes else None
+
+
+EXITED_WITH_CODE = re.compile(r"exited with code (\d+)$")
+
+
+def exit_code_of_events(events: list[dict[str, Any]]) -> int | None:
+    """The most telling exit code the training operator recorded as Events of a job (reason ExitedWithCode, message
+    "Pod: <ns>.<pod> exited with code N": training-operator v1.9.4 pkg/controller.v1/common/pod.go ReconcilePods).
+    The Events outlive the pods: MultiKueue deletes a finished job in its worker, and its pods with it."""
+    codes = [int(m.group(1)) for e in events if e.get("reason") == "ExitedWithCode"
+             and (m := EXITED_WITH_CODE.search(e.get("message") or ""))]
+    return most_telling(codes)
 
 
 def backend_of(job: dict[str, Any]) -> Backend:

@@ -115,3 +115,19 @@ def test_job_request_uses_stage_definitions_and_placement() -> None:
     assert container["envFrom"] == [{"secretRef": {"name": "creds"}}]
     local = job_request(SPEC, OWNER, pl.expert_key(0), 1)
     assert not local.remote and "ownerReferences" in b.build_pytorchjob(local)["metadata"]
+
+
+def test_exit_code_from_the_training_operators_events() -> None:
+    """MultiKueue deletes a finished job in its worker with its pods; the training operator's ExitedWithCode Events
+    (pkg/controller.v1/common/pod.go: "Pod: <ns>.<pod> exited with code N") stay, and give the same code the pods
+    would: the highest retryable one, else the first permanent one."""
+    from ddm_operator.k8s.observe import exit_code_of_events
+
+    def event(pod: str, code: int, reason: str = "ExitedWithCode") -> dict[str, str]:
+        return {"reason": reason, "message": f"Pod: ns.{pod} exited with code {code}"}
+
+    assert exit_code_of_events([event("j-master-0", 3)]) == 3
+    assert exit_code_of_events([event("j-master-0", 1), event("j-worker-0", 137)]) == 137  # a lost node's peers exit 1
+    assert exit_code_of_events([event("j-master-0", 0)]) is None  # 0 says nothing about a failure
+    assert exit_code_of_events([event("j-master-0", 3, reason="SuccessfulCreatePod")]) is None
+    assert exit_code_of_events([{"reason": "ExitedWithCode", "message": "something else"}]) is None
