@@ -8,7 +8,9 @@ carry inline data (``certificate-authority-data``, ``client-certificate-data``/`
 from __future__ import annotations
 
 import base64
+import os
 import threading
+import time
 from typing import Any
 
 import yaml
@@ -59,10 +61,13 @@ def kubeconfig_from_secret_data(data: dict[str, str], where: str) -> dict[str, A
 
 
 class ClusterClients:
-    """One kubernetes ApiClient per (namespace, Secret, resourceVersion): a rotated Secret gets a new client."""
+    """One kubernetes ApiClient per (namespace, Secret, resourceVersion): a rotated Secret gets a new client. The
+    Secret is read again at most every ``recheck_s`` seconds (DDM_SECRET_RECHECK_S, as for the store's Secret): a
+    pass that creates K jobs in a member cluster reads it once, not K times."""
 
-    def __init__(self) -> None:
-        self._clients: dict[tuple[str, str], tuple[str, Any]] = {}
+    def __init__(self, recheck_s: float = float(os.environ.get("DDM_SECRET_RECHECK_S", "2"))) -> None:
+        self.recheck_s = recheck_s
+        self._clients: dict[tuple[str, str], tuple[str, Any, float]] = {}
         self._lock = threading.Lock()
 
     def get(self, core_api: Any, namespace: str, secret_name: str) -> Any:
@@ -71,6 +76,11 @@ class ClusterClients:
         from kubernetes import config as k8s_config
 
         where = f"Secret {namespace}/{secret_name}"
+        with self._lock:
+            cached = self._clients.get((namespace, secret_name))
+        now = time.monotonic()
+        if cached and now - cached[2] < self.recheck_s:
+            return cached[1]
         try:
             secret = core_api.read_namespaced_secret(secret_name, namespace)
         except k8s_client.ApiException as exc:
@@ -78,10 +88,10 @@ class ClusterClients:
                 raise ConfigError(f"{where}: not found (spec placement.targetCluster)") from None
             raise
         version = secret.metadata.resource_version or ""
-        with self._lock:
-            cached = self._clients.get((namespace, secret_name))
-            if cached and cached[0] == version:
-                return cached[1]
+        if cached and cached[0] == version:
+            with self._lock:
+                self._clients[(namespace, secret_name)] = (version, cached[1], now)
+            return cached[1]
         config = kubeconfig_from_secret_data(secret.data or {}, where)
         configuration = k8s_client.Configuration()
         # urllib3 retries a timed-out GET or DELETE 3 times by default: with the callers' per-request timeout that
@@ -89,7 +99,7 @@ class ClusterClients:
         configuration.retries = REQUEST_RETRIES
         api_client = k8s_config.new_client_from_config_dict(config, client_configuration=configuration)
         with self._lock:
-            self._clients[(namespace, secret_name)] = (version, api_client)
+            self._clients[(namespace, secret_name)] = (version, api_client, now)
         return api_client
 
     def cached(self) -> int:
