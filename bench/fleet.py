@@ -22,14 +22,18 @@ After the run the harness checks: every DDM not deleted Succeeded, 0 duplicate c
 in one cluster, at most one live attempt per stage), 0 orphans (every child's ddm.io/uid is a DDM that exists, in
 both clusters, after garbage collection), no stage or expert marked Succeeded whose job did not succeed, retries
 within the failure policy and every expert hit by a pod fault Succeeded (retried when its pod failed), deleted DDMs
-gone, and, after the outage, b's stages finished with no operator restart. It exits 1 when a check fails.
+gone, and, after the outage, b's stages finished with no operator restart and the DDMs' status saying so (condition
+ClustersReachable=True, reason Reconnected). It exits 1 when a check fails.
+
+``--store-unreachable``: the run store is s3:// at an endpoint that refuses every connection, for the whole run (the
+operator's advisory reads fail; the stages, kwok pods, never read it).
 
     python bench/fleet.py --ddms 100 --experts 8 --nodes 500            # the load run, figures recorded
     python bench/fleet.py --ddms 10 --nodes 100 --faults kill,pods,cluster-b,delete --run-ms 20000
 
 Results (load runs only, no ``--faults``, unless ``--record``) go through bench/common.py's record() into
-bench/results/fleet.json. The run store is file:///mnt/ddm on a ReadWriteMany claim: kwok pods never touch it, so
-the operator's advisory store reads (progress, results) find nothing, in every run alike.
+bench/results/fleet.json. Otherwise the run store is file:///mnt/ddm on a ReadWriteMany claim: kwok pods never
+touch it, so the operator's advisory store reads (progress, results) find nothing, in every run alike.
 """
 from __future__ import annotations
 
