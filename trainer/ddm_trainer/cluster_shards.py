@@ -347,6 +347,8 @@ class ClusterShards:
                workers: int | None = None) -> ShardStream:
         """``workers``: decode processes (0: in the stream's thread, None: ``default_workers()``). Batches are
         pinned where they are copied to a GPU (train_loop.move_to), for every stream alike."""
+        if self.latent is not None:  # latents are read, not decoded: no decode processes to start
+            workers = 0
         return ShardStream(self, batch_size, seed, rank, world_size, prefetch,
                            default_workers() if workers is None else workers)
 
