@@ -54,7 +54,10 @@ def test_deleting_a_ddm_whose_member_cluster_hangs_ends_within_the_bound(
     k8s_cluster.apply_yaml(render_rbac(ns, release))
     op = Operator(k8s_cluster.serviceaccount_kubeconfig(ns, account), ns, tmp_path / "operator.log",
                   env={"DDM_REMOTE_CLEANUP_TIMEOUT_S": f"{CLEANUP_TIMEOUT_S:g}",
-                       "DDM_REMOTE_REQUEST_TIMEOUT_S": f"{REQUEST_TIMEOUT_S:g}"})
+                       "DDM_REMOTE_REQUEST_TIMEOUT_S": f"{REQUEST_TIMEOUT_S:g}",
+                       # the member's Secret is read on every use: the hung kubeconfig is seen by the deletion
+                       # itself (by default a client is reused for up to 2 s, and the cleanup then still succeeded)
+                       "DDM_SECRET_RECHECK_S": "0"})
     h = Harness(k8s_cluster, ns)
     kubeconfig = inline_kubeconfig(k8s_cluster_b.user_kubeconfig("ddm-operator", ["system:masters"]))
     h.core.create_namespaced_secret(ns, {"metadata": {"name": "cluster-b"}, "stringData": {"kubeconfig": kubeconfig}})
