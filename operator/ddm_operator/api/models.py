@@ -261,6 +261,14 @@ class Resources(SpecModel):
 class Placement(SpecModel):
     """Where a stage's pods run. Every field is optional; per-expert overrides replace fields they set."""
 
+    rules = (
+        Rule(at=(), field="multiKueueWorkers", cel="!has(self.multiKueueWorkers) || has(self.kueueQueueName)",
+             message="needs kueueQueueName in the same placement (a LocalQueue whose ClusterQueue has a MultiKueue "
+                     "admission check): without a queue no worker runs the job",
+             check=lambda p: p.multi_kueue_workers is None or p.kueue_queue_name is not None,
+             got=lambda p: f"multiKueueWorkers={sorted(p.multi_kueue_workers or {})}"),
+    )
+
     node_selector: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=32, description="Node labels the pods require (label key -> label value)")
     tolerations: list[Toleration] | None = Field(None, max_length=32, description="Taints the pods tolerate")
@@ -276,7 +284,7 @@ class Placement(SpecModel):
     )
     multi_kueue_workers: dict[str, Annotated[str, StringConstraints(max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN)]] | None = Field(
         None, max_length=20,
-        description="With a kueueQueueName whose ClusterQueue has a MultiKueue admission check: kubeconfig Secrets (in "
+        description="With a kueueQueueName (in the same placement) whose ClusterQueue has a MultiKueue admission check: kubeconfig Secrets (in "
                     "this namespace) of its worker clusters, by MultiKueueCluster name. MultiKueue copies only the job: "
                     "the operator puts the stage's ConfigMap in each worker and reads a failed job's exit code in the "
                     "worker that ran it (its pods, else the training operator's ExitedWithCode Events); without an "
