@@ -244,25 +244,22 @@ def _check_latent(store: Store, index: ShardIndex, latents: bool) -> dict[str, A
 def load_pooled(shards: ClusterShards) -> dict[str, np.ndarray]:
     """key -> the pooled caption embedding (D,) float32 of every sample in ``shards`` (one pass over them; the
     router's condition, small beside the token embeddings)."""
-    out: dict[str, np.ndarray] = {}
-    for s in range(len(shards.shards)):
-        for key, parts in shards.fetch(s):
-            if TEXT_POOLED not in parts:
-                raise DataError(f"no caption embedding (.{TEXT_POOLED}) in shard "
-                                f"{shards.store.url(shards.shards[s].key)} key {key}")
-            out[key] = np.load(io.BytesIO(parts[TEXT_POOLED]), allow_pickle=False).astype(np.float32)
-    return out
+    return _load_arrays(shards, TEXT_POOLED, "caption embedding")
 
 
 def load_latents(shards: ClusterShards) -> dict[str, np.ndarray]:
     """key -> the stored (unflipped) latent (c, h, w) float32 of every sample in ``shards``: the router's inputs."""
+    return _load_arrays(shards, LATENT, "VAE latent")
+
+
+def _load_arrays(shards: ClusterShards, part: str, what: str) -> dict[str, np.ndarray]:
+    """key -> the .npy ``part`` of every sample in ``shards`` as float32; a sample without it is a DataError."""
     out: dict[str, np.ndarray] = {}
     for s in range(len(shards.shards)):
         for key, parts in shards.fetch(s):
-            if LATENT not in parts:
-                raise DataError(f"no VAE latent (.{LATENT}) in shard {shards.store.url(shards.shards[s].key)} "
-                                f"key {key}")
-            out[key] = np.load(io.BytesIO(parts[LATENT]), allow_pickle=False).astype(np.float32)
+            if part not in parts:
+                raise DataError(f"no {what} (.{part}) in shard {shards.store.url(shards.shards[s].key)} key {key}")
+            out[key] = np.load(io.BytesIO(parts[part]), allow_pickle=False).astype(np.float32)
     return out
 
 
