@@ -5,9 +5,11 @@ Run: ``kopf run --standalone -m ddm_operator.k8s.handlers --namespace NS`` (or `
 Level-triggered: every reconcile recomputes everything from the spec and the observed PyTorchJobs, so a missed
 event or a killed operator costs nothing. Event-driven: each DDM that is not finished has one async daemon
 (``reconciler``) that runs a pass, then sleeps until it is woken or a deadline passes. It is woken by a change of
-the DDM's spec and by a change of the phase of any of its PyTorchJobs in this cluster (one kopf watch on
-pytorchjobs; the parent is found by the ``ddm.io/uid`` label every child carries), and likewise by its PyTorchJobs in
-member clusters (one watch thread per cluster in use, remote_watch.py). Deadlines: a retry's backoff expiring, a
+the DDM's spec and by a change of the phase of any of its PyTorchJobs, in this cluster or a member cluster (one
+list+watch thread per cluster in use, remote_watch.py; the parent is found by the ``ddm.io/uid`` label every child
+carries). A pass costs few requests: its children are read from those watches' in-memory index, the DDM from
+kopf's watch of DDMs (or the answer to our own last status write), the member's kubeconfig Secret from a cache;
+what remains is what it writes. Deadlines: a retry's backoff expiring, a
 stage live in another cluster whose watch is down (polled every DDM_REMOTE_INTERVAL_S until it is back), else a
 safety net (DDM_RECONCILE_INTERVAL_S). A Succeeded, Degraded or Failed DDM whose spec was handled has no daemon at all: nothing
 polls it until its spec changes. Children have deterministic names; creating one that exists (409) adopts it, so a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import dataclasses
 import datetime
 import logging
@@ -123,9 +126,11 @@ def _deadline(cluster: str | None) -> dict[str, Any]:
 def _list_jobs(namespace: str, uid: str, cluster: str | None) -> list[JobState]:
     selector = f"{b.LABEL_UID}={uid}"
     api_client = _client_for(namespace, cluster)
-    items = _custom(api_client).list_namespaced_custom_object(
-        BACKEND.group, BACKEND.version, namespace, BACKEND.plural, label_selector=selector,
-        **_deadline(cluster))["items"]
+    items = _remote.jobs(namespace, cluster, uid, api_client)  # the watch's index, when it can be trusted
+    if items is None:  # its watch is not connected, or has not listed since it broke: ask the API server
+        items = _custom(api_client).list_namespaced_custom_object(
+            BACKEND.group, BACKEND.version, namespace, BACKEND.plural, label_selector=selector,
+            **_deadline(cluster))["items"]
     states = []
     for job in items:
         pods = _pods_of(api_client, namespace, job, **_deadline(cluster)) if has_failed(job) else None
@@ -216,15 +221,17 @@ def _launch(req: b.JobRequest) -> None:
     for worker, secret in sorted(req.placement.multi_kueue_workers.items()):
         _put_config_in_worker(req, worker, secret)
     for obj in b.build_job(req, BACKEND):  # a TrainingRuntime before the TrainJob that names it
-        _create_or_adopt_custom(custom, ns, obj, kw)
+        made = _create_or_adopt_custom(custom, ns, obj, kw)
+        if obj["kind"] == BACKEND.kind:  # the next pass sees it even before the watch delivers it
+            _remote.record(ns, req.placement.target_cluster, made)
 
 
 def _create_or_adopt_custom(custom: k8s.CustomObjectsApi, namespace: str, obj: dict[str, Any],
-                            kw: dict[str, Any]) -> None:
+                            kw: dict[str, Any]) -> dict[str, Any]:
     group, version = obj["apiVersion"].split("/")
     plural = b.TRAININGRUNTIME_PLURAL if obj["kind"] == "TrainingRuntime" else BACKEND.plural
     name = obj["metadata"]["name"]
-    _create_or_adopt(lambda: custom.create_namespaced_custom_object(group, version, namespace, plural, obj, **kw),
+    return _create_or_adopt(lambda: custom.create_namespaced_custom_object(group, version, namespace, plural, obj, **kw),
                      lambda: custom.get_namespaced_custom_object(group, version, namespace, plural, name, **kw))
 
 
@@ -408,10 +415,16 @@ def _just_launched(spec: DecentralizedDiffusionSpec, key: pl.StageKey, job: JobS
 
 
 class ClusterUnreachable(Exception):
-    """A member cluster did not answer (refused, timed out, credentials rejected) while its jobs were read."""
+    """A member cluster did not answer (refused, timed out) or refused our credentials (401, 403) while its jobs
+    were read or created. ``reason``: the condition's reason, Unauthorized or Forbidden for an answer that names
+    the credentials (expired, revoked, not allowed), else Unreachable."""
 
     def __init__(self, cluster: str, exc: Exception) -> None:
-        super().__init__(f"cluster {cluster} unreachable: {type(exc).__name__}: {str(exc)[:300]}")
+        status = getattr(exc, "status", None)
+        self.reason = {401: "Unauthorized", 403: "Forbidden"}.get(status, "Unreachable") if isinstance(
+            exc, k8s.ApiException) else "Unreachable"
+        what = "rejected our credentials" if self.reason != "Unreachable" else "unreachable"
+        super().__init__(f"cluster {cluster} {what}: {_why(exc)}")
         self.cluster = cluster
 
 
@@ -428,6 +441,7 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
         except Exception as exc:  # without its jobs the plan could relaunch or skip them: no plan this pass
             if cluster is None:
                 raise
+            _clusters.invalidate(namespace, cluster)  # the next try reads its Secret again (it may be fixed)
             raise ClusterUnreachable(cluster, exc) from exc
     latest = latest_attempts(jobs)
     # Queued: suspended by Kueue until admitted; to the plan it is launched and waiting (never unsuspended by us)
@@ -564,6 +578,19 @@ def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionS
     return out
 
 
+def events_of(transitions: list[tuple[str, str]]) -> list[tuple[bool, str, str]]:
+    """(warning, reason, message): the transitions one pass made visible as one Event, plus one Warning if any of
+    them is a failure or a retry. A pass is one step of the DDM the user sees (K experts finishing together are one
+    step); an Event per stage or expert made a fleet's API server write 26 Events per DDM. The reason is the first
+    transition's (the phase's when it changed), the message lists them all."""
+    out = []
+    for warning in (False, True):
+        picked = [(r, m) for r, m in transitions if (("Failed" in m or "Retrying" in m) == warning)]
+        if picked:
+            out.append((warning, picked[0][0], "; ".join(m for _, m in picked)[:1000]))
+    return out
+
+
 def _compact(status: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k != "kopf"}
 
@@ -591,14 +618,52 @@ def reconcile(namespace: str, name: str, coalesce: bool = False) -> float | None
         return _reconcile_locked(namespace, name)
 
 
-def _reconcile_locked(namespace: str, name: str) -> float | None:
-    custom = _custom()
+_bodies: dict[str, dict[str, Any]] = {}  # "ns/name" -> the newest DDM seen: kopf's watch, our own status writes
+_bodies_guard = threading.Lock()
+
+
+def _version(obj: dict[str, Any]) -> int:
     try:
-        body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return int((obj.get("metadata") or {}).get("resourceVersion") or -1)
+    except ValueError:
+        return -1
+
+
+def remember(body: dict[str, Any]) -> None:
+    """Keep ``body`` as the DDM's newest copy unless a newer one is held (etcd revisions: both copies come from
+    the same API server, kopf's watch event and our own write's answer can arrive in either order)."""
+    meta = body.get("metadata") or {}
+    key = f"{meta.get('namespace')}/{meta.get('name')}"
+    with _bodies_guard:
+        held = _bodies.get(key)
+        if held is None or _version(body) < 0 or _version(held) <= _version(body):
+            _bodies[key] = body
+
+
+def _ddm_body(namespace: str, name: str) -> dict[str, Any] | None:
+    """The DDM as kopf's watch last delivered it, or as our own last status write returned it, whichever is newer:
+    no request. The pass never writes with a resourceVersion precondition (status is a merge patch of what the pass
+    computed from this copy, under the DDM's lock), so a copy a moment old cannot make a write fail; a spec change
+    not yet delivered arrives with the watch event that wakes the next pass. A fresh GET only when no copy is held
+    (the first pass may start before kopf hands over the object) or its version is not a number."""
+    with _bodies_guard:
+        body = _bodies.get(f"{namespace}/{name}")
+    if body is not None and _version(body) >= 0:
+        return body
+    try:
+        body = _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except k8s.ApiException as exc:
         if exc.status == 404:
             return None
         raise
+    remember(body)
+    return body
+
+
+def _reconcile_locked(namespace: str, name: str) -> float | None:
+    body = _ddm_body(namespace, name)
+    if body is None:
+        return None
     meta = body["metadata"]
     if meta.get("deletionTimestamp"):
         return None
@@ -616,8 +681,7 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             kopf.warn(body, reason="InvalidSpec", message=message)
         return None
     owner = b.Owner(name=name, namespace=namespace, uid=uid)
-    if WAKE_ON_CHILDREN:  # its stages in member clusters wake it too
-        _remote.use(namespace, {c for c in clusters_of(spec) if c}, uid)
+    _remote.use(namespace, clusters_of(spec), uid)  # the watches (and index) of its jobs in every cluster it uses
     try:
         observed, latest = observe(spec, namespace, name, uid)
     except DDMError as exc:  # e.g. a targetCluster Secret missing or unsafe: the user must fix it
@@ -626,20 +690,15 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             kopf.warn(body, reason="ClusterUnavailable", message=str(exc))
         return REMOTE_INTERVAL_S
     except ClusterUnreachable as exc:  # nothing is planned until it answers: no stage is relaunched or skipped
-        was = next((c for c in old.conditions if c.type == REACHABLE), None)
-        if was is None or was.status != "False":
-            message = f"{exc}; this DDM waits for it (its stages there keep running or wait)"
-            conditions = pl.merge_conditions(old.conditions, [pl.ConditionUpdate(REACHABLE, "False", "Unreachable",
-                                                                                 message)], _now_rfc3339(), generation)
-            _patch_status(namespace, name, {"message": message,
-                                            "conditions": [c.to_wire() for c in conditions]})
-            kopf.warn(body, reason="ClusterUnreachable", message=message)
-        return REMOTE_INTERVAL_S
+        return _unreachable(body, old, generation, exc)
     plan = pl.plan(spec, observed)
     launches = [a for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))]
     if launches:  # independent children: create them side by side (K experts + router at once)
         with ThreadPoolExecutor(max_workers=min(len(launches), LAUNCH_THREADS)) as pool:
-            list(pool.map(lambda a: _launch(job_request(spec, owner, a.key, a.attempt)), launches))
+            try:
+                list(pool.map(lambda a: _launch_in(spec, owner, a), launches))
+            except ClusterUnreachable as exc:  # what was created is adopted by the next pass (409)
+                return _unreachable(body, old, generation, exc)
     for action in plan.actions:
         if isinstance(action, (pl.Launch, pl.Retry)):
             latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
@@ -679,9 +738,42 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     wire = new.to_wire()
     if wire != _compact(old.to_wire()):
         _patch_status(namespace, name, wire)
-        for reason, message in _transitions(old, new):
-            (kopf.warn if "Failed" in message or "Retrying" in message else kopf.info)(body, reason=reason, message=message)
+        for warning, reason, message in events_of(_transitions(old, new)):
+            (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
     return next_look(plan.requeue_after, latest, _remote.watched(namespace))
+
+
+def _launch_in(spec: DecentralizedDiffusionSpec, owner: b.Owner, action: pl.Launch | pl.Retry) -> None:
+    """Create one stage's children; a member cluster that refuses or rejects the creation is ClusterUnreachable
+    (the status says so, as for a failed read), not an error of the pass."""
+    req = job_request(spec, owner, action.key, action.attempt)
+    try:
+        _launch(req)
+    except (DDMError, ClusterUnreachable):
+        raise
+    except Exception as exc:
+        cluster = req.placement.target_cluster
+        answered = isinstance(exc, k8s.ApiException) and exc.status not in (401, 403) and 0 < (exc.status or 0) < 500
+        if cluster is None or answered:
+            raise  # our own cluster, or an answer that is not about reaching it (e.g. 422): an error of the pass
+        _clusters.invalidate(owner.namespace, cluster)
+        raise ClusterUnreachable(cluster, exc) from exc
+
+
+def _unreachable(body: dict[str, Any], old: DecentralizedDiffusionStatus, generation: int | None,
+                 exc: ClusterUnreachable) -> float:
+    """Condition ClustersReachable=False (reason Unreachable, Unauthorized or Forbidden) and one Warning, once per
+    outage (again if the reason changes); the DDM waits and looks again every DDM_REMOTE_INTERVAL_S."""
+    meta = body["metadata"]
+    was = next((c for c in old.conditions if c.type == REACHABLE), None)
+    if was is None or was.status != "False" or was.reason != exc.reason:
+        message = f"{exc}; this DDM waits for it (its stages there keep running or wait)"
+        conditions = pl.merge_conditions(old.conditions, [pl.ConditionUpdate(REACHABLE, "False", exc.reason,
+                                                                             message)], _now_rfc3339(), generation)
+        _patch_status(meta["namespace"], meta["name"], {"message": message,
+                                                        "conditions": [c.to_wire() for c in conditions]})
+        kopf.warn(body, reason="ClusterUnreachable", message=message)
+    return REMOTE_INTERVAL_S
 
 
 def next_look(requeue_after: float | None, latest: dict[str, JobState], watched: set[str] | frozenset[str] = frozenset(),
@@ -696,7 +788,8 @@ def next_look(requeue_after: float | None, latest: dict[str, JobState], watched:
 
 
 def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+    remember(_custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
+                                                             {"status": status}))
 
 
 # ---------------------------------------------------------------- kopf wiring
@@ -727,7 +820,7 @@ def _quiet_event_handlers(record: logging.LogRecord) -> bool:
     return True
 
 
-EVENT_HANDLER_SUCCESS = ("Handler 'on_child_event' succeeded", "Handler 'on_ddm_event' succeeded")
+EVENT_HANDLER_SUCCESS = ("Handler 'on_ddm_event' succeeded",)
 
 
 @kopf.on.probe(id="reconciled")
@@ -746,7 +839,6 @@ def _uses_remote(spec: Any, **_: Any) -> bool:
 # ---- wake-ups: one daemon per unfinished DDM; child and spec events set its Event (in-memory, no API request)
 
 _wakes: dict[str, asyncio.Event] = {}  # DDM uid -> its reconciler's wake-up
-_child_phases: dict[str, str] = {}  # PyTorchJob uid -> the phase its DDM was last woken for
 
 
 def needs_reconciler(status: Any, meta: Any, **_: Any) -> bool:
@@ -792,9 +884,14 @@ def _wake_from_thread(ddm_uid: str) -> None:
         _loop.call_soon_threadsafe(_wake, ddm_uid)
 
 
+def _watch_failed(namespace: str, cluster: str | None) -> None:
+    if cluster is not None:  # its Secret is read again at the next use (it may have been fixed)
+        _clusters.invalidate(namespace, cluster)
+
+
 _remote = RemoteWatches(lambda namespace, cluster: _client_for(namespace, cluster),
-                        lambda event_type, job, seen: child_wakes_parent(event_type, job, seen), _wake_from_thread,
-                        BACKEND)
+                        lambda event_type, job, seen: WAKE_ON_CHILDREN and child_wakes_parent(event_type, job, seen),
+                        _wake_from_thread, BACKEND, on_failure=_watch_failed)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, id="reconciler", when=needs_reconciler, cancellation_backoff=5.0,
@@ -833,17 +930,17 @@ async def reconciler(namespace: str, name: str, uid: str, memo: kopf.Memo, stopp
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_ddm_event(meta: kopf.Meta, status: kopf.Status, uid: str, **_: Any) -> None:
-    """A spec change wakes the DDM's reconciler at once (a finished DDM's reconciler is started by kopf instead)."""
+async def on_ddm_event(event: dict[str, Any], meta: kopf.Meta, status: kopf.Status, uid: str, **_: Any) -> None:
+    """Every DDM event: its body is kept for the next pass (no GET per pass), and a spec change wakes the DDM's
+    reconciler at once (a finished DDM's reconciler is started by kopf instead). kopf lists again whenever its
+    watch restarts, so the copy held is never older than the last (re)list."""
+    if event.get("type") == "DELETED":
+        with _bodies_guard:
+            _bodies.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
+    elif isinstance(event.get("object"), dict):
+        remember(copy.deepcopy(event["object"]))
     if meta.get("generation") != status.get("observedGeneration"):
         _wake(uid)
-
-
-@kopf.on.event(BACKEND.group, BACKEND.version, BACKEND.plural, labels={b.LABEL_UID: kopf.PRESENT})
-async def on_child_event(type: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any) -> None:
-    """A stage of ours changed phase (started, finished, failed, admitted by Kueue, deleted): wake its DDM now."""
-    if WAKE_ON_CHILDREN and child_wakes_parent(type, dict(body), _child_phases):
-        _wake(labels.get(b.LABEL_UID))
 
 
 def _why(exc: BaseException) -> str:

@@ -63,7 +63,8 @@ def kubeconfig_from_secret_data(data: dict[str, str], where: str) -> dict[str, A
 class ClusterClients:
     """One kubernetes ApiClient per (namespace, Secret, resourceVersion): a rotated Secret gets a new client. The
     Secret is read again at most every ``recheck_s`` seconds (DDM_SECRET_RECHECK_S, as for the store's Secret): a
-    pass that creates K jobs in a member cluster reads it once, not K times."""
+    pass that creates K jobs in a member cluster reads it once, not K times; a failed request makes the next use read it
+    again (``invalidate``)."""
 
     def __init__(self, recheck_s: float = float(os.environ.get("DDM_SECRET_RECHECK_S", "2"))) -> None:
         self.recheck_s = recheck_s
@@ -101,6 +102,14 @@ class ClusterClients:
         with self._lock:
             self._clients[(namespace, secret_name)] = (version, api_client, now)
         return api_client
+
+    def invalidate(self, namespace: str, secret_name: str) -> None:
+        """A request with this Secret's client failed (refused, timed out, 401): its next use reads the Secret again
+        at once, so a Secret fixed after expired credentials is picked up on the next pass, not after recheck_s."""
+        with self._lock:
+            cached = self._clients.get((namespace, secret_name))
+            if cached:
+                self._clients[(namespace, secret_name)] = (cached[0], cached[1], float("-inf"))
 
     def cached(self) -> int:
         return len(self._clients)

@@ -80,7 +80,7 @@ def test_event_handler_successes_are_debug_lines() -> None:
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, message, None, None)
 
-    quiet, kept = record("Handler 'on_child_event' succeeded."), record("Handler 'on_delete' succeeded.")
+    quiet, kept = record("Handler 'on_ddm_event' succeeded."), record("Handler 'on_delete' succeeded.")
     logging.getLogger("kopf.objects").setLevel(logging.INFO)
     try:
         assert handlers._quiet_event_handlers(quiet) is False and quiet.levelname == "DEBUG"
