@@ -54,24 +54,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a finished run directory")
-    parser.add_argument("--data", required=True, help="the run's dataset.uri (reference images)")
-    parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--strategies", default="full,top1,top-2,nucleus-0.9")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="evaluation.batchSize; default: the stage's own choice, as users run it (about 1,024 "
-                             "samples per expert call: routed strategies draw more at once)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu only checks that the benchmark runs (no compile, figures meaningless)")
-    parser.add_argument("--results-dir", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    from ddm_trainer.stages.sample import sampler_for
-    from ddm_trainer.store import open_store
-
-    device = torch.device(args.device)
+def run_stage(args: argparse.Namespace) -> tuple[Path, float]:
+    """``ddm-train evaluate --config`` on a copy of the run without its evaluation: (the copy, wall seconds)."""
     work = Path(tempfile.mkdtemp(prefix="ddm-eval-bench-"))
     run = work / "run"
     shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("evaluation", "logs", "distill*", "report"))
@@ -85,9 +69,38 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     subprocess.run([*([exe] if exe else [sys.executable, "-m", "ddm_trainer.cli"]), "evaluate", "--config",
                     str(cfg_file)], check=True)
-    wall = time.perf_counter() - start
-    results = json.loads((run / "evaluation" / "results.json").read_text())
+    return run, time.perf_counter() - start
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a finished run directory")
+    parser.add_argument("--data", required=True, help="the run's dataset.uri (reference images)")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--strategies", default="full,top1,top-2,nucleus-0.9")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="evaluation.batchSize; default: the stage's own choice, as users run it (about 1,024 "
+                             "samples per expert call: routed strategies draw more at once)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu only checks that the benchmark runs (no compile, figures meaningless)")
+    parser.add_argument("--from-run", action="store_true",
+                        help="measure the evaluation the run already committed (ddm run's own stage, e.g. with "
+                             "nothing beside it) instead of running the stage again on a copy")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    from ddm_trainer.stages.sample import sampler_for
+    from ddm_trainer.store import open_store
+
+    device = torch.device(args.device)
+    if args.from_run:
+        run = Path(args.run)
+        results = json.loads((run / "evaluation" / "results.json").read_text())
+        wall = sum(row["seconds"] for row in results["table"])
+        args.n = results["table"][0]["n"]
+    else:
+        run, wall = run_stage(args)
+        results = json.loads((run / "evaluation" / "results.json").read_text())
     store = open_store(str(run))
     sampler, spec = sampler_for(store, "full", args.steps, "euler", device, precision="bf16",
                                  compile=device.type == "cuda")
@@ -111,10 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         rec(f"{row['strategy']}/images_per_s", ips, "images/s", None, nfe=row["nfe"],
             gflops_per_sample=row["gflops_per_sample"], n=row["n"])
         rec(f"{row['strategy']}/time_vs_ideal", ideal / row["seconds"], "ideal s / measured s", TARGET,
-            measured_s=round(row["seconds"], 2), ideal_s=round(ideal, 2), reference_is="target")
+            measured_s=round(row["seconds"], 2), ideal_s=round(ideal, 2), reference_is="target",
+            phases=row.get("phases", {}))
         rec(f"{row['strategy']}/fid{args.n // 1000}k", row["fid"], "FID", None, n=row["n"], steps=args.steps)
         print(f"{row['strategy']:<12} {row['fid']:>7.2f} {row['nfe']:>5.1f} {row['gflops_per_sample']:>7.1f} "
               f"{ips:>9.0f} {row['seconds']:>6.1f} {ideal:>8.1f} {ratio:>6.1%}")
+    print("\nwhere each strategy's seconds went (rank 0): " + ", ".join(
+        f"{r['strategy']}: " + " ".join(f"{k[:-2]} {v:.1f}" for k, v in r.get("phases", {}).items())
+        for r in results["table"]))
     return 0
 
 

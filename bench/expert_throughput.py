@@ -71,20 +71,25 @@ def compile_model(model: torch.nn.Module, how: str, mode: str | None) -> torch.n
 
 def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = build_dit(preset, args.image_size, 3, num_classes=10).to(device)
+    text_dim = args.text_dim or None  # text-to-image experts: cross-attention to text_tokens caption tokens
+    model = build_dit(preset, args.image_size, args.channels, num_classes=None if text_dim else 10,
+                      text_dim=text_dim, text_tokens=args.text_tokens).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters())
     ema_params = list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     train_model = compile_model(model, args.compile, args.compile_mode)
     gen = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)  # (B, 3, H, W)
-    y = torch.randint(0, 10, (args.batch,), device=device)  # (B,)
+    x0 = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)  # (B, C, H, W)
+    y = None if text_dim else torch.randint(0, 10, (args.batch,), device=device)  # (B,)
+    text = (torch.randn(args.batch, args.text_tokens, text_dim, device=device),  # (B, L, D) caption tokens
+            torch.ones(args.batch, args.text_tokens, dtype=torch.bool, device=device)) if text_dim else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step() -> torch.Tensor:
         with autocast:
-            loss = flow_loss(train_model, x0, y, gen, "logit_normal", label_dropout=0.1)
+            loss = flow_loss(train_model, x0, y, gen, "logit_normal", label_dropout=0.0 if text_dim else 0.1,
+                             text=text, caption_dropout=0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -120,6 +125,10 @@ def main() -> None:
     parser.add_argument("--presets", default="DiT-S/2,DiT-B/2,DiT-XL/2")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3, help="4: SD-VAE latents (32x32x4 for 256 px images)")
+    parser.add_argument("--text-dim", type=int, default=0,
+                        help="text-to-image experts: cross-attention to captions of this width (768: CLIP ViT-L/14)")
+    parser.add_argument("--text-tokens", type=int, default=77, help="caption tokens per image with --text-dim")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps (compilation happens here)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -136,7 +145,8 @@ def main() -> None:
     print(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
     where, now = machine(device), datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = "python bench/expert_throughput.py " + " ".join(sys.argv[1:])
-    setup = f"{args.image_size}x{args.image_size}x3, batch {args.batch}, {args.precision}, compile={args.compile}" + (
+    setup = f"{args.image_size}x{args.image_size}x{args.channels}" + (
+        f", cross-attention to {args.text_tokens} x {args.text_dim} caption tokens" if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
         f" ({args.compile_mode})" if args.compile_mode else "")
     records: list[dict[str, Any]] = [{
         "metric": "expert_throughput/matmul_peak_bf16" if device.type == "cuda" else "expert_throughput/matmul_peak",
@@ -152,10 +162,12 @@ def main() -> None:
         target = TARGET_MFU.get(preset)
         extra = {"setup": setup, "fwd_gflops_per_image": round(r["fwd_gflops"], 3),
                  "peak_mem_gib": round(r["peak_mem_gib"], 2)}
-        records.append({"metric": f"expert_throughput/{preset}", "value": round(r["images_per_s"], 1),
+        name = preset + (f"+text{args.text_dim}" if args.text_dim else "") + (
+            f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "")
+        records.append({"metric": f"expert_throughput/{name}", "value": round(r["images_per_s"], 1),
                         "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,
                         "date": now, **extra})
-        records.append({"metric": f"expert_mfu/{preset}", "value": round(mfu, 4), "unit": "fraction of measured "
+        records.append({"metric": f"expert_mfu/{name}", "value": round(mfu, 4), "unit": "fraction of measured "
                         "matmul peak", "reference": target, "ratio": round(mfu / target, 3) if target else None,
                         "command": command, "machine": where, "date": now, **extra})
         write(Path(args.out), records)  # after each preset: a run cut short keeps what it measured

@@ -8,19 +8,45 @@
 #   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
 #   bench/h200.sh pipeline    # examples/cifar10-h200.yaml: ddm run, SIGTERM while the experts train, ddm run again
 #   bench/h200.sh eval        # bench/eval_throughput.py on the pipeline's experts (FID-10k of 4 strategies)
-# The Inception weights (95.7 MB, over one call's transfer limit) travel in parts: .device/inc{0,1,2}/part are
-# appended to /tmp/inception.pth by whichever call carries them (`bench/h200.sh inception`).
+#   bench/h200.sh latent-mfu  # DiT-XL/2 on 32x32x4 latents with cross-attention to 77 x 768 caption tokens
+#   bench/h200.sh encode      # the encode stage's SD-VAE (random weights) at 256 px: bench/encode_throughput.py
+#   bench/h200.sh eval10k     # examples/cifar10-h200.yaml with FID-10k and nothing beside the evaluation, then
+#                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured)
+#   bench/h200.sh text        # examples/cifar10-text-h200.yaml through ddm run: grids per prompt, FID-5k
+# What a call carries beside the repo must fit 64 MiB, so extras travel when a call has room: .device/diffusers
+# (the diffusers wheel) and .device/minilm (all-MiniLM-L6-v2 with its weights stored as fp16, 45 MB instead of 91;
+# turned back into fp32 here: the encoder then runs on weights rounded to fp16).
+# The Inception weights (95.7 MB, over one call's transfer limit) travel in parts: .device/inc{0,1,2}/part, kept by
+# whichever call carries them and joined into /tmp/inception.pth once all three are there (`bench/h200.sh inception`).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/trainer:$PWD/operator PATH=/tmp/bin:$PATH
 export DDM_INCEPTION_WEIGHTS=/tmp/inception.pth
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 
-inception() {
-  for p in .device/inc0 .device/inc1 .device/inc2; do
-    if [ -f $p/part ] && [ ! -f /tmp/$(basename $p).done ]; then cat $p/part >> /tmp/inception.pth && touch /tmp/$(basename $p).done; fi
-  done
-  ls -l /tmp/inception.pth
+inception() {  # the parts wait in /tmp/inception-parts; the file appears only whole (a part is no Inception)
+  mkdir -p /tmp/inception-parts
+  for p in 0 1 2; do [ -f .device/inc$p/part ] && cp .device/inc$p/part /tmp/inception-parts/$p; done
+  if [ ! -f /tmp/inception.pth ] && [ -f /tmp/inception-parts/0 ] && [ -f /tmp/inception-parts/1 ] && [ -f /tmp/inception-parts/2 ]; then
+    cat /tmp/inception-parts/0 /tmp/inception-parts/1 /tmp/inception-parts/2 > /tmp/inception.pth.tmp && mv /tmp/inception.pth.tmp /tmp/inception.pth
+  fi
+  ls -l /tmp/inception-parts /tmp/inception.pth 2>&1 | tail -n 5
+}
+
+extras() {
+  if [ -d .device/diffusers ]; then
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .device/diffusers/*.whl
+  fi
+  if [ -f .device/minilm/model.fp16.safetensors ] && [ ! -f /tmp/models/all-MiniLM-L6-v2/model.safetensors ]; then
+    mkdir -p /tmp/models/all-MiniLM-L6-v2 && cp -r .device/minilm/. /tmp/models/all-MiniLM-L6-v2/
+    python3 - <<'PY'
+from safetensors.torch import load_file, save_file
+d = "/tmp/models/all-MiniLM-L6-v2/"
+sd = load_file(d + "model.fp16.safetensors")
+save_file({k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, d + "model.safetensors")
+PY
+    rm /tmp/models/all-MiniLM-L6-v2/model.fp16.safetensors
+  fi
 }
 
 case "${1:-}" in
@@ -86,5 +112,44 @@ case "${1:-}" in
       | tee "$OUT/eval_throughput.txt"
     cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|stage|recheck|pipeline|eval" >&2; exit 2 ;;
+  extras) extras ;;
+  latent-mfu)
+    timeout 300 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --channels 4 \
+      --text-dim 768 --text-tokens 77 --out "$OUT/expert_throughput_latent.json" 2>&1 | tail -4 | tee "$OUT/latent_mfu.txt"
+    ;;
+  encode)
+    extras
+    timeout 200 python3 bench/encode_throughput.py --batch 64 --iters 10 2>&1 | tee "$OUT/encode_throughput.txt"
+    cp bench/results/encode_throughput.json "$OUT/" 2>/dev/null
+    ;;
+  eval10k)
+    inception
+    rm -rf /tmp/cifar10-10k; [ -e datasets ] || ln -s /tmp/datasets datasets
+    # the example's experts and router; FID-10k; no distillation, so nothing shares the GPU with the evaluation
+    python3 - <<'PY'
+import yaml
+s = yaml.safe_load(open("examples/cifar10-h200.yaml"))
+s["spec"]["evaluation"]["numSamples"] = 10000
+s["spec"]["distillation"]["enabled"] = False
+s["spec"]["storage"]["uri"] = "/tmp/cifar10-10k"
+yaml.safe_dump(s, open("/tmp/cifar10-10k.yaml", "w"))
+PY
+    start=$(date +%s)
+    timeout 480 ddm run /tmp/cifar10-10k.yaml --run-dir /tmp/cifar10-10k 2>&1 | tee "$OUT/eval10k-run.txt"
+    echo "ddm run exited $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/eval10k-run.txt"
+    cp /tmp/cifar10-10k/evaluation/results.md /tmp/cifar10-10k/evaluation/results.json "$OUT/" 2>/dev/null
+    timeout 100 python3 bench/eval_throughput.py --from-run --run /tmp/cifar10-10k \
+      --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" 2>&1 | tee "$OUT/eval_throughput.txt"
+    cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
+    ;;
+  text)
+    extras; inception
+    rm -rf /tmp/text-run; [ -e datasets ] || ln -s /tmp/datasets datasets; [ -e models ] || ln -s /tmp/models models
+    start=$(date +%s)
+    timeout 540 ddm run examples/cifar10-text-h200.yaml --run-dir /tmp/text-run 2>&1 | tee "$OUT/text-run.txt"
+    echo "ddm run exited $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/text-run.txt"
+    mkdir -p "$OUT/text" && cd /tmp/text-run && find . \( -name '*.png' -o -name 'results.md' -o -name 'results.json' \
+      -o -name '*.progress.jsonl' -o -name 'report*' \) -size -2M -exec cp --parents {} "$OUT/text/" \;
+    ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|encode|eval10k|text" >&2; exit 2 ;;
 esac

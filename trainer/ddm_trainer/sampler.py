@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Sequence, Union, cast
 import torch
 from torch import nn
 
-from .combine import Strategy, expert_weights, needed_experts, parse_strategy
+from .combine import Strategy, expert_weights, parse_strategy
 from .errors import ConfigError
 from .flow import ode_sample
 
@@ -192,11 +192,18 @@ class CombinedSampler:
         w = self.weights(x, t, generator, y, pooled)  # (B, K)
         u = torch.zeros_like(x)
         shape = (-1, *([1] * (x.dim() - 1)))
-        for k in needed_experts(w):
-            idx = torch.nonzero(w[:, k] > 0).flatten()  # (b,)
-            if idx.numel() == x.shape[0]:  # the whole batch: no gather/scatter copies
+        routed = w > 0  # (B, K)
+        # One host sync per step (the sizes of the experts' batches), not one per expert: the GPU would idle while
+        # the host waits on each expert's nonzero before launching the next one.
+        counts = routed.sum(dim=0).tolist()  # (K,) samples per expert
+        for k, n in enumerate(counts):
+            if n == 0:
+                continue
+            if n == x.shape[0]:  # the whole batch: no gather/scatter copies
                 u += w[:, k].view(shape) * self._expert_velocity(k, x, t, y, text)
                 continue
+            # the n routed sample ids, ascending (a stable sort puts them first): nonzero without another sync
+            idx = torch.argsort(routed[:, k].to(torch.uint8), descending=True, stable=True)[:n]  # (n,)
             tk = (text[0][idx], text[1][idx]) if text is not None else None
             vk = self._expert_velocity(k, x[idx], t[idx], y[idx] if y is not None else None, tk)  # (b, C, H, W)
             u.index_add_(0, idx, w[idx, k].view(shape) * vk)

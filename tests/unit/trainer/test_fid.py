@@ -63,3 +63,26 @@ def test_fid_and_kid_are_zero_for_identical_sets_and_grow_with_shift() -> None:
     kid_far, kid_std = fid.kid_from_features(real, real + 0.5, subset_size=1000, subsets=10)  # size capped at 150
     assert kid_far > kid_near and kid_std > 0  # capped below the set size, subsets differ: a real spread
     assert fid.kid_from_features(real, real + 0.5, subsets=5) == fid.kid_from_features(real, real + 0.5, subsets=5)
+
+
+def test_fid_is_torchmetrics_fid() -> None:
+    """The eigh form of tr sqrt(S1 S2) gives torchmetrics' FID (its general eigvals of S1 S2), for sets whose
+    covariances differ in shape as well as in mean, and for identical sets."""
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(400, 48, generator=gen, dtype=torch.float64)
+    mix = torch.randn(48, 48, generator=gen, dtype=torch.float64) * 0.3 + torch.eye(48, dtype=torch.float64)
+    fake = torch.randn(500, 48, generator=gen, dtype=torch.float64) @ mix + 0.2  # (500, 48) correlated, shifted
+    for a, b in ((real, fake), (real, real), (fake, real)):
+        ours, reference = fid.fid_from_features(a, b), fid.torchmetrics_fid(a, b)
+        assert ours == pytest.approx(reference, rel=1e-6, abs=1e-6)
+    assert fid.fid_from_features(real, fake) > 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fid_and_kid_on_the_gpu_match_the_cpu() -> None:
+    gen = torch.Generator().manual_seed(2)
+    real = torch.randn(3000, 2048, generator=gen, dtype=torch.float64)
+    fake = torch.randn(3000, 2048, generator=gen, dtype=torch.float64) * 1.1 + 0.05
+    assert fid.fid_from_features(real, fake, "cuda") == pytest.approx(fid.fid_from_features(real, fake), rel=1e-9)
+    kid_gpu = fid.kid_from_features(real, fake, 1000, 20, 0, "cuda")
+    assert kid_gpu == pytest.approx(fid.kid_from_features(real, fake, 1000, 20, 0), rel=1e-9)
