@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class ReportInputs:
     parent: dict[str, Any] | None = None  # a grown run's parent (uri, num_clusters, experts); rows parent:<strategy>
     partials: list[dict[str, Any]] = field(default_factory=list)  # the partial ensembles evaluated while training
     grids: dict[str, bytes] = field(default_factory=dict)  # strategy -> PNG
+    prompt_grids: dict[str, bytes] = field(default_factory=dict)  # evaluation prompt -> PNG (text-conditioned runs)
     cluster_sizes: list[int] = field(default_factory=list)
     cluster_examples: bytes | None = None  # PNG
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # stage id -> (step, loss)
@@ -90,9 +92,14 @@ def _read_evaluation(store: Store, out: ReportInputs) -> None:
             out.experts = list(results.get("experts") or [])
             out.missing_experts = list(results.get("missing_experts") or [])
             out.parent = results.get("parent")
+        # spec.evaluation.prompts: {"prompts/<slug>.png": prompt}, a grid per prompt beside the strategies' grids
+        prompts = results.get("prompts") if isinstance(results, dict) else None
+        for rel, prompt in (prompts or {}).items():
+            if store.exists(f"{layout.EVALUATION}/{rel}"):
+                out.prompt_grids[str(prompt)] = store.get_bytes(f"{layout.EVALUATION}/{rel}")
     for k in store.list(layout.EVALUATION):
         name = k.rsplit("/", 1)[-1]
-        if name.endswith(".png") and "/checkpoints/" not in k and "/strategies/" not in k:  # each row's own copy
+        if name.endswith(".png") and not any(f"/{d}/" in k for d in ("checkpoints", "strategies", "prompts")):
             strategy = name[: -len(".png")].removeprefix("grid-").removeprefix("grid_").removesuffix("_grid")
             out.grids[strategy] = store.get_bytes(k)
 
@@ -297,6 +304,11 @@ def _img(src: str, png: bytes, alt: str, target_px: int = 384) -> str:
     return f'<img src="{src}" alt="{html.escape(alt)}"{size}>'
 
 
+def _slug(text: str) -> str:
+    """A file name part for a prompt: lower-case letters and digits, runs of anything else as one '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80] or "prompt"
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -371,6 +383,16 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
             figs.append(f"<figure>{_img(name, png, strategy)}<figcaption>{html.escape(strategy)}</figcaption></figure>")
             sections_md += [f"### {strategy}", "", f"![{strategy}]({name})", ""]
         sections_html.append("<h2>Samples</h2><div class=grid>" + "".join(figs) + "</div>")
+
+    if inputs.prompt_grids:
+        figs = []
+        sections_md += ["## Samples per prompt", ""]
+        for prompt, png in inputs.prompt_grids.items():
+            name = f"prompt-{_slug(prompt)}.png"
+            (out / name).write_bytes(png)
+            figs.append(f"<figure>{_img(name, png, prompt, 256)}<figcaption>{html.escape(prompt)}</figcaption></figure>")
+            sections_md += [f"### {prompt}", "", f"![{prompt}]({name})", ""]
+        sections_html.append("<h2>Samples per prompt</h2><div class=grid>" + "".join(figs) + "</div>")
 
     if inputs.cluster_sizes or inputs.cluster_examples:
         parts = ["<h2>Clusters</h2>"]
