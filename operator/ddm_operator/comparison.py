@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 MONOLITH = "monolith"  # the evaluation table's row of the baseline (spec.baseline)
+STUDENT = "student"  # the evaluation table's row of the distilled student (spec.distillation)
 PARENT = "parent:"  # a grown run's rows of its parent's ensemble (spec.growth.compareParent)
 
 
@@ -29,9 +30,9 @@ class Comparison:
 
 
 def best_fid(rows: Iterable[tuple[str, float | None]]) -> tuple[str, float] | None:
-    """(strategy, FID) of the best routing strategy; the monolith row and a grown run's parent:<strategy> rows are
-    references, not this DDM's results."""
-    scored = [(s, f) for s, f in rows if s != MONOLITH and not s.startswith(PARENT) and f is not None]
+    """(strategy, FID) of the best routing strategy; the monolith row, the student row and a grown run's
+    parent:<strategy> rows are not routing strategies of this DDM's ensemble."""
+    scored = [(s, f) for s, f in rows if s not in (MONOLITH, STUDENT) and not s.startswith(PARENT) and f is not None]
     return min(scored, key=lambda sf: sf[1]) if scored else None
 
 
@@ -43,3 +44,26 @@ def compare(rows: Iterable[tuple[str, float | None]]) -> Comparison | None:
     if best is None or not monolith or monolith <= 0:
         return None
     return Comparison(best[0], best[1], monolith)
+
+
+@dataclass(frozen=True)
+class StudentComparison:
+    student_fid: float
+    monolith_fid: float
+
+    @property
+    def ratio(self) -> float:
+        """The distilled student's FID over the monolith's: the paper's target is within 10% (ratio <= 1.1)."""
+        return self.student_fid / self.monolith_fid
+
+    def sentence(self) -> str:
+        return (f"distilled student FID {self.student_fid:.2f} vs the compute-matched monolith "
+                f"{self.monolith_fid:.2f}: ratio {self.ratio:.3f}")
+
+
+def compare_student(rows: Iterable[tuple[str, float | None]]) -> StudentComparison | None:
+    """The student's comparison, when the table has a student row and a (positive) monolith FID."""
+    fids = {s: f for s, f in rows if s in (STUDENT, MONOLITH) and f is not None}
+    if STUDENT not in fids or not fids.get(MONOLITH) or fids[MONOLITH] <= 0:
+        return None
+    return StudentComparison(fids[STUDENT], fids[MONOLITH])

@@ -7,7 +7,9 @@ DAG: cluster -> (expert 0..K-1, the baseline (if enabled) and router, side by si
      by ``spec.parallelism``)
      -> evaluate (router and baseline succeeded, every expert finished or permanently failed, >= minExperts
         succeeded)
-     -> distill (if enabled; beside the evaluation) -> done.
+     -> distill (if enabled; beside the evaluation)
+     -> evaluate-student (if distillation is enabled: the evaluation stage again, once both committed, adding the
+        distilled student's row to the same table; the other rows are read back, not sampled) -> done.
 
 Attempts are 1-based launch counts: ``Launch(key, 1)`` starts a stage; after a retryable failure observed with
 ``attempts=n`` the planner emits ``Retry(key, n + 1, not_before)`` while ``n - 1 < max retries``. The backoff is
@@ -38,11 +40,12 @@ from .api.models import (
     StageStatus,
 )
 
-Stage = Literal["cluster", "expert", "router", "baseline", "probe", "evaluate", "distill"]
+Stage = Literal["cluster", "expert", "router", "baseline", "probe", "evaluate", "distill", "evaluate-student"]
 MAX_BACKOFF_SECONDS = 3600.0
 
 
-_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "baseline": 3, "probe": 4, "evaluate": 5, "distill": 6}
+_DAG_ORDER = {"cluster": 0, "router": 1, "expert": 2, "baseline": 3, "probe": 4, "evaluate": 5, "distill": 6,
+              "evaluate-student": 7}
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class StageKey:
         return self.id
 
     def __lt__(self, other: StageKey) -> bool:
-        """DAG order (cluster, router, experts by index, baseline, evaluate, distill): actions come out in this
-        order."""
+        """DAG order (cluster, router, experts by index, baseline, evaluate, distill, evaluate-student): actions come
+        out in this order."""
         return (_DAG_ORDER[self.stage], self.index or 0) < (_DAG_ORDER[other.stage], other.index or 0)
 
 
@@ -69,6 +72,7 @@ ROUTER = StageKey("router")
 EVALUATE = StageKey("evaluate")
 DISTILL = StageKey("distill")
 BASELINE = StageKey("baseline")  # the compute-matched monolith: one model of the experts' preset on all the data
+STUDENT_EVAL = StageKey("evaluate-student")  # the distilled student's row, added to the committed evaluation table
 
 
 def expert_key(index: int) -> StageKey:
@@ -266,6 +270,7 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     evaluate = observed.get(EVALUATE)
     distill = observed.get(DISTILL)
     baseline = observed.get(BASELINE)
+    student_eval = observed.get(STUDENT_EVAL)
     experts = [observed.get(expert_key(k)) for k in range(k_total)]
     grown = spec.growth is not None and cluster.state is State.SUCCEEDED
     if grown and observed.parent is not None:
@@ -297,6 +302,7 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
         evaluation=_stage_status(evaluate, stage_retries),
         distillation=_stage_status(distill, stage_retries) if spec.distill_enabled else None,
         baseline=_stage_status(baseline, stage_retries) if spec.baseline_enabled else None,
+        student_evaluation=_stage_status(student_eval, stage_retries) if spec.distill_enabled else None,
     )
     router_status = RouterStatus(
         phase=_stage_phase(router, _is_dead(router, stage_retries)),
@@ -311,7 +317,7 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     # ---- terminal failures: cancel whatever still runs
     in_dag_order = sorted(observed.stages.items(), key=lambda kv: kv[0])
     failure = _failure(spec, cluster, router, evaluate, distill, stage_retries, k_total, len(dead), min_experts,
-                       baseline)
+                       baseline, student_eval)
     if failure is not None:
         reason, message = failure
         cancels: list[Action] = [Cancel(key) for key, o in in_dag_order if o.state in (State.RUNNING, State.SUSPENDED)]
@@ -393,6 +399,12 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
     if distilling:
         take(_next_for(DISTILL, distill, stage_retries, spec, now))
         return finish("Distilling", "Distilling", _describe("distillation", distill), actions, waiting)
+    # ---- the student's row: both committed, so the table it joins is final and its weights exist. The evaluation
+    # stage runs again with one more row; the committed rows are read back, only the student is sampled.
+    if spec.distill_enabled and student_eval.state is not State.SUCCEEDED:
+        take(_next_for(STUDENT_EVAL, student_eval, stage_retries, spec, now))
+        return finish("Evaluating", "EvaluatingStudent", _describe("the student's evaluation", student_eval), actions,
+                      waiting)
 
     if dead:
         return finish("Degraded", "FinishedDegraded",
@@ -442,6 +454,7 @@ def _failure(
     n_dead: int,
     min_experts: int,
     baseline: StageObservation = ABSENT,
+    student_eval: StageObservation = ABSENT,
 ) -> tuple[str, str] | None:
     """(reason, message) when the run can no longer succeed."""
     for name, reason, obs in (
@@ -450,8 +463,10 @@ def _failure(
         ("baseline", "BaselineFailed", baseline),
         ("evaluation", "EvaluationFailed", evaluate),
         ("distillation", "DistillationFailed", distill),
+        ("the student's evaluation", "StudentEvaluationFailed", student_eval),
     ):
-        if (name == "distillation" and not spec.distill_enabled) or (name == "baseline" and not spec.baseline_enabled):
+        if (name in ("distillation", "the student's evaluation") and not spec.distill_enabled) \
+                or (name == "baseline" and not spec.baseline_enabled):
             continue
         if _is_dead(obs, stage_retries):
             why = "permanent error" if not obs.retryable else f"retries exhausted ({obs.attempts} attempts)"

@@ -17,10 +17,10 @@ from typing import Any
 from ddm_trainer import layout
 
 from .api.models import DecentralizedDiffusionSpec
-from .planner import BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, StageKey, expert_key, probe_key
+from .planner import BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, STUDENT_EVAL, StageKey, expert_key, probe_key
 
 __all__ = [
-    "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "BASELINE", "expert_key", "trainer_command",
+    "StageKey", "CLUSTER", "ROUTER", "EVALUATE", "DISTILL", "BASELINE", "STUDENT_EVAL", "expert_key", "trainer_command",
     "all_keys", "stage_config", "stage_command", "run_uri", "world_size", "parse_key", "grace_period_seconds",
 ]
 
@@ -33,7 +33,7 @@ def all_keys(spec: DecentralizedDiffusionSpec) -> list[StageKey]:
     if spec.baseline_enabled:
         keys.insert(-1, BASELINE)
     if spec.distill_enabled:
-        keys.append(DISTILL)
+        keys += [DISTILL, STUDENT_EVAL]
     return keys
 
 
@@ -46,8 +46,10 @@ def parse_key(text: str) -> StageKey:
         return probe_key(int(index))
     if not sep and stage in ("cluster", "router", "baseline", "evaluate", "distill"):
         return StageKey(stage)  # type: ignore[arg-type]
+    if text == STUDENT_EVAL.id:
+        return STUDENT_EVAL
     raise ValueError(f"unknown stage key {text!r} (cluster, expert-NNN, router, baseline, probe-NNN, evaluate, "
-                     "distill)")
+                     "distill, evaluate-student)")
 
 
 def run_uri(spec: DecentralizedDiffusionSpec, namespace: str | None = None, name: str | None = None) -> str:
@@ -64,7 +66,7 @@ def world_size(spec: DecentralizedDiffusionSpec, key: StageKey) -> tuple[int, in
         return spec.experts.nodes, max(spec.experts.gpus_per_node, 1)
     if key.stage == "router":
         return 1, max(spec.router.gpus_per_node, 1)
-    if key.stage == "evaluate":
+    if key.stage in ("evaluate", "evaluate-student"):
         return 1, max(spec.evaluation.gpus_per_node, 1)
     if key.stage == "cluster":  # its pod has the experts' GPUs (default placement): the encode step uses them all
         return 1, max(spec.experts.gpus_per_node, 1)
@@ -195,13 +197,15 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "train": {"steps": r.steps, "batch_size": _per_process(r.batch_size, per_node), "lr": r.lr,
                           "precision": r.precision, "ckpt_every": spec.experts.checkpoint_every,
                           "ema_decay": spec.experts.ema_decay, "compile": _compile(r.compile)}}
-    if key.stage in ("evaluate", "probe"):
+    if key.stage in ("evaluate", "probe", "evaluate-student"):
         v = spec.evaluation
         reference = v.reference_samples or v.num_samples
         strategies = [*v.strategies, *(["monolith"] if spec.baseline_enabled else [])]
         if spec.growth is not None and spec.growth.compare_parent:  # the parent's ensemble on the same references
             strategies += [f"parent:{s}" for s in v.strategies]
-        steps, output = v.steps, None
+        steps, output, progress = v.steps, None, None
+        if key.stage == "evaluate-student":  # the same table plus the student: the other rows are read back
+            strategies, progress = [*strategies, "student"], key.id
         if key.stage == "probe":  # the partial ensemble's lightweight evaluation (spec.evaluation.partial)
             if v.partial is None:
                 raise ValueError("spec.evaluation.partial is not set: there is no probe stage")
@@ -211,10 +215,11 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
             reference = min(reference, spec.dataset.limit)  # cannot reference more images than the run reads
         return {**base, "device": _device(spec, v.gpus_per_node), "data": _data(spec),
                 "strategies": strategies, **({"output": output} if output else {}),
-                "n_samples": max(v.num_samples if key.stage == "evaluate" else v.partial.num_samples, 2),  # type: ignore[union-attr]
+                **({"progress": progress} if progress else {}),
+                "n_samples": max(v.partial.num_samples if key.stage == "probe" else v.num_samples, 2),  # type: ignore[union-attr]
                 "reference_n": max(reference, 2), "steps": steps, "method": v.method, "cfg_scale": v.cfg_scale,
                 "batch_size": v.batch_size, "compile": _compile(v.compile),
-                **({"prompts": v.prompts} if v.prompts and key.stage == "evaluate" else {}),  # not the probes
+                **({"prompts": v.prompts} if v.prompts and key.stage != "probe" else {}),  # not the probes
                 "precision": spec.experts.precision}
     if key.stage == "distill":
         if spec.distillation is None:
@@ -250,8 +255,8 @@ def stage_command(spec: DecentralizedDiffusionSpec, key: StageKey, config_path: 
 
 def trainer_command(key: StageKey) -> str:
     """The ``ddm-train`` command that runs a stage: the baseline is the expert stage on all the data, a probe (the
-    partial ensemble's lightweight evaluation) the evaluate stage."""
-    return {"baseline": "expert", "probe": "evaluate"}.get(key.stage, key.stage)
+    partial ensemble's lightweight evaluation) and the student's row (evaluate-student) the evaluate stage."""
+    return {"baseline": "expert", "probe": "evaluate", "evaluate-student": "evaluate"}.get(key.stage, key.stage)
 
 
 def partial_prefix(experts: int) -> str:

@@ -85,6 +85,12 @@ def test_interrupt_resume_and_rerun(fashion_mnist_dir: Path, tmp_path: Path) -> 
     assert "cluster" not in launched and "expert-000" not in launched and "router" not in launched, launched
     assert launched[:1] == ["expert-001"] and "evaluate" in launched and "distill" in launched
     assert launched.index("baseline") < launched.index("evaluate")  # ddm-train expert on all the data
+    # the student's row: the evaluation again once both the table and the student are committed
+    assert launched[-1] == "evaluate-student" and launched.index("distill") < launched.index("evaluate-student")
+    table = store.read_manifest("evaluation")["table"]  # type: ignore[index]
+    assert [r["strategy"] for r in table] == [*STRATEGIES, "monolith", "student"]
+    student_log = (run_dir / "logs" / "evaluate-student.progress.jsonl").read_text()
+    assert student_log.count('"event": "reused"') == len(STRATEGIES) + 1  # read back, not sampled again
     assert store.read_manifest("experts/monolith/final") is not None
     assert '"event": "resumed"' in (run_dir / "logs" / "expert-001.progress.jsonl").read_text()
     assert "Succeeded" in resumed.stderr
@@ -95,6 +101,7 @@ def test_interrupt_resume_and_rerun(fashion_mnist_dir: Path, tmp_path: Path) -> 
         assert f"<td>{strategy}</td>" in html
         assert (run_dir / "report" / f"samples-{strategy}.png").stat().st_size > 0
     assert "<td>monolith</td>" in html and "Against the compute-matched monolith" in html
+    assert "<td>student</td>" in html and "The distilled student against the monolith" in html
     assert (run_dir / "report" / "losses.png").exists()
 
     # 3. A third run finds everything committed: launches nothing, finishes fast.
@@ -107,11 +114,13 @@ def test_interrupt_resume_and_rerun(fashion_mnist_dir: Path, tmp_path: Path) -> 
     # `ddm status` on the run directory shows every stage done.
     status = subprocess.run([DDM, "status", str(run_dir)], capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
-    rows = [ln.split() for ln in status.stdout.splitlines()[2:] if ln.strip() and not ln.startswith(" ")][:7]
-    assert [r[0] for r in rows] == ["cluster", "expert-000", "expert-001", "router", "baseline", "evaluate", "distill"]
+    rows = [ln.split() for ln in status.stdout.splitlines()[2:] if ln.strip() and not ln.startswith(" ")][:8]
+    assert [r[0] for r in rows] == ["cluster", "expert-000", "expert-001", "router", "baseline", "evaluate", "distill",
+                                    "evaluate-student"]
     assert all(r[1] == "done" for r in rows), status.stdout
     assert rows[4][2] == "6/6", rows[4]  # the baseline's own progress file (progress/baseline.json)
     assert "vs the compute-matched monolith" in status.stdout
+    assert "distilled student FID" in status.stdout
 
 
 def test_bad_spec_is_one_line_error_naming_the_field(tmp_path: Path) -> None:

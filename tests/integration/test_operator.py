@@ -322,18 +322,34 @@ def test_full_sequence_k4_status_events_and_garbage_collection(operator: Operato
     h.succeed("seq-evaluate-a1")
     h.wait_jobs("seq-distill-a1")
     h.wait_phase("seq", "Distilling")
+    assert "seq-evaluate-student-a1" not in h.jobs()  # the student's row waits for the student
     h.succeed("seq-distill-a1")
+    # The evaluation again, adding the student's row to the committed table, once distillation Succeeded.
+    student_job = h.wait_jobs("seq-evaluate-student-a1")["seq-evaluate-student-a1"]
+    assert student_job["metadata"]["labels"]["ddm.io/stage"] == "evaluate-student"
+    status = h.wait_phase("seq", "Evaluating")
+    assert status["stages"]["distillation"]["phase"] == "Succeeded"
+    assert status["stages"]["studentEvaluation"]["jobName"] == "seq-evaluate-student-a1"
+    config = yaml.safe_load(h.core.read_namespaced_config_map("seq-evaluate-student-a1", h.ns).data["config.yaml"])
+    assert config["strategies"][-1] == "student" and config["progress"] == "evaluate-student"
+    student = {"strategy": "student", "fid": 7.7, "kid_mean": 0.006, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 100}
+    FileStore(tmp_path / "runs" / h.ns / "seq").commit("evaluation", {"results.json": b"{}"},
+                                                        {"table": [*table, student]})
+    h.succeed("seq-evaluate-student-a1")
     status = h.wait_phase("seq", "Succeeded")
     assert status["expertsReady"] == 4 and status["observedGeneration"] == 1
     assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
 
-    assert sorted(h.jobs()) == sorted(["seq-cluster-a1", *experts, "seq-router-a1", "seq-evaluate-a1", "seq-distill-a1"])
+    assert sorted(h.jobs()) == sorted(["seq-cluster-a1", *experts, "seq-router-a1", "seq-evaluate-a1", "seq-distill-a1",
+                                       "seq-evaluate-student-a1"])
     events = "\n".join(h.events("seq"))
     for expected in ("clustering Running -> Succeeded", "expert 3 Running -> Succeeded", "phase Training -> Evaluating",
-                     "phase Distilling -> Succeeded"):
+                     "phase Distilling -> Evaluating", "student evaluation Pending -> Running",
+                     "phase Evaluating -> Succeeded"):
         assert expected in events, events
     assert status["bestFid"] == 9.25, status  # top1; the monolith row is a baseline, not a DDM result
-    assert [r["strategy"] for r in status["results"]["fid"]] == ["full", "top1", "monolith"]
+    assert [r["strategy"] for r in status["results"]["fid"]] == ["full", "top1", "monolith", "student"]
+    assert status["results"]["studentVsMonolith"] == 1.1  # 7.7 / 7.0
     assert status["results"]["artifacts"]["expert-003"].endswith("/seq/experts/003/final")
     out = h.plane.kubectl("get", "ddm", "-n", h.ns).stdout
     assert re.search(r"seq\s+Succeeded\s+4\s+4\s+\S+\s+9\.25", out), out
@@ -713,7 +729,7 @@ def test_executed_jobs_train_a_whole_ddm_on_s3(s3_env: Any, operator: Operator, 
     assert phase == "Succeeded", f"{status}\n{executor.logs()}"
 
     expected = ["real-cluster-a1", "real-expert-000-a1", "real-expert-001-a2", "real-router-a1", "real-evaluate-a1",
-                "real-distill-a1"]
+                "real-distill-a1", "real-evaluate-student-a1"]
     assert killed_after, "expert 1 finished before the test could kill it"
     # Each stage ran once and passed, but expert 1: killed (137, retryable) and retried once, alone.
     assert executor.exit_codes == {**dict.fromkeys(expected, 0), victim: 137}, executor.logs()
@@ -726,10 +742,11 @@ def test_executed_jobs_train_a_whole_ddm_on_s3(s3_env: Any, operator: Operator, 
 
     # The status's table is the one the evaluation stage committed to S3.
     table = run.read_manifest("evaluation")["table"]  # type: ignore[index]
-    assert [row["strategy"] for row in status["results"]["fid"]] == [row["strategy"] for row in table] == ["full", "top1"]
+    assert [row["strategy"] for row in status["results"]["fid"]] == [row["strategy"] for row in table] == \
+        ["full", "top1", "student"]
     fids = [row["fid"] for row in table]
     assert all(isinstance(f, float) and f > 0 for f in fids), table
-    assert status["bestFid"] == pytest.approx(min(fids))
+    assert status["bestFid"] == pytest.approx(min(row["fid"] for row in table if row["strategy"] != "student"))
     for stage in (layout.expert(0), layout.expert(1), layout.ROUTER, layout.DISTILLATION):
         assert run.read_manifest(layout.final(stage)) is not None, stage
     assert status["expertsReady"] == 2

@@ -872,6 +872,8 @@ class StagesStatus(ApiModel):
     evaluation: StageStatus | None = Field(None, description="FID/KID per strategy")
     distillation: StageStatus | None = Field(None, description="The student's training job")
     baseline: StageStatus | None = Field(None, description="The compute-matched monolith's training job")
+    student_evaluation: StageStatus | None = Field(
+        None, description="The distilled student's row, added to the evaluation table once distillation committed")
 
 
 class ExpertStatus(ApiModel):
@@ -912,7 +914,8 @@ class PartialEnsembleStatus(ApiModel):
 class StrategyResult(ApiModel):
     """One row of the evaluation table."""
 
-    strategy: str = Field(description="A routing strategy of spec.evaluation.strategies, or monolith (the baseline)")
+    strategy: str = Field(description="A routing strategy of spec.evaluation.strategies, monolith (the baseline) "
+                                      "or student (the distilled student)")
     fid: float = Field(description="Frechet Inception Distance (lower is better)")
     kid: float | None = Field(None, description="Kernel Inception Distance")
     num_samples: int | None = Field(None, description="Generated images the numbers are computed on")
@@ -927,6 +930,8 @@ class Results(ApiModel):
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI (experts, router, student, ...)")
     best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID over the monolith "
                                                              "baseline's (below 1: the ensemble wins)")
+    student_vs_monolith: float | None = Field(None, description="The distilled student's FID over the monolith "
+                                                                "baseline's (below 1: the student wins)")
     experts: list[int] | None = Field(None, description="The experts the evaluated ensemble held")
     parent_uri: str | None = Field(None, description="A grown run's parent: its rows are parent:<strategy>")
     missing_experts: list[int] | None = Field(None, description="Experts it lacked (failed for good): the router "

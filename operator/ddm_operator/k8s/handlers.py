@@ -44,7 +44,7 @@ from ddm_trainer.errors import DDMError, MissingArtifactError
 
 from .. import planner as pl
 from .. import stages
-from ..comparison import best_fid, compare
+from ..comparison import best_fid, compare, compare_student
 from ..partial import latest_partial
 from ..api.models import (
     GROUP,
@@ -181,7 +181,8 @@ def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[P
         return spec.experts.placement_for(key.index or 0), spec.experts.gpus_per_node
     if key.stage == "router":
         return spec.router.placement, spec.router.gpus_per_node
-    if key.stage in ("evaluate", "probe"):  # a probe: the partial ensemble's lightweight evaluation
+    # a probe: the partial ensemble's lightweight evaluation; evaluate-student: the student's row added
+    if key.stage in ("evaluate", "probe", "evaluate-student"):
         return spec.evaluation.placement, spec.evaluation.gpus_per_node
     if key.stage == "distill" and spec.distillation is not None:
         return spec.distillation.placement, 1
@@ -376,7 +377,9 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
         for k in parent.get("experts") or []:
             artifacts[f"expert-{k:03d}"] = f"{parent['uri'].rstrip('/')}/{layout.final(layout.expert(k))}"
     vs = compare((r.strategy, r.fid) for r in rows)
+    student = compare_student((r.strategy, r.fid) for r in rows)
     return Results(fid=rows, artifacts=artifacts, best_vs_monolith=round(vs.ratio, 4) if vs else None,
+                   student_vs_monolith=round(student.ratio, 4) if student else None,
                    experts=manifest.get("experts"), missing_experts=manifest.get("missing_experts"),
                    parent_uri=parent.get("uri") if parent else None)
 
@@ -498,7 +501,8 @@ def _status_of(plan: pl.Plan, old: DecentralizedDiffusionStatus, latest: dict[st
     accuracy and URI once it is committed (``router_facts``, read once), and the results."""
     stage_jobs = plan.stages.model_copy(deep=True)
     for field, key in (("clustering", "cluster"), ("router", "router"), ("evaluation", "evaluate"),
-                       ("distillation", "distill"), ("baseline", "baseline")):
+                       ("distillation", "distill"), ("baseline", "baseline"),
+                       ("student_evaluation", "evaluate-student")):
         st = getattr(stage_jobs, field)
         if st is not None and key in latest:
             job = latest[key]
@@ -554,12 +558,13 @@ def _transitions(old: DecentralizedDiffusionStatus, new: DecentralizedDiffusionS
     out = []
     if old.phase != new.phase:
         out.append(("PhaseChanged", f"phase {old.phase} -> {new.phase}: {new.message}"))
-    for field in ("clustering", "router", "evaluation", "distillation"):
+    for field in ("clustering", "router", "evaluation", "distillation", "student_evaluation"):
         before, after = getattr(old.stages, field), getattr(new.stages, field)
         if after is not None and (before is None or before.phase != after.phase or before.attempts != after.attempts):
             was = before.phase if before else "Pending"
             if was != after.phase or (before and before.attempts != after.attempts):
-                out.append(("StageChanged", f"{field} {was} -> {after.phase} (attempt {after.attempts})"))
+                out.append(("StageChanged", f"{field.replace('_', ' ')} {was} -> {after.phase} "
+                                                f"(attempt {after.attempts})"))
     old_experts = {e.index: e for e in old.experts}
     changed: dict[tuple[str, str], list[Any]] = {}  # one Event per transition, not per expert (K at once at scale)
     for e in new.experts:

@@ -21,10 +21,10 @@ from ddm_trainer.errors import ConfigError, DDMError
 from ddm_trainer.store import Store, open_store
 
 from ..api.models import DecentralizedDiffusion
-from ..comparison import compare
+from ..comparison import compare, compare_student
 from ..planner import parent_from_manifest
 from ..stages import all_keys
-from .runner import LocalRunner, default_run_dir, done_prefix, local_run_uri, resolve_executable
+from .runner import LocalRunner, default_run_dir, is_done, local_run_uri, resolve_executable
 
 SPEC_COPY = "spec.yaml"  # the runner keeps a copy of the spec in the run dir, so `ddm status RUN_DIR` works
 
@@ -104,7 +104,7 @@ def stage_rows(obj: DecentralizedDiffusion, store: Store) -> list[tuple[str, str
     growth = obj.spec.growth
     parent = parent_from_manifest(store.read_manifest(layout.CLUSTERING)) if growth is not None else None
     for key in all_keys(obj.spec):
-        manifest = store.read_manifest(done_prefix(key))
+        manifest = is_done(store, key)
         if parent is not None and key.stage == "expert" and manifest is None and key.index in parent.experts \
                 and not (growth.retrain == "grown" and key.index in parent.grown):  # type: ignore[union-attr]
             rows.append((key.id, "parent's", "", f"by reference: {parent.uri}"))  # never trained here
@@ -155,6 +155,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         vs = compare((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None) for r in rows)
         if vs is not None:
             print(f"\n{vs.sentence()}")
+        student = compare_student((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None)
+                                  for r in rows)
+        if student is not None:
+            print(student.sentence())
     report = run_dir / "report" / "index.html"
     if report.exists():
         print(f"\nreport: {report}")

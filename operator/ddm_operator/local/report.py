@@ -18,7 +18,7 @@ from typing import Any
 from ddm_trainer import layout
 from ddm_trainer.store import Store
 
-from ..comparison import compare
+from ..comparison import compare, compare_student
 from ..partial import PARTIAL
 
 PARENT_ROW = "parent:"  # a grown run's rows of its parent's ensemble (the trainer's configs.evaluate.PARENT_ROW)
@@ -360,6 +360,12 @@ def write_report(store: Store, run_dir: Path, title: str = "DDM run") -> Path:
         if vs is not None:  # spec.baseline: the answer to "is it better than one model on the same compute?"
             sections_html.append(f"<p><b>Against the compute-matched monolith:</b> {html.escape(vs.sentence())}</p>")
             sections_md += [f"**Against the compute-matched monolith:** {vs.sentence()}", ""]
+        student = compare_student((r["strategy"], r["fid"] if isinstance(r["fid"], (int, float)) else None)
+                                  for r in own_rows)
+        if student is not None:  # spec.distillation: the dense student, at one model's cost per step
+            sections_html.append(f"<p><b>The distilled student against the monolith:</b> "
+                                 f"{html.escape(student.sentence())}</p>")
+            sections_md += [f"**The distilled student against the monolith:** {student.sentence()}", ""]
 
     if inputs.partials:  # spec.evaluation.partial: quality as experts landed
         rows_html = "".join(f"<tr><td>{html.escape(str(p['experts']))}</td><td>{html.escape(str(p['strategy']))}</td>"

@@ -32,6 +32,7 @@ from ddm_trainer.progress import parse_line
 from ddm_trainer.store import Store, open_store
 
 from .. import planner
+from ..comparison import STUDENT
 from ..api.models import DecentralizedDiffusionSpec
 from ..planner import Observed, Plan, StageKey, StageObservation, State
 from ..stages import all_keys, grace_period_seconds, partial_prefix, stage_command, stage_config
@@ -52,13 +53,23 @@ def done_prefix(key: StageKey) -> str:
         return layout.final(layout.expert(key.index))
     if key.stage == "router":
         return layout.final(layout.ROUTER)
-    if key.stage == "evaluate":
+    if key.stage in ("evaluate", "evaluate-student"):  # the student's row joins the evaluation's table: is_done
         return layout.EVALUATION
     if key.stage == "baseline":
         return layout.final(layout.MONOLITH)
     if key.stage == "probe":
         return partial_prefix(key.index or 0)
     return layout.final(layout.DISTILLATION)
+
+
+def is_done(store: Store, key: StageKey) -> dict[str, Any] | None:
+    """The manifest that marks ``key`` finished, or None. The student's evaluation commits the evaluation's table
+    again, with its row: it is done when the committed table has that row."""
+    manifest = store.read_manifest(done_prefix(key))
+    if manifest is not None and key.stage == "evaluate-student" \
+            and not any(r.get("strategy") == STUDENT for r in manifest.get("table") or []):
+        return None
+    return manifest
 
 
 def observed_keys(spec: DecentralizedDiffusionSpec) -> list[StageKey]:
@@ -136,7 +147,7 @@ def observe(spec: DecentralizedDiffusionSpec, store: Store, state: ObservedState
     stages: dict[StageKey, StageObservation] = {}
     for key in observed_keys(spec):
         attempts = state.attempts.get(key, 0)
-        if store.read_manifest(done_prefix(key)) is not None:
+        if is_done(store, key) is not None:
             stages[key] = StageObservation(State.SUCCEEDED, attempts=attempts)
         elif key in state.running:
             stages[key] = StageObservation(State.RUNNING, attempts=attempts, step=state.running[key].step)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ddm_operator.comparison import best_fid, compare
+from ddm_operator.comparison import best_fid, compare, compare_student
 from ddm_trainer.store import FileStore
 
 TABLE = [  # as the evaluate stage commits it, the monolith row last
@@ -65,3 +65,38 @@ def test_the_report_says_which_experts_a_partial_ensemble_held(tmp_path: Path) -
         {"table": TABLE[:2], "experts": [0, 2, 3], "missing_experts": [1]}).encode()})
     md = (write_report(store, tmp_path / "run", title="t").parent / "index.md").read_text()
     assert "A partial ensemble: experts [0, 2, 3] of 4 (missing: [1], failed for good)" in md
+
+
+STUDENT_ROW = {"strategy": "student", "fid": 42.0, "kid_mean": 0.02, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 200}
+
+
+def test_the_student_is_compared_with_the_monolith_and_is_no_routing_strategy() -> None:
+    student = compare_student(rows([*TABLE, STUDENT_ROW]))
+    assert student is not None and student.ratio == pytest.approx(1.05) and "ratio 1.050" in student.sentence()
+    assert compare_student(rows(TABLE)) is None and compare_student([("student", 5.0)]) is None
+    assert best_fid([("student", 1.0), ("top1", 5.0)]) == ("top1", 5.0)  # the best routing strategy, never it
+    vs = compare(rows([*TABLE, {**STUDENT_ROW, "fid": 1.0}]))
+    assert vs is not None and vs.best_strategy == "top1"
+
+
+def test_status_and_report_carry_the_students_ratio(tmp_path: Path) -> None:
+    from ddm_operator.api.models import DecentralizedDiffusionSpec
+    from ddm_operator.k8s import handlers
+    from ddm_operator.local.report import write_report
+
+    spec = DecentralizedDiffusionSpec.model_validate({
+        "dataset": {"uri": "/data"}, "clustering": {"numClusters": 2, "fineClusters": 16},
+        "experts": {"steps": 10}, "storage": {"uri": f"file://{tmp_path}"}, "baseline": {},
+        "distillation": {"enabled": True}})
+    table = [*TABLE, STUDENT_ROW]
+    FileStore(tmp_path / "ns" / "run").commit("evaluation", {"results.json": b"{}"}, {"table": table})
+    results = handlers._results(spec, "ns", "run")
+    assert results is not None and results.student_vs_monolith == 1.05 and results.best_vs_monolith == 0.9
+    assert results.to_wire()["studentVsMonolith"] == 1.05
+    assert handlers._best_fid(results.fid) == 36.0
+    store = FileStore(tmp_path / "local")
+    store.commit("evaluation", {"results.json": json.dumps({"table": table}).encode()})
+    md = (write_report(store, tmp_path / "local", title="t").parent / "index.md").read_text()
+    assert "**The distilled student against the monolith:** distilled student FID 42.00 vs the compute-matched " \
+           "monolith 40.00: ratio 1.050" in md
+    assert "| student |" in md

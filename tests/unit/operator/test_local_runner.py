@@ -14,7 +14,7 @@ from ddm_operator import planner
 from ddm_operator.api.models import DecentralizedDiffusion
 from ddm_operator.local.runner import Child, Finished, ObservedState, default_run_dir, done_prefix, local_run_uri, observe
 from ddm_operator.planner import State
-from ddm_operator.stages import CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key
+from ddm_operator.stages import CLUSTER, DISTILL, EVALUATE, ROUTER, STUDENT_EVAL, all_keys, expert_key
 from ddm_trainer.store import FileStore
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -118,3 +118,27 @@ def test_relative_local_storage_resolves_against_the_working_dir(spec: Decentral
     s3 = spec.spec.model_copy(update={"storage": spec.spec.storage.model_copy(update={"uri": "s3://b/p"})})
     assert local_run_uri(s3, tmp_path) == "s3://b/p"
     assert default_run_dir(s3, "x", tmp_path) == tmp_path / "runs" / "x"
+
+
+def test_the_students_row_is_done_when_the_committed_table_holds_it(spec: DecentralizedDiffusion,
+                                                                      tmp_path: Path) -> None:
+    """evaluate-student commits the evaluation's table again: the table without the student row (the evaluation's
+    own) does not finish it, and it starts only once the student is committed too."""
+    assert spec.spec.distill_enabled
+    store = FileStore(tmp_path)
+    for key in all_keys(spec.spec):
+        if key.stage in ("cluster", "expert", "router"):
+            _commit(store, key)
+    table = [{"strategy": "full", "fid": 3.0}]
+    store.commit(done_prefix(EVALUATE), {"results.json": b"{}"}, {"table": table})
+
+    def launched() -> list[planner.StageKey]:
+        return [a.key for a in planner.plan(spec.spec, observe(spec.spec, store, ObservedState(), 1.0)).launches]
+
+    assert launched() == [DISTILL]  # the table is committed, the student not yet
+    _commit(store, DISTILL)
+    assert observe(spec.spec, store, ObservedState(), 1.0).get(STUDENT_EVAL).state is State.ABSENT
+    assert launched() == [STUDENT_EVAL]
+    store.commit(done_prefix(EVALUATE), {"results.json": b"{}"}, {"table": [*table, {"strategy": "student", "fid": 4.0}]})
+    assert observe(spec.spec, store, ObservedState(), 1.0).get(STUDENT_EVAL).state is State.SUCCEEDED
+    assert planner.plan(spec.spec, observe(spec.spec, store, ObservedState(), 1.0)).phase == "Succeeded"

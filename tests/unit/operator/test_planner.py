@@ -13,6 +13,7 @@ from ddm_operator.planner import (
     DISTILL,
     EVALUATE,
     ROUTER,
+    STUDENT_EVAL,
     Cancel,
     Launch,
     Observed,
@@ -96,14 +97,37 @@ def test_happy_path_walks_the_dag() -> None:
     assert (p.phase, p.actions) == ("Distilling", [])
     p = plan(spec, observe({**trained(2), EVALUATE: OK}))
     assert (p.phase, p.actions) == ("Distilling", [Launch(DISTILL, 1)])
-    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK}))
+    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK}))  # the student's row joins the table
+    assert (p.phase, p.reason, p.actions) == ("Evaluating", "EvaluatingStudent", [Launch(STUDENT_EVAL, 1)])
+    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK, STUDENT_EVAL: OK}))
     assert (p.phase, p.actions, p.terminal) == ("Succeeded", [], True)
     assert cond(p, "Ready") == "True" and cond(p, "Degraded") == "False" and cond(p, "Progressing") == "False"
 
 
+def test_the_students_row_waits_for_both_the_table_and_the_student() -> None:
+    """evaluate-student reruns the evaluation with the student's row: never before the evaluation committed its table
+    (it reads its rows back) nor before distillation committed the student (whose weights it samples)."""
+    spec = make_spec(k=2, distillation={"enabled": True})
+    absent = StageObservation(State.ABSENT)
+    for evaluate, distill in itertools.product([absent, RUN, OK, failed(1)], repeat=2):
+        p = plan(spec, observe({**trained(2), EVALUATE: evaluate, DISTILL: distill}))
+        launched = STUDENT_EVAL in keys(p, Launch) + keys(p, Retry)
+        assert launched == (evaluate is OK and distill is OK), (evaluate, distill, p.actions)
+        assert p.stages.student_evaluation is not None and p.stages.student_evaluation.phase == "Pending"
+    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK, STUDENT_EVAL: RUN}))
+    assert (p.phase, p.actions, p.stages.student_evaluation.phase) == ("Evaluating", [], "Running")  # type: ignore[union-attr]
+    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK, STUDENT_EVAL: failed(1)}))
+    assert p.actions == [Retry(STUDENT_EVAL, 2, NOW - 1000.0 + backoff_seconds(spec, 1))]
+    p = plan(spec, observe({**trained(2), EVALUATE: OK, DISTILL: OK, STUDENT_EVAL: failed(2)}))
+    assert (p.phase, p.reason) == ("Failed", "StudentEvaluationFailed") and "student's evaluation" in p.message
+    # without distillation there is no student and no such stage
+    p = plan(make_spec(k=2), observe({**trained(2), EVALUATE: OK}))
+    assert p.phase == "Succeeded" and p.stages.student_evaluation is None
+
+
 def test_no_distillation_means_done_after_evaluation() -> None:
     p = plan(make_spec(k=2), observe({**trained(2), EVALUATE: OK}))
-    assert p.phase == "Succeeded" and p.stages.distillation is None
+    assert p.phase == "Succeeded" and p.stages.distillation is None and p.stages.student_evaluation is None
 
 
 # ---------------------------------------------------------------- exhaustive: invariants over many combinations

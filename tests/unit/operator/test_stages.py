@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from ddm_operator.api.models import DIT_PRESETS, DecentralizedDiffusion
-from ddm_operator.stages import (BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, all_keys, expert_key, parse_key, run_uri,
-                                 stage_command, stage_config, trainer_command)
+from ddm_operator.stages import (BASELINE, CLUSTER, DISTILL, EVALUATE, ROUTER, STUDENT_EVAL, all_keys, expert_key,
+                                 parse_key, run_uri, stage_command, stage_config, trainer_command)
 from ddm_trainer.configs import STAGES
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -245,3 +245,20 @@ def test_baseline_is_the_expert_stage_on_all_the_data_with_every_experts_images(
     assert stage_config(_spec(baseline={"steps": 7}).spec, BASELINE, "/r")["train"]["steps"] == 7
     assert BASELINE not in all_keys(_spec().spec)
     assert "monolith" not in stage_config(_spec().spec, EVALUATE, "/r")["strategies"]
+
+
+def test_the_students_row_is_the_evaluation_again_with_one_more_row() -> None:
+    """evaluate-student: the evaluation's own config plus the student row, so every other row's key is the same and
+    its committed row is read back, not sampled again; it reports as itself (progress/evaluate-student.json)."""
+    obj = _spec(baseline={}, evaluation__gpusPerNode=2)
+    keys = all_keys(obj.spec)
+    assert keys[-2:] == [DISTILL, STUDENT_EVAL] and parse_key("evaluate-student") == STUDENT_EVAL
+    table = stage_config(obj.spec, EVALUATE, "/r")
+    student = stage_config(obj.spec, STUDENT_EVAL, "/r")
+    assert student["strategies"] == [*table["strategies"], "student"] and table["strategies"][-1] == "monolith"
+    assert {k: v for k, v in student.items() if k != "progress"} == {**table, "strategies": student["strategies"]}
+    cfg = _config_class(trainer_command(STUDENT_EVAL)).model_validate(student)
+    assert cfg.progress == "evaluate-student" and cfg.output == "evaluation"
+    assert stage_command(obj.spec, STUDENT_EVAL, "/c.yaml")[-3:] == ["evaluate", "--config", "/c.yaml"]
+    assert "ddm-launch" in stage_command(obj.spec, STUDENT_EVAL, "/c.yaml")  # the evaluation's GPUs
+    assert STUDENT_EVAL not in all_keys(_spec(distillation__enabled=False).spec)

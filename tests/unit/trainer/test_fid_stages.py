@@ -38,12 +38,12 @@ def _spec(preset: str = "DiT-N/4") -> dict[str, Any]:
     return {"arch": "dit", "preset": preset, "image_size": SIZE, "channels": CHANNELS, "num_classes": None}
 
 
-def _commit_dit(store: FileStore, stage_dir: str, seed: int) -> None:
+def _commit_dit(store: FileStore, stage_dir: str, seed: int, preset: str = "DiT-N/4") -> None:
     torch.manual_seed(seed)
-    model = build_dit("DiT-N/4", SIZE, CHANNELS)
+    model = build_dit(preset, SIZE, CHANNELS)
     for p in model.parameters():  # DiT starts with zero output layers: perturb so the velocity is not zero
         p.data.add_(0.05 * torch.randn_like(p))
-    save_final(store, stage_dir, model.state_dict(), model.state_dict(), {"model": _spec(), "stage": {}})
+    save_final(store, stage_dir, model.state_dict(), model.state_dict(), {"model": _spec(preset), "stage": {}})
 
 
 @pytest.fixture
@@ -188,6 +188,37 @@ def test_restarted_evaluation_goes_on_with_the_next_strategy(run_store: FileStor
     sampled.clear()
     evaluate.run(cfg.model_copy(update={"steps": 3}))
     assert sampled == ["full", "top1"]
+
+
+@pytest.mark.slow
+def test_the_students_row_joins_the_committed_table(run_store: FileStore, data: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation run again with the student's row (the operator's evaluate-student): the committed rows are read
+    back, only the student is sampled, as a K=1 ensemble whose GFLOPs are its own model's."""
+    needs_inception()
+    cfg = _eval_cfg(run_store, data, strategies=["top1", "monolith"])
+    first = evaluate.run(cfg)
+    with_student = cfg.model_copy(update={"strategies": ["top1", "monolith", "student"], "progress": "evaluate-student"})
+    with pytest.raises(MissingArtifactError, match="'student' needs committed final weights at .*distillation/final"):
+        evaluate.validate(with_student, run_store)
+    _commit_dit(run_store, layout.DISTILLATION, 300, preset="DiT-T/4")  # wider and deeper than the DiT-N/4s
+    real_strategy, sampled = evaluate.evaluate_strategy, []
+    monkeypatch.setattr(evaluate, "evaluate_strategy", lambda cfg, store, name, *a, **kw: (
+        sampled.append(name), real_strategy(cfg, store, name, *a, **kw))[1])
+    result = evaluate.run(with_student)
+    assert sampled == ["student"]
+    rows = {r["strategy"]: r for r in result["table"]}
+    assert list(rows) == ["top1", "monolith", "student"]
+    assert [rows[r["strategy"]] for r in first["table"]] == first["table"]  # read back as committed
+    student = rows["student"]
+    assert math.isfinite(student["fid"]) and student["fid"] > 0 and student["nfe"] == 2 and student["n"] == 10
+    flops = build_dit("DiT-T/4", SIZE, CHANNELS).forward_flops(1) / 1e9
+    assert student["gflops_per_sample"] == pytest.approx(2 * flops, rel=1e-6)
+    assert student["gflops_per_sample"] > 2 * rows["monolith"]["gflops_per_sample"]
+    manifest = run_store.read_manifest(layout.EVALUATION)
+    assert manifest is not None and [r["strategy"] for r in manifest["table"]] == ["top1", "monolith", "student"]
+    assert "grids/student.png" in manifest["files"] and "grids/top1.png" in manifest["files"]
+    assert run_store.get_json("progress/evaluate-student.json")["event"] == "done"
 
 
 # -- monolith baseline ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .common import DataConfig, StageBase
 from .sample import strategy_name
 
 MONOLITH_ROW = "monolith"  # the K=1 baseline (experts/monolith) as one more row of the table
+STUDENT_ROW = "student"  # the distilled dense student (distillation/), sampled like the monolith
 PARENT_ROW = "parent:"  # parent:<strategy>: a grown run's parent ensemble, on the grown run's reference images
 
 
@@ -21,7 +22,8 @@ class EvaluateConfig(StageBase):
 
     data: DataConfig = Field(description="Reference images (the training data) for the FID/KID statistics")
     strategies: list[str] = Field(["full", "top1", "top-2", "sample-2", "nucleus-0.9"], min_length=1,
-                                  description=f"Rows of the table: {STRATEGY_HELP}, '{MONOLITH_ROW}', or "
+                                  description=f"Rows of the table: {STRATEGY_HELP}, '{MONOLITH_ROW}', "
+                                              f"'{STUDENT_ROW}' (the distilled student), or "
                                               f"'{PARENT_ROW}<strategy>' (a grown run's parent ensemble)")
     n_samples: int = Field(10_000, ge=2, description="Generated images per strategy (FID-N)")
     reference_n: int = Field(10_000, ge=2, description="Training images in the reference statistics")
@@ -46,14 +48,17 @@ class EvaluateConfig(StageBase):
     output: str = Field("evaluation", pattern=r"^[a-z0-9_/-]+$",
                         description="Store prefix the results are committed under (partial/NNN: the lightweight "
                                     "evaluation of a partial ensemble while experts train)")
+    progress: str | None = Field(None, pattern=r"^[a-z0-9-]+$",
+                                 description="The stage id it reports progress as (progress/<id>.json; null: "
+                                             "evaluate, or probe-NNN for output partial/NNN)")
 
     @field_validator("strategies")
     @classmethod
     def _strategies(cls, v: list[str]) -> list[str]:
         out = []
         for s in v:
-            if s.strip().lower() == MONOLITH_ROW:
-                out.append(MONOLITH_ROW)
+            if s.strip().lower() in (MONOLITH_ROW, STUDENT_ROW):
+                out.append(s.strip().lower())
                 continue
             if s.startswith(PARENT_ROW):
                 out.append(PARENT_ROW + strategy_name(s[len(PARENT_ROW):]))

@@ -1,5 +1,9 @@
 """Stage ``evaluate``: FID and KID of every combination strategy (and the monolith baseline) in one table.
 
+The ``student`` row (the distilled dense student) is added by a second run of this stage once distillation has
+committed: it lists the same rows plus ``student``; the others are committed already with the same key, so they
+are read back, and only the student is sampled before the table is committed again.
+
 Everything is checked before any sampling: each strategy's ensemble (router, experts' committed final weights,
 K vs the strategy), the monolith's weights when ``monolith`` is a row, that the models make images of the
 reference data's size, and that the reference data holds ``reference_n`` images.
@@ -22,14 +26,14 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from .. import fid, layout
 from ..configs.common import DataConfig
-from ..configs.evaluate import MONOLITH_ROW, PARENT_ROW, EvaluateConfig
+from ..configs.evaluate import MONOLITH_ROW, PARENT_ROW, STUDENT_ROW, EvaluateConfig
 from ..errors import ConfigError, DataError, MissingArtifactError
 from ..store import Store
 
@@ -48,9 +52,6 @@ class Row:
     gflops_per_sample: float
     n: int
     seconds: float
-    # where the seconds went on rank 0: setup (models, compile of a first shape), sampling (first batch apart: it
-    # holds any recompile for a new batch shape), inception, metrics (FID and KID)
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 def reference_key(data: DataConfig, n: int, parts: list[dict[str, Any]] | None = None) -> str:
@@ -89,6 +90,11 @@ def reference_features(store: Store, data: DataConfig, n: int, extractor: torch.
     return features
 
 
+# Rows of one model sampled as a K=1 ensemble (oracle-0 over that model alone): the compute-matched monolith and the
+# distilled student, with the ensembles' noise, labels, ODE and cost accounting.
+SINGLE_MODEL_ROWS = {MONOLITH_ROW: layout.MONOLITH, STUDENT_ROW: layout.DISTILLATION}
+
+
 def _model_shape(spec: Any) -> tuple[int, int]:
     """(channels, side) of the images the models make: decoded pixels for latent-space models."""
     channels, size = spec.output_shape
@@ -113,17 +119,17 @@ def validate(cfg: EvaluateConfig, store: Store) -> tuple[Any, list[dict[str, Any
     generation's data) and what identifies it beyond ``cfg.data``."""
     from ..checkpoint import has_final
     from ..grown_data import open_reference_data
-    from .expert import MONOLITH
     from .sample import expert_spec, validate_ensemble
 
     want = (cfg.data.channels, cfg.data.image_size)
     for name in cfg.strategies:
-        if name == MONOLITH_ROW:
-            if not has_final(store, MONOLITH):
-                raise MissingArtifactError(f"strategy 'monolith' needs committed final weights at "
-                                           f"{store.url(layout.final(MONOLITH))}")
-            config = json.loads(store.read_committed(layout.final(MONOLITH), "config.json"))
-            specs = [expert_spec(config, store.url(layout.final(MONOLITH)))]
+        if name in SINGLE_MODEL_ROWS:
+            stage_dir = SINGLE_MODEL_ROWS[name]
+            if not has_final(store, stage_dir):
+                raise MissingArtifactError(f"strategy {name!r} needs committed final weights at "
+                                           f"{store.url(layout.final(stage_dir))}")
+            config = json.loads(store.read_committed(layout.final(stage_dir), "config.json"))
+            specs = [expert_spec(config, store.url(layout.final(stage_dir)))]
         else:
             specs = [s for s in validate_ensemble(*row_store(store, name)).experts if s is not None]
         got = _model_shape(specs[0])
@@ -211,7 +217,8 @@ def prompt_grids(cfg: EvaluateConfig, store: Store, device: torch.device) -> dic
 
     if not cfg.prompts:
         return {}
-    strategy = next((s for s in cfg.strategies if s != MONOLITH_ROW and not s.startswith(PARENT_ROW)), "full")
+    strategy = next((s for s in cfg.strategies if s not in SINGLE_MODEL_ROWS and not s.startswith(PARENT_ROW)),
+                    "full")
     n = cfg.grid_nrow * len(cfg.prompts)
     images, _ = generate(store, strategy, n, min(n, 256), cfg.steps, cfg.method, cfg.seed, device, cfg.cfg_scale,
                          use_ema=cfg.use_ema, precision=cfg.precision, prompts=cfg.prompts)
@@ -237,12 +244,6 @@ def strategy_batch(base: int, strategy: Any, num_experts: int, n: int, world_siz
     return max(-(-per_rank // batches), 1)
 
 
-def _sync(images: torch.Tensor) -> None:
-    """Wait for the GPU's work on ``images``, so the phase it belongs to is timed, not the next one."""
-    if images.is_cuda:
-        torch.cuda.synchronize(images.device)
-
-
 def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, extractor: torch.nn.Module,
                       batch_size: int, compile: bool, real: torch.Tensor | None, reporter: Any,
                       index: int, auto_batch: bool = False,
@@ -252,12 +253,12 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     gathers the features and sampling costs and returns the row and grid (other ranks return None).
     ``auto_batch``: size the batch for the strategy (``strategy_batch``); ``models``: loaded models to reuse."""
     from ..images import save_grid
-    from .expert import MONOLITH
     from .sample import Draw, sample_batches, sampler_for
 
     start_time = time.monotonic()
-    # The monolith is the K=1 baseline sampled exactly as an ensemble: same noise, labels, ODE and cost accounting.
-    strategy, dirs = ("oracle-0", [MONOLITH]) if name == MONOLITH_ROW else (name, None)
+    # The monolith and the student are K=1 ensembles sampled exactly as the others: same noise, labels, ODE and
+    # cost accounting (their GFLOPs are their own model's).
+    strategy, dirs = ("oracle-0", [SINGLE_MODEL_ROWS[name]]) if name in SINGLE_MODEL_ROWS else (name, None)
     sample_store, strategy = row_store(store, strategy)  # parent:<strategy>: the parent's ensemble
     sampler, spec = sampler_for(sample_store, strategy, cfg.steps, cfg.method, rt.device, cfg.cfg_scale,
                                 use_ema=cfg.use_ema, precision=cfg.precision, compile=compile, stage_dirs=dirs,
@@ -271,15 +272,8 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     captions = fid_captions(sample_store, cfg.data, spec, cfg.seed) if spec.text_dim is not None else None
     draw = Draw(cfg.n_samples, batch_size, cfg.seed, prompts=captions)
     feature_batch = min(batch_size, 500)
-    phases = {"setup_s": time.monotonic() - start_time, "first_batch_s": 0.0, "sampling_s": 0.0, "inception_s": 0.0}
-    mark = time.monotonic()
     for start, images, _ in sample_batches(sampler, spec, draw, rt.rank, rt.world_size):
-        _sync(images)
-        now = time.monotonic()
-        phases["sampling_s" if phases["first_batch_s"] else "first_batch_s"] += now - mark
         feats.append((start, fid.extract_features(extractor, images, feature_batch).float()))
-        mark = time.monotonic()
-        phases["inception_s"] += mark - now
         if start < cfg.grid_count:
             grid.append(images[: cfg.grid_count - start].float().cpu())
         done += images.shape[0]
@@ -298,15 +292,12 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     gflops = sum(p[2] for p in parts) / cfg.n_samples
     grid_images = torch.cat([g for p in parts for g in p[3]]) if cfg.grid_count > 0 else None
     assert real is not None  # rank 0 holds the reference features
-    metrics_start = time.monotonic()
     fid_value = fid.fid_from_features(real, fake, rt.device)
-    kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed,
-                                              rt.device)
+    kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
     if not math.isfinite(fid_value):
         raise DataError(f"strategy {name!r}: FID is {fid_value} (non-finite samples?)")
-    phases["metrics_s"] = time.monotonic() - metrics_start
     row = Row(name, fid_value, kid_mean, kid_std, float(nfe), float(gflops), cfg.n_samples,
-              time.monotonic() - start_time, {k: round(v, 3) for k, v in phases.items()})
+              time.monotonic() - start_time)
     png = save_grid(grid_images[: cfg.grid_count], nrow=cfg.grid_nrow) if grid_images is not None \
         and len(grid_images) else None
     return row, png
@@ -348,7 +339,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     compile = cfg.compile if cfg.compile is not None else cuda
     # progress/evaluate.json, or probe-NNN.json for a partial ensemble's evaluation (output partial/NNN)
     probe = cfg.output.startswith(f"{layout.PARTIAL}/") and cfg.output.split("/")[-1].isdigit()
-    reporter = (Reporter("probe", int(cfg.output.split("/")[-1]), len(cfg.strategies), store) if probe
+    reporter = (Reporter(cfg.progress, None, len(cfg.strategies), store) if cfg.progress
+                else Reporter("probe", int(cfg.output.split("/")[-1]), len(cfg.strategies), store) if probe
                 else Reporter("evaluate", None, len(cfg.strategies), store)) if rt.is_main else None
     extractor = fid.build_extractor(rt.device)
     real = None
@@ -364,7 +356,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     num_experts = ensemble_size(store, experts)
     missing = [k for k in range(num_experts) if k not in experts]
     for i, name in enumerate(cfg.strategies):
-        row_experts = None if name == MONOLITH_ROW else committed_experts(row_store(store, name)[0])
+        row_experts = None if name in SINGLE_MODEL_ROWS else committed_experts(row_store(store, name)[0])
         key = row_key(cfg, name, row_experts, parts)
         found = committed_row(store, name, key, cfg.output)
         if found is None:
