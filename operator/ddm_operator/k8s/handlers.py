@@ -44,7 +44,7 @@ from ddm_trainer.errors import DDMError, MissingArtifactError
 
 from .. import planner as pl
 from .. import stages
-from ..comparison import best_fid, compare, compare_student
+from ..comparison import STUDENT, best_fid, compare, compare_student
 from ..partial import latest_partial
 from ..api.models import (
     GROUP,
@@ -384,6 +384,15 @@ def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Res
                    parent_uri=parent.get("uri") if parent else None)
 
 
+def _table_to_read(latest: dict[str, JobState], old: DecentralizedDiffusionStatus) -> bool:
+    """Whether the committed evaluation table is read on this pass: once the evaluation succeeded, and once more
+    when the student's evaluation succeeded (it commits the table again with the student's row); a committed table
+    does not change otherwise."""
+    have = {r.strategy for r in old.results.fid} if old.results else set()
+    done = {key for key in (pl.EVALUATE.id, pl.STUDENT_EVAL.id) if key in latest and latest[key].phase == "Succeeded"}
+    return (pl.EVALUATE.id in done and not have) or (pl.STUDENT_EVAL.id in done and STUDENT not in have)
+
+
 def _parent(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: str) -> pl.ParentObservation | None:
     """A grown run's parent as its committed clustering recorded it; read once (a committed clustering does not
     change), None while the store is unreadable (the planner then waits)."""
@@ -719,10 +728,9 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     if launched:  # show the launched stages as running (or queued) now rather than on the next pass
         plan = pl.plan(spec, pl.Observed(now=observed.now, stages={
             **observed.stages, **{k: _just_launched(spec, k, latest[k.id]) for k in launched}}))
-    evaluation = latest.get(pl.EVALUATE.id)
     results = None
-    if evaluation is not None and evaluation.phase == "Succeeded" and not (old.results and old.results.fid):
-        results = _results(spec, namespace, name)  # once: the committed table does not change afterwards
+    if _table_to_read(latest, old):
+        results = _results(spec, namespace, name)
     router_facts: tuple[float | None, str | None] = (None, None)
     if (latest.get(pl.ROUTER.id) and latest[pl.ROUTER.id].phase == "Succeeded"
             and not (old.router and old.router.uri)):

@@ -26,7 +26,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,9 @@ class Row:
     gflops_per_sample: float
     n: int
     seconds: float
+    # where the seconds went on rank 0: setup (models, compile of a first shape), sampling (first batch apart: it
+    # holds any recompile for a new batch shape), inception, metrics (FID and KID)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def reference_key(data: DataConfig, n: int, parts: list[dict[str, Any]] | None = None) -> str:
@@ -244,6 +247,12 @@ def strategy_batch(base: int, strategy: Any, num_experts: int, n: int, world_siz
     return max(-(-per_rank // batches), 1)
 
 
+def _sync(images: torch.Tensor) -> None:
+    """Wait for the GPU's work on ``images``, so the phase it belongs to is timed, not the next one."""
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)
+
+
 def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, extractor: torch.nn.Module,
                       batch_size: int, compile: bool, real: torch.Tensor | None, reporter: Any,
                       index: int, auto_batch: bool = False,
@@ -272,8 +281,15 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     captions = fid_captions(sample_store, cfg.data, spec, cfg.seed) if spec.text_dim is not None else None
     draw = Draw(cfg.n_samples, batch_size, cfg.seed, prompts=captions)
     feature_batch = min(batch_size, 500)
+    phases = {"setup_s": time.monotonic() - start_time, "first_batch_s": 0.0, "sampling_s": 0.0, "inception_s": 0.0}
+    mark = time.monotonic()
     for start, images, _ in sample_batches(sampler, spec, draw, rt.rank, rt.world_size):
+        _sync(images)
+        now = time.monotonic()
+        phases["sampling_s" if phases["first_batch_s"] else "first_batch_s"] += now - mark
         feats.append((start, fid.extract_features(extractor, images, feature_batch).float()))
+        mark = time.monotonic()
+        phases["inception_s"] += mark - now
         if start < cfg.grid_count:
             grid.append(images[: cfg.grid_count - start].float().cpu())
         done += images.shape[0]
@@ -292,12 +308,15 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     gflops = sum(p[2] for p in parts) / cfg.n_samples
     grid_images = torch.cat([g for p in parts for g in p[3]]) if cfg.grid_count > 0 else None
     assert real is not None  # rank 0 holds the reference features
+    metrics_start = time.monotonic()
     fid_value = fid.fid_from_features(real, fake, rt.device)
-    kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
+    kid_mean, kid_std = fid.kid_from_features(real, fake, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed,
+                                              rt.device)
     if not math.isfinite(fid_value):
         raise DataError(f"strategy {name!r}: FID is {fid_value} (non-finite samples?)")
+    phases["metrics_s"] = time.monotonic() - metrics_start
     row = Row(name, fid_value, kid_mean, kid_std, float(nfe), float(gflops), cfg.n_samples,
-              time.monotonic() - start_time)
+              time.monotonic() - start_time, {k: round(v, 3) for k, v in phases.items()})
     png = save_grid(grid_images[: cfg.grid_count], nrow=cfg.grid_nrow) if grid_images is not None \
         and len(grid_images) else None
     return row, png
