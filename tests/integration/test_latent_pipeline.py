@@ -174,3 +174,43 @@ def test_a_single_safetensors_file_loads_and_a_path_without_a_vae_is_refused(tmp
                                                 "data": _data(fashion_mnist_shards), "cluster_index": 0,
                                                 "model": "DiT-N/4", "latents": True,
                                                 "train": {"steps": 1, **TRAIN}}))
+
+
+def test_the_router_streams_latents_and_captions_shard_by_shard(latent_run: str, fashion_mnist_shards: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router reads the cluster shards as the experts do: with a data cache of one shard per window it never
+    holds more than three windows' samples (counted in the shard cache), not every latent; the held-out samples
+    are read back by position and never trained on."""
+    from ddm_trainer import cluster_shards
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(latent_run) / layout.CLUSTERING, run / layout.CLUSTERING)  # the clustering alone
+    shards = cluster_shards.open_all_shards(open_store(str(run)), DataConfig(**_data(fashion_mnist_shards)), WIDTH,
+                                            latents=True)
+    monkeypatch.setenv("DDM_DATA_CACHE_BYTES", str(3 * max(s.bytes for s in shards.shards)))
+    peak, trained = [0], set()
+    read_ahead = cluster_shards._ShardCache.read_ahead
+
+    def counting(self: Any, shard_ids: Any) -> None:
+        read_ahead(self, shard_ids)
+        peak[0] = max(peak[0], sum(self._fetch.__self__.shards[s].samples for s in self._shards))
+
+    monkeypatch.setattr(cluster_shards._ShardCache, "read_ahead", counting)
+    next_batch = cluster_shards.ShardStream.__next__
+
+    def recording(self: Any) -> Any:
+        batch = next_batch(self)
+        trained.update(batch.keys)
+        return batch
+
+    monkeypatch.setattr(cluster_shards.ShardStream, "__next__", recording)
+    result = router.run(RouterConfig.model_validate({
+        "run_uri": str(run), "device": "cpu", "data": _data(fashion_mnist_shards), "num_clusters": K,
+        "preset": "Router-N/4", "latents": True, "text_dim": WIDTH, "eval": {"holdout": 20, "bins": 2},
+        "train": {"steps": 24, "lr": 1e-3, "ema_decay": 0.9, **TRAIN}}))
+    assert result is not None and result["holdout"] == 20
+    largest = max(s.samples for s in shards.shards)
+    assert 0 < peak[0] <= 3 * largest < len(shards) // 2, (peak[0], largest, len(shards))
+    held = set(shards.load_ids(router.holdout_ids(len(shards), 20, 0)).keys)
+    assert len(trained) >= len(shards) - 20 - TRAIN["batch_size"] and not trained & held  # held out: never trained
+

@@ -11,7 +11,8 @@ size and sha256 (and the text encoder and VAE that made the embeddings and laten
 at most SHARD_SAMPLES samples and about SHARD_BYTES; a cluster of >= 8 samples gets a multiple of 8 near-equal
 shards, so 1, 2, 4 or 8 ranks each own whole shards of equal sample counts.
 
-Read by the expert stage (``open_cluster_shards(...).stream(...)``), which then never opens the whole dataset:
+Read by the expert stage (``open_cluster_shards(...).stream(...)``), which then never opens the whole dataset (and
+by the router, student and baseline of latent / text runs through ``open_all_shards``, every cluster's shards):
 - rank r of W owns shards r, r+W, ... when W divides the shard count and reads no other; otherwise every rank
   reads the cluster's shards and takes every W-th sample (as ``data.Stream`` does). Every rank takes the same
   number of samples per epoch (the smallest rank's), so data-parallel ranks take the same number of steps.
@@ -241,28 +242,6 @@ def _check_latent(store: Store, index: ShardIndex, latents: bool) -> dict[str, A
     return index.latent
 
 
-def load_pooled(shards: ClusterShards) -> dict[str, np.ndarray]:
-    """key -> the pooled caption embedding (D,) float32 of every sample in ``shards`` (one pass over them; the
-    router's condition, small beside the token embeddings)."""
-    return _load_arrays(shards, TEXT_POOLED, "caption embedding")
-
-
-def load_latents(shards: ClusterShards) -> dict[str, np.ndarray]:
-    """key -> the stored (unflipped) latent (c, h, w) float32 of every sample in ``shards``: the router's inputs."""
-    return _load_arrays(shards, LATENT, "VAE latent")
-
-
-def _load_arrays(shards: ClusterShards, part: str, what: str) -> dict[str, np.ndarray]:
-    """key -> the .npy ``part`` of every sample in ``shards`` as float32; a sample without it is a DataError."""
-    out: dict[str, np.ndarray] = {}
-    for s in range(len(shards.shards)):
-        for key, parts in shards.fetch(s):
-            if part not in parts:
-                raise DataError(f"no {what} (.{part}) in shard {shards.store.url(shards.shards[s].key)} key {key}")
-            out[key] = np.load(io.BytesIO(parts[part]), allow_pickle=False).astype(np.float32)
-    return out
-
-
 def open_all_shards(store: Store, cfg: DataConfig, text_dim: int | None = None,
                     latents: bool = False) -> ClusterShards:
     """Every cluster's shards as one stream (the baseline, the router and the student of a text-conditioned run,
@@ -341,13 +320,29 @@ class ClusterShards:
         return sum(s.samples for s in self.shards)
 
     def stream(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, prefetch: int = 0,
-               workers: int | None = None) -> ShardStream:
+               workers: int | None = None, skip: Sequence[int] | None = None) -> ShardStream:
         """``workers``: decode processes (0: in the stream's thread, None: ``default_workers()``). Batches are
-        pinned where they are copied to a GPU (train_loop.move_to), for every stream alike."""
+        pinned where they are copied to a GPU (train_loop.move_to), for every stream alike. ``skip``: sample ids
+        (positions over these shards, shard after shard) never handed out, e.g. the router's held-out samples."""
         if self.latent is not None:  # latents are read, not decoded: no decode processes to start
             workers = 0
         return ShardStream(self, batch_size, seed, rank, world_size, prefetch,
-                           default_workers() if workers is None else workers)
+                           default_workers() if workers is None else workers, skip)
+
+    def load_ids(self, ids: Sequence[int]) -> ImageBatch:
+        """The samples at positions ``ids`` over these shards (shard after shard), in ascending order, reading one
+        shard at a time and keeping only those samples: the router's held-out set, without holding the data."""
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))  # (N,) ascending
+        offsets = np.concatenate([[0], np.cumsum([s.samples for s in self.shards])])  # (S + 1,)
+        if wanted.size and (wanted[0] < 0 or wanted[-1] >= offsets[-1]):
+            raise DataError(f"sample ids must be in [0, {int(offsets[-1])}), got {int(wanted[0])}..{int(wanted[-1])}")
+        shard_of = np.searchsorted(offsets, wanted, side="right") - 1  # (N,)
+        entries = []
+        for s in np.unique(shard_of).tolist():
+            samples = self.fetch(s)
+            entries += [(s, *samples[i - int(offsets[s])]) for i in wanted[shard_of == s].tolist()]
+        encoded = self.encoded_batch(entries)
+        return _to_batch(torch.from_numpy(self.decode(encoded)), encoded)
 
     def load(self, keys: Sequence[str]) -> ImageBatch:
         """These samples, read from the shards in order until all are found: for a few keys near the start of the
@@ -503,7 +498,7 @@ class ShardStream:
     """
 
     def __init__(self, shards: ClusterShards, batch_size: int, seed: int, rank: int, world_size: int,
-                 prefetch: int, workers: int):
+                 prefetch: int, workers: int, skip: Sequence[int] | None = None):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -511,6 +506,12 @@ class ShardStream:
         if prefetch < 0 or workers < 0:
             raise DataError(f"prefetch and workers must be >= 0, got {prefetch} and {workers}")
         counts = np.asarray([s.samples for s in shards.shards], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)])  # (S + 1,) first sample id of each shard
+        self._skip = np.unique(np.asarray(skip if skip is not None else [], dtype=np.int64))  # (N,) ascending
+        if self._skip.size and (self._skip[0] < 0 or self._skip[-1] >= self._offsets[-1]):
+            raise DataError(f"skipped sample ids must be in [0, {int(self._offsets[-1])})")
+        counts = counts - np.bincount(np.searchsorted(self._offsets, self._skip, side="right") - 1,
+                                      minlength=len(counts))  # the samples each shard hands out
         self.owns_shards = len(counts) % world_size == 0
         if self.owns_shards:
             self._candidates = np.arange(rank, len(counts), world_size)
@@ -526,7 +527,6 @@ class ShardStream:
         self.prefetch, self.workers = prefetch, workers
         self.window = max(1, _cache_budget() // (3 * max(s.bytes for s in shards.shards)))
         self.epoch, self.pos = 0, 0
-        self._offsets = np.concatenate([[0], np.cumsum(counts)])  # (S + 1,) first sample id of each shard
         self._plans: dict[int, _EpochPlan] = {}
         self._cache = _ShardCache(shards.fetch)
         self._executor: ProcessPoolExecutor | None = None
@@ -548,6 +548,8 @@ class ShardStream:
             ids, window_of = [], []
             for w, members in enumerate(windows):
                 samples = np.concatenate([np.arange(self._offsets[s], self._offsets[s + 1]) for s in members])
+                if self._skip.size:
+                    samples = samples[~np.isin(samples, self._skip)]
                 ids.append(samples[rng.permutation(len(samples))])
                 window_of.append(np.full(len(samples), w))
             order, where = np.concatenate(ids), np.concatenate(window_of)
@@ -677,8 +679,13 @@ class ShardStream:
     # -- position ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"reader": READER, "epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": len(self.shards),
+                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self._handed_out,
                 "window": self.window}
+
+    @property
+    def _handed_out(self) -> int:
+        """Samples this stream hands out over all ranks (the shards' less the skipped): a resume must match it."""
+        return len(self.shards) - int(self._skip.size)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at ``state``'s position, with its window size, so the order is the one it was saved in."""
@@ -686,7 +693,7 @@ class ShardStream:
             raise DataError("the checkpoint's data position is one of the whole-dataset reader (saved before this "
                             "run had cluster shards); this run reads cluster shards in another order")
         for field in ("seed", "world_size", "num_samples"):
-            mine = len(self.shards) if field == "num_samples" else getattr(self, field)
+            mine = self._handed_out if field == "num_samples" else getattr(self, field)
             if state.get(field) != mine:
                 raise DataError(f"data stream state has {field}={state.get(field)}, this stream has {mine}")
         self._stop_reading()

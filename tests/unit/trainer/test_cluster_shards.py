@@ -290,3 +290,34 @@ def test_expert_stage_trains_on_its_cluster_either_way(clustered: Path, tmp_path
     stream_state = state["per_rank"][0]["stream"]
     assert stream_state["pos"] == 16 and stream_state.get("reader") == ("cluster-shards" if has_shards else None)
     assert ("reading" in capsys.readouterr().err) != has_shards  # the fallback says it reads the data whole
+
+
+def test_skipped_samples_are_never_handed_out_resume_is_exact_and_load_ids_reads_them(
+        clustered: Path, fashion_mnist_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's held-out samples: positions over every cluster's shards that its stream never hands out, read
+    back by position (one shard at a time) for its evaluation."""
+    from ddm_trainer.cluster_shards import open_all_shards
+
+    store = FileStore(clustered)
+    shards = open_all_shards(store, _data(fashion_mnist_shards))
+    monkeypatch.setenv("DDM_DATA_CACHE_BYTES", str(3 * max(s.bytes for s in shards.shards)))  # one-shard windows
+    skip = np.random.default_rng(0).choice(len(shards), 100, replace=False)
+    keys_in_order = [key for s in range(len(shards.shards)) for key, _ in shards.fetch(s)]
+    held = shards.load_ids(skip)
+    assert held.keys == [keys_in_order[i] for i in sorted(skip)]  # ascending positions, their own samples
+    assert torch.equal(held.images, open_source(_data(fashion_mnist_shards)).load(held.keys).images)
+
+    reference = shards.stream(batch_size=50, seed=3, workers=0, skip=skip)
+    assert reference.batches_per_epoch == (len(shards) - 100) // 50
+    want = [next(reference) for _ in range(2 * reference.batches_per_epoch + 3)]  # over two epoch boundaries
+    seen = {k for b in want for k in b.keys}
+    assert seen == set(keys_in_order) - set(held.keys)  # everything else, nothing held out
+    first = shards.stream(batch_size=50, seed=3, workers=0, skip=skip)
+    for i in range(20):
+        assert next(first).keys == want[i].keys
+    resumed = shards.stream(batch_size=50, seed=3, workers=0, skip=skip)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [next(resumed).keys for _ in range(20, len(want))] == [b.keys for b in want[20:]]
+    other = shards.stream(batch_size=50, seed=3, workers=0, skip=skip[:50])  # another held-out set: refused
+    with pytest.raises(DataError, match="num_samples=1900, this stream has 1950"):
+        other.load_state_dict(first.state_dict())

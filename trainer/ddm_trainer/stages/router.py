@@ -2,6 +2,8 @@
 
 Samples x0 with their cluster ids from the clustering stage's assignments, draws t ~ t_dist and eps ~ N(0, I),
 and minimises cross-entropy(router(x_t, t), k) with the generic checkpointed Trainer (stage dir ``router``).
+A latent-space or caption-conditioned router streams the cluster shards, which hold the latents and caption
+embeddings, as the experts do (shard by shard, exact resume), and reads its held-out samples back by position.
 A fixed, seeded subset of ``eval.holdout`` samples never enters training; accuracy on it per t-bin goes to
 ``router/eval/accuracy.json`` + ``accuracy_vs_t.png`` (committed) and stdout. Accuracy should approach the
 prior's majority share (1/K for balanced clusters) as t -> 1 and rise towards 1 as t -> 0. A class-conditional
@@ -32,27 +34,27 @@ EVAL_DIR = f"{layout.ROUTER}/eval"
 
 
 class ClusterStream:
-    """A data stream whose batches are ``{"x0": (B, C, H, W), "cluster": (B,)[, "y": (B,)]}``; resumable like the
-    stream it wraps. ``with_labels``: the class labels go along (a conditional router)."""
+    """A data stream whose batches are ``{"x0": (B, C, H, W), "cluster": (B,)[, "y": (B,)][, "text": (B, D)]}``;
+    resumable like the stream it wraps. ``with_labels``: the class labels go along (a conditional router);
+    ``with_text``: the batches' pooled caption embeddings (a caption-conditional router, reading cluster shards,
+    whose batches carry them, and VAE latents as images in a latent-space run)."""
 
-    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool = False,
-                 pooled: dict[str, np.ndarray] | None = None, latents: dict[str, np.ndarray] | None = None):
-        self.stream, self.cluster_of, self.with_labels = stream, cluster_of, with_labels
-        self.pooled = pooled  # key -> the caption's pooled embedding (a text-conditioned router)
-        self.latents = latents  # key -> the image's VAE latent: x0 in latent space (a latent-space ensemble)
+    def __init__(self, stream: Any, cluster_of: dict[str, int], with_labels: bool = False, with_text: bool = False):
+        self.stream, self.cluster_of, self.with_labels, self.with_text = stream, cluster_of, with_labels, with_text
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.stream:
             ids = torch.tensor([self.cluster_of[k] for k in batch.keys], dtype=torch.long)  # (B,)
-            x0 = batch.images if self.latents is None else \
-                torch.from_numpy(np.stack([self.latents[k] for k in batch.keys]))  # (B, c, h, w)
-            out = {"x0": x0, "cluster": ids}
+            out = {"x0": batch.images, "cluster": ids}
             if self.with_labels:
                 if batch.labels is None:
                     raise DataError(f"a class-conditional router needs labels, but batch {batch.keys[:3]} has none")
                 out["y"] = batch.labels
-            if self.pooled is not None:
-                out["text"] = torch.from_numpy(np.stack([self.pooled[k] for k in batch.keys]))  # (B, D)
+            if self.with_text:
+                if batch.text_pooled is None:
+                    raise DataError(f"a caption-conditional router needs caption embeddings, but batch "
+                                    f"{batch.keys[:3]} has none")
+                out["text"] = batch.text_pooled  # (B, D)
             yield out
 
     def state_dict(self) -> dict[str, Any]:
@@ -83,12 +85,16 @@ def router_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator: tor
     return F.cross_entropy(logits.float(), k)
 
 
+def holdout_ids(n: int, holdout: int, seed: int) -> np.ndarray:
+    """The positions (ascending) of a seeded random subset of ``holdout`` of ``n`` samples, held out of training."""
+    if holdout >= n:
+        raise ConfigError(f"eval.holdout={holdout} leaves no training data: only {n} clustered samples")
+    return np.sort(np.random.default_rng([seed, 7919]).permutation(n)[:holdout])
+
+
 def split_holdout(keys: Sequence[str], holdout: int, seed: int) -> tuple[list[str], list[str]]:
     """(train keys, held-out keys): a seeded random subset of ``holdout`` keys is held out."""
-    if holdout >= len(keys):
-        raise ConfigError(f"eval.holdout={holdout} leaves no training data: only {len(keys)} clustered samples")
-    order = np.random.default_rng([seed, 7919]).permutation(len(keys))
-    held = set(order[:holdout].tolist())
+    held = set(holdout_ids(len(keys), holdout, seed).tolist())
     return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
 
 
@@ -204,28 +210,30 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     if int(assignments.num_clusters) != cfg.num_clusters:
         raise ConfigError(f"num_clusters={cfg.num_clusters} but the clustering at {store.url(layout.CLUSTERING)} "
                           f"has {assignments.num_clusters} clusters")
-    # a grown run's router learns every cluster, old and new: it trains on every generation's data (grown_data)
-    source, cluster_of, _ = open_run_data(store, cfg.data)
-    train_keys, held_keys = split_holdout(list(cluster_of), cfg.eval.holdout, cfg.seed)
-
     if cfg.num_classes is not None and not cfg.data.class_field:
         raise ConfigError("num_classes is set (a class-conditional router) but data.class_field is not: "
                           "the router would have no labels to condition on")
     rt = setup_runtime(cfg.device, deterministic=cfg.train.deterministic)
-    stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys,
-                           prefetch=cfg.train.prefetch)
-    pooled = None
-    if cfg.text_dim is not None:  # the captions' pooled embeddings, stored with the cluster shards
-        from ..cluster_shards import load_pooled, open_all_shards
+    size, channels = cfg.data.image_size, cfg.data.channels
+    shards: Any = None
+    if cfg.latents or cfg.text_dim is not None:
+        # the VAE latents (of the image or its flip, as the experts see them) and the pooled caption embeddings
+        # live in the cluster shards: stream them shard by shard, as the experts do, never all at once
+        from ..cluster_shards import open_all_shards
 
-        pooled = load_pooled(open_all_shards(store, cfg.data, cfg.text_dim))
-    latents, size, channels = None, cfg.data.image_size, cfg.data.channels
-    if cfg.latents:  # the stored VAE latents of every sample: the router sees what latent-space experts see
-        from ..cluster_shards import load_latents, open_all_shards
-
-        shards = open_all_shards(store, cfg.data, latents=True)
-        assert shards.latent is not None
-        latents, size, channels = load_latents(shards), int(shards.latent["size"]), int(shards.latent["channels"])
+        shards = open_all_shards(store, cfg.data, cfg.text_dim, latents=cfg.latents)
+        cluster_of = dict(zip(assignments.keys, assignments.cluster.tolist()))
+        held_ids = holdout_ids(len(shards), cfg.eval.holdout, cfg.seed) if cfg.eval.holdout else np.zeros(0, int)
+        stream = shards.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, prefetch=cfg.train.prefetch,
+                               workers=cfg.data.workers, skip=held_ids)
+        if shards.latent is not None:
+            size, channels = int(shards.latent["size"]), int(shards.latent["channels"])
+    else:
+        # a grown run's router learns every cluster, old and new: it trains on every generation's data (grown_data)
+        source, cluster_of, _ = open_run_data(store, cfg.data)
+        train_keys, held_keys = split_holdout(list(cluster_of), cfg.eval.holdout, cfg.seed)
+        stream = source.stream(cfg.train.batch_size, cfg.seed, rt.rank, rt.world_size, keys=train_keys,
+                               prefetch=cfg.train.prefetch)
     spec = RouterSpec(cfg.preset, size, channels, cfg.num_clusters, cfg.num_classes, cfg.text_dim)
     model = build_router_from_spec(spec)
     reporter = Reporter("router", None, cfg.train.steps, store) if rt.is_main else None
@@ -233,24 +241,24 @@ def run(cfg: RouterConfig) -> dict[str, Any] | None:
     def loss_fn(m: nn.Module, batch: Any, gen: torch.Generator) -> torch.Tensor:
         return router_loss(m, batch, gen, cfg.t_dist, cfg.num_classes, cfg.label_dropout)
 
-    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None, pooled, latents), store,
+    trainer = Trainer(model, loss_fn, ClusterStream(stream, cluster_of, cfg.num_classes is not None,
+                                                    cfg.text_dim is not None), store,
                       layout.ROUTER, cfg.train, reporter, seed=cfg.seed, runtime=rt,
                       stage_config=cfg.model_dump(mode="json"), model_spec=spec.as_dict())
     losses = trainer.fit()
-    if not rt.is_main or not held_keys:
+    if not rt.is_main or not cfg.eval.holdout:
         if reporter:
             reporter.close(loss=losses[-1] if losses else None)
         return None
-    held = source.load(held_keys)
+    held = shards.load_ids(held_ids) if shards is not None else source.load(held_keys)  # unflipped latents
     clusters = torch.tensor([cluster_of[k] for k in held.keys], dtype=torch.long)
     labels = None
     if cfg.num_classes is not None:
         if held.labels is None:
             raise DataError(f"a class-conditional router needs labels ({cfg.data.class_field!r}) on held-out data")
         labels = held.labels
-    text = torch.from_numpy(np.stack([pooled[k] for k in held.keys])) if pooled is not None else None
-    held_x0 = held.images if latents is None else torch.from_numpy(np.stack([latents[k] for k in held.keys]))
-    result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held_x0, clusters, cfg.eval,
+    text = held.text_pooled if cfg.text_dim is not None else None
+    result = accuracy_vs_t(trainer.ema if cfg.use_ema else trainer.model, held.images, clusters, cfg.eval,
                            cfg.seed, rt.device, labels, text)
     result["use_ema"] = cfg.use_ema
     result["steps"] = trainer.step
