@@ -13,6 +13,9 @@
 #   bench/h200.sh eval10k     # examples/cifar10-h200.yaml with FID-10k and nothing beside the evaluation, then
 #                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured)
 #   bench/h200.sh text        # examples/cifar10-text-h200.yaml through ddm run: grids per prompt, FID-5k
+#   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (540 s; its
+#                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
+#                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
 # What a call carries beside the repo must fit 64 MiB, so extras travel when a call has room: .device/diffusers
 # (the diffusers wheel) and .device/minilm (all-MiniLM-L6-v2 with its weights stored as fp16, 45 MB instead of 91;
 # turned back into fp32 here: the encoder then runs on weights rounded to fp16).
@@ -151,5 +154,18 @@ PY
     mkdir -p "$OUT/text" && cd /tmp/text-run && find . \( -name '*.png' -o -name 'results.md' -o -name 'results.json' \
       -o -name '*.progress.jsonl' -o -name 'report*' \) -size -2M -exec cp --parents {} "$OUT/text/" \;
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|encode|eval10k|text" >&2; exit 2 ;;
+  study)
+    shift
+    inception
+    timeout 590 python3 bench/paper_study.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" --work /tmp/study \
+      --ddm ddm --results-dir /tmp/study/results --grids "$OUT/paper_study" --links bench/results/paper_study \
+      --md "$OUT/paper_study.md" --deadline-s "${DEADLINE_S:-540}" "$@" 2>&1 | tee -a "$OUT/paper_study.txt"
+    echo "paper_study exited ${PIPESTATUS[0]}" | tee -a "$OUT/paper_study.txt"
+    cp -r /tmp/study/results/. "$OUT/" 2>/dev/null
+    for arm in /tmp/study/*/run; do  # the logs independence is read from, small
+      [ -d "$arm/logs" ] && mkdir -p "$OUT/logs/$(basename "$(dirname "$arm")")" \
+        && cp "$arm"/logs/*.progress.jsonl "$OUT/logs/$(basename "$(dirname "$arm")")/" 2>/dev/null
+    done
+    ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|encode|eval10k|text|study" >&2; exit 2 ;;
 esac

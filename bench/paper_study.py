@@ -2,24 +2,39 @@
 
 Arms (``--arms``): ``features-K`` (k-means on encoder features, K experts) and ``random-K`` (a random partition,
 the paper's ablation), each trained on the same total of images seen (``--images``: experts share it, K x steps x
-batch = images), evaluated with the same sampler under every strategy. The first arm also trains the compute-matched
-monolith (``spec.baseline``: one model of the experts' preset on all the data, the same images seen); the arm named
-by ``--distil`` distils its ensemble into a dense student. The router's training is counted in the compute.
+batch = images), evaluated with the same sampler under every strategy. The arm named by ``--monolith`` (default:
+the first) also trains the compute-matched monolith (``spec.baseline``: one model of the experts' preset on all the
+data, the same images seen); the arm named by ``--distil`` distils its ensemble into a dense student. The router's
+training is counted in the compute.
 
     python bench/paper_study.py --data "datasets/cifar10/cifar10-train-*.tar.gz" --images 1500000 \\
         --arms features-4,features-8,random-8 --n 10000 --work /tmp/study
 
-Each arm's table (FID, NFE, GFLOPs per strategy), its stage wall times (the runner's "finished in" lines) and the
-ratios DDM / monolith go to ``bench/results/paper_study.json`` and, as markdown, to stdout and ``--md``. An arm
-whose run directory already holds a finished evaluation is read, not re-run (a lease that ends mid-study goes on).
+Each arm's table (FID, NFE, GFLOPs per strategy, a link to its sample grid), its stage wall times (the runner's
+"finished in" lines) and the ratios DDM / monolith go to ``bench/results/paper_study.json`` and, as markdown, to
+stdout and ``--md``; then the paper's targets, each with its measured ratio (the distilled student's row is the one
+the product adds to the distilled arm's table once distillation commits); then independence: each expert trained as
+a separate process, its seconds and GPU-seconds from the run's logs (``logs/<stage>.log`` says when each attempt was
+launched, ``logs/<stage>.progress.jsonl`` when it last reported), against the monolith's. Each strategy's sample grid
+(the evaluation's 8x8, ``grids/<strategy>.png``) is copied to ``--grids`` as ``<arm>-<strategy>.png``.
+An arm whose run directory already holds a finished evaluation (with the student's row where it distils) is read,
+not re-run (a lease that ends mid-study goes on: ``ddm run`` resumes an unfinished one). ``--deadline-s`` stops
+ddm run in time (its stages checkpoint; exit 75) so one device command never runs over; the same command goes on.
+Each finished arm is also saved as ``<results-dir>/paper_study_arms/<arm>.json``: ``--arms-from`` reads arms run
+elsewhere (another device lease), so the tables of arms from several leases are assembled in one place.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +46,8 @@ from common import RESULTS, record  # noqa: E402
 
 STRATEGIES = ["full", "top1", "top-2", "sample-2", "nucleus-0.9"]  # oracle-C is one expert alone: per cluster, not a mix
 FINISHED = re.compile(r"\[ddm\] (\S+) finished in (\d+)s")
+ATTEMPT = re.compile(r"^=== attempt \d+: .* \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)$")  # the runner's launch line
+MONOLITH, STUDENT = "monolith", "student"  # the evaluation table's rows of spec.baseline and spec.distillation
 
 
 def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool) -> dict[str, Any]:
@@ -65,48 +82,244 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool) -
             "metadata": {"name": f"study-{arm}"}, "spec": spec}
 
 
-def run_arm(args: argparse.Namespace, arm: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """``ddm run`` of the arm (unless already evaluated); its table and stage times."""
+class Deadline(Exception):
+    """``--deadline-s`` passed: ddm run was stopped (its stages checkpointed); the same command goes on."""
+
+
+def run_arm(args: argparse.Namespace, arm: str, spec: dict[str, Any], deadline: float = math.inf) -> dict[str, Any]:
+    """``ddm run`` of the arm (unless already evaluated); its table and stage times. At ``deadline`` (monotonic
+    seconds) ddm run is interrupted as Ctrl-C does: every stage checkpoints and stops, and ``Deadline`` is raised."""
     run_dir = Path(args.work) / arm
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     out_path = run_dir / "ddm-run.out"
     results = run_dir / "run" / "evaluation" / "results.json"  # --run-dir: the run's store and logs
-    if not results.exists():
+    saved = Path(args.arms_from) / f"{arm}.json" if args.arms_from else None
+    if saved is not None and saved.exists() and not results.exists():  # run elsewhere (another device lease)
+        return dict(json.loads(saved.read_text()))
+    if not evaluated(results, distil="distillation" in spec["spec"]):
         cmd = [args.ddm, "run", str(spec_path), "--run-dir", str(run_dir / "run")]
         print(f"[study] {arm}: {' '.join(cmd)}", flush=True)
         start = time.monotonic()
+        if start >= deadline:
+            raise Deadline(f"{arm} not started")
         with out_path.open("a") as out:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             assert proc.stdout is not None
-            for line in proc.stdout:  # the runner's own lines, shown and kept (stage times come from them)
-                sys.stdout.write(f"  {arm}| {line}")
-                out.write(line)
-            code = proc.wait()
-        if code != 0 or not results.exists():
+            stop = threading.Timer(deadline - start, proc.send_signal, (signal.SIGINT,)) \
+                if deadline < math.inf else None
+            if stop:
+                stop.start()
+            try:
+                for line in proc.stdout:  # the runner's own lines, shown and kept (stage times come from them)
+                    sys.stdout.write(f"  {arm}| {line}")
+                    out.write(line)
+                code = proc.wait()
+            finally:
+                if stop:
+                    stop.cancel()
+        wall = run_dir / "wall_s"  # over every invocation of the arm
+        wall.write_text(f"{(float(wall.read_text()) if wall.exists() else 0.0) + time.monotonic() - start:.1f}\n")
+        if code == 130 and time.monotonic() >= deadline:
+            raise Deadline(f"{arm} stopped after its stages checkpointed")
+        if code != 0 or not evaluated(results, distil="distillation" in spec["spec"]):
             raise SystemExit(f"[study] {arm}: ddm run exited {code} without an evaluation; see {out_path}")
-        (run_dir / "wall_s").write_text(f"{time.monotonic() - start:.1f}\n")
     stage_s = {m.group(1): float(m.group(2)) for m in FINISHED.finditer(out_path.read_text())}
     table = json.loads(results.read_text())["table"]
     wall = run_dir / "wall_s"
-    return {"arm": arm, "table": table, "stage_s": stage_s,
-            "wall_s": float(wall.read_text()) if wall.exists() else None,
-            "images_seen": spec["spec"]["experts"]["steps"] * spec["spec"]["experts"]["batchSize"]
-            * spec["spec"]["clustering"]["numClusters"]}
+    out = {"arm": arm, "table": table, "stage_s": stage_s,
+           "wall_s": float(wall.read_text()) if wall.exists() else None,
+           "images_seen": spec["spec"]["experts"]["steps"] * spec["spec"]["experts"]["batchSize"]
+           * spec["spec"]["clustering"]["numClusters"],
+           "independence": independence(run_dir / "run" / "logs", spec["spec"]), "spec": spec["spec"]}
+    arms_dir = Path(args.results_dir) / "paper_study_arms"  # what --arms-from reads where the run is not
+    arms_dir.mkdir(parents=True, exist_ok=True)
+    (arms_dir / f"{arm}.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
-def markdown(arm: dict[str, Any], monolith_fid: float | None) -> str:
+def evaluated(results: Path, distil: bool) -> bool:
+    """The run's evaluation is committed, with the student's row when the arm distils (the product adds it in a
+    second evaluation once distillation commits)."""
+    if not results.exists():
+        return False
+    return not distil or any(r["strategy"] == STUDENT for r in json.loads(results.read_text())["table"])
+
+
+def process_spans(logs: Path, stage_id: str) -> list[tuple[float, float]]:
+    """(start, end) epoch seconds of each attempt of one stage's process: launched at the runner's ``=== attempt``
+    line of ``<id>.log`` (local time, whole seconds), ended at its last event in ``<id>.progress.jsonl``."""
+    log, progress = logs / f"{stage_id}.log", logs / f"{stage_id}.progress.jsonl"
+    if not log.exists() or not progress.exists():
+        return []
+    starts = [time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+              for line in log.read_text(errors="replace").splitlines() if (m := ATTEMPT.match(line))]
+    times = sorted(json.loads(line)["time"] for line in progress.read_text().splitlines() if line.strip())
+    spans = []
+    for i, start in enumerate(starts):
+        until = starts[i + 1] if i + 1 < len(starts) else math.inf
+        ends = [t for t in times if start <= t < until]
+        if ends:
+            spans.append((start, ends[-1]))
+    return spans
+
+
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one span (the wall clock of processes that ran side by side)."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _images_per_s(logs: Path, stage_id: str) -> float | None:
+    """The mean training rate a stage's process reported (its progress events' images_per_s)."""
+    path = logs / f"{stage_id}.progress.jsonl"
+    rates = [e["images_per_s"] for e in map(json.loads, path.read_text().splitlines() if path.exists() else [])
+             if e.get("event") == "progress" and isinstance(e.get("images_per_s"), (int, float))]
+    return sum(rates) / len(rates) if rates else None
+
+
+def independence(logs: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The experts as K separate processes against the monolith's one: process seconds, GPU-seconds (seconds x the
+    GPUs each process held), the wall clock here (side by side, ``parallelism`` at a time) and were each expert on
+    its own GPUs (the longest one), and each process's training rate. None when the logs are not there."""
+    experts = spec["experts"]
+    gpus = max(int(experts.get("gpusPerNode", 1)), 1) * int(experts.get("nodes", 1))
+    spans = {f"expert-{k:03d}": process_spans(logs, f"expert-{k:03d}")
+             for k in range(int(spec["clustering"]["numClusters"]))}
+    if not all(spans.values()):
+        return None
+    seconds = {key: sum(e - s for s, e in v) for key, v in spans.items()}
+    out: dict[str, Any] = {
+        "gpus_per_process": gpus, "parallelism": spec.get("parallelism"),
+        "experts_process_s": sum(seconds.values()), "experts_gpu_s": sum(seconds.values()) * gpus,
+        "experts_wall_s": _union_s([x for v in spans.values() for x in v]), "longest_expert_s": max(seconds.values()),
+        "expert_s": seconds, "expert_images_per_s": {key: _images_per_s(logs, key) for key in spans}}
+    router = process_spans(logs, "router")
+    if router:
+        router_gpus = max(int(spec["router"].get("gpusPerNode", 1)), 1)
+        out["router_gpu_s"] = sum(e - s for s, e in router) * router_gpus
+    baseline = process_spans(logs, "baseline")
+    if baseline:
+        out["monolith_s"] = sum(e - s for s, e in baseline)
+        out["monolith_gpu_s"] = out["monolith_s"] * gpus
+        out["monolith_images_per_s"] = _images_per_s(logs, "baseline")
+    return out
+
+
+def copy_grids(arm: dict[str, Any], run_dir: Path, grids: Path) -> dict[str, Path]:
+    """Each row's sample grid (the evaluation's grids/<row>.png) copied to ``grids/<arm>-<row>.png`` (an arm read
+    from --arms-from links the grids already there)."""
+    grids.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for row in arm["table"]:
+        name = row["strategy"].replace(":", "-")
+        src, dst = run_dir / "run" / "evaluation" / "grids" / f"{name}.png", grids / f"{arm['arm']}-{name}.png"
+        if src.exists():
+            shutil.copyfile(src, dst)
+        if dst.exists():
+            out[row["strategy"]] = dst
+    return out
+
+
+def markdown(arm: dict[str, Any], monolith_fid: float | None, grids: dict[str, Path] | None = None,
+             links_from: Path = Path.cwd(), links: str | None = None) -> str:
     experts_s = sum(s for k, s in arm["stage_s"].items() if k.startswith("expert-"))
     router_s = arm["stage_s"].get("router", 0.0)
     lines = [f"### {arm['arm']}: {arm['images_seen']:,} images seen by the experts; experts {experts_s:.0f} "
              f"stage-s, router {router_s:.0f} stage-s" + (f", monolith {arm['stage_s']['baseline']:.0f} stage-s"
                                                           if "baseline" in arm["stage_s"] else ""),
-             "", "| strategy | FID | NFE | GFLOPs/sample | / monolith |", "|---|---:|---:|---:|---:|"]
+             "", "| strategy | FID | NFE | GFLOPs/sample | / monolith | samples |", "|---|---:|---:|---:|---:|---|"]
     for row in arm["table"]:
         ratio = f"{row['fid'] / monolith_fid:.3f}" if monolith_fid and row.get("fid") is not None else "-"
+        grid = (grids or {}).get(row["strategy"])
+        href = f"{links.rstrip('/')}/{grid.name}" if grid and links else os.path.relpath(grid, links_from) if grid \
+            else None
+        link = f"[8x8]({href})" if href else "-"
         lines.append(f"| {row['strategy']} | {row['fid']:.2f} | {row.get('nfe', 0):.1f} | "
-                     f"{row.get('gflops_per_sample', 0):,.1f} | {ratio} |")
+                     f"{row.get('gflops_per_sample', 0):,.1f} | {ratio} | {link} |")
+    return "\n".join(lines) + "\n"
+
+
+def _row(arm: dict[str, Any] | None, strategy: str) -> dict[str, Any] | None:
+    return next((r for r in arm["table"] if r["strategy"] == strategy and r.get("fid") is not None), None) \
+        if arm else None
+
+
+def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The paper's targets at its scale, each with the measured ratio (None where the study lacks the arms)."""
+    arms = {a["arm"]: a for a in done}
+    k_max = max((int(a.rsplit("-", 1)[1]) for a in arms if a.startswith("features-")), default=None)
+    features, random = arms.get(f"features-{k_max}"), arms.get(f"random-{k_max}")
+    out = []
+
+    def add(target: str, measured: str, ratio: float | None, limit: float) -> None:
+        out.append({"target": target, "measured": measured, "ratio": ratio, "limit": limit,
+                    "met": None if ratio is None else ratio <= limit})
+
+    top1 = _row(features, "top1")
+    add(f"DDM K={k_max} top-1 FID <= 0.9 x the compute-matched monolith's",
+        f"top-1 {top1['fid']:.2f}, monolith {monolith['fid']:.2f}" if top1 and monolith else "-",
+        top1["fid"] / monolith["fid"] if top1 and monolith else None, 0.9)
+    rand = _row(random, "top1")
+    add(f"feature clusters better than a random partition (K={k_max}, top-1)",
+        f"features {top1['fid']:.2f}, random {rand['fid']:.2f}" if top1 and rand else "-",
+        top1["fid"] / rand["fid"] if top1 and rand else None, 1.0)
+    for a in done:
+        t1, full = _row(a, "top1"), _row(a, "full")
+        if t1 and full:
+            flops = t1["gflops_per_sample"] / full["gflops_per_sample"] if full.get("gflops_per_sample") else None
+            add(f"{a['arm']}: top-1 no worse than full, at a fraction of its FLOPs",
+                f"top-1 {t1['fid']:.2f}, full {full['fid']:.2f}" + (f"; FLOPs {flops:.2f} x full's" if flops else ""),
+                t1["fid"] / full["fid"], 1.0)
+    student = next((r for a in done if (r := _row(a, STUDENT))), None)
+    add("distilled student within 10% of the monolith",
+        (f"student {student['fid']:.2f} ({student['gflops_per_sample']:,.1f} GFLOPs/sample), monolith "
+         f"{monolith['fid']:.2f} ({monolith['gflops_per_sample']:,.1f})") if student and monolith else "-",
+        student["fid"] / monolith["fid"] if student and monolith else None, 1.1)
+    return out
+
+
+def targets_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["### Targets (the paper's, at its scale)", "", "| target | measured | ratio | limit | met |",
+             "|---|---|---:|---:|---|"]
+    for r in rows:
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        met = {True: "yes", False: "**no**", None: "not measured"}[r["met"]]
+        lines.append(f"| {r['target']} | {r['measured']} | {ratio} | {r['limit']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def independence_markdown(done: list[dict[str, Any]]) -> str:
+    """Experts as separate processes against the monolith (the first arm trains it)."""
+    mono = next((a["independence"] for a in done if a["independence"] and "monolith_s" in a["independence"]), None)
+    lines = ["### Independence: experts as separate processes against the monolith", "",
+             "Seconds of each process from the run's logs (launched: logs/<stage>.log; last report: "
+             "logs/<stage>.progress.jsonl); GPU-seconds = seconds x the GPUs a process held (processes sharing one "
+             "card, parallelism > 1 on one GPU, each count their whole time: measure GPU-seconds at parallelism 1). "
+             "The longest expert is the wall clock were each expert on its own GPUs.", "",
+             "| arm | experts x GPUs | expert s (sum) | longest expert s | wall s here (parallelism) | "
+             "experts + router GPU-s | monolith GPU-s | GPU-s ratio | longest expert / monolith s | "
+             "images/s per expert / monolith |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a in done:
+        ind = a["independence"]
+        if not ind:
+            lines.append(f"| {a['arm']} | no process logs | | | | | | | | |")
+            continue
+        ddm_gpu_s = ind["experts_gpu_s"] + ind.get("router_gpu_s", 0.0)
+        rates = [r for r in ind["expert_images_per_s"].values() if r]
+        rate = sum(rates) / len(rates) if rates else None
+        m_rate = mono.get("monolith_images_per_s") if mono else None
+        lines.append(
+            f"| {a['arm']} | {len(ind['expert_s'])} x {ind['gpus_per_process']} | {ind['experts_process_s']:.0f} | "
+            f"{ind['longest_expert_s']:.0f} | {ind['experts_wall_s']:.0f} ({ind['parallelism']}) | {ddm_gpu_s:.0f} | "
+            + (f"{mono['monolith_gpu_s']:.0f} | {ddm_gpu_s / mono['monolith_gpu_s']:.3f} | "
+               f"{ind['longest_expert_s'] / mono['monolith_s']:.3f} | " if mono else "- | - | - | ")
+            + (f"{rate:,.0f} / {m_rate:,.0f} |" if rate and m_rate else "- |"))
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +329,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", required=True, help="one folder per arm: spec, run store, logs")
     p.add_argument("--arms", default="features-4,features-8,random-8")
     p.add_argument("--distil", default="features-8", help="the arm whose ensemble is distilled ('' : none)")
+    p.add_argument("--monolith", default=None, help="the arm that also trains the compute-matched monolith "
+                                                      "(default: the first of --arms; keep it the same when arms "
+                                                      "are run by separate commands)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="stop ddm run after this many seconds (its stages checkpoint) and exit 75; the same "
+                        "command goes on from there")
     p.add_argument("--images", type=int, default=1_500_000, help="images seen by each arm's experts together")
     p.add_argument("--preset", default="DiT-S/2")
     p.add_argument("--router-preset", default="DiT-S/2")
@@ -137,8 +356,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=1, help="gpusPerNode of every stage (0: CPU)")
     p.add_argument("--parallelism", type=int, default=4)
     p.add_argument("--ddm", default="ddm")
-    p.add_argument("--md", default=None, help="also write the markdown tables here")
+    p.add_argument("--md", default=None, help="also write the markdown tables here (grid links relative to it)")
     p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--grids", default=str(RESULTS / "paper_study"),
+                   help="where each arm's sample grids are copied (<arm>-<strategy>.png)")
+    p.add_argument("--links", default=None, help="the markdown's grid links: this prefix + the file name (default: "
+                                                   "the path relative to --md); e.g. bench/results/paper_study")
+    p.add_argument("--arms-from", default=None,
+                   help="a folder of <arm>.json (--results-dir/paper_study_arms of an earlier run, e.g. another "
+                        "device lease's): an arm whose run directory holds no evaluation is read from there")
     return p.parse_args(argv)
 
 
@@ -146,16 +372,29 @@ def main() -> None:
     args = parse_args()
 
     arms = [a for a in args.arms.split(",") if a]
-    done = [run_arm(args, arm, arm_spec(args, arm, monolith=i == 0, distil=arm == args.distil))
-            for i, arm in enumerate(arms)]
-    monolith = next((r["fid"] for r in done[0]["table"] if r["strategy"] == "monolith"), None)
-    report = "".join(markdown(a, monolith) for a in done)
+    with_monolith = args.monolith or arms[0]
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else math.inf
+    try:
+        done = [run_arm(args, arm, arm_spec(args, arm, monolith=arm == with_monolith, distil=arm == args.distil),
+                        deadline) for arm in arms]
+    except Deadline as stopped:
+        print(f"[study] --deadline-s {args.deadline_s:.0f} reached: {stopped}; run the same command again to go on",
+              flush=True)
+        sys.exit(75)  # EX_TEMPFAIL
+    done.sort(key=lambda a: a["arm"] != with_monolith)  # the monolith's arm first: the ratios are to its row
+    monolith_row = _row(done[0], MONOLITH)
+    monolith = monolith_row["fid"] if monolith_row else None
+    links_from = Path(args.md).resolve().parent if args.md else Path.cwd()
+    grids = {a["arm"]: copy_grids(a, Path(args.work) / a["arm"], Path(args.grids)) for a in done}
+    report = "".join(markdown(a, monolith, grids[a["arm"]], links_from, args.links) for a in done)
+    goals = targets(done, monolith_row)
+    report += "\n" + targets_markdown(goals) + "\n" + independence_markdown(done)
     print(report)
     if args.md:
         Path(args.md).write_text(report)
     for a in done:
         for row in a["table"]:
-            if row["strategy"] == "monolith" or row.get("fid") is None:
+            if row["strategy"] == MONOLITH or row.get("fid") is None:
                 continue
             record("paper_study", f"{a['arm']} {row['strategy']} FID-{row.get('n', args.n)} "
                    f"({a['images_seen']:,} images seen, {args.preset})", row["fid"], "FID",
@@ -163,6 +402,20 @@ def main() -> None:
     if monolith is not None:
         record("paper_study", f"monolith FID-{args.n} ({done[0]['images_seen']:,} images seen, {args.preset})",
                monolith, "FID", results_dir=args.results_dir)
+    for goal in goals:
+        if goal["ratio"] is not None:
+            record("paper_study", f"target: {goal['target']} ({done[0]['images_seen']:,} images seen)",
+                   goal["ratio"], "ratio", ratio=goal["ratio"], results_dir=args.results_dir)
+    mono = next((a["independence"] for a in done if a["independence"] and "monolith_s" in a["independence"]), None)
+    for a in done:
+        ind = a["independence"]
+        if ind and mono:
+            ddm_gpu_s = ind["experts_gpu_s"] + ind.get("router_gpu_s", 0.0)
+            record("paper_study", f"{a['arm']} experts + router GPU-s ({a['images_seen']:,} images seen, "
+                   f"parallelism {ind['parallelism']})", ddm_gpu_s, "GPU-s", reference=mono["monolith_gpu_s"],
+                   results_dir=args.results_dir)
+            record("paper_study", f"{a['arm']} longest expert s, each on its own GPUs ({a['images_seen']:,} images "
+                   f"seen)", ind["longest_expert_s"], "s", reference=mono["monolith_s"], results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,109 @@ def test_an_arm_that_is_not_features_or_random_k_is_refused(tmp_path: Path) -> N
     study = load_study()
     with pytest.raises(SystemExit, match="not features-K or random-K"):
         study.arm_spec(study.parse_args(["--data", "d", "--work", str(tmp_path)]), "kmeans-4", monolith=False, distil=False)
+
+
+def _table(*rows: tuple[str, float, float]) -> list[dict]:
+    return [{"strategy": s, "fid": f, "nfe": 50.0, "gflops_per_sample": g, "n": 100} for s, f, g in rows]
+
+
+def test_targets_read_the_student_row_and_every_arm(tmp_path: Path) -> None:
+    study = load_study()
+    done = [{"arm": "features-4", "table": _table(("full", 44.0, 400.0), ("top1", 40.0, 100.0),
+                                                   ("monolith", 50.0, 100.0))},
+            {"arm": "features-8", "table": _table(("full", 46.0, 800.0), ("top1", 44.0, 100.0),
+                                                   ("student", 54.0, 100.0))},
+            {"arm": "random-8", "table": _table(("full", 47.0, 800.0), ("top1", 48.0, 100.0))}]
+    goals = {g["target"]: g for g in study.targets(done, study._row(done[0], "monolith"))}
+    k8 = goals["DDM K=8 top-1 FID <= 0.9 x the compute-matched monolith's"]
+    assert k8["ratio"] == pytest.approx(0.88) and k8["met"] is True
+    feats = goals["feature clusters better than a random partition (K=8, top-1)"]
+    assert feats["ratio"] == pytest.approx(44 / 48) and feats["met"] is True
+    random_top1 = goals["random-8: top-1 no worse than full, at a fraction of its FLOPs"]
+    assert random_top1["met"] is False and "FLOPs 0.12 x full's" in random_top1["measured"]
+    student = goals["distilled student within 10% of the monolith"]
+    assert student["ratio"] == pytest.approx(1.08) and student["met"] is True and "student 54.00" in student["measured"]
+    md = study.targets_markdown(list(goals.values()))
+    assert "| distilled student within 10% of the monolith |" in md and "| 1.080 | 1.1 | yes |" in md
+    assert "**no**" in md  # random-8's top-1 is worse than its full
+    # without a distilled arm the target is listed, not measured
+    unmeasured = {g["target"]: g for g in study.targets(done[:1], study._row(done[0], "monolith"))}
+    assert unmeasured["distilled student within 10% of the monolith"]["met"] is None
+
+
+def test_independence_from_the_runners_logs(tmp_path: Path) -> None:
+    """Each process's seconds run from the runner's launch line to its last progress event; an interrupted expert's
+    two attempts both count; the experts' wall clock here is the union of their spans."""
+    import json
+    import time
+
+    study = load_study()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    t0 = time.mktime(time.strptime("2026-12-06 10:00:00", "%Y-%m-%d %H:%M:%S"))
+
+    def stage(name: str, attempts: list[tuple[float, float]], rate: float) -> None:
+        stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0 + t))  # noqa: E731
+        (logs / f"{name}.log").write_text("".join(f"\n=== attempt {i + 1}: ddm-train expert --config c.yaml "
+                                                  f"({stamp(s)})\nsome output\n" for i, (s, _) in enumerate(attempts)))
+        events = [{"event": "progress", "time": t0 + s + 1, "images_per_s": rate} for s, _ in attempts]
+        events += [{"event": "done", "time": t0 + e} for _, e in attempts]
+        (logs / f"{name}.progress.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    stage("expert-000", [(0, 100)], 900.0)
+    stage("expert-001", [(10, 50), (60, 120)], 1100.0)  # interrupted at 50 s, resumed at 60 s
+    stage("router", [(0, 30)], 2000.0)
+    stage("baseline", [(0, 180)], 1000.0)
+    spec = {"clustering": {"numClusters": 2}, "experts": {"gpusPerNode": 1}, "router": {"gpusPerNode": 1},
+            "parallelism": 3}
+    ind = study.independence(logs, spec)
+    assert ind["expert_s"] == {"expert-000": 100.0, "expert-001": 100.0}
+    assert (ind["experts_process_s"], ind["longest_expert_s"], ind["experts_wall_s"]) == (200.0, 100.0, 120.0)
+    assert (ind["router_gpu_s"], ind["monolith_s"], ind["monolith_images_per_s"]) == (30.0, 180.0, 1000.0)
+    md = study.independence_markdown([{"arm": "features-2", "independence": ind}])
+    assert "| features-2 | 2 x 1 | 200 | 100 | 120 (3) | 230 | 180 | 1.278 | 0.556 | 1,000 / 1,000 |" in md
+    assert study.independence(tmp_path / "nothing", spec) is None
+
+
+def test_grids_are_copied_and_linked_and_an_arm_without_the_students_row_is_not_done(tmp_path: Path) -> None:
+    import json
+
+    study = load_study()
+    run = tmp_path / "work" / "features-8"
+    (run / "run" / "evaluation" / "grids").mkdir(parents=True)
+    for name in ("top1", "student"):
+        (run / "run" / "evaluation" / "grids" / f"{name}.png").write_bytes(b"\x89PNG " + name.encode())
+    arm = {"arm": "features-8", "table": _table(("top1", 44.0, 100.0), ("student", 54.0, 100.0), ("full", 1.0, 1.0)),
+           "stage_s": {}, "images_seen": 1000}
+    copied = study.copy_grids(arm, run, tmp_path / "repo" / "bench" / "results" / "paper_study")
+    assert copied["student"].read_bytes() == b"\x89PNG student" and "full" not in copied
+    md = study.markdown(arm, 50.0, copied, links_from=tmp_path / "repo")
+    assert "| student | 54.00 | 50.0 | 100.0 | 1.080 | [8x8](bench/results/paper_study/features-8-student.png) |" in md
+    assert md.rstrip().endswith("| - |")  # full: no grid committed
+    results = run / "run" / "evaluation" / "results.json"
+    results.write_text(json.dumps({"table": arm["table"][:1]}))
+    assert study.evaluated(results, distil=False) and not study.evaluated(results, distil=True)
+    results.write_text(json.dumps({"table": arm["table"]}))
+    assert study.evaluated(results, distil=True)
+
+
+def test_an_arm_run_in_another_lease_is_read_from_its_saved_json(tmp_path: Path) -> None:
+    """--arms-from: the arm's run directory is elsewhere (another device lease); its saved JSON is the arm, and its
+    grids already in --grids are linked with the --links prefix."""
+    import json
+
+    study = load_study()
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    arm = {"arm": "features-8", "table": _table(("top1", 44.0, 100.0)), "stage_s": {}, "images_seen": 1000,
+           "independence": None}
+    (saved / "features-8.json").write_text(json.dumps(arm))
+    args = study.parse_args(["--data", "d", "--work", str(tmp_path / "work"), "--arms-from", str(saved), "--ddm",
+                             "/nonexistent/ddm"])
+    assert study.run_arm(args, "features-8", study.arm_spec(args, "features-8", False, False)) == arm
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (grids / "features-8-top1.png").write_bytes(b"\x89PNG")
+    copied = study.copy_grids(arm, tmp_path / "work" / "features-8", grids)
+    md = study.markdown(arm, 50.0, copied, links="bench/results/paper_study")
+    assert "[8x8](bench/results/paper_study/features-8-top1.png)" in md
