@@ -13,7 +13,7 @@
 #   bench/h200.sh eval10k     # examples/cifar10-h200.yaml with FID-10k and nothing beside the evaluation, then
 #                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured)
 #   bench/h200.sh text        # examples/cifar10-text-h200.yaml through ddm run: grids per prompt, FID-5k
-#   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (540 s; its
+#   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
 #                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
 #                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
 # What a call carries beside the repo must fit 64 MiB, so extras travel when a call has room: .device/diffusers
@@ -159,7 +159,7 @@ PY
     inception
     timeout 590 python3 bench/paper_study.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" --work /tmp/study \
       --ddm ddm --results-dir /tmp/study/results --grids "$OUT/paper_study" --links bench/results/paper_study \
-      --md "$OUT/paper_study.md" --deadline-s "${DEADLINE_S:-540}" "$@" 2>&1 | tee -a "$OUT/paper_study.txt"
+      --md "$OUT/paper_study.md" --deadline-s "${DEADLINE_S:-500}" "$@" 2>&1 | tee -a "$OUT/paper_study.txt"
     echo "paper_study exited ${PIPESTATUS[0]}" | tee -a "$OUT/paper_study.txt"
     cp -r /tmp/study/results/. "$OUT/" 2>/dev/null
     for arm in /tmp/study/*/run; do  # the logs independence is read from, small

@@ -90,14 +90,14 @@ def run_arm(args: argparse.Namespace, arm: str, spec: dict[str, Any], deadline: 
     """``ddm run`` of the arm (unless already evaluated); its table and stage times. At ``deadline`` (monotonic
     seconds) ddm run is interrupted as Ctrl-C does: every stage checkpoints and stops, and ``Deadline`` is raised."""
     run_dir = Path(args.work) / arm
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = run_dir / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    out_path = run_dir / "ddm-run.out"
     results = run_dir / "run" / "evaluation" / "results.json"  # --run-dir: the run's store and logs
     saved = Path(args.arms_from) / f"{arm}.json" if args.arms_from else None
     if saved is not None and saved.exists() and not results.exists():  # run elsewhere (another device lease)
         return dict(json.loads(saved.read_text()))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out_path = run_dir / "ddm-run.out"
     if not evaluated(results, distil="distillation" in spec["spec"]):
         cmd = [args.ddm, "run", str(spec_path), "--run-dir", str(run_dir / "run")]
         print(f"[study] {arm}: {' '.join(cmd)}", flush=True)
@@ -386,7 +386,7 @@ def main() -> None:
     monolith = monolith_row["fid"] if monolith_row else None
     links_from = Path(args.md).resolve().parent if args.md else Path.cwd()
     grids = {a["arm"]: copy_grids(a, Path(args.work) / a["arm"], Path(args.grids)) for a in done}
-    report = "".join(markdown(a, monolith, grids[a["arm"]], links_from, args.links) for a in done)
+    report = "\n".join(markdown(a, monolith, grids[a["arm"]], links_from, args.links) for a in done)
     goals = targets(done, monolith_row)
     report += "\n" + targets_markdown(goals) + "\n" + independence_markdown(done)
     print(report)
