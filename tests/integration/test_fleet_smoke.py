@@ -30,3 +30,30 @@ def test_fleet_harness_two_clusters_one_sigkill() -> None:
     # every experts -> evaluation boundary waits on an expert in b: seconds, not the 60 s poll
     evaluate = [v for label, vs in out["latencies"].items() if label.startswith("experts+router") for v in vs]
     assert len(evaluate) == 2 and max(evaluate) < 15, out["latencies"]
+
+
+def test_one_ddm_of_two_experts_costs_few_api_requests() -> None:
+    """Every API request of the operator's client certificate, from both API servers' audit logs, for one DDM of K=2
+    over both clusters. What a pass reads (its jobs, its DDM, b's Secret) comes from watches and caches, so the reads
+    no longer grow with the passes; what remains is what the pipeline writes."""
+    import math
+
+    import fleet
+
+    k = 2
+    args = fleet.make_parser().parse_args(["--ddms", "1", "--experts", str(k), "--nodes", "2", "--run-ms", "1000",
+                                           "--timeout", "120"])
+    out = fleet.run(args)
+    assert out["problems"] == [], out["problems"]
+    requests, minimum = out["requests"], fleet.minimum_requests(k, True)
+    print("requests", requests, "minimum", minimum, f"in {out['elapsed']:.1f} s")
+    for what in ("create pytorchjobs", "create configmaps"):  # each stage's job and ConfigMap once
+        assert requests[what] == minimum[what], requests
+    # status: the minimum's 4 steps, plus one pass per expert and the router when they finish apart
+    assert requests["patch decentralizeddiffusions/status"] <= minimum["patch decentralizeddiffusions/status"] + k + 1
+    assert requests.get("create events", 0) <= requests["patch decentralizeddiffusions/status"], requests  # per pass
+    # reads: one list per watched cluster (a, b), the DDM from kopf's watch (a GET at most for a first pass that
+    # comes before kopf's copy), b's Secret at most every DDM_SECRET_RECHECK_S (2 s) while the DDM runs
+    assert requests["list pytorchjobs"] <= 2 + 1, requests
+    assert requests.get("get decentralizeddiffusions", 0) <= 1, requests
+    assert requests.get("get secrets", 0) <= math.ceil(out["elapsed"] / 2) + 2, requests

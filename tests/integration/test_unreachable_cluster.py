@@ -101,3 +101,61 @@ def test_deleting_a_ddm_whose_member_cluster_hangs_ends_within_the_bound(
             remote.api.close()
             h.api.close()
             client.CoreV1Api(api_b).delete_namespace(ns)
+
+
+def test_expired_member_credentials_are_named_in_the_status_and_a_fixed_secret_is_picked_up(
+        k8s_cluster: Any, k8s_cluster_b: Any, k8s_namespace: str, ddm_crd: None, tmp_path: Path) -> None:  # noqa: F811
+    """b's kubeconfig Secret replaced with a token b's API server rejects (401), as when credentials expire: the DDM
+    says so (ClustersReachable=False, reason Unauthorized) and waits; the valid Secret put back is used at the next
+    pass, without restarting the operator, and the DDM goes on (condition Reconnected, its next stage launched)."""
+    from kubernetes import client
+
+    ns = k8s_namespace
+    release, account = chart_account(ns)
+    k8s_cluster.apply_yaml(render_rbac(ns, release))
+    op = Operator(k8s_cluster.serviceaccount_kubeconfig(ns, account), ns, tmp_path / "operator.log")
+    h = Harness(k8s_cluster, ns)
+    kubeconfig = inline_kubeconfig(k8s_cluster_b.user_kubeconfig("ddm-operator", ["system:masters"]))
+    expired = yaml.safe_load(kubeconfig)
+    expired["users"][0]["user"] = {"token": "expired-token-b-does-not-know"}
+
+    def put_secret(text: str) -> None:
+        h.core.replace_namespaced_secret("cluster-b", ns, {"metadata": {"name": "cluster-b"},
+                                                           "stringData": {"kubeconfig": text}})
+
+    def reachable() -> dict[str, Any]:
+        return next((c for c in h.status("cred").get("conditions") or [] if c["type"] == "ClustersReachable"), {})
+
+    h.core.create_namespaced_secret(ns, {"metadata": {"name": "cluster-b"}, "stringData": {"kubeconfig": kubeconfig}})
+    with k8s_cluster_b.api_client() as api_b:
+        client.CoreV1Api(api_b).create_namespace({"metadata": {"name": ns}})
+        remote = Harness(k8s_cluster_b, ns)
+        op.start()
+        try:
+            h.create("cred", ddm_spec(2, tmp_path, experts={
+                "overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]}))
+            h.wait_jobs("cred-cluster-a1")
+            h.succeed("cred-cluster-a1")
+            remote.wait_jobs("cred-expert-001-a1")
+            h.wait_jobs("cred-expert-000-a1", "cred-router-a1")
+            put_secret(yaml.safe_dump(expired))
+            cond = wait_for(lambda: (c := reachable()).get("status") == "False" and c, "ClustersReachable=False")
+            assert cond["reason"] == "Unauthorized", cond
+            assert "cluster cluster-b rejected our credentials: HTTP 401 Unauthorized" in cond["message"], cond
+            h.succeed("cred-expert-000-a1")
+            h.succeed("cred-router-a1")
+            remote.succeed("cred-expert-001-a1")  # finished while b could not be read: nothing moves on yet
+            time.sleep(3)
+            assert "cred-evaluate-a1" not in h.jobs() and reachable()["status"] == "False"
+            put_secret(kubeconfig)  # the credentials renewed
+            cond = wait_for(lambda: (c := reachable()).get("status") == "True" and c, "ClustersReachable=True")
+            assert cond["reason"] == "Reconnected" and "rejected our credentials" in cond["message"], cond
+            h.wait_jobs("cred-evaluate-a1")  # b's expert seen Succeeded: the DDM went on
+            assert op.starts == 1 and op.proc is not None and op.proc.poll() is None  # no restart
+            assert any("ClusterUnreachable" in e and "Unauthorized" in e for e in h.events("cred")), h.events("cred")
+        finally:
+            op.stop()
+            print(op.log())
+            remote.api.close()
+            h.api.close()
+            client.CoreV1Api(api_b).delete_namespace(ns)

@@ -89,17 +89,21 @@ class ClusterClients:
                 raise ConfigError(f"{where}: not found (spec placement.targetCluster)") from None
             raise
         version = secret.metadata.resource_version or ""
-        if cached and cached[0] == version:
-            with self._lock:
+        with self._lock:  # the newest entry: another thread may have made this version's client meanwhile
+            cached = self._clients.get((namespace, secret_name)) or cached
+            if cached and cached[0] == version:
                 self._clients[(namespace, secret_name)] = (version, cached[1], now)
-            return cached[1]
+                return cached[1]
         config = kubeconfig_from_secret_data(secret.data or {}, where)
         configuration = k8s_client.Configuration()
         # urllib3 retries a timed-out GET or DELETE 3 times by default: with the callers' per-request timeout that
         # would make a dead member cost four timeouts per request; one retry covers a dropped connection.
         configuration.retries = REQUEST_RETRIES
         api_client = k8s_config.new_client_from_config_dict(config, client_configuration=configuration)
-        with self._lock:
+        with self._lock:  # one client per Secret version, whoever made it first: the job index is tied to it
+            held = self._clients.get((namespace, secret_name))
+            if held and held[0] == version:
+                return held[1]
             self._clients[(namespace, secret_name)] = (version, api_client, now)
         return api_client
 

@@ -33,6 +33,7 @@ from . import builders as b
 WATCH_TIMEOUT_S = 60  # the server ends a watch after this; we then resume from the last resourceVersion
 REQUEST_TIMEOUT_S = 30.0  # list, and the read timeout of the watch stream beyond WATCH_TIMEOUT_S
 MAX_RETRY_S = 5.0
+FIRST_LIST_WAIT_S = 10.0  # a pass waits this long at most for a new watch's first list (a hung member: then it lists)
 log = logging.getLogger("ddm_operator")
 
 Key = tuple[str, "str | None"]  # (namespace, targetCluster Secret name; None: the operator's own cluster)
@@ -97,6 +98,7 @@ class RemoteWatches:
         self._live: dict[Key, bool] = {}
         self._index: dict[Key, _Index] = {}  # kept across a break, to tell what went while we could not see
         self._synced: set[Key] = set()  # watch connected and listed since it last broke: its index is served
+        self._tried: dict[Key, threading.Event] = {}  # set once a new watch's first list answered or failed
         self._threads: dict[Key, threading.Thread] = {}
         self._lock = threading.Lock()
         self.lists = 0  # full lists made by the watches (first start and every restart): for tests
@@ -112,6 +114,7 @@ class RemoteWatches:
                 self._users.setdefault(key, set()).add(ddm_uid)
                 thread = self._threads.get(key)
                 if thread is None or not thread.is_alive():
+                    self._tried[key] = threading.Event()
                     thread = threading.Thread(target=self._run, args=(key,), daemon=True,
                                               name=f"job-watch-{namespace}-{cluster or 'own'}")
                     self._threads[key] = thread
@@ -133,7 +136,11 @@ class RemoteWatches:
     def jobs(self, namespace: str, cluster: str | None, ddm_uid: str, client: Any) -> list[dict[str, Any]] | None:
         """The jobs of DDM ``ddm_uid`` in ``cluster`` as the watch last saw them; None when the index cannot be
         trusted: its watch is not connected or has not listed since it broke, or it was filled through another
-        client than ``client``, the cluster's current one (its Secret changed)."""
+        client than ``client``, the cluster's current one (its Secret changed). A watch just started is waited for
+        (its first list, at most ``FIRST_LIST_WAIT_S``): one list for all DDMs rather than one per DDM's pass."""
+        tried = self._tried.get((namespace, cluster))
+        if tried is not None:
+            tried.wait(FIRST_LIST_WAIT_S)
         with self._lock:
             index = self._index.get((namespace, cluster))
             if (namespace, cluster) not in self._synced or index is None or index.client is not client:
@@ -155,6 +162,7 @@ class RemoteWatches:
             self._live.pop(key, None)
             self._index.pop(key, None)
             self._synced.discard(key)
+            self._tried.pop(key, None)
             return False
 
     def _run(self, key: Key) -> None:
@@ -185,6 +193,7 @@ class RemoteWatches:
                         index.put(job)
                     self._index[key] = index
                     self._synced.add(key)
+                self._first_try_done(key)
                 for job in listed.get("items") or []:
                     self._event("MODIFIED", job, seen)  # after a break: what changed while we could not see
                 for job in gone:  # deleted while we could not see: its DDM looks again
@@ -216,6 +225,7 @@ class RemoteWatches:
             except Exception as exc:  # unreachable, refused, expired credentials, Secret gone: retry, poll meanwhile
                 with self._lock:  # kept, to be compared with the next list; not served meanwhile
                     self._synced.discard(key)
+                self._first_try_done(key)
                 if self._live.get(key, True):
                     log.warning("watch of cluster %s in %s broke (%s: %s); the DDMs list it until it is back",
                                 cluster or "(own)", namespace, type(exc).__name__, str(exc)[:200])
@@ -223,6 +233,11 @@ class RemoteWatches:
                 self._live[key] = False
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_S)
+
+    def _first_try_done(self, key: Key) -> None:
+        tried = self._tried.get(key)
+        if tried is not None:
+            tried.set()
 
     def _event(self, event_type: str, job: dict[str, Any], seen: dict[str, str]) -> None:
         if self._wakes(event_type, job, seen):
