@@ -305,8 +305,10 @@ def _progress_report(spec: DecentralizedDiffusionSpec, namespace: str, name: str
         return {}
 
 
-def _router_facts(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> tuple[float | None, str | None]:
-    """(held-out accuracy averaged over t, URI) of the committed router (None, None when unreadable)."""
+def _router_facts(spec: DecentralizedDiffusionSpec, namespace: str, name: str, unread: list[str] | None = None,
+                  ) -> tuple[float | None, str | None]:
+    """(held-out accuracy averaged over t, URI) of the committed router (None, None when unreadable; why, when the
+    store did not answer, appended to ``unread``)."""
     try:
         store = _run_store(spec, namespace, name)
         bins = store.get_json(f"{layout.ROUTER}/eval/accuracy.json").get("bins") or []
@@ -314,7 +316,17 @@ def _router_facts(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -
         return accuracy, store.url(layout.final(layout.ROUTER))
     except Exception as exc:  # store unreachable, or a router committed without its evaluation: stays empty
         _store_failed(spec, namespace, name, exc)
+        _unreadable(exc, "the router's accuracy", unread)
         return None, None
+
+
+RESULTS_READ = "ResultsRead"  # condition: False while a committed result could not be read (the store did not answer)
+
+
+def _unreadable(exc: Exception, what: str, unread: list[str] | None) -> None:
+    """A read of a committed result failed for another reason than the object being absent (not committed yet)."""
+    if unread is not None and not isinstance(exc, MissingArtifactError):
+        unread.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 STORE_RETRY_S = float(os.environ.get("DDM_STORE_RETRY_S", "30"))
@@ -352,13 +364,16 @@ def _store_failed(spec: DecentralizedDiffusionSpec, namespace: str, name: str, e
         _store_down[run] = (time.monotonic() + STORE_RETRY_S, _store_down[run][1])
 
 
-def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Results | None:
-    """The committed evaluation table as status results (None until the evaluation's manifest is readable)."""
+def _results(spec: DecentralizedDiffusionSpec, namespace: str, name: str, unread: list[str] | None = None,
+             ) -> Results | None:
+    """The committed evaluation table as status results (None until the evaluation's manifest is readable; why, when
+    the store did not answer, appended to ``unread``)."""
     try:
         store = _run_store(spec, namespace, name)
         manifest = store.read_manifest(layout.EVALUATION)
     except Exception as exc:  # store unreachable from the operator: results stay empty, the run is unaffected
         _store_failed(spec, namespace, name, exc)
+        _unreadable(exc, "the evaluation table", unread)
         return None
     if manifest is None:
         return None
@@ -728,14 +743,15 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     if launched:  # show the launched stages as running (or queued) now rather than on the next pass
         plan = pl.plan(spec, pl.Observed(now=observed.now, stages={
             **observed.stages, **{k: _just_launched(spec, k, latest[k.id]) for k in launched}}))
-    results = None
+    results, unread = None, []
     if _table_to_read(latest, old):
-        results = _results(spec, namespace, name)
+        results = _results(spec, namespace, name, unread)
     router_facts: tuple[float | None, str | None] = (None, None)
     if (latest.get(pl.ROUTER.id) and latest[pl.ROUTER.id].phase == "Succeeded"
             and not (old.router and old.router.uri)):
-        router_facts = _router_facts(spec, namespace, name)  # once: a committed router does not change
+        router_facts = _router_facts(spec, namespace, name, unread)  # once: a committed router does not change
     new = _status_of(plan, old, latest, generation, results, spec.experts.batch_size, router_facts)
+    new.conditions = _results_read(new.conditions, unread, generation)
     was = next((c for c in old.conditions if c.type == REACHABLE), None)
     if was is not None and was.status == "False":  # back: the final status keeps when and what
         message = f"reachable again at {_now_rfc3339()}; since {was.last_transition_time}: {was.message}"[:4096]
@@ -754,6 +770,23 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
         for warning, reason, message in events_of(_transitions(old, new)):
             (kopf.warn if warning else kopf.info)(body, reason=reason, message=message)
     return next_look(plan.requeue_after, latest, _remote.watched(namespace))
+
+
+def _results_read(conditions: list[Any], unread: list[str], generation: int | None) -> list[Any]:
+    """Condition ResultsRead: False (StoreUnreachable) while a committed result could not be read because the store
+    did not answer, True again once a pass reads without such a failure. While it is False the DDM keeps its
+    reconciler even when finished (needs_reconciler), so a table committed while the store was down still reaches the
+    status when the store comes back; the message is written once per outage (no status write per pass)."""
+    held = next((c for c in conditions if c.type == RESULTS_READ), None)
+    if unread and (held is None or held.status != "False"):
+        update = pl.ConditionUpdate(RESULTS_READ, "False", "StoreUnreachable",
+                                    f"not read, tried again while the store does not answer: {'; '.join(unread)}")
+    elif not unread and held is not None and held.status == "False":
+        update = pl.ConditionUpdate(RESULTS_READ, "True", "StoreAnswered",
+                                    f"read at {_now_rfc3339()}; before: {held.message}"[:4096])
+    else:
+        return conditions
+    return pl.merge_conditions(conditions, [update], _now_rfc3339(), generation)
 
 
 def _launch_in(spec: DecentralizedDiffusionSpec, owner: b.Owner, action: pl.Launch | pl.Retry) -> None:
@@ -857,10 +890,12 @@ _wakes: dict[str, asyncio.Event] = {}  # DDM uid -> its reconciler's wake-up
 def needs_reconciler(status: Any, meta: Any, **_: Any) -> bool:
     """A DDM gets a reconciler unless it finished (Succeeded, Degraded, Failed) with its current spec handled.
     kopf evaluates this on every event of the DDM: the pass that writes a terminal phase stops the daemon, a spec
-    change (generation > observedGeneration) starts it again (kopf docs/daemons.rst, Filtering)."""
+    change (generation > observedGeneration) starts it again (kopf docs/daemons.rst, Filtering). A finished DDM whose
+    committed results could not be read (condition ResultsRead=False) keeps it until the pass that reads them."""
     status, meta = dict(status or {}), dict(meta or {})
     handled = status.get("observedGeneration") is not None and status.get("observedGeneration") == meta.get("generation")
-    return not (status.get("phase") in TERMINAL_PHASES and handled)
+    unread = any(c.get("type") == RESULTS_READ and c.get("status") == "False" for c in status.get("conditions") or [])
+    return not (status.get("phase") in TERMINAL_PHASES and handled) or unread
 
 
 def child_wakes_parent(event_type: str | None, job: dict[str, Any], seen: dict[str, str]) -> bool:

@@ -69,6 +69,7 @@ class ClusterClients:
     def __init__(self, recheck_s: float = float(os.environ.get("DDM_SECRET_RECHECK_S", "2"))) -> None:
         self.recheck_s = recheck_s
         self._clients: dict[tuple[str, str], tuple[str, Any, float]] = {}
+        self._reading: dict[tuple[str, str], threading.Lock] = {}  # held while a thread reads that Secret
         self._lock = threading.Lock()
 
     def get(self, core_api: Any, namespace: str, secret_name: str) -> Any:
@@ -79,15 +80,23 @@ class ClusterClients:
         where = f"Secret {namespace}/{secret_name}"
         with self._lock:
             cached = self._clients.get((namespace, secret_name))
+            reading = self._reading.setdefault((namespace, secret_name), threading.Lock())
         now = time.monotonic()
         if cached and now - cached[2] < self.recheck_s:
             return cached[1]
+        if cached and not reading.acquire(blocking=False):
+            return cached[1]  # another thread is reading the Secret right now: one GET per recheck, not one per caller
         try:
-            secret = core_api.read_namespaced_secret(secret_name, namespace)
-        except k8s_client.ApiException as exc:
-            if exc.status == 404:
-                raise ConfigError(f"{where}: not found (spec placement.targetCluster)") from None
-            raise
+            if not cached:
+                reading.acquire()
+            try:
+                secret = core_api.read_namespaced_secret(secret_name, namespace)
+            except k8s_client.ApiException as exc:
+                if exc.status == 404:
+                    raise ConfigError(f"{where}: not found (spec placement.targetCluster)") from None
+                raise
+        finally:
+            reading.release()
         version = secret.metadata.resource_version or ""
         with self._lock:  # the newest entry: another thread may have made this version's client meanwhile
             cached = self._clients.get((namespace, secret_name)) or cached

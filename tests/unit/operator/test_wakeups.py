@@ -135,3 +135,22 @@ def test_a_store_that_fails_rests_but_a_missing_report_does_not(tmp_path: Any, m
     assert handlers._progress_report(spec, "ns", "d", "expert-000") == {}  # resting: not read
     handlers._store_down.clear()  # DDM_STORE_RETRY_S later
     assert handlers._progress_report(spec, "ns", "d", "expert-000") == {"step": 7}
+
+
+def test_a_finished_ddm_whose_results_the_store_did_not_give_keeps_its_reconciler() -> None:
+    """The evaluation succeeded while the store was down: the DDM is Succeeded, but its table is read only by a pass,
+    so it keeps a reconciler until a pass reads it (ResultsRead True again)."""
+    from ddm_operator.api.models import Condition
+
+    done = {"phase": "Succeeded", "observedGeneration": 1}
+    conditions = handlers._results_read([], ["the evaluation table: S3Error: connection refused"], 1)
+    assert [(c.type, c.status, c.reason) for c in conditions] == [("ResultsRead", "False", "StoreUnreachable")]
+    unread = {**done, "conditions": [c.to_wire() for c in conditions]}
+    assert handlers.needs_reconciler(status=unread, meta={"generation": 1}) is True
+    assert handlers._results_read(conditions, ["again"], 1) is conditions  # written once per outage
+    read = handlers._results_read(conditions, [], 1)
+    assert [(c.type, c.status, c.reason) for c in read] == [("ResultsRead", "True", "StoreAnswered")]
+    assert "connection refused" in read[0].message
+    assert handlers.needs_reconciler(status={**done, "conditions": [c.to_wire() for c in read]},
+                                     meta={"generation": 1}) is False
+    assert handlers._results_read([Condition(type="Ready", status="True")], [], 1)[0].type == "Ready"  # untouched
