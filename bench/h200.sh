@@ -11,7 +11,8 @@
 #   bench/h200.sh latent-mfu  # DiT-XL/2 on 32x32x4 latents with cross-attention to 77 x 768 caption tokens
 #   bench/h200.sh encode      # the encode stage's SD-VAE (random weights) at 256 px: bench/encode_throughput.py
 #   bench/h200.sh eval10k     # examples/cifar10-h200.yaml with FID-10k and nothing beside the evaluation, then
-#                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured)
+#                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured);
+#                             # resumable: run it again in the next call when a call's time runs out
 #   bench/h200.sh text        # examples/cifar10-text-h200.yaml through ddm run: grids per prompt, FID-5k
 #   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
 #                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
@@ -20,7 +21,8 @@
 # (the diffusers wheel) and .device/minilm (all-MiniLM-L6-v2 with its weights stored as fp16, 45 MB instead of 91;
 # turned back into fp32 here: the encoder then runs on weights rounded to fp16).
 # The Inception weights (95.7 MB, over one call's transfer limit) travel in parts: .device/inc{0,1,2}/part, kept by
-# whichever call carries them and joined into /tmp/inception.pth once all three are there (`bench/h200.sh inception`).
+# whichever call carries them and joined into /tmp/inception.pth once all three are there (`bench/h200.sh inception`);
+# or its xz in two parts, .device/incxz{0,1}/part (`xz -9`, split so the first fits beside .whl and the shards).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/trainer:$PWD/operator PATH=/tmp/bin:$PATH
 export DDM_INCEPTION_WEIGHTS=/tmp/inception.pth
@@ -30,8 +32,14 @@ mkdir -p "$OUT"
 inception() {  # the parts wait in /tmp/inception-parts; the file appears only whole (a part is no Inception)
   mkdir -p /tmp/inception-parts
   for p in 0 1 2; do [ -f .device/inc$p/part ] && cp .device/inc$p/part /tmp/inception-parts/$p; done
+  for p in 0 1; do [ -f .device/incxz$p/part ] && cp .device/incxz$p/part /tmp/inception-parts/xz$p; done
   if [ ! -f /tmp/inception.pth ] && [ -f /tmp/inception-parts/0 ] && [ -f /tmp/inception-parts/1 ] && [ -f /tmp/inception-parts/2 ]; then
     cat /tmp/inception-parts/0 /tmp/inception-parts/1 /tmp/inception-parts/2 > /tmp/inception.pth.tmp && mv /tmp/inception.pth.tmp /tmp/inception.pth
+  fi
+  # or two parts of its xz (79.6 MB: with the wheels and the shards in the first call, two calls instead of three)
+  if [ ! -f /tmp/inception.pth ] && [ -f /tmp/inception-parts/xz0 ] && [ -f /tmp/inception-parts/xz1 ]; then
+    cat /tmp/inception-parts/xz0 /tmp/inception-parts/xz1 | python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.decompress(sys.stdin.buffer.read()))' \
+      > /tmp/inception.pth.tmp && mv /tmp/inception.pth.tmp /tmp/inception.pth
   fi
   ls -l /tmp/inception-parts /tmp/inception.pth 2>&1 | tail -n 5
 }
@@ -126,8 +134,10 @@ case "${1:-}" in
     cp bench/results/encode_throughput.json "$OUT/" 2>/dev/null
     ;;
   eval10k)
+    # resumable: without the Inception weights yet, the experts and router train and the evaluation stops at once
+    # (missing artifact); the same step once they are there runs the evaluation alone
     inception
-    rm -rf /tmp/cifar10-10k; [ -e datasets ] || ln -s /tmp/datasets datasets
+    [ -e datasets ] || ln -s /tmp/datasets datasets
     # the example's experts and router; FID-10k; no distillation, so nothing shares the GPU with the evaluation
     python3 - <<'PY'
 import yaml
@@ -138,9 +148,9 @@ s["spec"]["storage"]["uri"] = "/tmp/cifar10-10k"
 yaml.safe_dump(s, open("/tmp/cifar10-10k.yaml", "w"))
 PY
     start=$(date +%s)
-    timeout 480 ddm run /tmp/cifar10-10k.yaml --run-dir /tmp/cifar10-10k 2>&1 | tee "$OUT/eval10k-run.txt"
+    timeout "${RUN_TIMEOUT:-480}" ddm run /tmp/cifar10-10k.yaml --run-dir /tmp/cifar10-10k 2>&1 | tee "$OUT/eval10k-run.txt"
     echo "ddm run exited $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/eval10k-run.txt"
-    cp /tmp/cifar10-10k/evaluation/results.md /tmp/cifar10-10k/evaluation/results.json "$OUT/" 2>/dev/null
+    cp /tmp/cifar10-10k/evaluation/results.md /tmp/cifar10-10k/evaluation/results.json "$OUT/" 2>/dev/null || exit 0
     timeout 100 python3 bench/eval_throughput.py --from-run --run /tmp/cifar10-10k \
       --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" 2>&1 | tee "$OUT/eval_throughput.txt"
     cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
