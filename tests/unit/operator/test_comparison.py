@@ -100,3 +100,26 @@ def test_status_and_report_carry_the_students_ratio(tmp_path: Path) -> None:
     assert "**The distilled student against the monolith:** distilled student FID 42.00 vs the compute-matched " \
            "monolith 40.00: ratio 1.050" in md
     assert "| student |" in md
+
+
+def test_the_status_reads_the_table_again_once_the_students_row_is_committed() -> None:
+    """The operator reads a committed table once (it does not change), and once more when evaluate-student succeeded:
+    that commit holds the student's row."""
+    from ddm_operator.api.models import DecentralizedDiffusionStatus, Results, StrategyResult
+    from ddm_operator.k8s.handlers import _table_to_read
+    from ddm_operator.k8s.observe import JobState
+
+    def jobs(**phases: str) -> dict[str, JobState]:
+        return {key.replace("_", "-"): JobState(key.replace("_", "-"), 1, f"x-{key}-a1", phase)  # type: ignore[arg-type]
+                for key, phase in phases.items()}
+
+    def status(*rows: str) -> DecentralizedDiffusionStatus:
+        return DecentralizedDiffusionStatus(results=Results(fid=[StrategyResult(strategy=s, fid=1.0) for s in rows]))
+
+    empty = DecentralizedDiffusionStatus()
+    assert not _table_to_read(jobs(evaluate="Running"), empty)
+    assert _table_to_read(jobs(evaluate="Succeeded", distill="Running"), empty)
+    assert not _table_to_read(jobs(evaluate="Succeeded", distill="Running"), status("top1", "monolith"))
+    assert not _table_to_read(jobs(evaluate="Succeeded", evaluate_student="Running"), status("top1", "monolith"))
+    assert _table_to_read(jobs(evaluate="Succeeded", evaluate_student="Succeeded"), status("top1", "monolith"))
+    assert not _table_to_read(jobs(evaluate="Succeeded", evaluate_student="Succeeded"), status("top1", "student"))
