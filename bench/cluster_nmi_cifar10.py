@@ -52,15 +52,13 @@ def main() -> None:
     features = np.concatenate(chunks)  # (N, D)
     embed_s = time.perf_counter() - t0
     print(f"\n{len(keys)} images -> {features.shape} with {args.encoder}@{encoder.resolution} in {embed_s:.0f} s")
-    from ddm_trainer.clustering import import_faiss
+    import torch
 
-    faiss = import_faiss()
-
-    use_gpu = faiss.get_num_gpus() > 0
+    device = "cuda" if torch.cuda.is_available() else None  # as the cluster stage: torch k-means on its GPU
     tag_data = f"cifar10-train[{len(keys)}]"
     res = f"@{encoder.resolution}" if encoder.resolution else ""
     for k in args.ks:
-        km = [nmi(labels, hierarchical_kmeans(features, k, args.fine, s, use_gpu=use_gpu).cluster) for s in args.seeds]
+        km = [nmi(labels, hierarchical_kmeans(features, k, args.fine, s, device=device).cluster) for s in args.seeds]
         rnd = [nmi(labels, random_partition(len(keys), k, s)) for s in args.seeds]
         print(f"K={k}: NMI {args.encoder} k-means {np.mean(km):.3f} +- {np.std(km):.3f}, "
               f"random {np.mean(rnd):.4f} +- {np.std(rnd):.4f} (seeds {args.seeds})")

@@ -72,7 +72,7 @@ def open_parent(cfg: ClusterConfig) -> Parent:
     return Parent(pstore, k_parent, committed_experts(pstore), centroids)
 
 
-def grow_kmeans(features: np.ndarray, parent: Parent, cfg: ClusterConfig, use_gpu: bool) -> Clustering:
+def grow_kmeans(features: np.ndarray, parent: Parent, cfg: ClusterConfig, device: str | None = None) -> Clustering:
     """features (N, D) of the new data -> its clusters in the grown run's ids, and the centroids of both."""
     assert cfg.growth is not None
     fine_p, coarse_p = parent.centroids["fine"], parent.centroids["coarse"]
@@ -88,7 +88,7 @@ def grow_kmeans(features: np.ndarray, parent: Parent, cfg: ClusterConfig, use_gp
         counts = counts_p + np.bincount(fine, minlength=len(fine_p))
         return Clustering(f2c_p[fine], fine, fine_p, coarse_p, f2c_p, counts, len(fine_p))
     new = hierarchical_kmeans(features, cfg.num_clusters - parent.num_clusters, cfg.fine_clusters, cfg.seed,
-                              cfg.kmeans_iters, cfg.max_cluster_fraction, use_gpu)
+                              cfg.kmeans_iters, cfg.max_cluster_fraction, device)
     k, f = parent.num_clusters, len(fine_p)
     return Clustering(new.cluster + k, new.fine + f, np.concatenate([fine_p, new.fine_centroids]),
                       np.concatenate([coarse_p, new.coarse_centroids]),

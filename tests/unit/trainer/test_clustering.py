@@ -129,3 +129,47 @@ def test_raw_pixels_ignores_brightness():
     x = torch.rand(2, 1, 32, 32) * 0.5 - 0.5
     a, b = enc.embed(x), enc.embed(x + 0.3)
     assert enc.dim == 256 and np.allclose(a, b, atol=1e-5)
+
+
+def _inertia(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> float:
+    return float(((x.astype(np.float64) - centroids[assign]) ** 2).sum())
+
+
+def test_torch_kmeans_gives_the_faiss_result_for_the_same_seed(fashion_mnist_shards) -> None:
+    """The cluster stage's GPU path (torch, run here on CPU tensors) against its CPU path (faiss): the tolerance
+    kmeans_torch states, >= 99% identical labels and the objective within 0.1%, on 2000 Fashion-MNIST images as
+    16x16 pixels; exactly faiss's result where faiss splits clusters left empty (duplicate points)."""
+    from ddm_trainer.clustering import _kmeans, faiss_perm_prefix
+    from ddm_trainer.configs.common import DataConfig
+    from ddm_trainer.data import open_source
+
+    torch.set_num_threads(2)
+    source = open_source(DataConfig(uri=str(fashion_mnist_shards), image_size=16, channels=1))
+    x = source.load(source.keys()).images.reshape(2000, -1).numpy()  # (2000, 256)
+    for k in (51, 4):  # 4: k-means trains on a seeded sample of 4 * 256 of the 2000 points
+        c_faiss, a_faiss = _kmeans(x, k, 20, seed=1)
+        c_torch, a_torch = _kmeans(x, k, 20, seed=1, device="cpu")
+        assert (a_faiss == a_torch).mean() >= 0.99, (k, (a_faiss == a_torch).mean())
+        assert _inertia(x, c_torch, a_torch) == pytest.approx(_inertia(x, c_faiss, a_faiss), rel=1e-3)
+    cpu = hierarchical_kmeans(x, num_clusters=4, fine_clusters=51, seed=0)
+    gpu_path = hierarchical_kmeans(x, num_clusters=4, fine_clusters=51, seed=0, device="cpu")
+    assert (cpu.fine == gpu_path.fine).mean() >= 0.99 and (cpu.cluster == gpu_path.cluster).mean() >= 0.99
+    # 81 distinct points, 64 centroids seeded from 3000 of them: duplicate seeds leave clusters empty, and both
+    # paths split the same clusters for them (faiss's rule and random stream)
+    dups = np.random.default_rng(0).integers(0, 3, (3000, 4)).astype(np.float32)
+    seeds = dups[faiss_perm_prefix(3000, 64, 0 + 1)]  # faiss's seeds for seed 0
+    assert len(np.unique(seeds, axis=0)) < 64
+    c_faiss, a_faiss = _kmeans(dups, 64, 20, seed=0)
+    c_torch, a_torch = _kmeans(dups, 64, 20, seed=0, device="cpu")
+    assert np.array_equal(a_faiss, a_torch) and np.allclose(c_faiss, c_torch, rtol=0, atol=1e-6)
+
+
+def test_the_torch_path_draws_faiss_s_samples_and_seeds() -> None:
+    """faiss_perm_prefix is the start of faiss's own rand_perm (which picks k-means' training sample and seeds)."""
+    from ddm_trainer.clustering import faiss_perm_prefix, import_faiss
+
+    faiss = import_faiss()
+    for n, m, seed in [(10, 10, 1), (1000, 64, 2), (100_000, 5000, 1235)]:
+        perm = np.empty(n, dtype=np.int32)
+        faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
+        assert np.array_equal(faiss_perm_prefix(n, m, seed), perm[:m])

@@ -33,7 +33,7 @@ def _parent(k: int = 2) -> Parent:
 
 def test_nearest_assigns_through_the_parents_fine_centroids(tmp_path: Path) -> None:
     features = np.array([[0.9, 0.1], [10.2, 9.9], [0.1, -0.2]], dtype=np.float32)
-    got = grow_kmeans(features, _parent(), _cfg(tmp_path, 2, "nearest"), use_gpu=False)
+    got = grow_kmeans(features, _parent(), _cfg(tmp_path, 2, "nearest"))
     assert got.cluster.tolist() == [0, 1, 0] and got.fine.tolist() == [1, 2, 0]
     assert got.fine_counts.tolist() == [41, 41, 41, 40]  # the parent's counts and the new samples
 
@@ -41,7 +41,7 @@ def test_nearest_assigns_through_the_parents_fine_centroids(tmp_path: Path) -> N
 def test_new_clusters_are_numbered_after_the_parents(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     features = np.concatenate([rng.normal(-20, 0.1, (60, 2)), rng.normal(30, 0.1, (60, 2))]).astype(np.float32)
-    got = grow_kmeans(features, _parent(), _cfg(tmp_path, 4), use_gpu=False)
+    got = grow_kmeans(features, _parent(), _cfg(tmp_path, 4))
     assert set(got.cluster.tolist()) == {2, 3}  # two new clusters, after the parent's 0 and 1
     assert got.cluster[:60].tolist() == [got.cluster[0]] * 60  # each blob one cluster
     assert len(got.coarse_centroids) == 4 and got.fine_to_coarse[:4].tolist() == [0, 0, 1, 1]

@@ -21,7 +21,7 @@ import torch
 from .. import layout
 from ..cluster_shards import CaptionEncoding, LatentEncoding, load_shard_index, write_cluster_shards
 from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments, Clustering, examples_grid,
-                          hierarchical_kmeans, import_faiss, load_assignments, nmi, random_partition)
+                          hierarchical_kmeans, load_assignments, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
 from ..data import Source, open_source
 from ..encode import Encoders, Parts, encode_parts
@@ -178,13 +178,13 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
 
     if encoder is not None:
         features = parts.features()  # (N, F), in the source's order
-        use_gpu = import_faiss().get_num_gpus() > 0 and rt.device.type == "cuda"
+        kmeans_device = str(rt.device) if rt.device.type == "cuda" else None  # torch k-means on the GPU, else faiss
         reporter.event("progress", step=len(keys), phase="kmeans")
         if parent is not None:
-            result = grow_kmeans(features, parent, cfg, use_gpu)
+            result = grow_kmeans(features, parent, cfg, kmeans_device)
         else:
             result = hierarchical_kmeans(features, cfg.num_clusters, cfg.fine_clusters, cfg.seed, cfg.kmeans_iters,
-                                         cfg.max_cluster_fraction, use_gpu)
+                                         cfg.max_cluster_fraction, kmeans_device)
     else:
         cluster = random_partition(len(keys), cfg.num_clusters, cfg.seed) if parent is None \
             else grow_random(len(keys), parent, cfg)
