@@ -68,8 +68,8 @@ def world_size(spec: DecentralizedDiffusionSpec, key: StageKey) -> tuple[int, in
         return 1, max(spec.router.gpus_per_node, 1)
     if key.stage in ("evaluate", "evaluate-student"):
         return 1, max(spec.evaluation.gpus_per_node, 1)
-    if key.stage == "cluster":  # its pod has the experts' GPUs (default placement): the encode step uses them all
-        return 1, max(spec.experts.gpus_per_node, 1)
+    if key.stage == "cluster":  # its pods have the experts' GPUs (default placement): the encode step uses them all
+        return spec.clustering.nodes, max(spec.experts.gpus_per_node, 1)
     return 1, 1
 
 

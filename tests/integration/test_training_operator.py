@@ -208,6 +208,37 @@ def test_suspend_stops_the_running_pods_and_resume_finishes_the_same_attempts(fl
     assert all(e["retries"] == 0 and e["phase"] == "Succeeded" for e in status["experts"]), status["experts"]
 
 
+def test_the_encode_step_spreads_over_clustering_nodes_pods(fleet: Harness, tmp_path: Path) -> None:
+    """clustering.nodes 3: the cluster stage is one PyTorchJob of a Master and 2 Workers on GPU nodes, and the
+    training operator gives each pod the torch environment (pkg/controller.v1/pytorch/envvar.go setPodEnv:
+    WORLD_SIZE = replicas x nprocPerNode (unset: 1), RANK and PET_NODE_RANK = 0 for the master, 1 + index for a
+    worker, PET_NNODES = replicas; master.go: MASTER_ADDR = <job>-master-0); the command rendezvouses there with
+    --nnodes=3, so ddm-launch gives every process of every pod its own rank and encode.py a disjoint share of
+    the parts."""
+    h, kind = fleet, BACKENDS["pytorchjob"]
+    spec = fleet_spec(2, tmp_path, clustering={"nodes": 3})
+    h.create("enc", spec)
+    h.wait_phase("enc", "Succeeded", timeout=120)
+    name = "enc-cluster-a1"
+    replicas = jobs_of(h, kind)[name]["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2), replicas
+    pods = h.core.list_namespaced_pod(h.ns, label_selector=f"{kind.pod_job_label}={name}").items
+    assert len(pods) == 3 and {p.status.phase for p in pods} == {"Succeeded"}, pods
+    ranks = []
+    for pod in pods:
+        [container] = pod.spec.containers
+        env = {e.name: e.value for e in container.env}
+        assert (env["WORLD_SIZE"], env["PET_NNODES"], env["MASTER_ADDR"]) == ("3", "3", f"{name}-master-0"), env
+        assert env["RANK"] == env["PET_NODE_RANK"]
+        ranks.append(int(env["RANK"]))
+        assert pod.spec.node_name.startswith("tainted-")  # the experts' placement, with their GPU
+        assert container.resources.limits["nvidia.com/gpu"] == "1"
+        command = container.command + (container.args or [])
+        assert command[:4] == ["ddm-launch", "--nnodes=3", "--nproc-per-node=1", "--rdzv-backend=c10d"], command
+        assert "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in command and command[-3] == "cluster", command
+    assert sorted(ranks) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("job_backend", ["trainjob"])
 def test_trainjob_multi_node_experts_rendezvous_where_trainer_v2_says(fleet: Harness, tmp_path: Path) -> None:
     """Experts on 2 nodes: Trainer v2 makes one indexed Job of 2 pods per expert and injects the torch

@@ -20,6 +20,7 @@ import (
 	"volcano.sh/apis/pkg/apis/scheduling/v1beta1"
 
 	kubeflowv1 "github.com/kubeflow/training-operator/pkg/apis/kubeflow.org/v1"
+	"github.com/kubeflow/training-operator/pkg/config"
 	controllerv1 "github.com/kubeflow/training-operator/pkg/controller.v1"
 	"github.com/kubeflow/training-operator/pkg/controller.v1/common"
 )
@@ -29,6 +30,15 @@ func main() {
 	flag.IntVar(&threads, "controller-threads", 4, "worker threads of the PyTorchJob controller")
 	flag.IntVar(&qps, "kube-api-qps", 50, "client QPS")
 	flag.IntVar(&burst, "kube-api-burst", 100, "client burst")
+	// the PyTorch flags of upstream's main, with its defaults: a Worker's init container (waiting for the master's
+	// DNS name, pkg/controller.v1/pytorch/initcontainer.go) takes its image from them, and without one the pod is
+	// invalid (spec.initContainers[0].image: Required value)
+	flag.StringVar(&config.Config.PyTorchInitContainerImage, "pytorch-init-container-image",
+		config.PyTorchInitContainerImageDefault, "The image for pytorch init container")
+	flag.StringVar(&config.Config.PyTorchInitContainerTemplateFile, "pytorch-init-container-template-file",
+		config.PyTorchInitContainerTemplateFileDefault, "The template file for pytorch init container")
+	flag.IntVar(&config.Config.PyTorchInitContainerMaxTries, "pytorch-init-container-max-tries",
+		config.PyTorchInitContainerMaxTriesDefault, "The number of tries for the pytorch init container")
 	opts := zap.Options{Development: true, StacktraceLevel: zapcore.DPanicLevel}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()

@@ -394,6 +394,9 @@ class ClusteringSpec(SpecModel):
         None, gt=0, le=1, description="Balance bound: no cluster above this share of the data (times numClusters >= 1)")
     method: Literal["kmeans", "random"] = Field("kmeans", description="kmeans on features, or random (an ablation)")
     seed: int = Field(0, ge=0, le=INT64_MAX, description="Seed of the k-means initialisation")
+    nodes: int = Field(1, ge=1, le=1024, description="Pods the encode step (image features, caption embeddings, "
+                       "latents) spreads over, each with the experts' gpusPerNode processes encoding disjoint parts "
+                       "of the data; k-means then runs on the first pod")
 
 
 class ExpertsSpec(SpecModel):

@@ -141,6 +141,13 @@ def test_command_uses_torchrun_for_several_gpus_and_nodes() -> None:
     cluster = stage_command(_spec(experts__gpusPerNode=8).spec, CLUSTER, "c.yaml")
     assert cluster[0] == "ddm-launch" and "--nproc-per-node=8" in cluster and cluster[-3] == "cluster"
     assert stage_command(_spec(experts__gpusPerNode=0).spec, CLUSTER, "c.yaml")[0] == "ddm-train"
+    # clustering.nodes: the encode step over that many pods, rendezvousing at the job's master
+    from ddm_operator.stages import world_size
+
+    spread = _spec(experts__gpusPerNode=8, clustering__nodes=3).spec
+    assert world_size(spread, CLUSTER) == (3, 8)
+    cluster = stage_command(spread, CLUSTER, "c.yaml")
+    assert "--nnodes=3" in cluster and "--rdzv-endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in cluster
 
 
 def test_run_uri_namespaces_cluster_objects() -> None:
