@@ -834,8 +834,9 @@ def next_look(requeue_after: float | None, latest: dict[str, JobState], watched:
 
 
 def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    remember(_custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
-                                                             {"status": status}))
+    body = _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+    body.get("metadata", {}).pop("managedFields", None)
+    remember(body)
 
 
 # ---------------------------------------------------------------- kopf wiring
@@ -986,7 +987,9 @@ async def on_ddm_event(event: dict[str, Any], meta: kopf.Meta, status: kopf.Stat
         with _bodies_guard:
             _bodies.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
     elif isinstance(event.get("object"), dict):
-        remember(copy.deepcopy(event["object"]))
+        body = copy.deepcopy(event["object"])
+        body.get("metadata", {}).pop("managedFields", None)  # never read; most of a DDM's size after a few writes
+        remember(body)
     if meta.get("generation") != status.get("observedGeneration"):
         _wake(uid)
 

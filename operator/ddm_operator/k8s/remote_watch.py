@@ -47,10 +47,18 @@ def _version(obj: dict[str, Any]) -> int:
         return -1
 
 
+KEPT_METADATA = ("name", "namespace", "uid", "labels", "resourceVersion", "creationTimestamp", "deletionTimestamp")
+
+
 def _slim(job: dict[str, Any]) -> dict[str, Any]:
-    """The job without managedFields (most of its size; nothing reads them): a fleet's index stays small."""
-    meta = {k: v for k, v in (job.get("metadata") or {}).items() if k != "managedFields"}
-    return {**job, "metadata": meta}
+    """What observe.job_state reads of a job: its identity and labels, whether it is suspended, its status. The pod
+    templates and managedFields are most of a job's size: kept whole, 1,100 jobs held 40 MiB more at 100x8."""
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    return {"apiVersion": job.get("apiVersion"), "kind": job.get("kind"),
+            "metadata": {k: meta[k] for k in KEPT_METADATA if k in meta},
+            "spec": {"runPolicy": {"suspend": (spec.get("runPolicy") or {}).get("suspend")}, "suspend": spec.get("suspend")},
+            "status": job.get("status") or {}}
 
 
 class _Index:

@@ -154,3 +154,23 @@ def test_a_finished_ddm_whose_results_the_store_did_not_give_keeps_its_reconcile
     assert handlers.needs_reconciler(status={**done, "conditions": [c.to_wire() for c in read]},
                                      meta={"generation": 1}) is False
     assert handlers._results_read([Condition(type="Ready", status="True")], [], 1)[0].type == "Ready"  # untouched
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_the_job_index_keeps_all_that_a_pass_reads_of_a_job(queued: bool) -> None:
+    """The index holds jobs without their pod templates (memory at 100 DDMs x K=8); a pass must read the same state
+    from the slim copy as from the whole job, for both backends."""
+    from ddm_operator.k8s.observe import job_state
+    from ddm_operator.k8s.remote_watch import _slim
+
+    whole = job("j1", "Created", "Running", suspend=True, queue=queued)
+    whole.update(apiVersion="kubeflow.org/v1", kind="PyTorchJob")
+    whole["metadata"].update(managedFields=[{"manager": "x"}], resourceVersion="7", creationTimestamp="2026-01-01T00:00:00Z")
+    whole["spec"]["pytorchReplicaSpecs"] = {"Master": {"template": {"spec": {"containers": [{"name": "pytorch"}]}}}}
+    whole["status"]["startTime"] = "2026-01-01T00:00:01Z"
+    slim = _slim(whole)
+    assert "pytorchReplicaSpecs" not in slim["spec"] and "managedFields" not in slim["metadata"]
+    assert job_state(slim) == job_state(whole) and job_state(slim).phase in ("Queued", "Suspended")
+    trainjob = {**whole, "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "spec": {"suspend": False},
+                "status": {"jobsStatus": [{"active": 1}]}}
+    assert job_state(_slim(trainjob)) == job_state(trainjob) and job_state(trainjob).phase == "Running"
