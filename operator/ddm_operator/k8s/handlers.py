@@ -95,12 +95,28 @@ def _lock(uid: str) -> threading.Lock:
 # ---------------------------------------------------------------- API access (thin wrappers)
 
 
+POOL_SIZE = 64  # connections kept per cluster: MAX_WORKERS passes x LAUNCH_THREADS creates, and the watches
+_own: list[Any] = []  # the one ApiClient of the operator's own cluster
+
+
+def own_client() -> Any:
+    """One ApiClient for the operator's own cluster, shared by every pass and watch: ``CustomObjectsApi()`` without
+    one makes a new ApiClient, hence a new connection pool and a TLS handshake, at every call."""
+    if not _own:
+        with _locks_guard:
+            if not _own:
+                configuration = k8s.Configuration.get_default_copy()
+                configuration.connection_pool_maxsize = POOL_SIZE
+                _own.append(k8s.ApiClient(configuration))
+    return _own[0]
+
+
 def _custom(api_client: Any = None) -> k8s.CustomObjectsApi:
-    return k8s.CustomObjectsApi(api_client)
+    return k8s.CustomObjectsApi(api_client or own_client())
 
 
 def _core(api_client: Any = None) -> k8s.CoreV1Api:
-    return k8s.CoreV1Api(api_client)
+    return k8s.CoreV1Api(api_client or own_client())
 
 
 def _create_or_adopt(create: Any, read: Any) -> dict[str, Any]:
@@ -111,11 +127,11 @@ def _create_or_adopt(create: Any, read: Any) -> dict[str, Any]:
         if exc.status != 409:
             raise
         out = read()
-    return out if isinstance(out, dict) else k8s.ApiClient().sanitize_for_serialization(out)
+    return out if isinstance(out, dict) else own_client().sanitize_for_serialization(out)
 
 
 def _client_for(namespace: str, cluster: str | None) -> Any:
-    return None if cluster is None else _clusters.get(_core(), namespace, cluster)
+    return own_client() if cluster is None else _clusters.get(_core(), namespace, cluster)
 
 
 def _deadline(cluster: str | None) -> dict[str, Any]:
@@ -148,7 +164,7 @@ def _pods_of(api_client: Any, namespace: str, job: dict[str, Any], **kw: Any) ->
     failed JobSet's Jobs and their pods stay until the TrainJob is deleted)."""
     selector = f"{BACKEND.pod_job_label}={job['metadata']['name']}"
     pods = _core(api_client).list_namespaced_pod(namespace, label_selector=selector, **kw).items
-    return [k8s.ApiClient().sanitize_for_serialization(p) for p in pods]
+    return [own_client().sanitize_for_serialization(p) for p in pods]
 
 
 def _placements(spec: DecentralizedDiffusionSpec) -> list[Placement]:

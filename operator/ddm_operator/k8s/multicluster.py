@@ -22,6 +22,7 @@ FORBIDDEN_USER_FIELDS = ("exec", "auth-provider", "tokenFile", "token-file", "cl
                          "username", "password")
 FORBIDDEN_CLUSTER_FIELDS = ("insecure-skip-tls-verify", "certificate-authority")
 REQUEST_RETRIES = 1
+POOL_SIZE = 64
 
 
 def validate_kubeconfig(config: Any, where: str) -> dict[str, Any]:
@@ -108,6 +109,7 @@ class ClusterClients:
         # urllib3 retries a timed-out GET or DELETE 3 times by default: with the callers' per-request timeout that
         # would make a dead member cost four timeouts per request; one retry covers a dropped connection.
         configuration.retries = REQUEST_RETRIES
+        configuration.connection_pool_maxsize = POOL_SIZE  # passes x launch threads at once, as for our own cluster
         api_client = k8s_config.new_client_from_config_dict(config, client_configuration=configuration)
         with self._lock:  # one client per Secret version, whoever made it first: the job index is tied to it
             held = self._clients.get((namespace, secret_name))
