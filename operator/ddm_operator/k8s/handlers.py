@@ -38,6 +38,7 @@ from typing import Any
 import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from urllib3.exceptions import HTTPError as ApiTransportError
 
 from ddm_trainer import layout
 from ddm_trainer.errors import DDMError, MissingArtifactError
@@ -813,7 +814,7 @@ def _launch_in(spec: DecentralizedDiffusionSpec, owner: b.Owner, action: pl.Laun
         _launch(req)
     except (DDMError, ClusterUnreachable):
         raise
-    except Exception as exc:
+    except (ApiTransportError, OSError, k8s.ApiException) as exc:
         cluster = req.placement.target_cluster
         answered = isinstance(exc, k8s.ApiException) and exc.status not in (401, 403) and 0 < (exc.status or 0) < 500
         if cluster is None or answered:
