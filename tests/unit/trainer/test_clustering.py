@@ -137,8 +137,8 @@ def _inertia(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> float:
 
 def test_torch_kmeans_gives_the_faiss_result_for_the_same_seed(fashion_mnist_shards) -> None:
     """The cluster stage's GPU path (torch, run here on CPU tensors) against its CPU path (faiss): the tolerance
-    kmeans_torch states, >= 99% identical labels and the objective within 0.1%, on 2000 Fashion-MNIST images as
-    16x16 pixels; exactly faiss's result where faiss splits clusters left empty (duplicate points)."""
+    kmeans_torch states for well-separated data, >= 99% identical labels and the objective within 0.1%, on 2000
+    Fashion-MNIST images as 16x16 pixels; exactly faiss's result where faiss splits clusters left empty."""
     from ddm_trainer.clustering import _kmeans, faiss_perm_prefix
     from ddm_trainer.configs.common import DataConfig
     from ddm_trainer.data import open_source
