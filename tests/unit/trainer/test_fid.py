@@ -86,3 +86,23 @@ def test_fid_and_kid_on_the_gpu_match_the_cpu() -> None:
     assert fid.fid_from_features(real, fake, "cuda") == pytest.approx(fid.fid_from_features(real, fake), rel=1e-9)
     kid_gpu = fid.kid_from_features(real, fake, 1000, 20, 0, "cuda")
     assert kid_gpu == pytest.approx(fid.kid_from_features(real, fake, 1000, 20, 0), rel=1e-9)
+
+
+def test_a_short_last_chunk_is_padded_to_the_batch_shape_and_its_features_unchanged() -> None:
+    """Every extractor call sees the same batch shape (no cuDNN re-tuning); the padding's features are dropped."""
+    shapes: list[tuple[int, ...]] = []
+
+    class Pool(torch.nn.Module):  # a per-image feature (mean colour), as Inception's are per image
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shapes.append(tuple(x.shape))
+            return x.float().mean(dim=(2, 3)) * self.w  # (b, 3)
+
+    images = torch.rand(7, 3, 8, 8) * 2 - 1
+    feats = fid.extract_features(Pool(), images, batch_size=3)
+    assert shapes == [(3, 3, 8, 8)] * 3  # 3 + 3 + 1 padded to 3
+    one_by_one = torch.cat([fid.extract_features(Pool(), images[i : i + 1], batch_size=3) for i in range(7)])
+    assert feats.shape == (7, 3) and torch.equal(feats, one_by_one)
