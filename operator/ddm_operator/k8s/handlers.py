@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import kopf
@@ -77,7 +77,10 @@ REMOTE_REQUEST_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_REQUEST_TIMEOUT_S", 
 ERROR_BACKOFF_S = 10.0
 MAX_WORKERS = int(os.environ.get("DDM_MAX_WORKERS", "8"))  # passes at once (each mostly waits on API requests)
 TERMINAL_PHASES = ("Succeeded", "Degraded", "Failed")
-LAUNCH_THREADS = 4
+# Creates (a stage's ConfigMap, then its job) of every pass share one bounded pool: a pass that launches K experts +
+# router sends all of them at once (two requests deep, not ceil(9 / 4) x 2), and the operator as a whole never has
+# more than this many creates in flight, however many passes launch together.
+LAUNCH_THREADS = int(os.environ.get("DDM_LAUNCH_THREADS", "32"))
 CONFIG_PATH = f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"
 log = logging.getLogger("ddm_operator")
 
@@ -96,8 +99,17 @@ def _lock(uid: str) -> threading.Lock:
 # ---------------------------------------------------------------- API access (thin wrappers)
 
 
-POOL_SIZE = 64  # connections kept per cluster: MAX_WORKERS passes x LAUNCH_THREADS creates, and the watches
+POOL_SIZE = 64  # connections kept per cluster: LAUNCH_THREADS creates, MAX_WORKERS passes, and the watches
 _own: list[Any] = []  # the one ApiClient of the operator's own cluster
+_launcher: list[ThreadPoolExecutor] = []  # the one pool of creates, shared by every pass
+
+
+def launcher() -> ThreadPoolExecutor:
+    if not _launcher:
+        with _locks_guard:
+            if not _launcher:
+                _launcher.append(ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="ddm-launch"))
+    return _launcher[0]
 
 
 def own_client() -> Any:
@@ -740,11 +752,10 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
     plan = pl.plan(spec, observed)
     launches = [a for a in plan.actions if isinstance(a, (pl.Launch, pl.Retry))]
     if launches:  # independent children: create them side by side (K experts + router at once)
-        with ThreadPoolExecutor(max_workers=min(len(launches), LAUNCH_THREADS)) as pool:
-            try:
-                list(pool.map(lambda a: _launch_in(spec, owner, a), launches))
-            except ClusterUnreachable as exc:  # what was created is adopted by the next pass (409)
-                return _unreachable(body, old, generation, exc)
+        try:
+            _launch_all(spec, owner, launches)
+        except ClusterUnreachable as exc:  # what was created is adopted by the next pass (409)
+            return _unreachable(body, old, generation, exc)
     for action in plan.actions:
         if isinstance(action, (pl.Launch, pl.Retry)):
             latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
@@ -804,6 +815,18 @@ def _results_read(conditions: list[Any], unread: list[str], generation: int | No
     else:
         return conditions
     return pl.merge_conditions(conditions, [update], _now_rfc3339(), generation)
+
+
+def _launch_all(spec: DecentralizedDiffusionSpec, owner: b.Owner, launches: list[pl.Launch | pl.Retry]) -> None:
+    """Launch every stage at once in the shared pool; return when all are done (the pass ends with no create of
+    its own in flight, so the next pass of this DDM never races one), then raise the first failure in plan order.
+    Each stage's ConfigMap still precedes the job that mounts it; names are deterministic, so a create cut short
+    (an error, a SIGKILL) is adopted by the next pass (409)."""
+    futures = [launcher().submit(_launch_in, spec, owner, action) for action in launches]
+    wait(futures)
+    for future in futures:
+        if (exc := future.exception()) is not None:
+            raise exc
 
 
 def _launch_in(spec: DecentralizedDiffusionSpec, owner: b.Owner, action: pl.Launch | pl.Retry) -> None:
