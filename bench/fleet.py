@@ -182,7 +182,8 @@ class Fleet:
                                                             "stringData": {"kubeconfig": remote}})
         env = {name: f"{value:g}" for name, value in (("DDM_RECONCILE_INTERVAL_S", self.args.interval),
                                                       ("DDM_REMOTE_INTERVAL_S", self.args.remote_interval),
-                                                      ("DDM_MAX_WORKERS", self.args.max_workers)) if value}
+                                                      ("DDM_MAX_WORKERS", self.args.max_workers),
+                                                      ("DDM_LAUNCH_THREADS", self.args.launch_threads)) if value}
         self.operator = OperatorProcess(self.a.user_kubeconfig(OPERATOR_USER, ["system:masters"]), NAMESPACE,
                                         self.work / "operator.log", env, verbose=self.args.verbose)
         self.operator.start()
@@ -707,6 +708,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store-unreachable", action="store_true",
                         help="the run store is s3:// at an endpoint that refuses connections, the whole run")
     parser.add_argument("--max-workers", type=int, default=None, help="DDM_MAX_WORKERS: passes at once (default: the operator's)")
+    parser.add_argument("--launch-threads", type=int, default=None,
+                        help="DDM_LAUNCH_THREADS: creates in flight at once, all passes together (default: the operator's)")
     parser.add_argument("--verbose", action="store_true", help="the operator's debug log (operator.log in the work dir)")
     return parser
 
@@ -736,6 +739,7 @@ def main() -> None:
 
     tag = f"{args.ddms}x{args.experts}, {args.nodes} nodes, 2 clusters, run {args.run_ms} ms" + (
         f", faults {args.faults}" if args.faults else "") + (f", {args.max_workers} workers" if args.max_workers else "") + (
+        f", {args.launch_threads} launch threads" if args.launch_threads else "") + (
         ", store unreachable" if args.store_unreachable else "")
 
     def rec(metric: str, value: float, unit: str, reference: float | None = None) -> None:
