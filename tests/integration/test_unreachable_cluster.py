@@ -34,6 +34,15 @@ CLEANUP_TIMEOUT_S = 4.0  # DDM_REMOTE_CLEANUP_TIMEOUT_S of this test's operator
 REQUEST_TIMEOUT_S = 2.0  # DDM_REMOTE_REQUEST_TIMEOUT_S: one hung request to b costs at most 2 tries of this
 
 
+def expert_one_in_b(h: Harness, remote: Harness, name: str, tmp_path: Path) -> None:
+    """A DDM of K=2 whose expert 1 trains in member cluster b: created, its clustering done, that expert's job in b."""
+    h.create(name, ddm_spec(2, tmp_path, experts={
+        "overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]}))
+    h.wait_jobs(f"{name}-cluster-a1")
+    h.succeed(f"{name}-cluster-a1")
+    remote.wait_jobs(f"{name}-expert-001-a1")
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A loopback port whose listener never accepts: the kernel completes the TCP handshake, the TLS hello is
@@ -66,11 +75,7 @@ def test_deleting_a_ddm_whose_member_cluster_hangs_ends_within_the_bound(
         remote = Harness(k8s_cluster_b, ns)
         op.start()
         try:
-            h.create("far", ddm_spec(2, tmp_path, experts={
-                "overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]}))
-            h.wait_jobs("far-cluster-a1")
-            h.succeed("far-cluster-a1")
-            remote.wait_jobs("far-expert-001-a1")
+            expert_one_in_b(h, remote, "far", tmp_path)
             uid = h.ddm("far")["metadata"]["uid"]  # type: ignore[index]
             # b stops answering: same cluster, same credentials, a server address where nothing ever replies
             hung = yaml.safe_load(kubeconfig)
@@ -132,11 +137,7 @@ def test_expired_member_credentials_are_named_in_the_status_and_a_fixed_secret_i
         remote = Harness(k8s_cluster_b, ns)
         op.start()
         try:
-            h.create("cred", ddm_spec(2, tmp_path, experts={
-                "overrides": [{"experts": [1], "placement": {"targetCluster": "cluster-b"}}]}))
-            h.wait_jobs("cred-cluster-a1")
-            h.succeed("cred-cluster-a1")
-            remote.wait_jobs("cred-expert-001-a1")
+            expert_one_in_b(h, remote, "cred", tmp_path)
             h.wait_jobs("cred-expert-000-a1", "cred-router-a1")
             put_secret(yaml.safe_dump(expired))
             cond = wait_for(lambda: (c := reachable()).get("status") == "False" and c, "ClustersReachable=False")
