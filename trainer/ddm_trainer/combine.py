@@ -1,8 +1,8 @@
 """How router probabilities become per-expert weights: the DDM combination strategies, as pure tensor functions.
 
 ``parse_strategy("top-2")`` gives a ``Strategy``; ``expert_weights(p, strategy, generator)`` maps router
-probabilities p (B, K) to weights w (B, K) whose rows sum to 1; ``needed_experts(w)`` lists the experts that
-some sample in the batch actually uses, so only those are evaluated.
+probabilities p (B, K) to weights w (B, K) whose rows sum to 1; ``routed_counts(w)`` gives how many samples
+of the batch each expert gets, so only the experts some sample uses are evaluated.
 
 Strategy strings: ``full`` | ``top1`` / ``top-1`` | ``top-K`` | ``sample-K[@T]`` | ``nucleus-P[@T]`` | ``oracle-C``,
 where K is an expert count, P a probability mass in (0, 1], T a temperature > 0 (default 1), C a cluster index.
@@ -173,8 +173,7 @@ def expert_weights(p: torch.Tensor, strategy: Strategy, generator: torch.Generat
     return oracle_weights(p.shape[0], p.shape[1], strategy.cluster, like=p)
 
 
-def needed_experts(w: torch.Tensor) -> list[int]:
-    """Experts with a nonzero weight for at least one sample of the batch, ascending."""
-    import torch
-
-    return torch.nonzero((w > 0).any(dim=0)).flatten().tolist()
+def routed_counts(w: torch.Tensor) -> list[int]:
+    """Samples of the batch with a nonzero weight on each expert, (K,) on the host: one device sync for the whole
+    split (the sampler sizes every expert's batch from it instead of syncing on a nonzero per expert)."""
+    return [int(n) for n in (w > 0).sum(dim=0).tolist()]

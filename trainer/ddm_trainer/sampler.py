@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Sequence, Union, cast
 import torch
 from torch import nn
 
-from .combine import Strategy, expert_weights, parse_strategy
+from .combine import Strategy, expert_weights, parse_strategy, routed_counts
 from .errors import ConfigError
 from .flow import ode_sample
 
@@ -193,10 +193,7 @@ class CombinedSampler:
         u = torch.zeros_like(x)
         shape = (-1, *([1] * (x.dim() - 1)))
         routed = w > 0  # (B, K)
-        # One host sync per step (the sizes of the experts' batches), not one per expert: the GPU would idle while
-        # the host waits on each expert's nonzero before launching the next one.
-        counts = routed.sum(dim=0).tolist()  # (K,) samples per expert
-        for k, n in enumerate(counts):
+        for k, n in enumerate(routed_counts(w)):  # one host sync per step, not one per expert
             if n == 0:
                 continue
             if n == x.shape[0]:  # the whole batch: no gather/scatter copies

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddm_trainer.combine import Strategy, expert_weights, needed_experts, parse_strategy
+from ddm_trainer.combine import Strategy, expert_weights, parse_strategy, routed_counts
 from ddm_trainer.errors import ConfigError
 
 P = torch.tensor([
@@ -57,9 +57,9 @@ def test_top1_and_top2():
     assert torch.equal(w1, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]], dtype=torch.float64))
     w2 = expert_weights(P[:2], parse_strategy("top-2"))
     assert torch.allclose(w2, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.25 / 0.85, 0.6 / 0.85]], dtype=torch.float64))
-    assert needed_experts(w1) == [0, 3]
-    assert needed_experts(w2) == [0, 1, 2, 3]
-    assert needed_experts(expert_weights(P[:1], parse_strategy("top-2"))) == [0, 1]
+    assert routed_counts(w1) == [1, 0, 0, 1]  # experts 0 and 3 evaluated, on one sample each
+    assert routed_counts(w2) == [1, 1, 1, 1]
+    assert routed_counts(expert_weights(P[:1], parse_strategy("top-2"))) == [1, 1, 0, 0]
 
 
 def test_nucleus_keeps_smallest_set_reaching_the_mass():
