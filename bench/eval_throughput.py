@@ -75,7 +75,7 @@ def run_stage(args: argparse.Namespace) -> tuple[Path, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished run directory")
-    parser.add_argument("--data", required=True, help="the run's dataset.uri (reference images)")
+    parser.add_argument("--data", help="the run's dataset.uri (reference images); not with --from-run")
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strategies", default="full,top1,top-2,nucleus-0.9")
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                              "nothing beside it) instead of running the stage again on a copy")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if not args.from_run and not args.data:
+        parser.error("--data is needed to run the evaluation stage (or measure a committed one with --from-run)")
     from ddm_trainer.stages.sample import sampler_for
     from ddm_trainer.store import open_store
 
