@@ -13,13 +13,22 @@ launcher itself (a preemption; torchrun passes it to the workers, which checkpoi
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 __all__ = ["main", "telling_exit_code"]
 
 
 def telling_exit_code(exitcodes: list[int]) -> int:
-    """Failed workers' exit codes (negative: killed by that signal) -> the one code the stage exits with."""
+    """Failed workers' exit codes (negative: killed by that signal) -> the one code the stage exits with.
+
+    A worker that ended by SIGTERM while the launcher itself got no signal was stopped by torchrun, which SIGTERMs
+    the still-running peers of the first failed worker and records their -15 next to it (``_poll`` then ``_close``
+    in torch/distributed/elastic/multiprocessing/api.py); so those codes count only when nothing else failed.
+    """
+    torchrun_teardown = -int(signal.SIGTERM)
+    if any(c != torchrun_teardown for c in exitcodes):
+        exitcodes = [c for c in exitcodes if c != torchrun_teardown]
     codes = [128 - c if c < 0 else c for c in exitcodes]
     retryable = [c for c in codes if c >= 128]
     if retryable:  # a killed worker explains its peers' failures

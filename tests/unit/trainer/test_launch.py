@@ -14,7 +14,10 @@ from ddm_trainer.launch import telling_exit_code
 def test_the_most_telling_code_wins() -> None:
     assert telling_exit_code([-9, 1]) == 137  # rank 0 killed, rank 1's collective then failed (exit 1): retryable
     assert telling_exit_code([2, 2]) == 2  # a bad config on every rank: permanent
-    assert telling_exit_code([-9, -15]) == 143  # SIGKILL (137) and SIGTERM (143): retryable either way
+    assert telling_exit_code([-9, -15]) == 137  # rank 0 OOM-killed, rank 1 then stopped by torchrun: retryable
+    # rank 1 refused its config (2) and torchrun SIGTERMed rank 0 before it refused too (the race CI hit)
+    assert telling_exit_code([-15, 2]) == 2
+    assert telling_exit_code([-15, -15]) == 143  # SIGTERM to the workers alone: a stop, retryable
     assert telling_exit_code([137]) == 137
     assert telling_exit_code([0]) == 1  # torchrun said failed but no worker code: a plain failure
 
