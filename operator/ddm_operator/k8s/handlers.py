@@ -61,6 +61,7 @@ from ..api.models import (
 from . import builders as b
 from . import kueue
 from .admission import check_trainer_image
+from .core_api import CoreApi
 from .multicluster import ClusterClients
 from .observe import JobState, exit_code_of_events, exit_code_of_pods, has_failed, job_state, latest_attempts
 from .observe import parse_time as observe_time
@@ -128,8 +129,8 @@ def _custom(api_client: Any = None) -> k8s.CustomObjectsApi:
     return k8s.CustomObjectsApi(api_client or own_client())
 
 
-def _core(api_client: Any = None) -> k8s.CoreV1Api:
-    return k8s.CoreV1Api(api_client or own_client())
+def _core(api_client: Any = None) -> CoreApi:
+    return CoreApi(api_client or own_client())
 
 
 def _create_or_adopt(create: Any, read: Any) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def _create_or_adopt(create: Any, read: Any) -> dict[str, Any]:
         if exc.status != 409:
             raise
         out = read()
-    return out if isinstance(out, dict) else own_client().sanitize_for_serialization(out)
+    return out
 
 
 def _client_for(namespace: str, cluster: str | None) -> Any:
@@ -176,8 +177,7 @@ def _pods_of(api_client: Any, namespace: str, job: dict[str, Any], **kw: Any) ->
     """A failed job's pods, where its exit codes are (the training operator keeps them: cleanPodPolicy None; a
     failed JobSet's Jobs and their pods stay until the TrainJob is deleted)."""
     selector = f"{BACKEND.pod_job_label}={job['metadata']['name']}"
-    pods = _core(api_client).list_namespaced_pod(namespace, label_selector=selector, **kw).items
-    return [own_client().sanitize_for_serialization(p) for p in pods]
+    return _core(api_client).list_namespaced_pod(namespace, label_selector=selector, **kw).get("items") or []
 
 
 def _placements(spec: DecentralizedDiffusionSpec) -> list[Placement]:
@@ -300,8 +300,8 @@ def _worker_exit_code(spec: DecentralizedDiffusionSpec, namespace: str, key: pl.
         code, source = exit_code_of_pods(pods, BACKEND.container), "pods"
         if code is None:
             events = _core(api_client).list_namespaced_event(
-                namespace, field_selector=f"involvedObject.name={job.name},reason=ExitedWithCode", **kw).items
-            code, source = exit_code_of_events([{"reason": e.reason, "message": e.message} for e in events]), "Events"
+                namespace, field_selector=f"involvedObject.name={job.name},reason=ExitedWithCode", **kw)
+            code, source = exit_code_of_events(events.get("items") or []), "Events"
         log.info("exit code %s of %s read from its %s in MultiKueue worker %s", code, job.name, source, worker)
         return code
     except Exception as exc:  # noqa: BLE001 (worker unreachable, Secret missing: no code, the failure is retryable)

@@ -74,7 +74,7 @@ class ClusterClients:
         self._lock = threading.Lock()
 
     def get(self, core_api: Any, namespace: str, secret_name: str) -> Any:
-        """The ApiClient for the cluster in ``namespace/secret_name`` (read with ``core_api``, a CoreV1Api)."""
+        """The ApiClient for the cluster in ``namespace/secret_name`` (read with ``core_api``, a core_api.CoreApi)."""
         from kubernetes import client as k8s_client
         from kubernetes import config as k8s_config
 
@@ -98,13 +98,13 @@ class ClusterClients:
                 raise
         finally:
             reading.release()
-        version = secret.metadata.resource_version or ""
+        version = (secret.get("metadata") or {}).get("resourceVersion") or ""
         with self._lock:  # the newest entry: another thread may have made this version's client meanwhile
             cached = self._clients.get((namespace, secret_name)) or cached
             if cached and cached[0] == version:
                 self._clients[(namespace, secret_name)] = (version, cached[1], now)
                 return cached[1]
-        config = kubeconfig_from_secret_data(secret.data or {}, where)
+        config = kubeconfig_from_secret_data(secret.get("data") or {}, where)
         configuration = k8s_client.Configuration()
         # urllib3 retries a timed-out GET or DELETE 3 times by default: with the callers' per-request timeout that
         # would make a dead member cost four timeouts per request; one retry covers a dropped connection.

@@ -96,7 +96,7 @@ class StoreClients:
         self._lock = threading.Lock()
 
     def get(self, core: Any, spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> Store:
-        """The run's store; ``core`` (a CoreV1Api) reads the Secret, by name, in the DDM's namespace."""
+        """The run's store; ``core`` (a core_api.CoreApi) reads the Secret, by name, in the DDM's namespace."""
         run = stages.run_uri(spec, namespace, name)
         secret = spec.storage.credentials_secret if run.startswith("s3://") else None
         key = f"{run}|{namespace}/{secret or ''}"
@@ -114,11 +114,11 @@ class StoreClients:
             version = ""
         else:
             obj = core.read_namespaced_secret(secret, namespace)
-            version = obj.metadata.resource_version or ""
+            version = (obj.get("metadata") or {}).get("resourceVersion") or ""
             if entry is not None and entry.version == version:
                 store = entry.store
             else:
-                env, provider = operator_credentials(secret_env(obj.data))
+                env, provider = operator_credentials(secret_env(obj.get("data") or {}))
                 store = open_store(run, check_bucket=False, env=env, credentials=provider)
                 log.info("store %s: credentials from Secret %s/%s (resourceVersion %s, %s)", run, namespace, secret,
                          version, credentials_kind(provider))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -98,7 +97,7 @@ def test_operator_never_borrows_its_own_identity_unless_allowed(monkeypatch: pyt
 
 
 class FakeCore:
-    """read_namespaced_secret as the API returns it: metadata.resource_version and base64 data."""
+    """read_namespaced_secret as the API returns it (core_api.CoreApi: the JSON): metadata.resourceVersion, base64 data."""
 
     def __init__(self) -> None:
         self.version, self.data, self.reads = 1, {}, 0
@@ -110,7 +109,7 @@ class FakeCore:
     def read_namespaced_secret(self, name: str, namespace: str) -> Any:
         assert (name, namespace) == ("creds", "team")
         self.reads += 1
-        return SimpleNamespace(metadata=SimpleNamespace(resource_version=str(self.version)), data=dict(self.data))
+        return {"metadata": {"resourceVersion": str(self.version)}, "data": dict(self.data)}
 
 
 def test_store_clients_rebuild_when_the_secret_changes(monkeypatch: pytest.MonkeyPatch) -> None:
