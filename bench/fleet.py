@@ -37,6 +37,7 @@ that were not committed. It exits 1 when a check fails.
 operator's advisory reads fail; the stages, kwok pods, never read it).
 
     python bench/fleet.py --ddms 100 --experts 8 --nodes 500            # the load run, figures recorded
+    python bench/fleet.py --ddms 100 --experts 8 --nodes 500 --repeat 3 # three load runs: the worst run's figures
     python bench/fleet.py --ddms 10 --nodes 100 --faults kill,pods,cluster-b,delete --run-ms 20000
 
 Results (load runs only, no ``--faults``, unless ``--record``) go through bench/common.py's record() into
@@ -246,9 +247,22 @@ def fault_kill(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[
     return {"kills": len(points), "restart_s_max": round(max(restarts), 2)}
 
 
-def _running_expert_pods(fleet: Fleet) -> list[tuple[str, dict[str, Any]]]:
+def _running_expert_pods(fleet: Fleet, left_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+    """Expert pods Running in either cluster; with ``left_s``, only those with at least that long still to run (by
+    their status.startTime, which kwok's pod-ready Stage sets: sigs.k8s.io/kwok kustomize/stage/pod/fast/pod-ready.yaml,
+    and --run-ms), so a fault set now lands before kwok's exit Stage ends the pod."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def left(pod: dict[str, Any]) -> float:
+        started = pod["status"].get("startTime") or pod["metadata"]["creationTimestamp"]
+        ran = (now - datetime.datetime.fromisoformat(started.replace("Z", "+00:00"))).total_seconds()
+        return fleet.args.run_ms / 1000 - ran
+
     return [(plane, pod) for plane in ("a", "b") for pod in fleet.children(plane, "pods")
-            if pod["metadata"]["labels"].get("ddm.io/stage") == "expert" and pod["status"].get("phase") == "Running"]
+            if pod["metadata"]["labels"].get("ddm.io/stage") == "expert" and pod["status"].get("phase") == "Running"
+            and (not left_s or left(pod) >= left_s)]
 
 
 def fault_pods(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[str, Any]:
@@ -259,7 +273,9 @@ def fault_pods(fleet: Fleet, rng: random.Random, done: threading.Event) -> dict[
 
     n = fleet.args.pod_faults
     deadline = time.monotonic() + 600
-    while len(pods := _running_expert_pods(fleet)) < 2 * n:
+    # a pod about to end may be ended by kwok with exit 0 before our annotation reaches it (seen at 100 x 8: three
+    # experts "hit" 1-2 s before their end Succeeded in attempt 1): only pods with half their run still ahead
+    while len(pods := _running_expert_pods(fleet, left_s=fleet.args.run_ms / 2000)) < 2 * n:
         if time.monotonic() > deadline or done.is_set():
             raise RuntimeError(f"fewer than {2 * n} expert pods ever ran at once")
         time.sleep(0.5)
@@ -515,7 +531,10 @@ def check(fleet: Fleet, faults: dict[str, Any], names: list[str]) -> dict[str, A
         if e.get("phase") != "Succeeded":
             problems.append(f"{job} ({what}) ended {e.get('phase')}")
         elif "137" in what and not e.get("retries"):
-            problems.append(f"{job} ({what}) Succeeded without a retry: its failure went unseen")
+            plane = "b" if "(b)" in what else "a"
+            problems.append(f"{job} ({what}) Succeeded without a retry: " + (
+                "the fault missed (that job itself Succeeded: its pod ended with 0 before the exit code was set)"
+                if job_ok.get((plane, job)) else "its failure went unseen"))
     for fault in ("cluster-b", "creds"):
         if fault not in faults or fleet.operator is None:
             continue
@@ -710,6 +729,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-workers", type=int, default=None, help="DDM_MAX_WORKERS: passes at once (default: the operator's)")
     parser.add_argument("--launch-threads", type=int, default=None,
                         help="DDM_LAUNCH_THREADS: creates in flight at once, all passes together (default: the operator's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="load runs one after the other, each on fresh planes; the figures recorded are the worst run's")
     parser.add_argument("--verbose", action="store_true", help="the operator's debug log (operator.log in the work dir)")
     return parser
 
@@ -721,42 +742,59 @@ def main() -> None:
     if unknown:
         parser.error(f"--faults: unknown {sorted(unknown)}; choose from {', '.join(FAULTS)}")
 
-    out = run(args)
-    all_lat = [v for vs in out["latencies"].values() for v in vs]
-    total = sum(out["requests"].values())
-    print(json.dumps({k: v for k, v in out.items() if k not in ("log",)}, indent=1, default=str)[:20000])
-    summary = {"latency_p50_s": round(statistics.median(all_lat), 3) if all_lat else None,
-               "latency_p99_s": round(percentile(all_lat, 99), 3) if all_lat else None,
-               "requests_per_ddm": round(total / args.ddms, 1), "peak_rss_mib": round(out["rss_kib"] / 1024, 1),
-               "wall_s": round(out["elapsed"], 1), "problems": len(out["problems"])}
-    print("SUMMARY", json.dumps(summary))
-    for problem in out["problems"]:
-        print("PROBLEM", problem)
-    if (args.faults and not args.record) or out["problems"]:
-        sys.exit(1 if out["problems"] else 0)
+    outs: list[dict[str, Any]] = []
+    for i in range(args.repeat):  # each run on fresh control planes, one after the other
+        out = run(args)
+        outs.append(out)
+        print(json.dumps({k: v for k, v in out.items() if k not in ("log",)}, indent=1, default=str)[:20000])
+        print("SUMMARY" + (f" run {i + 1}/{args.repeat}" if args.repeat > 1 else ""), json.dumps(summarize(out, args)))
+        for problem in out["problems"]:
+            print("PROBLEM", problem)
+    problems = [p for out in outs for p in out["problems"]]
+    if (args.faults and not args.record) or problems:
+        sys.exit(1 if problems else 0)
 
     from common import record
 
     tag = f"{args.ddms}x{args.experts}, {args.nodes} nodes, 2 clusters, run {args.run_ms} ms" + (
         f", faults {args.faults}" if args.faults else "") + (f", {args.max_workers} workers" if args.max_workers else "") + (
         f", {args.launch_threads} launch threads" if args.launch_threads else "") + (
-        ", store unreachable" if args.store_unreachable else "")
+        ", store unreachable" if args.store_unreachable else "") + (
+        f", worst of {args.repeat} runs" if args.repeat > 1 else "")
 
     def rec(metric: str, value: float, unit: str, reference: float | None = None) -> None:
         record("fleet", f"{metric}[{tag}]", round(value, 4), unit, reference)
 
-    rec("stage_transition_latency_p50", statistics.median(all_lat), "s")
-    rec("stage_transition_latency_p99", percentile(all_lat, 99), "s", 2.0)
-    for label, values in sorted(out["latencies"].items()):
-        rec(f"stage_transition_latency_p50/{label}", statistics.median(values), "s")
-        rec(f"stage_transition_latency_p99/{label}", percentile(values, 99), "s")
-    rec("operator_peak_rss", out["rss_kib"] / 1024, "MiB", 150 * 1e6 / 2**20)
+    # Over several runs each figure is the worst run's (the highest p99, peak RSS and request count): a target is met
+    # only if every run meets it. Each run's p99 and peak RSS are recorded too.
+    lat = [{label: values for label, values in out["latencies"].items()} for out in outs]
+    pooled = lambda d: [v for vs in d.values() for v in vs]  # noqa: E731
+    rec("stage_transition_latency_p50", max(statistics.median(pooled(d)) for d in lat), "s")
+    rec("stage_transition_latency_p99", max(percentile(pooled(d), 99) for d in lat), "s", 2.0)
+    for label in sorted({label for d in lat for label in d}):
+        rec(f"stage_transition_latency_p50/{label}", max(statistics.median(d[label]) for d in lat if d.get(label)), "s")
+        rec(f"stage_transition_latency_p99/{label}", max(percentile(d[label], 99) for d in lat if d.get(label)), "s")
+    rec("operator_peak_rss", max(out["rss_kib"] for out in outs) / 1024, "MiB", 150 * 1e6 / 2**20)
     minimum = sum(minimum_requests(args.experts, True).values())
-    rec("operator_api_requests_per_ddm", total / args.ddms, "requests", minimum)
-    for what, count in sorted(out["requests"].items()):
-        rec(f"operator_api_requests_per_ddm/{what}", count / args.ddms, "requests")
-    rec("run_wall_time", out["elapsed"], "s")
+    rec("operator_api_requests_per_ddm", max(sum(out["requests"].values()) for out in outs) / args.ddms, "requests",
+        minimum)
+    for what in sorted({w for out in outs for w in out["requests"]}):
+        rec(f"operator_api_requests_per_ddm/{what}", max(out["requests"].get(what, 0) for out in outs) / args.ddms,
+            "requests")
+    rec("run_wall_time", max(out["elapsed"] for out in outs), "s")
+    if args.repeat > 1:
+        for i, out in enumerate(outs, 1):
+            rec(f"stage_transition_latency_p99/run {i}", percentile(pooled(out["latencies"]), 99), "s", 2.0)
+            rec(f"operator_peak_rss/run {i}", out["rss_kib"] / 1024, "MiB", 150 * 1e6 / 2**20)
 
+
+def summarize(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    all_lat = [v for vs in out["latencies"].values() for v in vs]
+    return {"latency_p50_s": round(statistics.median(all_lat), 3) if all_lat else None,
+            "latency_p99_s": round(percentile(all_lat, 99), 3) if all_lat else None,
+            "requests_per_ddm": round(sum(out["requests"].values()) / args.ddms, 1),
+            "peak_rss_mib": round(out["rss_kib"] / 1024, 1), "wall_s": round(out["elapsed"], 1),
+            "problems": len(out["problems"])}
 
 if __name__ == "__main__":
     main()
