@@ -82,8 +82,12 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)  # (B, C, H, W)
     y = None if text_dim else torch.randint(0, 10, (args.batch,), device=device)  # (B,)
-    text = (torch.randn(args.batch, args.text_tokens, text_dim, device=device),  # (B, L, D) caption tokens
-            torch.ones(args.batch, args.text_tokens, dtype=torch.bool, device=device)) if text_dim else None
+    text = None
+    if text_dim:  # (B, L, D) caption tokens and their mask: every token real, or captions of 5..L tokens + padding
+        lengths = (torch.full((args.batch,), args.text_tokens) if args.text_mask == "full"
+                   else torch.randint(5, args.text_tokens + 1, (args.batch,), generator=torch.Generator().manual_seed(0)))
+        text = (torch.randn(args.batch, args.text_tokens, text_dim, device=device),
+                (torch.arange(args.text_tokens)[None, :] < lengths[:, None]).to(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step() -> torch.Tensor:
@@ -129,6 +133,9 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=0,
                         help="text-to-image experts: cross-attention to captions of this width (768: CLIP ViT-L/14)")
     parser.add_argument("--text-tokens", type=int, default=77, help="caption tokens per image with --text-dim")
+    parser.add_argument("--text-mask", choices=("full", "captions"), default="full",
+                        help="full: every caption token real; captions: 5..text-tokens real tokens, the rest padding "
+                             "masked out (as CLIP's tokenizer pads to 77)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps (compilation happens here)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -146,7 +153,8 @@ def main() -> None:
     where, now = machine(device), datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = "python bench/expert_throughput.py " + " ".join(sys.argv[1:])
     setup = f"{args.image_size}x{args.image_size}x{args.channels}" + (
-        f", cross-attention to {args.text_tokens} x {args.text_dim} caption tokens" if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
+        f", cross-attention to {args.text_tokens} x {args.text_dim} caption tokens ({args.text_mask} mask)"
+        if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
         f" ({args.compile_mode})" if args.compile_mode else "")
     records: list[dict[str, Any]] = [{
         "metric": "expert_throughput/matmul_peak_bf16" if device.type == "cuda" else "expert_throughput/matmul_peak",
@@ -163,6 +171,7 @@ def main() -> None:
         extra = {"setup": setup, "fwd_gflops_per_image": round(r["fwd_gflops"], 3),
                  "peak_mem_gib": round(r["peak_mem_gib"], 2)}
         name = preset + (f"+text{args.text_dim}" if args.text_dim else "") + (
+            "-captions" if args.text_dim and args.text_mask == "captions" else "") + (
             f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "")
         records.append({"metric": f"expert_throughput/{name}", "value": round(r["images_per_s"], 1),
                         "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,

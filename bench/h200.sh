@@ -9,6 +9,8 @@
 #   bench/h200.sh pipeline    # examples/cifar10-h200.yaml: ddm run, SIGTERM while the experts train, ddm run again
 #   bench/h200.sh eval        # bench/eval_throughput.py on the pipeline's experts (FID-10k of 4 strategies)
 #   bench/h200.sh latent-mfu  # DiT-XL/2 on 32x32x4 latents with cross-attention to 77 x 768 caption tokens
+#   bench/h200.sh xattn       # bench/cross_attention.py (the masked cross-attention per kernel, one block with and
+#                             # without it), then latent-mfu with every caption token real and with padded captions
 #   bench/h200.sh encode      # the encode stage's SD-VAE (random weights) at 256 px: bench/encode_throughput.py
 #   bench/h200.sh eval10k     # examples/cifar10-h200.yaml with FID-10k and nothing beside the evaluation, then
 #                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured);
@@ -124,9 +126,15 @@ case "${1:-}" in
     cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
     ;;
   extras) extras ;;
-  latent-mfu)
+  latent-mfu)  # TEXT_MASK=captions: 5..77 real tokens per caption, the rest padding (full: all 77 real)
     timeout 300 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --channels 4 \
-      --text-dim 768 --text-tokens 77 --out "$OUT/expert_throughput_latent.json" 2>&1 | tail -4 | tee "$OUT/latent_mfu.txt"
+      --text-dim 768 --text-tokens 77 --text-mask "${TEXT_MASK:-full}" --out "$OUT/expert_throughput_latent.json" \
+      2>&1 | tail -4 | tee -a "$OUT/latent_mfu.txt"
+    ;;
+  xattn)
+    timeout 200 python3 bench/cross_attention.py --out "$OUT/cross_attention.json" 2>&1 | tee "$OUT/cross_attention.txt"
+    TEXT_MASK=full bash "$0" latent-mfu
+    TEXT_MASK=captions bash "$0" latent-mfu
     ;;
   encode)
     extras
@@ -181,5 +189,5 @@ PY
         && cp "$arm"/logs/*.progress.jsonl "$OUT/logs/$(basename "$(dirname "$arm")")/" 2>/dev/null
     done
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|encode|eval10k|text|study" >&2; exit 2 ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|study" >&2; exit 2 ;;
 esac

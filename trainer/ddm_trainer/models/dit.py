@@ -70,6 +70,25 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
+def masked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) + bias) v, bias 0 at a real key and hugely negative at padding, by the unmasked
+    (flash) kernel: an ``attn_mask`` keeps ``scaled_dot_product_attention`` off flash, so the bias rides in one more
+    head dimension instead, a constant 1 in every query against the bias in every key (zeros after it up to a
+    multiple of 8, the kernel's head-dimension step). A padded key's weight underflows to exactly 0, as under the
+    mask. q: (B, H, T, Dh), k and v: (B, H, L, Dh), mask: (B, L) bool (True = a real token; >= 1 per row)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    (B, H, T, Dh), L = q.shape, k.shape[2]
+    extra = 8 - Dh % 8  # the bias column and the zeros after it
+    neg = torch.finfo(q.dtype).min / 2  # x 1 in the dot product, + finite terms: stays finite, exp() gives 0
+    bias = torch.zeros(B, L, dtype=k.dtype, device=k.device).masked_fill(~mask, neg)  # (B, L)
+    q1 = torch.cat([q, q.new_ones(B, H, T, 1), q.new_zeros(B, H, T, extra - 1)], dim=-1)  # (B, H, T, Dh + extra)
+    k1 = torch.cat([k, bias[:, None, :, None].expand(B, H, L, 1), k.new_zeros(B, H, L, extra - 1)], dim=-1)
+    out = F.scaled_dot_product_attention(q1, k1, F.pad(v, (0, extra)), scale=Dh ** -0.5)  # (B, H, T, Dh + extra)
+    return out[..., :Dh]
+
+
 class CrossAttention(nn.Module):
     """Image tokens attend to text tokens (PixArt-alpha's cross-attention between self-attention and the MLP)."""
 
@@ -86,8 +105,7 @@ class CrossAttention(nn.Module):
         L, H = ctx.shape[1], self.heads
         q = self.q(x).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
         kv = self.kv(ctx).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
-        attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, H, T, Dh)
+        out = masked_cross_attention(q, kv[0], kv[1], mask)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
@@ -118,8 +136,15 @@ class Block(nn.Module):
 def run_blocks(model: nn.Module, h: torch.Tensor, c: torch.Tensor, *ctx: torch.Tensor | None) -> torch.Tensor:
     """``model.blocks`` in order; with ``model.activation_checkpointing`` (set by the trainer) each block's
     activations are recomputed in the backward pass instead of kept: memory of one block instead of all of them,
-    for about one more forward of compute."""
+    for about one more forward of compute. With ``model.dynamic_batch`` (set by ``compile_blocks`` for sampling)
+    the compiled blocks see the batch size as dynamic from their first call: routed strategies split every batch
+    by the router's choice, so each expert call has a new size, and a block compiled for one static size first
+    recompiled (~5 s on an H100) at the first routed step."""
     recompute = getattr(model, "activation_checkpointing", False) and model.training and torch.is_grad_enabled()
+    if getattr(model, "dynamic_batch", False):
+        for t in (h, c, *ctx):
+            if t is not None and t.shape[0] > 1:  # 0 and 1 stay specialised by dynamo anyway
+                torch._dynamo.mark_dynamic(t, 0)
     for block in model.blocks:
         if recompute:
             h = torch.utils.checkpoint.checkpoint(block, h, c, *ctx, use_reentrant=False)
@@ -227,7 +252,8 @@ class DiT(nn.Module):
             elif text_drop is not None:  # L copies of the null token attend exactly as one null token
                 null = self.null_text.to(text.dtype).expand(text.shape[0], text.shape[1], -1)  # type: ignore[union-attr]
                 text = torch.where(text_drop[:, None, None], null, text)
-                text_mask = text_drop[:, None] | (text_mask if text_mask is not None else True)
+                if text_mask is not None:  # no mask stays no mask: the unmasked attention runs the flash kernel
+                    text_mask = text_drop[:, None] | text_mask
             ctx = self.text_proj(text.to(h.dtype))  # (B, L, D)
             h = run_blocks(self, h, c, ctx, text_mask)
         elif text is not None:

@@ -184,7 +184,9 @@ def _cached(models: dict[tuple[Any, ...], nn.Module] | None, key: tuple[Any, ...
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Regional torch.compile (one compiled block serves every identical block of every expert and the router)."""
+    """Regional torch.compile (one compiled block serves every identical block of every expert and the router),
+    the batch size dynamic from the first call (``run_blocks``: routed strategies give each call a new size)."""
+    model.dynamic_batch = True
     for block in getattr(model, "blocks", []):
         block.compile()
     return model
