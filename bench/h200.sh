@@ -171,7 +171,7 @@ PY
       TEXT_N=$TEXT_N python3 -c 'import os, yaml; s = yaml.safe_load(open("'$SPEC'")); s["spec"]["evaluation"]["numSamples"] = int(os.environ["TEXT_N"]); yaml.safe_dump(s, open("/tmp/text.yaml", "w"))'
       SPEC=/tmp/text.yaml
     fi
-    timeout "${RUN_TIMEOUT:-540}" ddm run $SPEC --run-dir /tmp/text-run 2>&1 | tee "$OUT/text-run.txt"
+    timeout -k 45 "${RUN_TIMEOUT:-540}" ddm run $SPEC --run-dir /tmp/text-run 2>&1 | tee "$OUT/text-run.txt"
     echo "ddm run exited $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/text-run.txt"
     mkdir -p "$OUT/text" && cd /tmp/text-run && find . \( -name '*.png' -o -name 'results.md' -o -name 'results.json' \
       -o -name '*.progress.jsonl' -o -name 'report*' \) -size -2M -exec cp --parents {} "$OUT/text/" \;

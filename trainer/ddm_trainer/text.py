@@ -98,17 +98,18 @@ class TextEncoder:
         return self._encode_hf(captions)
 
     def _encode_st(self, captions: Sequence[str]) -> TextBatch:
-        outs = self.model.encode(list(captions), output_value=None, convert_to_numpy=False,
-                                 show_progress_bar=False)
-        B, L = len(outs), self.max_tokens
-        tokens = torch.zeros(B, L, self.dim)
-        mask = torch.zeros(B, L, dtype=torch.bool)
-        for i, out in enumerate(outs):
-            length = int(out["attention_mask"].sum()) if "attention_mask" in out else len(out["token_embeddings"])
-            tok = out["token_embeddings"][: min(length, L)].float().cpu()  # (l, D): the batch's padding left out
-            tokens[i, : tok.shape[0]] = tok
-            mask[i, : tok.shape[0]] = True
-        pooled = torch.stack([out["sentence_embedding"].float().cpu() for out in outs])  # (B, D)
+        # tokenize + forward, not encode(output_value=None): that one's per-item split breaks on non-tensor
+        # outputs in some sentence-transformers releases (IndexError on the GPU machine's)
+        features = self.model.tokenize(list(captions))
+        features = {k: v.to(self.device) for k, v in features.items() if isinstance(v, torch.Tensor)}
+        out = self.model(features)
+        L = self.max_tokens
+        tokens = out["token_embeddings"][:, :L].float().cpu()  # (B, l, D), the batch's padding included
+        mask = out["attention_mask"][:, :L].bool().cpu()  # (B, l)
+        pad = L - tokens.shape[1]
+        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad)) * torch.nn.functional.pad(mask, (0, pad))[..., None]
+        mask = torch.nn.functional.pad(mask, (0, pad))  # (B, L)
+        pooled = out["sentence_embedding"].float().cpu()  # (B, D)
         return TextBatch(tokens, mask, pooled)
 
     def _encode_hf(self, captions: Sequence[str]) -> TextBatch:

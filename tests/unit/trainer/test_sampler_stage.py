@@ -246,3 +246,26 @@ def test_compiled_blocks_take_any_batch_size_without_recompiling() -> None:
         for b in (5, 11, 2):
             model(torch.randn(b, 1, 8, 8), torch.rand(b), torch.randint(0, 3, (b,)))
     assert first >= 1 and graphs["unique_graphs"] == first
+
+
+def test_sigterm_stops_sampling_within_one_batch(run_store: FileStore, monkeypatch: pytest.MonkeyPatch):
+    """A SIGTERM (the flag ``install_preemption_handler`` sets) stops the evaluation's and the sample stage's
+    sampling before the next batch, with PreemptedError (exit 143: retry), instead of sampling on until the grace
+    period's SIGKILL (an evaluation on the H100 went on 90 s after its SIGTERM)."""
+    from ddm_trainer import progress
+    from ddm_trainer.errors import ExitCode, PreemptedError
+    from ddm_trainer.stages import sample
+
+    drawn = []
+    real_sample = sample.CombinedSampler.sample
+
+    def counting(self, *args, **kwargs):  # noqa: ANN001, ANN202 - the second batch raises the flag
+        drawn.append(1)
+        if len(drawn) == 2:
+            monkeypatch.setattr(progress, "_preempted", True)
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(sample.CombinedSampler, "sample", counting)
+    with pytest.raises(PreemptedError, match="before sample 4 of 8") as e:
+        generate(run_store, "full", n=8, batch_size=2, steps=2, seed=1)
+    assert len(drawn) == 2 and e.value.exit_code == ExitCode.PREEMPTED

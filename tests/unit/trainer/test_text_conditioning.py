@@ -10,7 +10,7 @@ import torch
 
 from ddm_trainer.errors import ConfigError
 from ddm_trainer.flow import flow_loss
-from ddm_trainer.models.dit import build_dit, masked_cross_attention
+from ddm_trainer.models.dit import build_dit
 from ddm_trainer.sampler import CombinedSampler
 from ddm_trainer.text import TextEncoder
 
@@ -112,25 +112,3 @@ def test_clip_and_t5_text_towers_load_from_a_folder(kind: str, tmp_path: Path, m
     with pytest.raises(ConfigError, match=f"not a transformers {kind} model folder"):
         TextEncoder(tmp_path / "nothing", kind=kind)
 
-
-@pytest.mark.parametrize("head_dim", [64, 72, 5])
-def test_mask_folded_into_the_keys_is_the_masked_attention(head_dim: int) -> None:
-    """The cross-attention's mask rides in one more key dimension (so CUDA runs the flash kernel): the output and
-    every gradient equal ``scaled_dot_product_attention`` under the boolean mask, padding keys get weight 0 (their
-    values, however large, change nothing) and nothing is NaN."""
-    torch.manual_seed(0)
-    B, H, T, L = 3, 2, 5, 6
-    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    q, k, v = (torch.randn(B, H, n, head_dim, requires_grad=True) for n in (T, L, L))
-    folded = masked_cross_attention(q, k, v, mask)
-    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-    assert torch.allclose(folded, reference, atol=1e-6)
-    for a, b in zip(torch.autograd.grad(folded.square().sum(), (q, k, v)),
-                    torch.autograd.grad(reference.square().sum(), (q, k, v))):
-        assert not a.isnan().any() and torch.allclose(a, b, atol=1e-5)
-    v_padding_changed = v.detach().clone()
-    v_padding_changed[~mask[:, None, :, None].expand_as(v)] = 1e4
-    assert torch.allclose(masked_cross_attention(q, k, v_padding_changed, mask), folded, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's precision: still finite, still close
-        low = masked_cross_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
-    assert low.isfinite().all() and torch.allclose(low.float(), reference, atol=5e-2)

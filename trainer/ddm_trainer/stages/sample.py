@@ -21,7 +21,8 @@ from .. import layout, lineage
 from ..checkpoint import CONFIG_FILE, load_final
 from ..combine import parse_strategy
 from ..configs.sample import SampleConfig
-from ..errors import ConfigError, DataError, MissingArtifactError
+from ..errors import ConfigError, DataError, MissingArtifactError, PreemptedError
+from ..progress import preempt_requested
 from ..sampler import CombinedSampler, labels_range, noise_range
 from ..store import Store
 
@@ -308,6 +309,8 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
     batches = range(rank, -(-draw.n // draw.batch_size), world_size)
     for i in list(batches)[skip:]:
         start, stop = i * draw.batch_size, min((i + 1) * draw.batch_size, draw.n)
+        if preempt_requested():  # SIGTERM honoured within one batch (exit 143): what is committed stays
+            raise PreemptedError(f"preempted (SIGTERM) before sample {start} of {draw.n}")
         y = None
         if spec.num_classes is not None:
             y = (torch.tensor([draw.labels[j % len(draw.labels)] for j in range(start, stop)], dtype=torch.long)
