@@ -16,6 +16,9 @@
 #                             # bench/eval_throughput.py --from-run on the stage ddm run ran (ideal vs measured);
 #                             # resumable: run it again in the next call when a call's time runs out
 #   bench/h200.sh text        # examples/cifar10-text-h200.yaml through ddm run: grids per prompt, FID-5k
+#   bench/h200.sh text-grids  # a lease too short for Inception's two parts: the text DDM trains through ddm run
+#                             # (stopped when its evaluation starts: no Inception, no FID), then ddm sample draws a
+#                             # grid per prompt (full and top1, guidance 2)
 #   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
 #                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
 #                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
@@ -176,6 +179,26 @@ PY
     mkdir -p "$OUT/text" && cd /tmp/text-run && find . \( -name '*.png' -o -name 'results.md' -o -name 'results.json' \
       -o -name '*.progress.jsonl' -o -name 'report*' \) -size -2M -exec cp --parents {} "$OUT/text/" \;
     ;;
+  text-grids)
+    extras
+    rm -rf /tmp/text-run runs/cifar10-text-h200; [ -e datasets ] || ln -s /tmp/datasets datasets; [ -e models ] || ln -s /tmp/models models
+    start=$(date +%s)
+    ddm run examples/cifar10-text-h200.yaml --run-dir /tmp/text-run > "$OUT/text-run.txt" 2>&1 &
+    pid=$!
+    until grep -q 'launched evaluate' "$OUT/text-run.txt" || ! kill -0 $pid 2>/dev/null \
+        || [ $(( $(date +%s) - start )) -gt "${TRAIN_LIMIT:-330}" ]; do sleep 3; done
+    kill -TERM $pid; wait $pid
+    echo "ddm run stopped after $(( $(date +%s) - start )) s" | tee -a "$OUT/text-run.txt"
+    mkdir -p "$OUT/text"
+    prompts=(); for c in airplane automobile bird cat deer dog frog horse ship truck; do prompts+=(--prompt "a photo of a $c"); done
+    for strategy in full top1; do
+      timeout 120 ddm sample examples/cifar10-text-h200.yaml --strategy $strategy -n 16 --cfg-scale 2 \
+        "${prompts[@]}" -o "$OUT/text/$strategy.png" 2>&1 | grep -v Warning | tail -12
+    done
+    echo "grids done after $(( $(date +%s) - start )) s"; ls -l "$OUT/text"
+    find runs/cifar10-text-h200 -name '*.progress.jsonl' -size -2M -exec cp --parents {} "$OUT/text/" \; 2>/dev/null
+    cp /tmp/text-run/logs/*.progress.jsonl "$OUT/text/" 2>/dev/null
+    ;;
   study)
     shift
     inception
@@ -189,5 +212,5 @@ PY
         && cp "$arm"/logs/*.progress.jsonl "$OUT/logs/$(basename "$(dirname "$arm")")/" 2>/dev/null
     done
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|study" >&2; exit 2 ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|study" >&2; exit 2 ;;
 esac
