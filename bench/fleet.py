@@ -118,11 +118,11 @@ def refused_endpoint() -> str:
 
 def minimum_requests(k: int, remote: bool) -> dict[str, int]:
     """The API requests one DDM of K experts cannot do without, with every read served from watches: each stage's
-    PyTorchJob and ConfigMap created (clustering, K experts, router, evaluation), one status write per step the user
-    must see (clustering launched, experts and router launched, evaluation launched, Succeeded), and kopf's
-    finalizer added when children live in another cluster (no owner reference reaches them there)."""
+    PyTorchJob created (clustering, K experts, router, evaluation; the stage config travels in it), one status write
+    per step the user must see (clustering launched, experts and router launched, evaluation launched, Succeeded),
+    and kopf's finalizer added when children live in another cluster (no owner reference reaches them there)."""
     jobs = 1 + k + 1 + 1
-    out = {"create pytorchjobs": jobs, "create configmaps": jobs, "patch decentralizeddiffusions/status": 4}
+    out = {"create pytorchjobs": jobs, "patch decentralizeddiffusions/status": 4}
     if remote:
         out["patch decentralizeddiffusions (finalizer)"] = 1
     return out

@@ -192,6 +192,12 @@ class Harness:
     def configmaps(self, selector: str) -> list[str]:
         return [c.metadata.name for c in self.core.list_namespaced_config_map(self.ns, label_selector=selector).items]
 
+    def stage_config(self, job_name: str) -> dict[str, Any]:
+        """The trainer config a job's pods read at /etc/ddm/config.yaml: its pod template's ddm.io/config."""
+        job = self.custom.get_namespaced_custom_object(*JOBS, self.ns, "pytorchjobs", job_name)
+        return yaml.safe_load(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["annotations"][
+            "ddm.io/config"])
+
     def job_status(self, name: str, *conditions: tuple[str, str]) -> None:
         """Play the training operator: set the job's conditions ((type, message), ...)."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -287,7 +293,8 @@ def test_full_sequence_k4_status_events_and_garbage_collection(operator: Operato
     uid = h.ddm("seq")["metadata"]["uid"]  # type: ignore[index]
     assert job["metadata"]["ownerReferences"][0]["uid"] == uid
     assert job["metadata"]["labels"]["ddm.io/stage"] == "cluster"
-    assert h.configmaps(f"ddm.io/uid={uid}") == ["seq-cluster-a1"]
+    assert h.stage_config("seq-cluster-a1")["num_clusters"] == 4  # the config travels in the job: no ConfigMap
+    assert h.configmaps(f"ddm.io/uid={uid}") == []
     h.wait_phase("seq", "Clustering")
 
     h.succeed("seq-cluster-a1")
@@ -330,7 +337,7 @@ def test_full_sequence_k4_status_events_and_garbage_collection(operator: Operato
     status = h.wait_phase("seq", "Evaluating")
     assert status["stages"]["distillation"]["phase"] == "Succeeded"
     assert status["stages"]["studentEvaluation"]["jobName"] == "seq-evaluate-student-a1"
-    config = yaml.safe_load(h.core.read_namespaced_config_map("seq-evaluate-student-a1", h.ns).data["config.yaml"])
+    config = h.stage_config("seq-evaluate-student-a1")
     assert config["strategies"][-1] == "student" and config["progress"] == "evaluate-student"
     student = {"strategy": "student", "fid": 7.7, "kid_mean": 0.006, "nfe": 50.0, "gflops_per_sample": 3.0, "n": 100}
     FileStore(tmp_path / "runs" / h.ns / "seq").commit("evaluation", {"results.json": b"{}"},
@@ -545,7 +552,8 @@ def test_expert_on_second_cluster_and_remote_cleanup(operator: Operator, h: Harn
         time.sleep(3)  # several reconciles (interval 1 s): a stage it could not see would be launched again
         assert sorted(remote.jobs()) == ["mc-expert-001-a1", "mc-router-a1"], remote.jobs().keys()
         assert "ownerReferences" not in rjobs["mc-expert-001-a1"]["metadata"]
-        assert remote.configmaps("ddm.io/key=expert-001") == ["mc-expert-001-a1"]
+        assert remote.stage_config("mc-expert-001-a1")["cluster_index"] == 1
+        assert not remote.configmaps("ddm.io/key=expert-001")
         remote.succeed("mc-expert-001-a1")
         status = wait_for(lambda: (s := h.status("mc")).get("experts", [{}, {}])[1].get("phase") == "Succeeded" and s,
                           "remote expert succeeded")
@@ -596,7 +604,7 @@ def test_crash_safety_sigkill_at_ten_points(operator: Operator, h: Harness, tmp_
     assert kills >= 10
     assert sorted(h.jobs()) == sorted(["crash-cluster-a1", *experts, "crash-router-a1", "crash-evaluate-a1"])
     uid = h.ddm("crash")["metadata"]["uid"]  # type: ignore[index]
-    assert len(h.configmaps(f"ddm.io/uid={uid}")) == 7
+    assert not h.configmaps(f"ddm.io/uid={uid}")
     assert status["expertsReady"] == 4 and status["stages"]["evaluation"]["attempts"] == 1
     assert all(e["retries"] == 0 and e["phase"] == "Succeeded" for e in status["experts"])
 
@@ -621,7 +629,8 @@ class JobExecutor:
     """Plays kubelet and the Kubeflow training operator for real: runs each PyTorchJob's Master container as a process.
 
     What a pod would get, taken from the objects the DDM operator created and nothing else: the container's command
-    and env, its ConfigMap volume materialised at the mount path's stand-in, ``envFrom`` Secrets decoded. No host
+    and env, its config volume (the downward API's file of the pod template's annotation, or a ConfigMap)
+    materialised at the mount path's stand-in, ``envFrom`` Secrets decoded. No host
     store credentials leak in. Exit 0 -> Succeeded; else Failed as the training
     operator reports it (a signal N as 128 + N, as a container runtime does).
     """
@@ -640,7 +649,8 @@ class JobExecutor:
         return env
 
     def _start(self, name: str, job: dict[str, Any]) -> None:
-        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+        pod, annotations = template["spec"], template["metadata"].get("annotations") or {}
         container = pod["containers"][0]
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
@@ -648,8 +658,13 @@ class JobExecutor:
         for mount in container.get("volumeMounts", []):
             local = root / mount["mountPath"].strip("/")
             local.mkdir(parents=True)
-            cm = self.h.core.read_namespaced_config_map(volumes[mount["name"]]["configMap"]["name"], self.h.ns)
-            for file, text in (cm.data or {}).items():
+            volume = volumes[mount["name"]]
+            if "downwardAPI" in volume:  # kubelet writes each item's field: here, annotations only
+                files = {item["path"]: annotations[item["fieldRef"]["fieldPath"].split("'")[1]]
+                         for item in volume["downwardAPI"]["items"]}
+            else:
+                files = self.h.core.read_namespaced_config_map(volume["configMap"]["name"], self.h.ns).data or {}
+            for file, text in files.items():
                 (local / file).write_text(text)
             command = [a.replace(mount["mountPath"], str(local)) for a in command]
         with (self.workdir / f"{name}.log").open("wb") as log:
@@ -688,7 +703,7 @@ class JobExecutor:
 @pytest.mark.slow
 def test_executed_jobs_train_a_whole_ddm_on_s3(s3_env: Any, operator: Operator, h: Harness, fashion_mnist_dir: Path,
                                                tmp_path: Path) -> None:
-    """The PyTorchJobs and ConfigMaps the operator writes, run as pods would run them, train a whole tiny DDM on real
+    """The PyTorchJobs the operator writes, run as pods would run them, train a whole tiny DDM on real
     images into a real S3 store; expert 1's pod is killed after its first checkpoint, and its retry resumes from it;
     the status then carries the real evaluation's FID table."""
     from ddm_trainer import layout

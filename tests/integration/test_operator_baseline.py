@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from integration.test_operator import Harness, Operator, ddm_crd, ddm_spec, h, operator, wait_for  # noqa: F401
 
@@ -23,7 +22,7 @@ def test_baseline_job_runs_beside_the_experts_and_status_compares(operator: Oper
     jobs = h.wait_jobs("base-expert-000-a1", "base-expert-001-a1", "base-router-a1", "base-baseline-a1")
     container = jobs["base-baseline-a1"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["ddm-train", "expert"], container["command"]
-    config = yaml.safe_load(h.core.read_namespaced_config_map("base-baseline-a1", h.ns).data["config.yaml"])
+    config = h.stage_config("base-baseline-a1")
     assert config["cluster_index"] is None and config["train"]["steps"] == 40  # all the data, its own budget
 
     for name in ("base-expert-000-a1", "base-expert-001-a1", "base-router-a1"):
@@ -37,7 +36,7 @@ def test_baseline_job_runs_beside_the_experts_and_status_compares(operator: Oper
 
     h.succeed("base-baseline-a1")
     h.wait_jobs("base-evaluate-a1")
-    evaluate = yaml.safe_load(h.core.read_namespaced_config_map("base-evaluate-a1", h.ns).data["config.yaml"])
+    evaluate = h.stage_config("base-evaluate-a1")
     assert evaluate["strategies"][-1] == "monolith"
     from ddm_trainer.store import FileStore
 

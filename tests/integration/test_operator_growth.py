@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from integration.test_operator import Harness, Operator, ddm_crd, ddm_spec, h, operator, wait_for  # noqa: F401
 
@@ -28,7 +27,7 @@ def test_grown_ddm_trains_only_new_experts_and_shows_partial_fid(operator: Opera
     h.create("grown", ddm_spec(4, tmp_path, growth={"parentUri": parent_uri},
                                evaluation={"strategies": ["full"], "partial": {"numSamples": 64}}))
     h.wait_jobs("grown-cluster-a1")
-    cluster = yaml.safe_load(h.core.read_namespaced_config_map("grown-cluster-a1", h.ns).data["config.yaml"])
+    cluster = h.stage_config("grown-cluster-a1")
     assert cluster["growth"] == {"parent_uri": parent_uri, "assignment": "new-clusters"}
     store = FileStore(tmp_path / "runs" / h.ns / "grown")
     store.commit("clustering", {}, {"num_clusters": 4, "sizes": [0, 0, 0, 60], "grown": [],  # as the stage does
@@ -44,7 +43,7 @@ def test_grown_ddm_trains_only_new_experts_and_shows_partial_fid(operator: Opera
     h.succeed("grown-router-a1")  # three experts committed, one training: the partial ensemble is evaluated
     jobs = h.wait_jobs("grown-probe-003-a1")
     assert not any(re.match(r"grown-expert-00[0-2]", name) for name in jobs), sorted(jobs)  # never trained here
-    probe = yaml.safe_load(h.core.read_namespaced_config_map("grown-probe-003-a1", h.ns).data["config.yaml"])
+    probe = h.stage_config("grown-probe-003-a1")
     assert (probe["output"], probe["strategies"], probe["n_samples"]) == ("partial/003", ["full"], 64)
     store.commit("partial/003", {"results.json": b"{}"}, {"table": [row("full", 80.0)], "experts": [0, 1, 2],
                                                           "missing_experts": [3]})
@@ -56,7 +55,7 @@ def test_grown_ddm_trains_only_new_experts_and_shows_partial_fid(operator: Opera
 
     h.succeed("grown-expert-003-a1")
     h.wait_jobs("grown-evaluate-a1")
-    evaluate = yaml.safe_load(h.core.read_namespaced_config_map("grown-evaluate-a1", h.ns).data["config.yaml"])
+    evaluate = h.stage_config("grown-evaluate-a1")
     assert evaluate["strategies"] == ["full", "parent:full"]
     store.commit("evaluation", {"results.json": b"{}"}, {
         "table": [row("full", 50.0), row("parent:full", 60.0)], "experts": [0, 1, 2, 3], "missing_experts": [],

@@ -195,6 +195,5 @@ def test_file_store_needs_a_shared_volume_in_a_cluster(strict_operator: Operator
     spec = pod_spec(job)
     assert {"name": "store", "persistentVolumeClaim": {"claimName": "ddm-runs"}} in spec["volumes"]
     assert {"name": "store", "mountPath": STORE_MOUNT_PATH} in spec["containers"][0]["volumeMounts"]
-    config = h.core.read_namespaced_config_map("shared-cluster-a1", h.ns).data["config.yaml"]
-    assert f"run_uri: file://{STORE_MOUNT_PATH}/runs/{h.ns}/shared" in config
+    assert h.stage_config("shared-cluster-a1")["run_uri"] == f"file://{STORE_MOUNT_PATH}/runs/{h.ns}/shared"
     assert not [j for j in h.jobs() if j.startswith("local-")]

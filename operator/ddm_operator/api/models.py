@@ -285,8 +285,9 @@ class Placement(SpecModel):
     multi_kueue_workers: dict[str, Annotated[str, StringConstraints(max_length=NAME_MAX, pattern=DNS_SUBDOMAIN_PATTERN)]] | None = Field(
         None, max_length=20,
         description="With a kueueQueueName (in the same placement) whose ClusterQueue has a MultiKueue admission check: kubeconfig Secrets (in "
-                    "this namespace) of its worker clusters, by MultiKueueCluster name. MultiKueue copies only the job: "
-                    "the operator puts the stage's ConfigMap in each worker and reads a failed job's exit code in the "
+                    "this namespace) of its worker clusters, by MultiKueueCluster name. MultiKueue copies only the job, "
+                    "which carries the stage config (one too large for it is a ConfigMap the operator puts in each "
+                    "worker); the operator reads a failed job's exit code in the "
                     "worker that ran it (its pods, else the training operator's ExitedWithCode Events); without an "
                     "entry a failed job has no code and is retried")
     pod_labels: dict[LabelKey, LabelValue] | None = Field(

@@ -1,5 +1,6 @@
-"""Pure builders: a DecentralizedDiffusion's stage -> the child manifests as plain dicts: a ConfigMap and either a
-PyTorchJob (Kubeflow training operator v1) or a TrainingRuntime + TrainJob (Kubeflow Trainer v2), by ``Backend``.
+"""Pure builders: a DecentralizedDiffusion's stage -> the child manifests as plain dicts: either a PyTorchJob
+(Kubeflow training operator v1) or a TrainingRuntime + TrainJob (Kubeflow Trainer v2), by ``Backend``, and a
+ConfigMap only for a stage config too large to travel in the job itself (``config_in_job``).
 
 No API calls here. Names are deterministic (``<ddm>-<stage-key>-a<attempt>``) so a handler that runs twice
 creates nothing twice: the second create gets 409 Conflict and adopts the existing object.
@@ -34,9 +35,14 @@ LABEL_ATTEMPT = "ddm.io/attempt"
 LABEL_KEY = "ddm.io/key"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_ORIGIN = "ddm.io/origin"  # "<namespace>/<name>/<uid>" of the DDM, on children in remote clusters
+ANNOTATION_CONFIG = "ddm.io/config"  # the stage config (YAML) on the pod template, a file through the downward API
 
 CONFIG_DIR = "/etc/ddm"
 CONFIG_FILE = "config.yaml"
+# A pod's annotations may hold 256 KiB in all (apimachinery TotalAnnotationSizeLimitB) and placement.podAnnotations
+# up to 32 x 4 KiB of them: a config up to this size rides in the pod template, a larger one (evaluation.prompts:
+# 64 prompts of 1,024 characters, escaped when not ASCII) in a ConfigMap. Stage configs are about 0.5 KiB.
+CONFIG_IN_JOB_MAX_BYTES = 64 * 1024
 CONTAINER_NAME = "pytorch"  # the training operator requires this container name
 # Trainer v2 (pkg/constants/constants.go): the torch plugin finds the trainer's container as the container "node" of
 # the replicated job labelled with the ancestor step "trainer", and injects PET_* there (plugins/torch/torch.go).
@@ -171,7 +177,7 @@ class JobRequest:
     attempt: int
     image: str
     command: list[str]  # e.g. ["ddm-train", "expert", "--config", "/etc/ddm/config.yaml"]
-    config: dict[str, Any]  # the trainer stage config, written to the ConfigMap
+    config: dict[str, Any]  # the trainer stage config, read by the container at CONFIG_DIR/CONFIG_FILE
     nodes: int = 1
     placement: Placement = field(default_factory=Placement)
     credentials_secret: str | None = None  # envFrom: DDM_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
@@ -228,14 +234,38 @@ def _metadata(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+def config_text(req: JobRequest) -> str:
+    return yaml.safe_dump(req.config, sort_keys=True)
+
+
+def _fits_in_job(text: str) -> bool:
+    return len(text.encode()) <= CONFIG_IN_JOB_MAX_BYTES
+
+
+def config_in_job(req: JobRequest) -> bool:
+    """Whether the stage config travels in the job's pod template (an annotation the downward API mounts as the
+    config file): one create per stage attempt, and a MultiKueue worker needs nothing but the job. Otherwise it is
+    a ConfigMap of the job's name (``build_configmap``), created before the job."""
+    return _fits_in_job(config_text(req))
+
+
 def build_configmap(req: JobRequest) -> dict[str, Any]:
-    """The stage config the container reads at /etc/ddm/config.yaml."""
+    """The stage config the container reads at /etc/ddm/config.yaml, when it is too large for the job itself."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(req, child_labels(req.owner, req.key, req.attempt)),
-        "data": {CONFIG_FILE: yaml.safe_dump(req.config, sort_keys=True)},
+        "data": {CONFIG_FILE: config_text(req)},
     }
+
+
+def _config_volume(req: JobRequest) -> tuple[dict[str, Any], dict[str, str]]:
+    """The volume that holds CONFIG_FILE, and the pod annotations it reads (none for a ConfigMap)."""
+    text = config_text(req)
+    if not _fits_in_job(text):
+        return {"name": "config", "configMap": {"name": req.name}}, {}
+    item = {"path": CONFIG_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_CONFIG}']"}}
+    return {"name": "config", "downwardAPI": {"items": [item]}}, {ANNOTATION_CONFIG: text}
 
 
 def _pod_template(req: JobRequest, labels: dict[str, str], container_name: str = CONTAINER_NAME) -> dict[str, Any]:
@@ -251,7 +281,8 @@ def _pod_template(req: JobRequest, labels: dict[str, str], container_name: str =
     }
     if req.credentials_secret:  # the whole Secret as env, read when the pod starts; values never in the manifest
         container["envFrom"] = [{"secretRef": {"name": req.credentials_secret}}]
-    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": req.name}}]
+    config_volume, config_annotations = _config_volume(req)
+    volumes: list[dict[str, Any]] = [config_volume]
     if req.volume_claim:  # the run store shared by every stage (a PVC volume is allowed by `restricted`)
         container["volumeMounts"].append({"name": STORE_VOLUME, "mountPath": STORE_MOUNT_PATH})
         volumes.append({"name": STORE_VOLUME, "persistentVolumeClaim": {"claimName": req.volume_claim}})
@@ -275,8 +306,8 @@ def _pod_template(req: JobRequest, labels: dict[str, str], container_name: str =
     if req.termination_grace_period_seconds is not None:
         spec["terminationGracePeriodSeconds"] = req.termination_grace_period_seconds
     metadata: dict[str, Any] = {"labels": {**p.pod_labels, **labels}}  # ours win: they select the children
-    if p.pod_annotations:
-        metadata["annotations"] = dict(p.pod_annotations)
+    if annotations := {**p.pod_annotations, **config_annotations}:  # ours win: the container reads it
+        metadata["annotations"] = annotations
     return {"metadata": metadata, "spec": spec}
 
 
@@ -320,7 +351,7 @@ _RDZV_V1, _RDZV_V2 = "$(MASTER_ADDR):$(MASTER_PORT)", "$(PET_MASTER_ADDR):$(PET_
 
 
 def build_training_runtime(req: JobRequest) -> dict[str, Any]:
-    """The TrainingRuntime of one stage attempt (same name, owner and labels as its ConfigMap and TrainJob): torch
+    """The TrainingRuntime of one stage attempt (same name, owner and labels as its TrainJob): torch
     distributed, one replicated job ``node`` whose pod template is the stage's whole pod (placement, security
     context, config volume, the credentials Secret as envFrom, priority class). One per attempt rather than one
     shared runtime because a TrainJob's own overrides (spec.runtimePatches, PodSpecPatch/ContainerPatch in
@@ -370,7 +401,8 @@ def build_trainjob(req: JobRequest) -> dict[str, Any]:
 
 
 def build_job(req: JobRequest, backend: Backend) -> list[dict[str, Any]]:
-    """The objects of one stage attempt besides its ConfigMap, in creation order (a runtime before its TrainJob)."""
+    """The job objects of one stage attempt, in creation order (a runtime before its TrainJob); a ConfigMap, when
+    the config does not travel in the job (``config_in_job``), precedes them all."""
     if backend is TRAINJOB:
         return [build_training_runtime(req), build_trainjob(req)]
     return [build_pytorchjob(req)]

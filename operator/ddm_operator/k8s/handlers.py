@@ -78,9 +78,9 @@ REMOTE_REQUEST_TIMEOUT_S = float(os.environ.get("DDM_REMOTE_REQUEST_TIMEOUT_S", 
 ERROR_BACKOFF_S = 10.0
 MAX_WORKERS = int(os.environ.get("DDM_MAX_WORKERS", "8"))  # passes at once (each mostly waits on API requests)
 TERMINAL_PHASES = ("Succeeded", "Degraded", "Failed")
-# Creates (a stage's ConfigMap, then its job) of every pass share one bounded pool: a pass that launches K experts +
-# router sends all of them at once (two requests deep, not ceil(9 / 4) x 2), and the operator as a whole never has
-# more than this many creates in flight, however many passes launch together.
+# Creates (a stage's job, after its ConfigMap for a config too large for the job) of every pass share one bounded
+# pool: a pass that launches K experts + router sends all of them at once (one request deep, not ceil(9 / 4)), and
+# the operator as a whole never has more than this many creates in flight, however many passes launch together.
 LAUNCH_THREADS = int(os.environ.get("DDM_LAUNCH_THREADS", "32"))
 CONFIG_PATH = f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"
 log = logging.getLogger("ddm_operator")
@@ -192,7 +192,8 @@ def _placements(spec: DecentralizedDiffusionSpec) -> list[Placement]:
 
 def workers_of(spec: DecentralizedDiffusionSpec) -> set[str]:
     """The kubeconfig Secrets of every MultiKueue worker a stage names (placement.multiKueueWorkers): the operator
-    puts ConfigMaps there and reads exit codes there, never lists jobs there (Kueue mirrors their status)."""
+    puts a too-large stage config's ConfigMap there and reads exit codes there, never lists jobs there (Kueue mirrors
+    their status)."""
     return {secret for p in _placements(spec) for secret in (p.multi_kueue_workers or {}).values()}
 
 
@@ -221,7 +222,7 @@ def _placement_of(spec: DecentralizedDiffusionSpec, key: pl.StageKey) -> tuple[P
 
 
 def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageKey, attempt: int) -> b.JobRequest:
-    """The job (PyTorchJob or TrainJob) + ConfigMap inputs of one stage attempt (pure)."""
+    """The job (PyTorchJob or TrainJob) inputs of one stage attempt, its config included (pure)."""
     placement_model, gpus = _placement_of(spec, key)
     placement = b.placement_from_dict(placement_model.to_wire())
     resources = dict(placement.resources)
@@ -244,12 +245,13 @@ def job_request(spec: DecentralizedDiffusionSpec, owner: b.Owner, key: pl.StageK
 def _launch(req: b.JobRequest) -> None:
     api_client = _client_for(req.owner.namespace, req.placement.target_cluster)
     ns, name, kw = req.owner.namespace, req.name, _deadline(req.placement.target_cluster)
-    core, custom = _core(api_client), _custom(api_client)
-    cm = b.build_configmap(req)
-    _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm, **kw),
-                     lambda: core.read_namespaced_config_map(name, ns, **kw))
-    for worker, secret in sorted(req.placement.multi_kueue_workers.items()):
-        _put_config_in_worker(req, worker, secret)
+    custom = _custom(api_client)
+    if not b.config_in_job(req):  # the job mounts it: it exists first (here and in every MultiKueue worker)
+        core, cm = _core(api_client), b.build_configmap(req)
+        _create_or_adopt(lambda: core.create_namespaced_config_map(ns, cm, **kw),
+                         lambda: core.read_namespaced_config_map(name, ns, **kw))
+        for worker, secret in sorted(req.placement.multi_kueue_workers.items()):
+            _put_config_in_worker(req, worker, secret)
     for obj in b.build_job(req, BACKEND):  # a TrainingRuntime before the TrainJob that names it
         made = _create_or_adopt_custom(custom, ns, obj, kw)
         if obj["kind"] == BACKEND.kind:  # the next pass sees it even before the watch delivers it
@@ -267,9 +269,10 @@ def _create_or_adopt_custom(custom: k8s.CustomObjectsApi, namespace: str, obj: d
 
 def _put_config_in_worker(req: b.JobRequest, worker: str, secret: str) -> None:
     """MultiKueue copies the job alone to the worker it picks (kueue pkg/controller/jobs/kubeflow/kubeflowjob/
-    kubeflowjob_multikueue_adapter.go SyncJob); its pods mount the stage's ConfigMap, so each worker the placement
-    names gets one (no owner reference there: the deletion finalizer removes it). Best effort: a worker that cannot
-    be reached now is logged; kubelet keeps retrying the mount should the job land there."""
+    kubeflowjob_multikueue_adapter.go SyncJob); when its pods mount a ConfigMap (a config too large for the job),
+    each worker the placement names gets one (no owner reference there: the deletion finalizer removes it). Best
+    effort: a worker that cannot be reached now is logged; kubelet keeps retrying the mount should the job land
+    there."""
     ns, kw = req.owner.namespace, _deadline(secret)
     remote = dataclasses.replace(req, placement=dataclasses.replace(req.placement, target_cluster=secret))
     try:
@@ -820,8 +823,8 @@ def _results_read(conditions: list[Any], unread: list[str], generation: int | No
 def _launch_all(spec: DecentralizedDiffusionSpec, owner: b.Owner, launches: list[pl.Launch | pl.Retry]) -> None:
     """Launch every stage at once in the shared pool; return when all are done (the pass ends with no create of
     its own in flight, so the next pass of this DDM never races one), then raise the first failure in plan order.
-    Each stage's ConfigMap still precedes the job that mounts it; names are deterministic, so a create cut short
-    (an error, a SIGKILL) is adopted by the next pass (409)."""
+    A stage's ConfigMap (a config too large for its job) precedes the job that mounts it; names are deterministic,
+    so a create cut short (an error, a SIGKILL) is adopted by the next pass (409)."""
     futures = [launcher().submit(_launch_in, spec, owner, action) for action in launches]
     wait(futures)
     for future in futures:

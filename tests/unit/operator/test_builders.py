@@ -45,7 +45,9 @@ def test_pytorchjob_single_node_has_master_only_and_exit_code_policy() -> None:
     (c,) = pod["containers"]
     assert c["name"] == "pytorch" and c["command"][:2] == ["ddm-train", "expert"]
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-    assert pod["volumes"][0]["configMap"]["name"] == meta["name"]
+    assert c["volumeMounts"][0] == {"name": "config", "mountPath": "/etc/ddm", "readOnly": True}
+    assert pod["volumes"][0] == {"name": "config", "downwardAPI": {"items": [
+        {"path": "config.yaml", "fieldRef": {"fieldPath": "metadata.annotations['ddm.io/config']"}}]}}
     assert job["spec"]["runPolicy"]["suspend"] is False
     assert "nodeSelector" not in pod and "resources" not in c
 
@@ -66,9 +68,29 @@ def test_multi_node_and_placement_pass_through() -> None:
     assert "suspend" not in job["spec"]["runPolicy"]  # on a queue, suspension is Kueue's alone
 
 
-def test_configmap_carries_config_and_no_secret_values() -> None:
-    cm = b.build_configmap(request())
-    assert yaml.safe_load(cm["data"]["config.yaml"]) == {"run_uri": "s3://b/team-a/mnist", "index": 3}
+def test_config_travels_in_the_job() -> None:
+    """The stage config is a pod annotation the downward API mounts at /etc/ddm/config.yaml: no ConfigMap to
+    create first. placement.podAnnotations cannot replace it."""
+    req = request(placement=b.placement_from_dict({"podAnnotations": {"ddm.io/config": "x", "team": "a"}}))
+    assert b.config_in_job(req)
+    runtime = b.build_training_runtime(req)["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    for template in (b.build_pytorchjob(req)["spec"]["pytorchReplicaSpecs"]["Master"]["template"],
+                     runtime["template"]):
+        annotations = template["metadata"]["annotations"]
+        assert yaml.safe_load(annotations["ddm.io/config"]) == {"run_uri": "s3://b/team-a/mnist", "index": 3}
+        assert annotations["team"] == "a"
+
+
+def test_a_config_too_large_for_the_job_is_a_configmap() -> None:
+    """evaluation.prompts may hold 64 prompts of 1,024 characters: past CONFIG_IN_JOB_MAX_BYTES the config is a
+    ConfigMap of the job's name, mounted at the same path."""
+    req = request(config={"run_uri": "s3://b/team-a/mnist", "prompts": ["\u00e9" * 1024] * 64})
+    assert not b.config_in_job(req)
+    pod = b.build_pytorchjob(req)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert pod["spec"]["volumes"][0] == {"name": "config", "configMap": {"name": "mnist-expert-003-a2"}}
+    assert "ddm.io/config" not in pod["metadata"].get("annotations", {})
+    cm = b.build_configmap(req)
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == req.config
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "1234-abcd"
 
 
@@ -142,5 +164,5 @@ def test_pods_meet_the_restricted_pod_security_standard_with_gpus() -> None:
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["runAsNonRoot"] is True and sc["privileged"] is False
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
-        assert {v["name"] for v in pod["volumes"]} == {"config"} and "configMap" in pod["volumes"][0]
+        assert {v["name"] for v in pod["volumes"]} == {"config"} and "downwardAPI" in pod["volumes"][0]
         assert not {"hostNetwork", "hostPID", "hostIPC"} & pod.keys()

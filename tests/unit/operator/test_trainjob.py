@@ -66,9 +66,10 @@ def test_the_runtime_carries_the_whole_pod_and_one_retry_layer() -> None:
     # what a TrainJob's runtimePatches cannot say: the credentials Secret as envFrom, priority class, pull policy
     assert container["envFrom"] == [{"secretRef": {"name": "creds"}}]
     assert pod["spec"]["priorityClassName"] == "training" and container["imagePullPolicy"] == "IfNotPresent"
-    assert pod["spec"]["nodeSelector"] == {"pool": "a100"} and pod["metadata"]["annotations"] == {"team": "vision"}
+    assert pod["spec"]["nodeSelector"] == {"pool": "a100"} and pod["metadata"]["annotations"]["team"] == "vision"
     assert pod["metadata"]["labels"][b.LABEL_KEY] == "expert-002"  # kwok and the operator find the pods by it
-    assert {"name": "config", "configMap": {"name": "mnist-expert-002-a1"}} in pod["spec"]["volumes"]
+    # the stage config rides in the pod template: the TrainJob needs no ConfigMap either
+    assert "ddm.io/config" in pod["metadata"]["annotations"] and "downwardAPI" in pod["spec"]["volumes"][0]
 
 
 def test_queued_trainjobs_leave_suspend_to_kueue_and_suspend_patches_spec_suspend() -> None:
