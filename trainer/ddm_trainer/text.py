@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ConfigError
 
@@ -97,19 +98,20 @@ class TextEncoder:
             return self._encode_st(captions)
         return self._encode_hf(captions)
 
-    def _encode_st(self, captions: Sequence[str]) -> TextBatch:
-        # tokenize + forward, not encode(output_value=None): that one's per-item split breaks on non-tensor
-        # outputs in some sentence-transformers releases (IndexError on the GPU machine's)
-        features = self.model.tokenize(list(captions))
-        features = {k: v.to(self.device) for k, v in features.items() if isinstance(v, torch.Tensor)}
-        out = self.model(features)
-        L = self.max_tokens
-        tokens = out["token_embeddings"][:, :L].float().cpu()  # (B, l, D), the batch's padding included
-        mask = out["attention_mask"][:, :L].bool().cpu()  # (B, l)
-        pad = L - tokens.shape[1]
-        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, pad)) * torch.nn.functional.pad(mask, (0, pad))[..., None]
-        mask = torch.nn.functional.pad(mask, (0, pad))  # (B, L)
-        pooled = out["sentence_embedding"].float().cpu()  # (B, D)
+    def _encode_st(self, captions: Sequence[str], chunk: int = 256) -> TextBatch:
+        # preprocess + forward, not encode(output_value=None): that one splits every output per caption, and
+        # releases that add a non-tensor output ("modality": "text") fail there with IndexError
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # tokenize: before 6.x
+        L, parts = self.max_tokens, []
+        for start in range(0, len(captions), chunk):  # bounded memory, as encode()'s own batches were
+            features = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                        for k, v in prepare(list(captions[start:start + chunk])).items()}
+            out = self.model(features)
+            mask = out["attention_mask"][:, :L].bool().cpu()  # (b, l): l, the chunk's longest caption, up to L
+            tokens = out["token_embeddings"][:, :L].float().cpu() * mask[..., None]  # (b, l, D), zero past each
+            pad = L - mask.shape[1]
+            parts.append((F.pad(tokens, (0, 0, 0, pad)), F.pad(mask, (0, pad)), out["sentence_embedding"].float().cpu()))
+        tokens, mask, pooled = (torch.cat(p) for p in zip(*parts))  # (B, L, D), (B, L), (B, D)
         return TextBatch(tokens, mask, pooled)
 
     def _encode_hf(self, captions: Sequence[str]) -> TextBatch:

@@ -112,3 +112,20 @@ def test_clip_and_t5_text_towers_load_from_a_folder(kind: str, tmp_path: Path, m
     with pytest.raises(ConfigError, match=f"not a transformers {kind} model folder"):
         TextEncoder(tmp_path / "nothing", kind=kind)
 
+
+
+def test_captions_do_not_go_through_encodes_per_item_split(minilm: TextEncoder,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU machine's sentence-transformers release failed in ``encode(output_value=None)`` (its per-caption
+    split indexed the non-tensor output ``"modality": "text"``: IndexError), stopping the text run's clustering at
+    once. The encoder takes the model's forward instead: with ``encode`` failing as it did there, captions still
+    encode to the same tokens, mask and pooled vector."""
+    before = minilm.encode(["a photo of a cat", "a photo of a large red truck on a road at night"])
+
+    def broken(*_: object, **__: object) -> None:
+        raise IndexError("string index out of range")
+
+    monkeypatch.setattr(type(minilm.model), "encode", broken)
+    after = minilm.encode(["a photo of a cat", "a photo of a large red truck on a road at night"])
+    assert torch.equal(after.tokens, before.tokens) and torch.equal(after.mask, before.mask)
+    assert torch.equal(after.pooled, before.pooled)
