@@ -71,3 +71,36 @@ def _pythonpath() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "HOME")}
+
+
+@pytest.mark.parametrize("prompts", [1, 80], ids=["config in the job", "config too large: a ConfigMap"])
+def test_the_stage_pod_template_passes_the_api_servers_pod_validation(k8s_cluster: Any, k8s_namespace: str,
+                                                                       prompts: int) -> None:
+    """The pod template of a stage's PyTorchJob, created as a Pod on the real API server: the CRD does not check
+    its nested pod spec, the training operator's pods do, so a template the server refuses would fail only once
+    a job ran. A config that fits rides in the annotation a downward API volume mounts (the server checks the
+    fieldRef and the annotations' 256 KiB); a larger one names its ConfigMap, and the server takes the ConfigMap."""
+    from kubernetes import client
+
+    from ddm_operator.k8s import builders as b
+
+    ns, admin = k8s_namespace, client.CoreV1Api(k8s_cluster.api_client())
+    config = {"run_uri": "s3://bucket/run", "prompts": ["a photo of a cat " * 60] * prompts}  # ~1 KiB each
+    req = b.JobRequest(owner=b.Owner(name="d", namespace=ns, uid="u-1"), key="evaluate", attempt=1,
+                       image="registry.example/ddm-trainer:1", command=["ddm-train", "evaluate", "--config",
+                                                                        f"{b.CONFIG_DIR}/{b.CONFIG_FILE}"],
+                       config=config)
+    in_job = b.config_in_job(req)
+    assert in_job == (prompts == 1)
+    if not in_job:
+        admin.create_namespaced_config_map(ns, b.build_configmap(req))
+    template = b.build_pytorchjob(req)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    pod = admin.create_namespaced_pod(ns, {"metadata": {"name": "stage", **template["metadata"]},
+                                           "spec": template["spec"]})
+    volume = next(v for v in pod.spec.volumes if v.name == "config")
+    if in_job:
+        assert volume.downward_api.items[0].field_ref.field_path == f"metadata.annotations['{b.ANNOTATION_CONFIG}']"
+        assert pod.metadata.annotations[b.ANNOTATION_CONFIG] == b.config_text(req)
+    else:
+        assert volume.config_map.name == req.name and b.ANNOTATION_CONFIG not in (pod.metadata.annotations or {})
+        assert admin.read_namespaced_config_map(req.name, ns).data[b.CONFIG_FILE] == b.config_text(req)
