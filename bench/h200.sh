@@ -159,7 +159,7 @@ s["spec"]["storage"]["uri"] = "/tmp/cifar10-10k"
 yaml.safe_dump(s, open("/tmp/cifar10-10k.yaml", "w"))
 PY
     start=$(date +%s)
-    timeout "${RUN_TIMEOUT:-480}" ddm run /tmp/cifar10-10k.yaml --run-dir /tmp/cifar10-10k 2>&1 | tee "$OUT/eval10k-run.txt"
+    timeout -k 45 "${RUN_TIMEOUT:-480}" ddm run /tmp/cifar10-10k.yaml --run-dir /tmp/cifar10-10k 2>&1 | tee "$OUT/eval10k-run.txt"
     echo "ddm run exited $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/eval10k-run.txt"
     cp /tmp/cifar10-10k/evaluation/results.md /tmp/cifar10-10k/evaluation/results.json "$OUT/" 2>/dev/null || exit 0
     timeout 100 python3 bench/eval_throughput.py --from-run --run /tmp/cifar10-10k 2>&1 | tee "$OUT/eval_throughput.txt"
