@@ -95,13 +95,13 @@ def test_the_stage_pod_template_passes_the_api_servers_pod_validation(k8s_cluste
     if not in_job:  # the server's answer, not a later read: its owner (a made-up DDM) does not exist, so the
         # garbage collector of the test's control plane may delete it at any moment
         made = admin.create_namespaced_config_map(ns, b.build_configmap(req))
-        assert made.data[b.CONFIG_FILE] == b.config_text(req)
+        assert made.data[b.CONFIG_FILE] == req.config_text
     template = b.build_pytorchjob(req)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     pod = admin.create_namespaced_pod(ns, {"metadata": {"name": "stage", **template["metadata"]},
                                            "spec": template["spec"]})
     volume = next(v for v in pod.spec.volumes if v.name == "config")
     if in_job:
         assert volume.downward_api.items[0].field_ref.field_path == f"metadata.annotations['{b.ANNOTATION_CONFIG}']"
-        assert pod.metadata.annotations[b.ANNOTATION_CONFIG] == b.config_text(req)
+        assert pod.metadata.annotations[b.ANNOTATION_CONFIG] == req.config_text
     else:
         assert volume.config_map.name == req.name and b.ANNOTATION_CONFIG not in (pod.metadata.annotations or {})

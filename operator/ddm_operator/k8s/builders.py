@@ -10,6 +10,7 @@ Stage keys: ``cluster``, ``expert-003``, ``router``, ``evaluate``, ``distill`` (
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,6 +196,12 @@ class JobRequest:
     def remote(self) -> bool:
         return self.placement.target_cluster is not None
 
+    @functools.cached_property
+    def config_text(self) -> str:
+        """The stage config as the container reads it, dumped once: a launch asks whether it fits in the job and
+        then builds the job with it (~0.6 ms a dump, 900 launches at the clustering boundary of 100 DDMs)."""
+        return yaml.safe_dump(self.config, sort_keys=True)
+
 
 def label_value(value: str) -> str:
     return _shorten(value, MAX_LABEL_VALUE)
@@ -234,10 +241,6 @@ def _metadata(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def config_text(req: JobRequest) -> str:
-    return yaml.safe_dump(req.config, sort_keys=True)
-
-
 def _fits_in_job(text: str) -> bool:
     return len(text.encode()) <= CONFIG_IN_JOB_MAX_BYTES
 
@@ -246,7 +249,7 @@ def config_in_job(req: JobRequest) -> bool:
     """Whether the stage config travels in the job's pod template (an annotation the downward API mounts as the
     config file): one create per stage attempt, and a MultiKueue worker needs nothing but the job. Otherwise it is
     a ConfigMap of the job's name (``build_configmap``), created before the job."""
-    return _fits_in_job(config_text(req))
+    return _fits_in_job(req.config_text)
 
 
 def build_configmap(req: JobRequest) -> dict[str, Any]:
@@ -255,13 +258,13 @@ def build_configmap(req: JobRequest) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(req, child_labels(req.owner, req.key, req.attempt)),
-        "data": {CONFIG_FILE: config_text(req)},
+        "data": {CONFIG_FILE: req.config_text},
     }
 
 
 def _config_volume(req: JobRequest) -> tuple[dict[str, Any], dict[str, str]]:
     """The volume that holds CONFIG_FILE, and the pod annotations it reads (none for a ConfigMap)."""
-    text = config_text(req)
+    text = req.config_text
     if not _fits_in_job(text):
         return {"name": "config", "configMap": {"name": req.name}}, {}
     item = {"path": CONFIG_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_CONFIG}']"}}
