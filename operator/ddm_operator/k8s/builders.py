@@ -241,15 +241,11 @@ def _metadata(req: JobRequest, labels: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def _fits_in_job(text: str) -> bool:
-    return len(text.encode()) <= CONFIG_IN_JOB_MAX_BYTES
-
-
 def config_in_job(req: JobRequest) -> bool:
     """Whether the stage config travels in the job's pod template (an annotation the downward API mounts as the
     config file): one create per stage attempt, and a MultiKueue worker needs nothing but the job. Otherwise it is
     a ConfigMap of the job's name (``build_configmap``), created before the job."""
-    return _fits_in_job(req.config_text)
+    return len(req.config_text.encode()) <= CONFIG_IN_JOB_MAX_BYTES
 
 
 def build_configmap(req: JobRequest) -> dict[str, Any]:
@@ -264,11 +260,10 @@ def build_configmap(req: JobRequest) -> dict[str, Any]:
 
 def _config_volume(req: JobRequest) -> tuple[dict[str, Any], dict[str, str]]:
     """The volume that holds CONFIG_FILE, and the pod annotations it reads (none for a ConfigMap)."""
-    text = req.config_text
-    if not _fits_in_job(text):
+    if not config_in_job(req):
         return {"name": "config", "configMap": {"name": req.name}}, {}
     item = {"path": CONFIG_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_CONFIG}']"}}
-    return {"name": "config", "downwardAPI": {"items": [item]}}, {ANNOTATION_CONFIG: text}
+    return {"name": "config", "downwardAPI": {"items": [item]}}, {ANNOTATION_CONFIG: req.config_text}
 
 
 def _pod_template(req: JobRequest, labels: dict[str, str], container_name: str = CONTAINER_NAME) -> dict[str, Any]:
