@@ -129,15 +129,15 @@ case "${1:-}" in
     cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
     ;;
   extras) extras ;;
-  latent-mfu)  # TEXT_MASK=captions: 5..77 real tokens per caption, the rest padding (full: all 77 real)
+  latent-mfu)  # TEXT_MASK=captions: 5..77 real tokens per caption, the rest padding (full: all 77 real);
+    # CROSS_KERNEL=explicit: the cross-attention as matmuls + a fused softmax instead of SDPA
     timeout 300 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --channels 4 \
-      --text-dim 768 --text-tokens 77 --text-mask "${TEXT_MASK:-full}" --out "$OUT/expert_throughput_latent.json" \
-      2>&1 | tail -4 | tee -a "$OUT/latent_mfu.txt"
+      --text-dim 768 --text-tokens 77 --text-mask "${TEXT_MASK:-full}" --cross-kernel "${CROSS_KERNEL:-sdpa}" \
+      --out "$OUT/expert_throughput_latent.json" 2>&1 | tail -4 | tee -a "$OUT/latent_mfu.txt"
     ;;
   xattn)
     timeout 200 python3 bench/cross_attention.py --out "$OUT/cross_attention.json" 2>&1 | tee "$OUT/cross_attention.txt"
-    TEXT_MASK=full bash "$0" latent-mfu
-    TEXT_MASK=captions bash "$0" latent-mfu
+    for kernel in sdpa explicit; do TEXT_MASK=captions CROSS_KERNEL=$kernel bash "$0" latent-mfu; done
     ;;
   encode)
     extras
