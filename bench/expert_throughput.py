@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "trainer"))  # works without installing the projec
 import torch  # noqa: E402
 
 from ddm_trainer.flow import flow_loss  # noqa: E402
-from ddm_trainer.models.dit import CrossAttention, build_dit  # noqa: E402
+from ddm_trainer.models.dit import build_dit  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "expert_throughput.json"
 TARGET_MFU = {"DiT-XL/2": 0.50, "DiT-B/2": 0.45}
@@ -133,8 +133,6 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=0,
                         help="text-to-image experts: cross-attention to captions of this width (768: CLIP ViT-L/14)")
     parser.add_argument("--text-tokens", type=int, default=77, help="caption tokens per image with --text-dim")
-    parser.add_argument("--cross-kernel", choices=("sdpa", "explicit"), default=None,
-                        help="the cross-attention's kernel (models.dit.CrossAttention.kernel; default: the model's)")
     parser.add_argument("--text-mask", choices=("full", "captions"), default="full",
                         help="full: every caption token real; captions: 5..text-tokens real tokens, the rest padding "
                              "masked out (as CLIP's tokenizer pads to 77)")
@@ -148,8 +146,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.cross_kernel:
-        CrossAttention.kernel = args.cross_kernel
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_rate(device, args.matmul_n or (8192 if device.type == "cuda" else 1024))
@@ -158,7 +154,7 @@ def main() -> None:
     command = "python bench/expert_throughput.py " + " ".join(sys.argv[1:])
     setup = f"{args.image_size}x{args.image_size}x{args.channels}" + (
         f", cross-attention to {args.text_tokens} x {args.text_dim} caption tokens ({args.text_mask} mask)"
-        + f", {CrossAttention.kernel} cross-attention kernel" if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
+        if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
         f" ({args.compile_mode})" if args.compile_mode else "")
     records: list[dict[str, Any]] = [{
         "metric": "expert_throughput/matmul_peak_bf16" if device.type == "cuda" else "expert_throughput/matmul_peak",
@@ -176,7 +172,6 @@ def main() -> None:
                  "peak_mem_gib": round(r["peak_mem_gib"], 2)}
         name = preset + (f"+text{args.text_dim}" if args.text_dim else "") + (
             "-captions" if args.text_dim and args.text_mask == "captions" else "") + (
-            "-explicit" if args.text_dim and CrossAttention.kernel == "explicit" else "") + (
             f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "")
         records.append({"metric": f"expert_throughput/{name}", "value": round(r["images_per_s"], 1),
                         "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,

@@ -129,15 +129,15 @@ case "${1:-}" in
     cp bench/results/eval_throughput.json "$OUT/" 2>/dev/null
     ;;
   extras) extras ;;
-  latent-mfu)  # TEXT_MASK=captions: 5..77 real tokens per caption, the rest padding (full: all 77 real);
-    # CROSS_KERNEL=explicit: the cross-attention as matmuls + a fused softmax instead of SDPA
+  latent-mfu)  # TEXT_MASK=captions: 5..77 real tokens per caption, the rest padding (full: all 77 real)
     timeout 300 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --channels 4 \
-      --text-dim 768 --text-tokens 77 --text-mask "${TEXT_MASK:-full}" --cross-kernel "${CROSS_KERNEL:-sdpa}" \
-      --out "$OUT/expert_throughput_latent.json" 2>&1 | tail -4 | tee -a "$OUT/latent_mfu.txt"
+      --text-dim 768 --text-tokens 77 --text-mask "${TEXT_MASK:-full}" --out "$OUT/expert_throughput_latent.json" \
+      2>&1 | tail -4 | tee -a "$OUT/latent_mfu.txt"
     ;;
   xattn)
     timeout 200 python3 bench/cross_attention.py --out "$OUT/cross_attention.json" 2>&1 | tee "$OUT/cross_attention.txt"
-    for kernel in sdpa explicit; do TEXT_MASK=captions CROSS_KERNEL=$kernel bash "$0" latent-mfu; done
+    TEXT_MASK=full bash "$0" latent-mfu
+    TEXT_MASK=captions bash "$0" latent-mfu
     ;;
   encode)
     extras
@@ -181,11 +181,13 @@ PY
     ;;
   text-grids)
     extras
-    rm -rf /tmp/text-run runs/cifar10-text-h200; [ -e datasets ] || ln -s /tmp/datasets datasets; [ -e models ] || ln -s /tmp/models models
+    # RESUME=1 (a chained call on the warm machine): ddm run goes on with the run the last call stopped
+    [ -n "${RESUME:-}" ] || rm -rf /tmp/text-run
+    [ -e datasets ] || ln -s /tmp/datasets datasets; [ -e models ] || ln -s /tmp/models models
     SPEC=examples/cifar10-text-h200.yaml
-    if [ -n "${EXPERT_STEPS:-}" ]; then  # a shorter lease: fewer expert and router steps, the store in /tmp
-      EXPERT_STEPS=$EXPERT_STEPS python3 -c 'import os, yaml; s = yaml.safe_load(open("'$SPEC'")); n = int(os.environ["EXPERT_STEPS"]); s["spec"]["experts"]["steps"] = n; s["spec"]["router"]["steps"] = min(n, s["spec"]["router"]["steps"]); s["spec"]["storage"]["uri"] = "/tmp/text-store"; yaml.safe_dump(s, open("/tmp/text.yaml", "w"))'
-      SPEC=/tmp/text.yaml; rm -rf /tmp/text-store
+    if [ -n "${EXPERT_STEPS:-}" ]; then  # a shorter lease: fewer expert and router steps (the store: --run-dir)
+      EXPERT_STEPS=$EXPERT_STEPS python3 -c 'import os, yaml; s = yaml.safe_load(open("'$SPEC'")); n = int(os.environ["EXPERT_STEPS"]); s["spec"]["experts"]["steps"] = n; s["spec"]["router"]["steps"] = min(n, s["spec"]["router"]["steps"]); yaml.safe_dump(s, open("/tmp/text.yaml", "w"))'
+      SPEC=/tmp/text.yaml
     fi
     start=$(date +%s)
     ddm run $SPEC --run-dir /tmp/text-run > "$OUT/text-run.txt" 2>&1 &
@@ -194,15 +196,17 @@ PY
         || [ $(( $(date +%s) - start )) -gt "${TRAIN_LIMIT:-330}" ]; do sleep 3; done
     kill -TERM $pid; wait $pid
     echo "ddm run stopped after $(( $(date +%s) - start )) s" | tee -a "$OUT/text-run.txt"
-    mkdir -p "$OUT/text"
+    # ddm sample reads the run where ddm run --run-dir put it (not the spec's storage.uri); per-prompt grids stay
+    # in /tmp (a call brings back 8 files): the two grids of all prompts, the stages' progress logs
+    mkdir -p "$OUT/text" /tmp/text-grids
     prompts=(); for c in airplane automobile bird cat deer dog frog horse ship truck; do prompts+=(--prompt "a photo of a $c"); done
     for strategy in full top1; do
-      timeout 120 ddm sample $SPEC --strategy $strategy -n 16 --cfg-scale 2 \
-        "${prompts[@]}" -o "$OUT/text/$strategy.png" 2>&1 | grep -v Warning | tail -12
+      timeout 150 ddm sample /tmp/text-run --strategy $strategy -n 16 --cfg-scale "${CFG:-2}" \
+        "${prompts[@]}" -o "/tmp/text-grids/$strategy.png" 2>&1 | grep -v Warning | tail -3
+      cp "/tmp/text-grids/$strategy.png" "$OUT/text/"
     done
     echo "grids done after $(( $(date +%s) - start )) s"; ls -l "$OUT/text"
-    find runs/cifar10-text-h200 -name '*.progress.jsonl' -size -2M -exec cp --parents {} "$OUT/text/" \; 2>/dev/null
-    cp /tmp/text-run/logs/*.progress.jsonl "$OUT/text/" 2>/dev/null
+    cp /tmp/text-run/logs/router.progress.jsonl /tmp/text-run/logs/expert-000.progress.jsonl "$OUT/text/" 2>/dev/null
     ;;
   study)
     shift

@@ -142,3 +142,15 @@ def test_the_students_row_is_done_when_the_committed_table_holds_it(spec: Decent
     store.commit(done_prefix(EVALUATE), {"results.json": b"{}"}, {"table": [*table, {"strategy": "student", "fid": 4.0}]})
     assert observe(spec.spec, store, ObservedState(), 1.0).get(STUDENT_EVAL).state is State.SUCCEEDED
     assert planner.plan(spec.spec, observe(spec.spec, store, ObservedState(), 1.0)).phase == "Succeeded"
+
+
+def test_an_omp_thread_count_that_oversubscribes_the_cores_is_warned_about() -> None:
+    from ddm_operator.local.runner import oversubscription
+
+    warning = oversubscription("2", 2, 2)
+    assert warning is not None and "OMP_NUM_THREADS=2" in warning and "4 threads on 2 cores" in warning
+    assert "each stage then gets 1" in warning
+    assert oversubscription("1", 2, 2) is None  # fits
+    assert oversubscription("4", 1, 2) is None  # one stage at a time: the user's choice
+    assert oversubscription(None, 4, 2) is None  # unset: ddm run gives each stage its slice
+    assert oversubscription("many", 4, 2) is None  # not a number: OpenMP's problem, not a guess of ours

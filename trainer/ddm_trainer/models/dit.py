@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
@@ -74,11 +73,6 @@ class Attention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to text tokens (PixArt-alpha's cross-attention between self-attention and the MLP)."""
 
-    # "sdpa": F.scaled_dot_product_attention with the caption mask; "explicit": the scores as one batched matmul,
-    # the mask and softmax fused by the compiler, then a second matmul. With 77 keys the whole score matrix is
-    # small (B x H x T x 77), where SDPA's kernels are tiled for long sequences. bench/cross_attention.py measures both.
-    kernel: ClassVar[str] = "sdpa"
-
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -92,25 +86,12 @@ class CrossAttention(nn.Module):
         L, H = ctx.shape[1], self.heads
         q = self.q(x).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
         kv = self.kv(ctx).view(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (2, B, H, L, Dh)
-        if self.kernel == "explicit":
-            out = explicit_attention(q, kv[0], kv[1], mask)
-        else:
-            # a boolean mask keeps SDPA off its flash kernel; measured on an H100 (bench/cross_attention.py) it
-            # costs 1.5% of a DiT-XL/2 block, and no masked SDPA alternative (additive bias, cuDNN, flex, the mask
-            # folded into one more key dimension) was faster
-            attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, L)
-            out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, H, T, Dh)
+        # a boolean mask keeps SDPA off its flash kernel; measured on an H100 (bench/cross_attention.py) it costs
+        # 1.5% of a DiT-XL/2 block, and no masked alternative (additive bias, cuDNN, flex, the mask folded into
+        # one more key dimension, the scores as plain matmuls with a compiled softmax: 5% slower) was faster
+        attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh), masked) v for short keys. q: (B, H, T, Dh), k, v: (B, H, L, Dh), mask: (B, L) bool
-    -> (B, H, T, Dh). The scale goes on q before the matmul (not on the scores after it), so inductor's attention
-    pattern matcher leaves this as matmuls instead of rewriting it back into SDPA with a mask."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, H, T, L)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    return torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)  # (B, H, T, Dh)
 
 
 class Block(nn.Module):
