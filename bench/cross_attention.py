@@ -86,6 +86,7 @@ def attention_variants(args: argparse.Namespace, device: torch.device) -> list[d
         "bool mask, cuDNN kernel": sdpa(k, v, mask[:, None, None, :], SDPBackend.CUDNN_ATTENTION),
         "bool mask, math kernel": sdpa(k, v, mask[:, None, None, :], SDPBackend.MATH),
     }
+
     def explicit_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """The scores as one batched matmul (the scale on q, so inductor's attention pattern matcher leaves it as
         matmuls), mask + softmax fused by the compiler, a second matmul: (B, H, T, Dh)."""

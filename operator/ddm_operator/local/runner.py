@@ -244,7 +244,7 @@ class LocalRunner:
         log_path = self.logs / f"{key.id}.log"
         env = dict(os.environ)
         # Share the cores: each child gets its slice unless the user chose otherwise.
-        env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // self.parallel, 1)))
+        env.setdefault("OMP_NUM_THREADS", str(stage_threads(os.cpu_count() or 1, self.parallel)))
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.pop("DDM_PROGRESS_BAR", None)  # the child's own bar would fight ours
         with open(log_path, "ab") as log:
@@ -445,5 +445,9 @@ def oversubscription(omp_threads: str | None, parallel: int, cpus: int) -> str |
         return None
     return (f"OMP_NUM_THREADS={threads} for each of up to {parallel} stages at once asks for {threads * parallel} "
             f"threads on {cpus} cores; CPU stages can run many times slower. Unset it (each stage then gets "
-            f"{max(cpus // parallel, 1)}) or lower --parallel")
+            f"{stage_threads(cpus, parallel)}) or lower --parallel")
 
+
+def stage_threads(cpus: int, parallel: int) -> int:
+    """Each stage's share of the cores when up to ``parallel`` run at once (its OMP_NUM_THREADS, unless set)."""
+    return max(cpus // parallel, 1)
