@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))  # so `fixtures.*` and helpers import as top-level modules
 
@@ -20,3 +22,10 @@ pytest_plugins = [
     "fixtures.s3",
     "fixtures.k8s",
 ]
+
+
+@pytest.fixture
+def parallel_run_env() -> dict[str, str]:
+    """The environment for a ``ddm run --parallel N`` subprocess: this one's without the suite's OMP_NUM_THREADS, so
+    ddm run gives each stage its slice of the cores (2 stages of 2 spinning OpenMP threads on 2 cores: ~50x slower)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}

@@ -45,16 +45,17 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _run(spec: dict[str, object], tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+def _run(spec: dict[str, object], tmp_path: Path, name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     out = subprocess.run([DDM, "run", str(path), "--parallel", "2"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
 
-def test_grow_k3_into_k4_without_retraining(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+def test_grow_k3_into_k4_without_retraining(fashion_mnist_dir: Path, tmp_path: Path,
+                                             parallel_run_env: dict[str, str]) -> None:
     old_data, new_data = tmp_path / "island-a", tmp_path / "island-b"
     fashion_mnist_to_shards(old_data, limit=150, shard_size=75, source_dir=fashion_mnist_dir, classes=range(7))
     fashion_mnist_to_shards(new_data, limit=60, shard_size=60, source_dir=fashion_mnist_dir, classes=(7, 8, 9))
@@ -63,7 +64,7 @@ def test_grow_k3_into_k4_without_retraining(fashion_mnist_dir: Path, tmp_path: P
     # 1. The parent, K=3, with the partial ensemble evaluated as its experts land.
     parent = _spec("parent", old_data, parent_dir, 3, 150)
     parent["spec"]["evaluation"]["partial"] = {"numSamples": 8, "steps": 2}  # type: ignore[index]
-    out = _run(parent, tmp_path, "parent")
+    out = _run(parent, tmp_path, "parent", parallel_run_env)
     assert "launched probe-001" in out.stderr, out.stderr[-3000:]
     pstore = FileStore(parent_dir)
     probe = pstore.read_manifest("partial/001")
@@ -79,7 +80,7 @@ def test_grow_k3_into_k4_without_retraining(fashion_mnist_dir: Path, tmp_path: P
 
     # 2. Grown with the rest of the data into K=4: one new cluster, one new expert, a new router.
     grown = _spec("grown", new_data, grown_dir, 4, 60, growth={"parentUri": str(parent_dir)})
-    out = _run(grown, tmp_path, "grown")
+    out = _run(grown, tmp_path, "grown", parallel_run_env)
     assert "launched expert-003" in out.stderr
     assert not any(f"launched expert-00{k}" in out.stderr for k in range(3)), out.stderr[-3000:]
     assert _hashes(parent_dir / "experts") == before  # the old experts: untouched, byte for byte

@@ -42,7 +42,8 @@ def _spec(shards: Path, run_dir: Path, vae: Path, encoder: str) -> dict[str, obj
 
 
 def test_a_text_conditioned_latent_run_succeeds_with_a_grid_per_prompt_and_fid_on_decoded_images(
-        fashion_mnist_shards: Path, tiny_vae_dir: Path, minilm_path: str, tmp_path: Path) -> None:
+        fashion_mnist_shards: Path, tiny_vae_dir: Path, minilm_path: str, tmp_path: Path,
+        parallel_run_env: dict[str, str]) -> None:
     from ddm_trainer import fid
 
     try:
@@ -53,7 +54,7 @@ def test_a_text_conditioned_latent_run_succeeds_with_a_grid_per_prompt_and_fid_o
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(_spec(fashion_mnist_shards, run_dir, tiny_vae_dir, minilm_path)))
     out = subprocess.run([DDM, "run", str(spec), "--parallel", "2"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=parallel_run_env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Succeeded" in out.stderr
     launched = [ln.split()[2] for ln in out.stderr.splitlines() if ln.startswith("[ddm] launched")]

@@ -8,7 +8,6 @@ images, a prompt encoded differently at sampling than in training)? The tests be
 output changes with the prompt; this one fails for the second kind."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +42,8 @@ def _spec(shards: Path, run_dir: Path, encoder: str) -> dict[str, object]:
     }
 
 
-def test_samples_follow_the_colour_their_prompt_names(minilm_path: str, tmp_path: Path) -> None:
+def test_samples_follow_the_colour_their_prompt_names(minilm_path: str, tmp_path: Path,
+                                                      parallel_run_env: dict[str, str]) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -57,8 +57,7 @@ def test_samples_follow_the_colour_their_prompt_names(minilm_path: str, tmp_path
     run_dir = tmp_path / "run"
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(_spec(tmp_path / "shards", run_dir, minilm_path)))
-    # without the suite's OMP_NUM_THREADS: ddm run gives each of its 2 stages one core (2 threads each spin ~50x slower)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = parallel_run_env
     out = subprocess.run([DDM, "run", str(spec), "--parallel", "2"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
