@@ -200,10 +200,12 @@ PY
     # in /tmp (a call brings back 8 files): the two grids of all prompts, the stages' progress logs
     mkdir -p "$OUT/text" /tmp/text-grids
     prompts=(); for c in airplane automobile bird cat deer dog frog horse ship truck; do prompts+=(--prompt "a photo of a $c"); done
-    for strategy in full top1; do
-      timeout 150 ddm sample /tmp/text-run --strategy $strategy -n 16 --cfg-scale "${CFG:-2}" \
-        "${prompts[@]}" -o "/tmp/text-grids/$strategy.png" 2>&1 | grep -v Warning | tail -3
-      cp "/tmp/text-grids/$strategy.png" "$OUT/text/"
+    for cfg in ${CFG:-2}; do  # CFG="2 4": a grid per strategy and guidance scale
+      for strategy in full top1; do
+        timeout 150 ddm sample /tmp/text-run --strategy $strategy -n 16 --cfg-scale "$cfg" \
+          "${prompts[@]}" -o "/tmp/text-grids/$strategy-cfg$cfg.png" 2>&1 | grep -v Warning | tail -3
+        cp "/tmp/text-grids/$strategy-cfg$cfg.png" "$OUT/text/"
+      done
     done
     echo "grids done after $(( $(date +%s) - start )) s"; ls -l "$OUT/text"
     cp /tmp/text-run/logs/router.progress.jsonl /tmp/text-run/logs/expert-000.progress.jsonl "$OUT/text/" 2>/dev/null
