@@ -141,6 +141,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--compile", choices=["none", "regional", "full"], default="regional")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--sdpa", choices=("default", "flash", "cudnn", "efficient"), default="default",
+                        help="the only attention kernel scaled_dot_product_attention may pick (global flags, set "
+                             "before compiling); default: PyTorch's own priority order")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak rate (8192 on CUDA)")
     parser.add_argument("--out", default=str(OUT))
@@ -148,6 +151,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+        if args.sdpa != "default":  # e.g. cuDNN's attention against flash for DiT-XL's head size 72
+            torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
+            torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
+            torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
+            torch.backends.cuda.enable_math_sdp(False)
     peak = matmul_rate(device, args.matmul_n or (8192 if device.type == "cuda" else 1024))
     print(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
     where, now = machine(device), datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -155,7 +163,8 @@ def main() -> None:
     setup = f"{args.image_size}x{args.image_size}x{args.channels}" + (
         f", cross-attention to {args.text_tokens} x {args.text_dim} caption tokens ({args.text_mask} mask)"
         if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
-        f" ({args.compile_mode})" if args.compile_mode else "")
+        f" ({args.compile_mode})" if args.compile_mode else "") + (
+        f", attention kernel {args.sdpa}" if args.sdpa != "default" else "")
     records: list[dict[str, Any]] = [{
         "metric": "expert_throughput/matmul_peak_bf16" if device.type == "cuda" else "expert_throughput/matmul_peak",
         "value": round(peak / 1e12, 2), "unit": "TFLOP/s", "reference": None, "ratio": None, "command": command,
@@ -172,7 +181,8 @@ def main() -> None:
                  "peak_mem_gib": round(r["peak_mem_gib"], 2)}
         name = preset + (f"+text{args.text_dim}" if args.text_dim else "") + (
             "-captions" if args.text_dim and args.text_mask == "captions" else "") + (
-            f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "")
+            f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "") + (
+            f" sdpa={args.sdpa}" if args.sdpa != "default" else "")
         records.append({"metric": f"expert_throughput/{name}", "value": round(r["images_per_s"], 1),
                         "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,
                         "date": now, **extra})

@@ -5,6 +5,8 @@
 #   bench/h200.sh stage       # GPU resume tests, bench/stage_throughput.py, bench/data_throughput.py
 #   bench/h200.sh ckpt      # DiT-XL/2's checkpoint size, stall, SIGTERM save and resume
 #   bench/h200.sh mfu       # DiT-XL/2's model-only step under three compile settings
+#   bench/h200.sh attn-mfu  # DiT-XL/2 (and with text, TEXT=1) under PyTorch's default attention kernel and cuDNN's;
+#                           # batch 256 on an H200, 128 on an H100 (256 does not fit its 80 GB)
 #   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
 #   bench/h200.sh pipeline    # examples/cifar10-h200.yaml: ddm run, SIGTERM while the experts train, ddm run again
 #   bench/h200.sh eval        # bench/eval_throughput.py on the pipeline's experts (FID-10k of 4 strategies)
@@ -106,6 +108,16 @@ case "${1:-}" in
     for c in "regional" "full" "regional --compile-mode max-autotune-no-cudagraphs"; do
       timeout 200 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-128}" --compile $c \
         --out "$OUT/mfu-$(echo $c | tr -c 'a-z' _).json" 2>&1 | tail -4 | tee -a "$OUT/mfu.txt"
+    done
+    ;;
+  attn-mfu)
+    B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
+    variants=(""); [ -n "${TEXT:-}" ] && variants+=("--channels 4 --text-dim 768 --text-tokens 77 --text-mask captions")
+    for v in "${variants[@]}"; do
+      for k in default cudnn; do
+        timeout 200 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch $B --steps 15 --sdpa $k $v \
+          --out "$OUT/attn-mfu.json" 2>&1 | tail -3 | tee -a "$OUT/attn-mfu.txt"
+      done
     done
     ;;
   pipeline)
@@ -223,5 +235,5 @@ PY
         && cp "$arm"/logs/*.progress.jsonl "$OUT/logs/$(basename "$(dirname "$arm")")/" 2>/dev/null
     done
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|study" >&2; exit 2 ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|study" >&2; exit 2 ;;
 esac
