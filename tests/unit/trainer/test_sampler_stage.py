@@ -269,3 +269,21 @@ def test_sigterm_stops_sampling_within_one_batch(run_store: FileStore, monkeypat
     with pytest.raises(PreemptedError, match="before sample 4 of 8") as e:
         generate(run_store, "full", n=8, batch_size=2, steps=2, seed=1)
     assert len(drawn) == 2 and e.value.exit_code == ExitCode.PREEMPTED
+
+
+def test_combined_grid_gives_each_prompt_its_own_rows() -> None:
+    """ddm sample's grid.png with several prompts: drawn image i has prompt i mod P, so in drawing order every row
+    mixed the prompts (a CIFAR-10 grid of ten captions looked as if no prompt was followed)."""
+    from ddm_trainer.stages.sample import by_prompt
+
+    P, per_prompt, nrow = 3, 5, 4
+    images = torch.arange(P * per_prompt, dtype=torch.float32).remainder(P).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    images = images / 10 - 0.9  # prompt p -> value p / 10 - 0.9 (never 1.0, the blank)
+    grid = by_prompt(images, P, grid_max=P * per_prompt, nrow=nrow)
+    rows = grid[:, 0, 0, 0].view(-1, nrow)  # one value per image, a row of the grid per line
+    assert rows.shape == (P * 2, nrow)  # 5 images per prompt: 2 rows each, the second padded
+    for p in range(P):
+        block = rows[2 * p: 2 * p + 2].flatten()
+        assert torch.allclose(block[:per_prompt], torch.full((per_prompt,), p / 10 - 0.9))
+        assert torch.all(block[per_prompt:] == 1.0)  # white blanks, the grid's padding colour
+    assert len(by_prompt(images, P, grid_max=6, nrow=nrow)) == P * nrow  # grid_max // P = 2 per prompt, one row

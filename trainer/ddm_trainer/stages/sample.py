@@ -373,6 +373,19 @@ def grid_png(images: torch.Tensor, nrow: int) -> bytes:
     return buf.getvalue()
 
 
+def by_prompt(images: torch.Tensor, num_prompts: int, grid_max: int, nrow: int) -> torch.Tensor:
+    """The images of a combined grid in prompt order, each prompt's own rows (image i has prompt i mod P, so
+    in drawing order a row of the grid would mix the prompts): at most grid_max // P images per prompt, its last
+    row filled with white images (the grid's padding colour)."""
+    per_prompt = max(grid_max // num_prompts, 1)
+    blocks = []
+    for p in range(num_prompts):
+        block = images[p::num_prompts][:per_prompt]  # (n_p, C, H, W)
+        blank = torch.ones(((-len(block)) % nrow, *images.shape[1:]), dtype=images.dtype)
+        blocks += [block, blank.to(images.device)]
+    return torch.cat(blocks)  # (P * ceil(n_p / nrow) * nrow, C, H, W)
+
+
 def run(cfg: SampleConfig) -> dict[str, Any]:
     from ..runtime import resolve_device
     from ..store import open_store
@@ -391,7 +404,8 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
     prefix = f"{SAMPLES}/{name}"
     meta = {k: v for k, v in stats.items() if k != "labels"}
     meta["seed"] = cfg.seed
-    files = {"grid.png": grid_png(images[: cfg.grid_max], cfg.nrow), "samples.npz": buf.getvalue()}
+    combined = by_prompt(images, len(prompts), cfg.grid_max, cfg.nrow) if prompts else images[: cfg.grid_max]
+    files = {"grid.png": grid_png(combined, cfg.nrow), "samples.npz": buf.getvalue()}
     for p, prompt in enumerate(prompts or []):  # one grid per prompt: image i has prompt i mod P
         files[f"grid-{p:02d}.png"] = grid_png(images[p::len(prompts)][: cfg.grid_max], cfg.nrow)
     if prompts:
