@@ -2,10 +2,10 @@
 names their colour ("a red square", "a green square", "a blue square"), all-MiniLM-L6-v2 as text encoder, K=2, then
 ``ddm sample --prompt`` per colour. Each prompt's samples must come out in its colour.
 
-Why: on an H100, CIFAR-10 experts trained 500 steps on "a photo of a <class>" gave grids that did not follow their
-prompts (BENCHMARKS.md). Too few steps, or a caption that never reaches the model (embeddings misaligned with their
-images, a prompt encoded differently at sampling than in training)? The tests beside this one only check that the
-output changes with the prompt; this one fails for the second kind."""
+Why: the tests beside this one only check that the output changes with the prompt; this one fails when a caption
+never reaches the model the way it was trained (embeddings misaligned with their images, a prompt encoded
+differently at sampling than in training). Written when CIFAR-10 grids from an H100 seemed not to follow their
+prompts; that was the combined grid's layout (BENCHMARKS.md, sixth lease), not the caption path."""
 from __future__ import annotations
 
 import subprocess
