@@ -287,3 +287,22 @@ def test_combined_grid_gives_each_prompt_its_own_rows() -> None:
         assert torch.allclose(block[:per_prompt], torch.full((per_prompt,), p / 10 - 0.9))
         assert torch.all(block[per_prompt:] == 1.0)  # white blanks, the grid's padding colour
     assert len(by_prompt(images, P, grid_max=6, nrow=nrow)) == P * nrow  # grid_max // P = 2 per prompt, one row
+
+
+def test_combined_grid_names_each_prompt_beside_its_rows() -> None:
+    from PIL import Image
+
+    from ddm_trainer.stages.sample import LABEL_WIDTH, by_prompt, grid_png
+
+    P, per_prompt, nrow, size = 3, 8, 4, 16
+    images = by_prompt(torch.zeros(P * per_prompt, 3, size, size), P, P * per_prompt, nrow)  # black samples
+    plain = np.asarray(Image.open(io.BytesIO(grid_png(images, nrow))))
+    labelled = np.asarray(Image.open(io.BytesIO(grid_png(images, nrow, [(0, "a red square"), (2, "a green one"),
+                                                                         (4, "x" * 200)]))))
+    assert labelled.shape == (plain.shape[0], plain.shape[1] + LABEL_WIDTH, 3)
+    assert np.array_equal(labelled[:, LABEL_WIDTH:], plain)  # the samples unchanged, right of the labels
+    block = 2 * (size + 2)  # two grid rows per prompt
+    for p in range(P):  # some text in each prompt's band of the label column, none right of the column
+        band = labelled[p * block: (p + 1) * block, :LABEL_WIDTH]
+        assert (band < 128).any(), f"no label beside prompt {p}'s rows"
+    assert (labelled[:, LABEL_WIDTH - 4: LABEL_WIDTH] == 255).all()  # the 200-character label was cut to fit

@@ -361,13 +361,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def grid_png(images: torch.Tensor, nrow: int) -> bytes:
-    from PIL import Image
+LABEL_WIDTH = 160  # pixels of the label column beside a grid's rows; longer labels are cut with "..."
+
+
+def grid_png(images: torch.Tensor, nrow: int, row_labels: Sequence[tuple[int, str]] = ()) -> bytes:
+    """A PNG of ``images`` (N, C, H, W) in [-1, 1], ``nrow`` a row; ``row_labels`` (first grid row, text) are
+    written in a column on the left, e.g. each prompt beside its rows."""
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)  # (C, H', W')
     arr = (grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     img = Image.fromarray(arr[..., 0] if images.shape[1] == 1 else arr)
+    if row_labels:
+        labelled = Image.new(img.mode, (img.width + LABEL_WIDTH, img.height), "white")
+        labelled.paste(img, (LABEL_WIDTH, 0))
+        draw, font = ImageDraw.Draw(labelled), ImageFont.load_default()
+        row_height = images.shape[2] + 2
+        for row, text in row_labels:
+            while text and draw.textlength(text, font=font) > LABEL_WIDTH - 8:
+                text = text[:-4] + "..." if len(text) > 4 else ""
+            draw.text((4, 2 + row * row_height + images.shape[2] // 2 - 6), text, fill="black", font=font)
+        img = labelled
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -404,8 +419,13 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
     prefix = f"{SAMPLES}/{name}"
     meta = {k: v for k, v in stats.items() if k != "labels"}
     meta["seed"] = cfg.seed
-    combined = by_prompt(images, len(prompts), cfg.grid_max, cfg.nrow) if prompts else images[: cfg.grid_max]
-    files = {"grid.png": grid_png(combined, cfg.nrow), "samples.npz": buf.getvalue()}
+    if prompts:  # each prompt in its own rows, named on the left
+        combined = by_prompt(images, len(prompts), cfg.grid_max, cfg.nrow)
+        rows = len(combined) // cfg.nrow // len(prompts)
+        grid = grid_png(combined, cfg.nrow, [(p * rows, prompt) for p, prompt in enumerate(prompts)])
+    else:
+        grid = grid_png(images[: cfg.grid_max], cfg.nrow)
+    files = {"grid.png": grid, "samples.npz": buf.getvalue()}
     for p, prompt in enumerate(prompts or []):  # one grid per prompt: image i has prompt i mod P
         files[f"grid-{p:02d}.png"] = grid_png(images[p::len(prompts)][: cfg.grid_max], cfg.nrow)
     if prompts:
