@@ -20,7 +20,8 @@
 #   bench/h200.sh text        # examples/cifar10-text-h200.yaml through ddm run: grids per prompt, FID-5k
 #   bench/h200.sh text-grids  # a lease too short for Inception's two parts: the text DDM trains through ddm run
 #                             # (stopped when its evaluation starts: no Inception, no FID), then ddm sample draws a
-#                             # grid per prompt (full and top1, guidance 2)
+#                             # grid of all prompts for full and top1 at each guidance scale in CFG (default 2), with
+#                             # the images for bench/prompt_adherence.py; one CFG keeps a call within its 8 files
 #   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
 #                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
 #                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
@@ -209,7 +210,8 @@ PY
     kill -TERM $pid; wait $pid
     echo "ddm run stopped after $(( $(date +%s) - start )) s" | tee -a "$OUT/text-run.txt"
     # ddm sample reads the run where ddm run --run-dir put it (not the spec's storage.uri); per-prompt grids stay
-    # in /tmp (a call brings back 8 files): the two grids of all prompts, the stages' progress logs
+    # in /tmp (a call brings back 8 files): per scale the two grids of all prompts and their samples.npz, and the
+    # stages' progress logs
     mkdir -p "$OUT/text" /tmp/text-grids
     prompts=(); for c in airplane automobile bird cat deer dog frog horse ship truck; do prompts+=(--prompt "a photo of a $c"); done
     for cfg in ${CFG:-2}; do  # CFG="2 4": a grid per strategy and guidance scale
@@ -217,6 +219,9 @@ PY
         timeout 150 ddm sample /tmp/text-run --strategy $strategy -n 16 --cfg-scale "$cfg" \
           "${prompts[@]}" -o "/tmp/text-grids/$strategy-cfg$cfg.png" 2>&1 | grep -v Warning | tail -3
         cp "/tmp/text-grids/$strategy-cfg$cfg.png" "$OUT/text/"
+        # the images with their prompts, for bench/prompt_adherence.py --samples (160 x 32 x 32 x 3: ~0.5 MB)
+        latest=$(ls -td /tmp/text-run/samples/cli-$strategy-n16-* 2>/dev/null | head -1)
+        [ -n "$latest" ] && cp "$latest/samples.npz" "$OUT/text/$strategy-cfg$cfg.npz"
       done
     done
     echo "grids done after $(( $(date +%s) - start )) s"; ls -l "$OUT/text"
