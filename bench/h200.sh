@@ -225,6 +225,15 @@ PY
       done
     done
     echo "grids done after $(( $(date +%s) - start )) s"; ls -l "$OUT/text"
+    # how many samples follow their prompt, by a CIFAR-10 classifier trained here; it needs the test shard, which
+    # travels apart (.device/cifar10test, 3.6 MB: with the wheels, the train shards and MiniLM the first call is full)
+    [ -d .device/cifar10test ] && cp .device/cifar10test/*.tar.gz /tmp/datasets/cifar10/
+    if ls /tmp/datasets/cifar10/cifar10-test-*.tar.gz > /dev/null 2>&1 && ls "$OUT"/text/*.npz > /dev/null 2>&1; then
+      args=(); for f in "$OUT"/text/*.npz; do args+=(--samples "$(basename "$f" .npz)-${EXPERT_STEPS:-spec}steps=$f"); done
+      timeout 180 python3 bench/prompt_adherence.py --data /tmp/datasets/cifar10 "${args[@]}" \
+        --label "text CIFAR-10 DDM (bench/h200.sh text-grids)" --out "$OUT/prompt_adherence.json" 2>&1 \
+        | grep -v Warning | tail -4 | tee -a "$OUT/text-run.txt"
+    fi
     cp /tmp/text-run/logs/router.progress.jsonl /tmp/text-run/logs/expert-000.progress.jsonl "$OUT/text/" 2>/dev/null
     ;;
   study)

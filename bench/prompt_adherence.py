@@ -72,10 +72,11 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0  # uint8 -> [-1, 1], as the DDM's images
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, device: torch.device) -> nn.Module:
     """SGD with momentum, one-cycle learning rate, random crops (pad 4) and flips."""
     torch.manual_seed(seed)
-    model = classifier()
+    model = classifier().to(device)
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     batch = 256
     steps = epochs * (len(x) // batch)
@@ -85,7 +86,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -
     for epoch in range(epochs):
         order = torch.randperm(len(x))
         for i in range(len(x) // batch):
-            idx = order[i * batch:(i + 1) * batch]
+            idx = order[i * batch:(i + 1) * batch].to(device)
             xb = F.pad(normalise(x[idx]), (4, 4, 4, 4), mode="reflect")  # (B, 3, 40, 40)
             dx, dy = torch.randint(0, 9, (2,)).tolist()
             xb = xb[:, :, dy:dy + 32, dx:dx + 32]
@@ -103,7 +104,8 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(normalise(x[i:i + 1000])).argmax(1) for i in range(0, len(x), 1000)])
+    device = next(model.parameters()).device
+    return torch.cat([model(normalise(x[i:i + 1000].to(device))).argmax(1).cpu() for i in range(0, len(x), 1000)])
 
 
 LABEL_WIDTH = 160  # ddm_trainer.stages.sample.LABEL_WIDTH: the prompts' column left of a combined grid
@@ -157,18 +159,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--classifier", type=Path, default=Path("/tmp/cifar10-classifier.pt"))
     parser.add_argument("--label", default="", help="what was sampled, for the records")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
-    model = classifier()
+    device = torch.device(args.device)
+    model = classifier().to(device)
     if args.classifier.exists():
-        model.load_state_dict(torch.load(args.classifier))
+        model.load_state_dict(torch.load(args.classifier, map_location=device))
         model.eval()
     else:
         x, y = read_shards(f"{args.data}/cifar10-train-*.tar.gz")
         print(f"classifier: training on {len(x)} images", flush=True)
-        model = train_classifier(x, y, args.epochs, seed=0)
+        model = train_classifier(x, y, args.epochs, seed=0, device=device)
         torch.save(model.state_dict(), args.classifier)
     xt, yt = read_shards(f"{args.data}/cifar10-test-*.tar.gz")
     test_acc = (predict(model, xt) == yt).float().mean().item()
@@ -179,7 +183,8 @@ def main() -> None:
     sources += [(n, *npz_samples(p)) for n, p in (s.split("=", 1) for s in args.samples)]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = "python bench/prompt_adherence.py " + " ".join(sys.argv[1:])
-    machine = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"CPU ({torch.get_num_threads()} threads)") + f", torch {torch.__version__}"
     records: list[dict[str, Any]] = [{
         "metric": "prompt_adherence/classifier_test_accuracy", "value": round(test_acc, 4), "unit": "fraction",
         "reference": 0.1, "ratio": round(test_acc / 0.1, 2), "command": command, "machine": machine, "date": now}]

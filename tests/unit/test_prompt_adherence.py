@@ -43,3 +43,18 @@ def test_grid_cells_come_back_with_their_prompts(tmp_path: Path, order: str) -> 
         matches = [i for i in range(cls.item(), P * per_prompt, P) if torch.equal(uint8[i], cell)]
         assert len(matches) == 1
     assert np.bincount(classes.numpy()).tolist() == [per_prompt] * P
+
+
+def test_samples_npz_gives_each_image_its_prompts_class(tmp_path: Path) -> None:
+    """``--samples``: the samples.npz that ``ddm sample`` commits (uint8 (N, C, H, W) and each image's prompt)."""
+    from ddm_trainer.stages.sample import to_uint8
+
+    bench = load_bench()
+    prompts = ["a photo of a truck", "a photo of a airplane", "a photo of a cat"]
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    path = tmp_path / "samples.npz"
+    np.savez_compressed(path, images=to_uint8(images), labels=np.asarray([], dtype=np.int64),
+                        prompts=np.asarray([prompts[i % 3] for i in range(6)]))  # as stages/sample.run writes it
+    x, classes = bench.npz_samples(str(path))
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.uint8
+    assert classes.tolist() == [9, 0, 3, 9, 0, 3]
