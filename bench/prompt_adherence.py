@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+from ddm_trainer.stages.sample import LABEL_WIDTH  # noqa: E402  the prompts' column left of a combined grid
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OUT = Path(__file__).resolve().parent / "results" / "prompt_adherence.json"
 
@@ -106,9 +109,6 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, d
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     return torch.cat([model(normalise(x[i:i + 1000].to(device))).argmax(1).cpu() for i in range(0, len(x), 1000)])
-
-
-LABEL_WIDTH = 160  # ddm_trainer.stages.sample.LABEL_WIDTH: the prompts' column left of a combined grid
 
 
 def grid_cells(path: str, count: int, size: int = 32, nrow: int = 8, pad: int = 2, left: int = 0) -> torch.Tensor:

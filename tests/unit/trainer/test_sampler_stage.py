@@ -302,7 +302,7 @@ def test_combined_grid_names_each_prompt_beside_its_rows() -> None:
     assert labelled.shape == (plain.shape[0], plain.shape[1] + LABEL_WIDTH, 3)
     assert np.array_equal(labelled[:, LABEL_WIDTH:], plain)  # the samples unchanged, right of the labels
     block = 2 * (size + 2)  # two grid rows per prompt
-    for p in range(P):  # some text in each prompt's band of the label column, none right of the column
+    for p in range(P):  # some text in each prompt's band of the label column
         band = labelled[p * block: (p + 1) * block, :LABEL_WIDTH]
         assert (band < 128).any(), f"no label beside prompt {p}'s rows"
     assert (labelled[:, LABEL_WIDTH - 4: LABEL_WIDTH] == 255).all()  # the 200-character label was cut to fit
