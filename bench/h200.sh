@@ -244,10 +244,8 @@ PY
       --md "$OUT/paper_study.md" --deadline-s "${DEADLINE_S:-500}" "$@" 2>&1 | tee -a "$OUT/paper_study.txt"
     echo "paper_study exited ${PIPESTATUS[0]}" | tee -a "$OUT/paper_study.txt"
     cp -r /tmp/study/results/. "$OUT/" 2>/dev/null
-    for arm in /tmp/study/*/run; do  # the logs independence is read from, small
-      [ -d "$arm/logs" ] && mkdir -p "$OUT/logs/$(basename "$(dirname "$arm")")" \
-        && cp "$arm"/logs/*.progress.jsonl "$OUT/logs/$(basename "$(dirname "$arm")")/" 2>/dev/null
-    done
+    # the logs independence is read from, as one file: a call brings back at most 8
+    (cd /tmp/study && tar czf "$OUT/study-logs.tar.gz" */run/logs/*.progress.jsonl */run/logs/*.log 2>/dev/null)
     ;;
   *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|study" >&2; exit 2 ;;
 esac
