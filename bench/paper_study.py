@@ -5,7 +5,9 @@ the paper's ablation), each trained on the same total of images seen (``--images
 batch = images), evaluated with the same sampler under every strategy. The arm named by ``--monolith`` (default:
 the first) also trains the compute-matched monolith (``spec.baseline``: one model of the experts' preset on all the
 data, the same images seen); the arm named by ``--distil`` distils its ensemble into a dense student. The router's
-training is counted in the compute.
+training is counted in the compute. The arm named by ``--equal-steps-monolith`` trains, as its baseline, one model for
+the experts' own step count (row ``monolith-<steps>-steps``): the control that tells experts short of optimizer steps
+from experts that do not help.
 
     python bench/paper_study.py --data "datasets/cifar10/cifar10-train-*.tar.gz" --images 1500000 \\
         --arms features-4,features-8,random-8 --n 10000 --work /tmp/study
@@ -50,8 +52,11 @@ ATTEMPT = re.compile(r"^=== attempt \d+: .* \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)
 MONOLITH, STUDENT = "monolith", "student"  # the evaluation table's rows of spec.baseline and spec.distillation
 
 
-def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool) -> dict[str, Any]:
-    """The spec of one arm: ``features-K`` or ``random-K``."""
+def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
+             equal_steps: bool = False) -> dict[str, Any]:
+    """The spec of one arm: ``features-K`` or ``random-K``; ``equal_steps``: its baseline is one model trained for
+    the experts' own step count (1/K of the compute-matched monolith's images), the control that tells experts
+    short of steps from experts that do not help."""
     method, k = arm.rsplit("-", 1)
     if method not in ("features", "random") or not k.isdigit():
         raise SystemExit(f"--arms: {arm!r} is not features-K or random-K")
@@ -75,6 +80,8 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool) -
     }
     if monolith:
         spec["baseline"] = {"enabled": True}  # numClusters x experts.steps at the experts' batch: the same images
+    elif equal_steps:
+        spec["baseline"] = {"enabled": True, "steps": expert_steps}
     if distil:
         spec["distillation"] = {"enabled": True, "studentPreset": args.preset, "steps": args.student_steps,
                                 "batchSize": args.batch, "lr": args.lr}
@@ -127,6 +134,9 @@ def run_arm(args: argparse.Namespace, arm: str, spec: dict[str, Any], deadline: 
             raise SystemExit(f"[study] {arm}: ddm run exited {code} without an evaluation; see {out_path}")
     stage_s = {m.group(1): float(m.group(2)) for m in FINISHED.finditer(out_path.read_text())}
     table = json.loads(results.read_text())["table"]
+    if steps := (spec["spec"].get("baseline") or {}).get("steps"):  # not the compute-matched monolith: say so
+        table = [dict(r, strategy=equal_steps_row(steps), grid=MONOLITH) if r["strategy"] == MONOLITH else r
+                 for r in table]
     wall = run_dir / "wall_s"
     out = {"arm": arm, "table": table, "stage_s": stage_s,
            "wall_s": float(wall.read_text()) if wall.exists() else None,
@@ -137,6 +147,11 @@ def run_arm(args: argparse.Namespace, arm: str, spec: dict[str, Any], deadline: 
     arms_dir.mkdir(parents=True, exist_ok=True)
     (arms_dir / f"{arm}.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def equal_steps_row(steps: int) -> str:
+    """The table row of a monolith trained for the experts' own step count (``--equal-steps-monolith``)."""
+    return f"{MONOLITH}-{steps}-steps"
 
 
 def evaluated(results: Path, distil: bool) -> bool:
@@ -204,7 +219,7 @@ def independence(logs: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
         router_gpus = max(int(spec["router"].get("gpusPerNode", 1)), 1)
         out["router_gpu_s"] = sum(e - s for s, e in router) * router_gpus
     baseline = process_spans(logs, "baseline")
-    if baseline:
+    if baseline and not (spec.get("baseline") or {}).get("steps"):  # the compute-matched one only
         out["monolith_s"] = sum(e - s for s, e in baseline)
         out["monolith_gpu_s"] = out["monolith_s"] * gpus
         out["monolith_images_per_s"] = _images_per_s(logs, "baseline")
@@ -217,8 +232,8 @@ def copy_grids(arm: dict[str, Any], run_dir: Path, grids: Path) -> dict[str, Pat
     grids.mkdir(parents=True, exist_ok=True)
     out = {}
     for row in arm["table"]:
-        name = row["strategy"].replace(":", "-")
-        src, dst = run_dir / "run" / "evaluation" / "grids" / f"{name}.png", grids / f"{arm['arm']}-{name}.png"
+        name, src_name = (row["strategy"].replace(":", "-"), row.get("grid", row["strategy"]).replace(":", "-"))
+        src, dst = run_dir / "run" / "evaluation" / "grids" / f"{src_name}.png", grids / f"{arm['arm']}-{name}.png"
         if src.exists():
             shutil.copyfile(src, dst)
         if dst.exists():
@@ -276,6 +291,12 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
             add(f"{a['arm']}: top-1 no worse than full, at a fraction of its FLOPs",
                 f"top-1 {t1['fid']:.2f}, full {full['fid']:.2f}" + (f"; FLOPs {flops:.2f} x full's" if flops else ""),
                 t1["fid"] / full["fid"], 1.0)
+    for a in done:  # a diagnostic, not a paper target: the experts against one model of their own step count
+        t1 = _row(a, "top1")
+        short = next((r for r in a["table"] if r["strategy"].startswith(f"{MONOLITH}-") and r.get("fid")), None)
+        if t1 and short:
+            add(f"{a['arm']}: top-1 better than one model at the experts' own steps (diagnostic)",
+                f"top-1 {t1['fid']:.2f}, {short['strategy']} {short['fid']:.2f}", t1["fid"] / short["fid"], 1.0)
     student = next((r for a in done if (r := _row(a, STUDENT))), None)
     add("distilled student within 10% of the monolith",
         (f"student {student['fid']:.2f} ({student['gflops_per_sample']:,.1f} GFLOPs/sample), monolith "
@@ -332,6 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monolith", default=None, help="the arm that also trains the compute-matched monolith "
                                                       "(default: the first of --arms; keep it the same when arms "
                                                       "are run by separate commands)")
+    p.add_argument("--equal-steps-monolith", default="",
+                   help="an arm (not --monolith's) whose baseline trains for the experts' own steps: its row "
+                        "monolith-<steps>-steps is the control for experts short of steps")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="stop ddm run after this many seconds (its stages checkpoint) and exit 75; the same "
                         "command goes on from there")
@@ -373,10 +397,14 @@ def main() -> None:
 
     arms = [a for a in args.arms.split(",") if a]
     with_monolith = args.monolith or arms[0]
+    if args.equal_steps_monolith and args.equal_steps_monolith == with_monolith:
+        raise SystemExit(f"--equal-steps-monolith {args.equal_steps_monolith}: that arm trains the compute-matched "
+                         "monolith (--monolith); name another")
     deadline = time.monotonic() + args.deadline_s if args.deadline_s else math.inf
     try:
-        done = [run_arm(args, arm, arm_spec(args, arm, monolith=arm == with_monolith, distil=arm == args.distil),
-                        deadline) for arm in arms]
+        done = [run_arm(args, arm, arm_spec(args, arm, monolith=arm == with_monolith, distil=arm == args.distil,
+                                            equal_steps=arm == args.equal_steps_monolith), deadline)
+                for arm in arms]
     except Deadline as stopped:
         print(f"[study] --deadline-s {args.deadline_s:.0f} reached: {stopped}; run the same command again to go on",
               flush=True)

@@ -147,3 +147,51 @@ def test_an_arm_run_in_another_lease_is_read_from_its_saved_json(tmp_path: Path)
     copied = study.copy_grids(arm, tmp_path / "work" / "features-8", grids)
     md = study.markdown(arm, 50.0, copied, links="bench/results/paper_study")
     assert "[8x8](bench/results/paper_study/features-8-top1.png)" in md
+
+
+def test_the_equal_steps_monolith_is_a_control_not_the_compute_matched_one(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--equal-steps-monolith ARM: that arm's baseline trains for the experts' own steps (1/K of the images); its row
+    is renamed monolith-<steps>-steps (the grid still read from the product's grids/monolith.png), it yields a
+    diagnostic target against top-1, and it never stands in for the compute-matched monolith's seconds."""
+    import json
+
+    study = load_study()
+    args = study.parse_args(["--data", "d", "--work", str(tmp_path / "work"), "--images", "1500000",
+                             "--monolith", "features-8", "--equal-steps-monolith", "random-8", "--ddm", "/bin/false",
+                             "--results-dir", str(tmp_path / "results")])
+    spec = study.arm_spec(args, "random-8", monolith=False, distil=False, equal_steps=True)
+    model = DecentralizedDiffusion.model_validate(spec)
+    assert model.spec.baseline is not None and model.spec.baseline.steps == model.spec.experts.steps == 732
+    assert "steps" not in study.arm_spec(args, "features-8", monolith=True, distil=False)["spec"]["baseline"]
+
+    run = tmp_path / "work" / "random-8" / "run"
+    (run / "evaluation" / "grids").mkdir(parents=True)
+    (run / "evaluation" / "grids" / "monolith.png").write_bytes(b"\x89PNG short")
+    (run / "evaluation" / "results.json").write_text(json.dumps({"table": _table(("top1", 60.0, 1800.0),
+                                                                                 ("monolith", 80.0, 1200.0))}))
+    (tmp_path / "work" / "random-8" / "ddm-run.out").write_text("[ddm] baseline finished in 40s\n")
+    arm = study.run_arm(args, "random-8", spec)  # evaluated already: read, ddm (/bin/false) never runs
+    assert [r["strategy"] for r in arm["table"]] == ["top1", "monolith-732-steps"]
+    assert study._row(arm, "monolith") is None  # the compute-matched monolith is not in this arm
+    assert json.loads((tmp_path / "results" / "paper_study_arms" / "random-8.json").read_text())["table"] == arm["table"]
+    copied = study.copy_grids(arm, tmp_path / "work" / "random-8", tmp_path / "grids")
+    assert copied["monolith-732-steps"].name == "random-8-monolith-732-steps.png"
+    assert copied["monolith-732-steps"].read_bytes() == b"\x89PNG short"
+    goals = {g["target"]: g for g in study.targets([arm], None)}
+    diag = goals["random-8: top-1 better than one model at the experts' own steps (diagnostic)"]
+    assert diag["ratio"] == pytest.approx(0.75) and diag["met"] is True
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "baseline.log").write_text("=== attempt 1: ddm-train expert --config c.yaml (2026-12-06 10:00:00)\n")
+    (logs / "baseline.progress.jsonl").write_text(json.dumps({"event": "done", "time": 2e9}) + "\n")
+    for k in range(8):
+        (logs / f"expert-{k:03d}.log").write_text(
+            "=== attempt 1: ddm-train expert --config c.yaml (2026-12-06 10:00:00)\n")
+        (logs / f"expert-{k:03d}.progress.jsonl").write_text(json.dumps({"event": "done", "time": 2e9}) + "\n")
+    assert "monolith_s" not in study.independence(logs, spec["spec"])
+    monkeypatch.setattr(sys, "argv", ["paper_study", "--data", "d", "--work", str(tmp_path), "--arms", "features-8",
+                                      "--equal-steps-monolith", "features-8"])
+    with pytest.raises(SystemExit, match="trains the compute-matched monolith"):
+        study.main()
