@@ -327,10 +327,11 @@ def credentials_kind(provider: Any) -> str:
     return "instance role"
 
 
-def _minio_client(env: Mapping[str, str] | None = None, credentials: Any = None) -> Any:
+def _minio_client(env: Mapping[str, str] | None = None, credentials: Any = None, http_client: Any = None) -> Any:
     """A client from ``env`` (default: the process environment; the operator passes a Secret's data instead).
 
-    ``credentials``: a minio provider to use instead of the one ``s3_credentials(env)`` selects.
+    ``credentials``: a minio provider to use instead of the one ``s3_credentials(env)`` selects. ``http_client``: a
+    ``urllib3.PoolManager`` instead of minio's own (5 retries with backoff, 300 s timeouts: right for a stage).
     """
     from minio import Minio
 
@@ -346,16 +347,17 @@ def _minio_client(env: Mapping[str, str] | None = None, credentials: Any = None)
         credentials=credentials if credentials is not None else s3_credentials(env),
         region=env.get("AWS_REGION") or None,
         secure=parsed.scheme == "https",
+        http_client=http_client,
     )
 
 
 def open_store(uri: str, check_bucket: bool = True, env: Mapping[str, str] | None = None,
-               credentials: Any = None) -> Store:
+               credentials: Any = None, http_client: Any = None) -> Store:
     """``file:///abs/dir``, a plain local path, or ``s3://bucket[/prefix]``.
 
     ``env`` supplies the S3 endpoint and credentials (same names as the environment variables) instead of
     ``os.environ``: the operator reads them from the run's credentials Secret. ``credentials``: a minio provider
-    that replaces the one ``env`` selects.
+    that replaces the one ``env`` selects; ``http_client``: the connections' pool, timeouts and retries.
     """
     if not uri or not isinstance(uri, str):
         raise ConfigError(f"store URI must be a non-empty string, got {uri!r}")
@@ -363,7 +365,8 @@ def open_store(uri: str, check_bucket: bool = True, env: Mapping[str, str] | Non
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ConfigError(f"s3 URI has no bucket: {uri!r}")
-        client = _minio_client(env, credentials) if env is not None or credentials is not None else None
+        client = _minio_client(env, credentials, http_client) \
+            if env is not None or credentials is not None or http_client is not None else None
         return S3Store(parsed.netloc, parsed.path, client=client, check_bucket=check_bucket)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):

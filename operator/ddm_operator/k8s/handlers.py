@@ -383,10 +383,10 @@ def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> A
 
 
 def _store_failed(spec: DecentralizedDiffusionSpec, namespace: str, name: str, exc: Exception) -> None:
-    """After a read that failed because the store did not answer, the run's store rests: such a read costs seconds
-    (the S3 client retries a refused connection 5 times), and every pass of the DDM, which reads the progress of
-    each running stage, would wait on it. A missing object, or an answer such as AccessDenied (keys being rotated),
-    costs one quick request and rests nothing."""
+    """After a read that failed because the store did not answer, the run's store rests: such a read can cost
+    seconds (storage.operator_http_client: a 3 s connect timeout, one retry), and every pass of the DDM, which reads
+    the progress of each running stage, would wait on it. A missing object, or an answer such as AccessDenied (keys
+    being rotated), costs one quick request and rests nothing."""
     from minio.error import S3Error
 
     if isinstance(exc, (MissingArtifactError, StoreResting)) or isinstance(exc.__cause__, S3Error):

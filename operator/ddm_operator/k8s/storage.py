@@ -36,6 +36,28 @@ SECRET_RECHECK_S = float(os.environ.get("DDM_SECRET_RECHECK_S", "2"))
 STATIC_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 ENDPOINT_KEYS = ("DDM_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION")
 log = logging.getLogger("ddm_operator")
+# The operator's reads of a store are advisory (progress, results) and made inside the reconcile passes that launch
+# the next stages, so a store that does not answer may cost a pass seconds, never minio's default for a stage: 5
+# retries with backoff (6 s for a refused connection: every pass of every DDM on that store during an outage) and a
+# 300 s connect timeout (an endpoint whose packets are dropped). The caller rests a store that failed (handlers).
+OPERATOR_S3_CONNECT_S, OPERATOR_S3_READ_S = 3.0, 15.0
+_http: list[Any] = []
+_http_lock = threading.Lock()
+
+
+def operator_http_client() -> Any:
+    """One ``urllib3.PoolManager`` for every store the operator reads: short timeouts, one retry without backoff,
+    TLS verified as minio's own client does (``SSL_CERT_FILE`` or certifi's bundle)."""
+    with _http_lock:
+        if not _http:
+            import certifi
+            from urllib3 import PoolManager, Retry, Timeout
+
+            _http.append(PoolManager(
+                timeout=Timeout(connect=OPERATOR_S3_CONNECT_S, read=OPERATOR_S3_READ_S), maxsize=16,
+                cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+                retries=Retry(total=1, backoff_factor=0, status_forcelist=[500, 502, 503, 504])))
+        return _http[0]
 
 
 class StorageNotShared(ValueError):
@@ -108,7 +130,8 @@ class StoreClients:
         if secret is None:
             if run.startswith("s3://"):
                 env, provider = operator_credentials({})
-                store = open_store(run, check_bucket=False, env=env, credentials=provider)
+                store = open_store(run, check_bucket=False, env=env, credentials=provider,
+                                   http_client=operator_http_client())
             else:
                 store = open_store(run, check_bucket=False)
             version = ""
@@ -119,7 +142,8 @@ class StoreClients:
                 store = entry.store
             else:
                 env, provider = operator_credentials(secret_env(obj.get("data") or {}))
-                store = open_store(run, check_bucket=False, env=env, credentials=provider)
+                store = open_store(run, check_bucket=False, env=env, credentials=provider,
+                                   http_client=operator_http_client())
                 log.info("store %s: credentials from Secret %s/%s (resourceVersion %s, %s)", run, namespace, secret,
                          version, credentials_kind(provider))
         with self._lock:

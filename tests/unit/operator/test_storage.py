@@ -3,6 +3,7 @@ operator's store clients re-read with a changed credentials Secret and never wit
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,27 @@ def test_store_clients_read_the_secret_at_most_once_per_recheck_interval() -> No
 def test_file_store_needs_no_secret(tmp_path: Path) -> None:
     store = StoreClients().get(None, spec({"uri": f"file://{tmp_path}"}), "team", "run")
     assert isinstance(store, FileStore) and store.root == tmp_path / "team" / "run"
+
+
+def test_the_operators_store_reads_give_up_fast_when_the_store_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused connection costs the operator's pass milliseconds: one retry without backoff (minio's own client
+    retries 5 times with backoff, about 6 s a read, measured in bench/fleet.py --faults store-flap as 5.7-5.9 s
+    stage latency for every DDM whose pass hit the outage), and connects time out after seconds, not minutes."""
+    import socket
+
+    from ddm_operator.k8s import storage
+
+    with socket.socket() as sock:  # a port nothing listens on: connections to it are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    core = FakeCore()
+    core.set(DDM_S3_ENDPOINT=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    store = StoreClients().get(core, spec({"uri": "s3://bucket/runs", "credentialsSecret": "creds"}), "team", "run")
+    assert store.client._http is storage.operator_http_client()
+    start = time.monotonic()
+    with pytest.raises(Exception, match="(?i)refused|connect|retries"):
+        store.read_manifest("evaluation")
+    assert time.monotonic() - start < 1.5
+    timeout = storage.operator_http_client().connection_pool_kw["timeout"]
+    assert (timeout.connect_timeout, timeout.read_timeout) == (storage.OPERATOR_S3_CONNECT_S,
+                                                               storage.OPERATOR_S3_READ_S) and timeout.connect_timeout <= 5
