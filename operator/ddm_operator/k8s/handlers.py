@@ -378,7 +378,8 @@ def _run_store(spec: DecentralizedDiffusionSpec, namespace: str, name: str) -> A
     until, client = _store_down.get(run, (0.0, None))
     if client is store and time.monotonic() < until:
         raise StoreResting(f"{run}: not read for {STORE_RETRY_S:g} s after a failure")
-    _store_down[run] = (until, store)
+    # a new client (rotated keys) starts without the old one's rest, and keeps that on its second read too
+    _store_down[run] = (until if client is store else 0.0, store)
     return store
 
 

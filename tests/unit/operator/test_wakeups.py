@@ -137,6 +137,30 @@ def test_a_store_that_fails_rests_but_a_missing_report_does_not(tmp_path: Any, m
     assert handlers._progress_report(spec, "ns", "d", "expert-000") == {"step": 7}
 
 
+def test_a_client_rebuilt_from_a_rotated_secret_does_not_inherit_the_old_clients_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys rotated at the server: the old client's read fails (refused while the server restarts) and it rests;
+    the client built from the new Secret is read at once and on every later pass, not only on its first (found by
+    tests/integration/test_storage_cluster.py once the operator's store reads stopped retrying for seconds)."""
+    from ddm_operator.api.models import DecentralizedDiffusionSpec
+
+    spec = DecentralizedDiffusionSpec.model_validate({
+        "dataset": {"uri": "/data"}, "clustering": {"numClusters": 2, "fineClusters": 16},
+        "experts": {"steps": 100}, "storage": {"uri": "s3://bucket/runs", "credentialsSecret": "creds"}})
+    old, new = object(), object()
+    current = [old]
+    monkeypatch.setattr(handlers, "_store_down", {})
+    monkeypatch.setattr(handlers, "_stores", type("Clients", (), {"get": lambda self, *a: current[0]})())
+    monkeypatch.setattr(handlers, "_core", lambda: None)
+    assert handlers._run_store(spec, "ns", "d") is old
+    handlers._store_failed(spec, "ns", "d", ConnectionRefusedError("[Errno 111] Connection refused"))
+    with pytest.raises(handlers.StoreResting):
+        handlers._run_store(spec, "ns", "d")
+    current[0] = new  # the Secret changed: StoreClients built a new client
+    assert handlers._run_store(spec, "ns", "d") is new
+    assert handlers._run_store(spec, "ns", "d") is new  # and again on the next pass
+
+
 def test_a_finished_ddm_whose_results_the_store_did_not_give_keeps_its_reconciler() -> None:
     """The evaluation succeeded while the store was down: the DDM is Succeeded, but its table is read only by a pass,
     so it keeps a reconciler until a pass reads it (ResultsRead True again)."""
