@@ -17,6 +17,7 @@ restart. Pods read the Secret at start: every stage started after a rotation get
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 import threading
@@ -41,23 +42,18 @@ log = logging.getLogger("ddm_operator")
 # retries with backoff (6 s for a refused connection: every pass of every DDM on that store during an outage) and a
 # 300 s connect timeout (an endpoint whose packets are dropped). The caller rests a store that failed (handlers).
 OPERATOR_S3_CONNECT_S, OPERATOR_S3_READ_S = 3.0, 15.0
-_http: list[Any] = []
-_http_lock = threading.Lock()
 
 
+@functools.cache
 def operator_http_client() -> Any:
     """One ``urllib3.PoolManager`` for every store the operator reads: short timeouts, one retry without backoff,
     TLS verified as minio's own client does (``SSL_CERT_FILE`` or certifi's bundle)."""
-    with _http_lock:
-        if not _http:
-            import certifi
-            from urllib3 import PoolManager, Retry, Timeout
+    import certifi
+    from urllib3 import PoolManager, Retry, Timeout
 
-            _http.append(PoolManager(
-                timeout=Timeout(connect=OPERATOR_S3_CONNECT_S, read=OPERATOR_S3_READ_S), maxsize=16,
-                cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-                retries=Retry(total=1, backoff_factor=0, status_forcelist=[500, 502, 503, 504])))
-        return _http[0]
+    return PoolManager(timeout=Timeout(connect=OPERATOR_S3_CONNECT_S, read=OPERATOR_S3_READ_S), maxsize=16,
+                       cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+                       retries=Retry(total=1, backoff_factor=0, status_forcelist=[500, 502, 503, 504]))
 
 
 class StorageNotShared(ValueError):
