@@ -47,9 +47,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, record  # noqa: E402
 
 STRATEGIES = ["full", "top1", "top-2", "sample-2", "nucleus-0.9"]  # oracle-C is one expert alone: per cluster, not a mix
+ARM = re.compile(r"^(features|random)-(\d+)(?:-b(\d+))?$")  # features-8, random-8, features-8-b32
 FINISHED = re.compile(r"\[ddm\] (\S+) finished in (\d+)s")
 ATTEMPT = re.compile(r"^=== attempt \d+: .* \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)$")  # the runner's launch line
 MONOLITH, STUDENT = "monolith", "student"  # the evaluation table's rows of spec.baseline and spec.distillation
+
+
+def parse_arm(arm: str) -> tuple[str, int, int | None]:
+    """``features-K`` / ``random-K`` (experts at --batch) or ``...-bB``: the same images seen by experts of batch B,
+    so each makes --batch/B times the steps (the study's test of experts short of optimizer steps, not of data)."""
+    m = ARM.match(arm)
+    if not m:
+        raise SystemExit(f"--arms: {arm!r} is not features-K or random-K (optionally -bB: experts' batch B)")
+    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
 
 
 def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
@@ -57,17 +67,15 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
     """The spec of one arm: ``features-K`` or ``random-K``; ``equal_steps``: its baseline is one model trained for
     the experts' own step count (1/K of the compute-matched monolith's images), the control that tells experts
     short of steps from experts that do not help."""
-    method, k = arm.rsplit("-", 1)
-    if method not in ("features", "random") or not k.isdigit():
-        raise SystemExit(f"--arms: {arm!r} is not features-K or random-K")
-    k_int = int(k)
-    expert_steps = max(args.images // (k_int * args.batch), 1)
+    method, k_int, expert_batch = parse_arm(arm)
+    batch = expert_batch or args.batch
+    expert_steps = max(args.images // (k_int * batch), 1)
     spec: dict[str, Any] = {
         "dataset": {"uri": args.data, "imageSize": args.image_size, "channels": args.channels, "classField": "cls",
                     "numClasses": args.num_classes},
         "clustering": {"encoder": args.encoder, "fineClusters": args.fine_clusters, "numClusters": k_int, "seed": 0,
                        "method": "kmeans" if method == "features" else "random"},
-        "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": args.batch, "lr": args.lr,
+        "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": batch, "lr": args.lr,
                     "emaDecay": args.ema, "precision": args.precision, "checkpointEvery": max(expert_steps // 4, 1),
                     "classConditional": args.cfg > 0, "gpusPerNode": args.gpus},
         "router": {"preset": args.router_preset, "steps": args.router_steps, "batchSize": args.batch, "lr": args.lr,
@@ -268,7 +276,8 @@ def _row(arm: dict[str, Any] | None, strategy: str) -> dict[str, Any] | None:
 def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The paper's targets at its scale, each with the measured ratio (None where the study lacks the arms)."""
     arms = {a["arm"]: a for a in done}
-    k_max = max((int(a.rsplit("-", 1)[1]) for a in arms if a.startswith("features-")), default=None)
+    k_max = max((k for a in arms for method, k, b in [parse_arm(a)] if method == "features" and b is None),
+                default=None)
     features, random = arms.get(f"features-{k_max}"), arms.get(f"random-{k_max}")
     out = []
 
@@ -280,6 +289,11 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
     add(f"DDM K={k_max} top-1 FID <= 0.9 x the compute-matched monolith's",
         f"top-1 {top1['fid']:.2f}, monolith {monolith['fid']:.2f}" if top1 and monolith else "-",
         top1["fid"] / monolith["fid"] if top1 and monolith else None, 0.9)
+    for a in done:  # the same images seen by experts of a smaller batch: more steps each (-bB arms)
+        t1, batch = _row(a, "top1"), parse_arm(a["arm"])[2]
+        if batch and t1 and monolith:
+            add(f"{a['arm']}: top-1 FID <= 0.9 x the compute-matched monolith's (experts at batch {batch})",
+                f"top-1 {t1['fid']:.2f}, monolith {monolith['fid']:.2f}", t1["fid"] / monolith["fid"], 0.9)
     rand = _row(random, "top1")
     add(f"feature clusters better than a random partition (K={k_max}, top-1)",
         f"features {top1['fid']:.2f}, random {rand['fid']:.2f}" if top1 and rand else "-",

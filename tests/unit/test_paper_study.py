@@ -43,6 +43,28 @@ def test_an_arm_that_is_not_features_or_random_k_is_refused(tmp_path: Path) -> N
         study.arm_spec(study.parse_args(["--data", "d", "--work", str(tmp_path)]), "kmeans-4", monolith=False, distil=False)
 
 
+def test_an_arm_with_a_smaller_expert_batch_sees_the_same_images_in_more_steps(tmp_path: Path) -> None:
+    """features-8-b32: experts at batch 32 make 8x the steps of batch 256 on the same images; the router keeps the
+    study's batch; the arm gets its own target row against the compute-matched monolith, and never replaces the
+    plain features-8 in the paper's targets."""
+    study = load_study()
+    args = study.parse_args(["--data", "d", "--work", str(tmp_path), "--images", "1500000"])
+    plain = DecentralizedDiffusion.model_validate(study.arm_spec(args, "features-8", monolith=True, distil=False))
+    small = DecentralizedDiffusion.model_validate(study.arm_spec(args, "features-8-b32", monolith=False, distil=False))
+    assert (plain.spec.experts.batch_size, plain.spec.experts.steps) == (256, 732)
+    assert (small.spec.experts.batch_size, small.spec.experts.steps) == (32, 5859)
+    assert small.spec.router.batch_size == 256 and small.spec.clustering.num_clusters == 8
+    monolith = {"strategy": "monolith", "fid": 25.0, "gflops_per_sample": 1200.0}
+    goals = {g["target"]: g for g in study.targets(
+        [{"arm": "features-8", "table": _table(("top1", 75.0, 1800.0))},
+         {"arm": "features-8-b32", "table": _table(("top1", 20.0, 1800.0))}], monolith)}
+    assert goals["DDM K=8 top-1 FID <= 0.9 x the compute-matched monolith's"]["ratio"] == pytest.approx(3.0)
+    small_goal = goals["features-8-b32: top-1 FID <= 0.9 x the compute-matched monolith's (experts at batch 32)"]
+    assert small_goal["ratio"] == pytest.approx(0.8) and small_goal["met"] is True
+    with pytest.raises(SystemExit, match="features-K or random-K"):
+        study.parse_arm("features-8-32")
+
+
 def _table(*rows: tuple[str, float, float]) -> list[dict]:
     return [{"strategy": s, "fid": f, "nfe": 50.0, "gflops_per_sample": g, "n": 100} for s, f, g in rows]
 
