@@ -124,7 +124,8 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
             "warmup_s": warmup_s, "peak_mem_gib": peak_mem}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """This benchmark's options; bench/stage_throughput.py takes its model-only settings from here too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="DiT-S/2,DiT-B/2,DiT-XL/2")
     parser.add_argument("--batch", type=int, default=256)
@@ -147,7 +148,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--matmul-n", type=int, default=None, help="matmul size for the peak rate (8192 on CUDA)")
     parser.add_argument("--out", default=str(OUT))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from common import RESULTS, machine_name, record  # noqa: E402
 from expert_throughput import bench_preset, matmul_rate  # noqa: E402
+from expert_throughput import parse_args as model_only_args  # noqa: E402
 
 BENCHMARK = "stage_throughput"
 TARGET_RATIO, TARGET_MFU, TARGET_STALL = 0.95, 0.55, 0.03
@@ -80,6 +81,14 @@ def run_stage(stage: str, cfg: dict[str, Any], work: Path, name: str, stop_at_st
         sys.stderr.write((work / f"{name}.log").read_text()[-4000:])
         raise SystemExit(f"{stage} {name} exited {code}; log {work / (name + '.log')}")
     return code, events, time.perf_counter() - start
+
+
+def model_only_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """The reference step's settings through expert_throughput's own parser, so every option it reads exists (a
+    Namespace built here by hand missed the text options added there, and the reference crashed on the GPU)."""
+    return model_only_args(["--batch", str(args.batch), "--image-size", str(args.image_size), "--channels",
+                            str(args.channels), "--steps", str(args.model_steps), "--warmup", "4",
+                            "--compile", "regional" if device.type == "cuda" else "none"])
 
 
 def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: int, ckpt_every: int,
@@ -155,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     _, _, cluster_s = run_stage("cluster", cluster_cfg, work, "cluster")
     print(f"cluster stage (random K=2, shards written): {cluster_s:.1f} s", flush=True)
 
-    model_args = argparse.Namespace(batch=args.batch, image_size=args.image_size, steps=args.model_steps, warmup=4,
-                                    precision="bf16", compile="regional" if device.type == "cuda" else "none",
-                                    compile_mode=None)
+    model_args = model_only_settings(args, device)
     table = []
     for preset, n in zip(presets, steps) if not args.checkpoint_only else ():
         ref = bench_preset(preset, model_args, device)
