@@ -25,6 +25,7 @@
 #   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
 #                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
 #                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
+# `bash bench/device_pack.sh` builds here what the calls carry (.device/whlnf, datasets/cifar10, .device/incxz{0,1}).
 # What a call carries beside the repo must fit 64 MiB, so extras travel when a call has room: .device/diffusers
 # (the diffusers wheel) and .device/minilm (all-MiniLM-L6-v2 with its weights stored as fp16, 45 MB instead of 91;
 # turned back into fp32 here: the encoder then runs on weights rounded to fp16).
