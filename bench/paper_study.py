@@ -55,7 +55,8 @@ MONOLITH, STUDENT = "monolith", "student"  # the evaluation table's rows of spec
 
 def parse_arm(arm: str) -> tuple[str, int, int | None]:
     """``features-K`` / ``random-K`` (experts at --batch) or ``...-bB``: the same images seen by experts of batch B,
-    so each makes --batch/B times the steps (the study's test of experts short of optimizer steps, not of data)."""
+    so each makes --batch/B times the steps (the study's test of experts short of optimizer steps, not of data), at
+    --lr x sqrt(B / --batch)."""
     m = ARM.match(arm)
     if not m:
         raise SystemExit(f"--arms: {arm!r} is not features-K or random-K (optionally -bB: experts' batch B)")
@@ -69,13 +70,16 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
     short of steps from experts that do not help."""
     method, k_int, expert_batch = parse_arm(arm)
     batch = expert_batch or args.batch
+    # Adam's square-root rule (Malladi et al. 2022): lr x sqrt(B / --batch) keeps the update noise of --batch's lr,
+    # so a -bB arm changes the number of steps, not how noisy each is
+    lr = args.lr * math.sqrt(batch / args.batch)
     expert_steps = max(args.images // (k_int * batch), 1)
     spec: dict[str, Any] = {
         "dataset": {"uri": args.data, "imageSize": args.image_size, "channels": args.channels, "classField": "cls",
                     "numClasses": args.num_classes},
         "clustering": {"encoder": args.encoder, "fineClusters": args.fine_clusters, "numClusters": k_int, "seed": 0,
                        "method": "kmeans" if method == "features" else "random"},
-        "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": batch, "lr": args.lr,
+        "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": batch, "lr": lr,
                     "emaDecay": args.ema, "precision": args.precision, "checkpointEvery": max(expert_steps // 4, 1),
                     "classConditional": args.cfg > 0, "gpusPerNode": args.gpus},
         "router": {"preset": args.router_preset, "steps": args.router_steps, "batchSize": args.batch, "lr": args.lr,

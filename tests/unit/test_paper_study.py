@@ -54,6 +54,7 @@ def test_an_arm_with_a_smaller_expert_batch_sees_the_same_images_in_more_steps(t
     assert (plain.spec.experts.batch_size, plain.spec.experts.steps) == (256, 732)
     assert (small.spec.experts.batch_size, small.spec.experts.steps) == (32, 5859)
     assert small.spec.router.batch_size == 256 and small.spec.clustering.num_clusters == 8
+    assert plain.spec.experts.lr == pytest.approx(3e-4) and small.spec.experts.lr == pytest.approx(3e-4 / 8 ** 0.5)
     monolith = {"strategy": "monolith", "fid": 25.0, "gflops_per_sample": 1200.0}
     goals = {g["target"]: g for g in study.targets(
         [{"arm": "features-8", "table": _table(("top1", 75.0, 1800.0))},
