@@ -69,6 +69,14 @@ def compile_model(model: torch.nn.Module, how: str, mode: str | None) -> torch.n
     return torch.compile(model, mode=mode)  # type: ignore[return-value]
 
 
+def residual_in_bf16(model: torch.nn.Module) -> None:
+    """A candidate, not the trainer's setting: under autocast the residual stream stays fp32 (the patch embedding
+    plus the fp32 position embedding), so every block reads, writes and saves it in fp32. Cast to bf16 before the
+    first block (under autocast each block then keeps it bf16) and back to fp32 after the last."""
+    model.blocks[0].register_forward_pre_hook(lambda _m, a: (a[0].to(torch.bfloat16), *a[1:]))  # type: ignore[index]
+    model.blocks[-1].register_forward_hook(lambda _m, _a, out: out.float())  # type: ignore[index]
+
+
 def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     text_dim = args.text_dim or None  # text-to-image experts: cross-attention to text_tokens caption tokens
@@ -78,6 +86,8 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
     params = list(model.parameters())
     ema_params = list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    if args.residual == "bf16":
+        residual_in_bf16(model)
     train_model = compile_model(model, args.compile, args.compile_mode)
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)  # (B, C, H, W)
@@ -142,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--compile", choices=["none", "regional", "full"], default="regional")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--residual", choices=("fp32", "bf16"), default="fp32",
+                        help="the residual stream between blocks: fp32 as the trainer runs it under autocast, or bf16 "
+                             "(a candidate for fewer bytes per step; changes numerics)")
     parser.add_argument("--sdpa", choices=("default", "flash", "cudnn", "efficient"), default="default",
                         help="the only attention kernel scaled_dot_product_attention may pick (global flags, set "
                              "before compiling); default: PyTorch's own priority order")
@@ -169,6 +182,7 @@ def main() -> None:
         f", cross-attention to {args.text_tokens} x {args.text_dim} caption tokens ({args.text_mask} mask)"
         if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
         f" ({args.compile_mode})" if args.compile_mode else "") + (
+        ", residual stream bf16" if args.residual == "bf16" else "") + (
         f", attention kernel {args.sdpa}" if args.sdpa != "default" else "")
     records: list[dict[str, Any]] = [{
         "metric": "expert_throughput/matmul_peak_bf16" if device.type == "cuda" else "expert_throughput/matmul_peak",
@@ -187,7 +201,8 @@ def main() -> None:
         name = preset + (f"+text{args.text_dim}" if args.text_dim else "") + (
             "-captions" if args.text_dim and args.text_mask == "captions" else "") + (
             f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "") + (
-            f" sdpa={args.sdpa}" if args.sdpa != "default" else "")
+            f" sdpa={args.sdpa}" if args.sdpa != "default" else "") + (
+            " residual=bf16" if args.residual == "bf16" else "")
         records.append({"metric": f"expert_throughput/{name}", "value": round(r["images_per_s"], 1),
                         "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,
                         "date": now, **extra})

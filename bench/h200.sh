@@ -4,8 +4,8 @@
 #   bench/h200.sh setup       # wheels -> /tmp/site, `ddm` and `ddm-train` on PATH, shards -> /tmp/datasets
 #   bench/h200.sh stage       # GPU resume tests, bench/stage_throughput.py, bench/data_throughput.py
 #   bench/h200.sh ckpt      # DiT-XL/2's checkpoint size, stall, SIGTERM save and resume
-#   bench/h200.sh mfu       # DiT-XL/2's model-only step under three compile settings, max-autotune among them (TEXT=1: also
-#                           # the text model); batch 256 on an H200, 128 on an H100
+#   bench/h200.sh mfu       # DiT-XL/2's model-only step: as trained, residual stream bf16, max-autotune (TEXT=1: the
+#                           # text model instead); batch 256 on an H200, 128 on an H100
 #   bench/h200.sh attn-mfu  # DiT-XL/2 (and with text, TEXT=1) under PyTorch's default attention kernel and cuDNN's;
 #                           # batch 256 on an H200, 128 on an H100 (256 does not fit its 80 GB)
 #   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
@@ -107,13 +107,15 @@ case "${1:-}" in
       --work /tmp/stage-bench-ckpt 2>&1 | tee "$OUT/stage_throughput_ckpt.txt"
     cp bench/results/stage_throughput.json "$OUT/" 2>/dev/null
     ;;
-  mfu)  # DiT-XL/2 model-only step: regional vs whole-model compile, default vs max-autotune kernels (Triton GEMMs
-        # with the bias/GELU/residual pointwise work fused in: ~3 GB of GELU traffic per block at batch 256, ~4.5% of
-        # the H200's step, is the candidate); TEXT=1 also the text model. Batch 256 on an H200, 128 on an H100.
+  mfu)  # DiT-XL/2 model-only step, the trainer's setting against two candidates for fewer bytes a step: the
+        # residual stream in bf16 (autocast keeps it fp32: 37% of what a block saves for its backward), and
+        # max-autotune's Triton GEMMs with the bias/GELU pointwise work fused in (GELU alone moves ~3 GB per block a
+        # step at batch 256). TEXT=1: the text model instead (each run takes up to ~4 min: one model a call). Batch 256 on
+        # an H200, 128 on an H100. (Whole-model compile measured the same as regional on 12-06: not repeated.)
     B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
-    variants=(""); [ -n "${TEXT:-}" ] && variants+=("--channels 4 --text-dim 768 --text-tokens 77 --text-mask captions")
+    variants=(""); [ -n "${TEXT:-}" ] && variants=("--channels 4 --text-dim 768 --text-tokens 77 --text-mask captions")
     for v in "${variants[@]}"; do
-      for c in "regional" "full" "regional --compile-mode max-autotune-no-cudagraphs"; do
+      for c in "regional" "regional --residual bf16" "regional --compile-mode max-autotune-no-cudagraphs"; do
         timeout 280 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-$B}" --steps 15 \
           --compile $c $v --out "$OUT/mfu-$(echo "$c$v" | tr -c 'a-z0-9' _ | cut -c1-60).json" 2>&1 | tail -4 \
           | tee -a "$OUT/mfu.txt"

@@ -29,3 +29,28 @@ def test_the_model_only_reference_runs_with_the_stage_benchmarks_settings() -> N
     assert settings.compile == "none" and settings.text_dim == 0
     result = stage.bench_preset("DiT-N/4", settings, torch.device("cpu"))
     assert result["preset"] == "DiT-N/4" and result["images_per_s"] > 0
+
+
+def test_the_bf16_residual_candidate_runs_and_changes_only_the_stream_between_blocks() -> None:
+    """bench/expert_throughput.py --residual bf16 (a candidate measured on the GPU, not the trainer's setting): under
+    autocast the stream between blocks is bf16 (fp32 without the candidate); the model's output dtype is unchanged."""
+    throughput = load("expert_throughput")
+    settings = throughput.parse_args(["--batch", "2", "--image-size", "8", "--steps", "1", "--warmup", "1",
+                                      "--compile", "none", "--residual", "bf16"])
+    assert throughput.bench_preset("DiT-N/4", settings, torch.device("cpu"))["images_per_s"] > 0
+
+    from ddm_trainer.models.dit import build_dit
+
+    def stream_dtype(candidate: bool) -> tuple[torch.dtype, torch.dtype]:
+        model = build_dit("DiT-N/4", 8, 3, 10)
+        if candidate:
+            throughput.residual_in_bf16(model)
+        seen: list[torch.dtype] = []
+        model.blocks[1].register_forward_pre_hook(lambda _m, a: seen.append(a[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+        return seen[0], out.dtype
+
+    (plain, plain_out), (candidate, candidate_out) = stream_dtype(False), stream_dtype(True)
+    assert (plain, candidate) == (torch.float32, torch.bfloat16)
+    assert candidate_out == plain_out  # what leaves the model is as before
