@@ -2,8 +2,8 @@
 
 Arms (``--arms``): ``features-K`` (k-means on encoder features, K experts) and ``random-K`` (a random partition,
 the paper's ablation), each trained on the same total of images seen (``--images``: experts share it, K x steps x
-batch = images; ``features-K-bB``: experts of batch B, so more steps each on the same images), evaluated with the same sampler under every strategy. The arm named by ``--monolith`` (default:
-the first) also trains the compute-matched monolith (``spec.baseline``: one model of the experts' preset on all the
+batch = images; ``features-K-bB``: experts of batch B, so more steps each on the same images), evaluated with the
+same sampler under every strategy. The arm named by ``--monolith`` (default: the first) also trains the compute-matched monolith (``spec.baseline``: one model of the experts' preset on all the
 data, the same images seen); the arm named by ``--distil`` distils its ensemble into a dense student. The router's
 training is counted in the compute. The arm named by ``--equal-steps-monolith`` trains, as its baseline, one model for
 the experts' own step count (row ``monolith-<steps>-steps``): the control that tells experts short of optimizer steps
