@@ -1,13 +1,13 @@
 """The paper's claims, through the product: each arm of the study is one ``ddm run`` of a generated spec.
 
-Arms (``--arms``): ``features-K`` (k-means on encoder features, K experts) and ``random-K`` (a random partition,
-the paper's ablation), each trained on the same total of images seen (``--images``: experts share it, K x steps x
-batch = images; ``features-K-bB``: experts of batch B, so more steps each on the same images), evaluated with the
-same sampler under every strategy. The arm named by ``--monolith`` (default: the first) also trains the compute-matched monolith (``spec.baseline``: one model of the experts' preset on all the
-data, the same images seen); the arm named by ``--distil`` distils its ensemble into a dense student. The router's
-training is counted in the compute. The arm named by ``--equal-steps-monolith`` trains, as its baseline, one model for
-the experts' own step count (row ``monolith-<steps>-steps``): the control that tells experts short of optimizer steps
-from experts that do not help.
+Arms (``--arms``): ``features-K`` (k-means on encoder features, K experts) and ``random-K`` (a random partition, the
+paper's ablation), each trained on the same total of images seen (``--images``: experts share it, K x steps x batch =
+images; ``features-K-bB``: experts of batch B, so more steps each on the same images), evaluated with the same sampler
+under every strategy. The arm named by ``--monolith`` (default: the first) also trains the compute-matched monolith
+(``spec.baseline``: one model of the experts' preset on all the data, the same images seen); the arm named by
+``--distil`` distils its ensemble into a dense student. The router's training is counted in the compute. The arm named
+by ``--equal-steps-monolith`` trains, as its baseline, one model for the experts' own step count (row
+``monolith-<steps>-steps``): the control that tells experts short of optimizer steps from experts that do not help.
 
     python bench/paper_study.py --data "datasets/cifar10/cifar10-train-*.tar.gz" --images 1500000 \\
         --arms features-4,features-8,random-8 --n 10000 --work /tmp/study
