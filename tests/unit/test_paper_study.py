@@ -2,23 +2,17 @@
 must really differ only where the study says (clustering method, K) while seeing the same images."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 from ddm_operator.api.models import DecentralizedDiffusion
-
-ROOT = Path(__file__).resolve().parents[2]
+from fixtures.bench import load_bench
 
 
 def load_study():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("paper_study", ROOT / "bench" / "paper_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_bench("paper_study")
 
 
 def test_every_arm_is_a_valid_spec_with_the_same_images_seen(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ product's layout (each prompt its own rows) and in drawing order (image i has pr
 the layout changed). A misread cell would count a sample against the wrong prompt."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,12 @@ import pytest
 import torch
 
 from ddm_trainer.stages.sample import by_prompt, grid_png
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("prompt_adherence", ROOT / "bench" / "prompt_adherence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from fixtures.bench import load_bench
 
 
 @pytest.mark.parametrize("order", ["by-prompt", "drawing"])
 def test_grid_cells_come_back_with_their_prompts(tmp_path: Path, order: str) -> None:
-    bench = load_bench()
+    bench = load_bench("prompt_adherence")
     P, per_prompt, nrow = 10, 6, 4
     gen = torch.Generator().manual_seed(0)
     drawn = torch.rand(P * per_prompt, 3, 32, 32, generator=gen) * 2 - 1  # image i has prompt i mod P
@@ -49,7 +40,7 @@ def test_samples_npz_gives_each_image_its_prompts_class(tmp_path: Path) -> None:
     """``--samples``: the samples.npz that ``ddm sample`` commits (uint8 (N, C, H, W) and each image's prompt)."""
     from ddm_trainer.stages.sample import to_uint8
 
-    bench = load_bench()
+    bench = load_bench("prompt_adherence")
     prompts = ["a photo of a truck", "a photo of a airplane", "a photo of a cat"]
     images = torch.rand(6, 3, 32, 32) * 2 - 1
     path = tmp_path / "samples.npz"

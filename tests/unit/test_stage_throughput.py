@@ -4,25 +4,14 @@ settings were built by hand and missed options added to the model benchmark sinc
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load(name: str):
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+from fixtures.bench import load_bench
 
 
 def test_the_model_only_reference_runs_with_the_stage_benchmarks_settings() -> None:
-    stage = load("stage_throughput")
+    stage = load_bench("stage_throughput")
     args = argparse.Namespace(batch=2, image_size=8, channels=3, model_steps=1)
     settings = stage.model_only_settings(args, torch.device("cpu"))
     assert (settings.batch, settings.image_size, settings.channels, settings.steps) == (2, 8, 3, 1)
@@ -34,7 +23,7 @@ def test_the_model_only_reference_runs_with_the_stage_benchmarks_settings() -> N
 def test_the_bf16_residual_candidate_runs_and_changes_only_the_stream_between_blocks() -> None:
     """bench/expert_throughput.py --residual bf16 (a candidate measured on the GPU, not the trainer's setting): under
     autocast the stream between blocks is bf16 (fp32 without the candidate); the model's output dtype is unchanged."""
-    throughput = load("expert_throughput")
+    throughput = load_bench("expert_throughput")
     settings = throughput.parse_args(["--batch", "2", "--image-size", "8", "--steps", "1", "--warmup", "1",
                                       "--compile", "none", "--residual", "bf16"])
     assert throughput.bench_preset("DiT-N/4", settings, torch.device("cpu"))["images_per_s"] > 0
