@@ -437,6 +437,7 @@ def main() -> None:
     report += "\n" + targets_markdown(goals) + "\n" + independence_markdown(done)
     print(report)
     if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(report)
     for a in done:
         for row in a["table"]:
