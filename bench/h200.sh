@@ -78,6 +78,8 @@ case "${1:-}" in
     printf '#!/bin/sh\nexec python3 -m ddm_operator.cli "$@"\n' > /tmp/bin/ddm
     chmod +x /tmp/bin/*
     rm -rf /tmp/datasets && mkdir -p /tmp/datasets && cp -r datasets/cifar10 /tmp/datasets/
+    # the efficientnet_lite0 encoder's weights (bench/device_pack.sh), for the study's -lite0 arms
+    [ -f .device/lite0/lite0-fp16.pt ] && cp .device/lite0/lite0-fp16.pt /tmp/lite0-fp16.pt
     inception
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     ;;

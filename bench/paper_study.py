@@ -2,7 +2,8 @@
 
 Arms (``--arms``): ``features-K`` (k-means on encoder features, K experts) and ``random-K`` (a random partition, the
 paper's ablation), each trained on the same total of images seen (``--images``: experts share it, K x steps x batch =
-images; ``features-K-bB``: experts of batch B, so more steps each on the same images), evaluated with the same sampler
+images; ``features-K-bB``: experts of batch B, so more steps each on the same images; ``features-K-lite0``: k-means
+on EfficientNet-Lite0 features instead of ``--encoder``'s, e.g. ``features-8-b32-lite0``), evaluated with the same sampler
 under every strategy. The arm named by ``--monolith`` (default: the first) also trains the compute-matched monolith
 (``spec.baseline``: one model of the experts' preset on all the data, the same images seen); the arm named by
 ``--distil`` distils its ensemble into a dense student. The router's training is counted in the compute. The arm named
@@ -39,7 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -47,20 +48,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, record  # noqa: E402
 
 STRATEGIES = ["full", "top1", "top-2", "sample-2", "nucleus-0.9"]  # oracle-C is one expert alone: per cluster, not a mix
-ARM = re.compile(r"^(features|random)-(\d+)(?:-b(\d+))?$")  # features-8, random-8, features-8-b32
+ARM = re.compile(r"^(features|random)-(\d+)(?:-b(\d+))?(?:-(lite0))?$")  # features-8, random-8, features-8-b32-lite0
+ENCODERS = {"lite0": "efficientnet_lite0"}  # an arm's encoder suffix -> clustering.encoder (others: --encoder)
 FINISHED = re.compile(r"\[ddm\] (\S+) finished in (\d+)s")
 ATTEMPT = re.compile(r"^=== attempt \d+: .* \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)$")  # the runner's launch line
 MONOLITH, STUDENT = "monolith", "student"  # the evaluation table's rows of spec.baseline and spec.distillation
 
 
-def parse_arm(arm: str) -> tuple[str, int, int | None]:
+class Arm(NamedTuple):
+    method: str  # features | random
+    k: int
+    batch: int | None  # the experts' batch (None: --batch)
+    encoder: str | None  # clustering.encoder of a features arm (None: --encoder)
+
+    @property
+    def variant(self) -> bool:
+        """Not the study's plain arm: its own target rows, never the paper's K=8 row."""
+        return self.batch is not None or self.encoder is not None
+
+
+def parse_arm(arm: str) -> Arm:
     """``features-K`` / ``random-K`` (experts at --batch) or ``...-bB``: the same images seen by experts of batch B,
     so each makes --batch/B times the steps (the study's test of experts short of optimizer steps, not of data), at
-    --lr x sqrt(B / --batch)."""
+    --lr x sqrt(B / --batch); ``...-lite0``: clusters of EfficientNet-Lite0 features (a features arm only)."""
     m = ARM.match(arm)
-    if not m:
-        raise SystemExit(f"--arms: {arm!r} is not features-K or random-K (optionally -bB: experts' batch B)")
-    return m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+    if not m or (m.group(1) == "random" and m.group(4)):
+        raise SystemExit(f"--arms: {arm!r} is not features-K or random-K (optionally -bB: experts' batch B; then "
+                         f"-lite0 for a features arm clustered on EfficientNet-Lite0 features)")
+    return Arm(m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None,
+               ENCODERS[m.group(4)] if m.group(4) else None)
 
 
 def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
@@ -68,7 +84,8 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
     """The spec of one arm: ``features-K`` or ``random-K``; ``equal_steps``: its baseline is one model trained for
     the experts' own step count (1/K of the compute-matched monolith's images), the control that tells experts
     short of steps from experts that do not help."""
-    method, k_int, expert_batch = parse_arm(arm)
+    method, k_int, expert_batch, encoder = parse_arm(arm)
+    encoder = encoder or args.encoder
     batch = expert_batch or args.batch
     # Adam's square-root rule (Malladi et al. 2022): lr x sqrt(B / --batch) keeps the update noise of --batch's lr,
     # so a -bB arm changes the number of steps, not how noisy each is
@@ -77,8 +94,10 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
     spec: dict[str, Any] = {
         "dataset": {"uri": args.data, "imageSize": args.image_size, "channels": args.channels, "classField": "cls",
                     "numClasses": args.num_classes},
-        "clustering": {"encoder": args.encoder, "fineClusters": args.fine_clusters, "numClusters": k_int, "seed": 0,
-                       "method": "kmeans" if method == "features" else "random"},
+        "clustering": {"encoder": encoder, "fineClusters": args.fine_clusters, "numClusters": k_int, "seed": 0,
+                       "method": "kmeans" if method == "features" else "random",
+                       **({"encoderWeights": args.encoder_weights[encoder]}
+                          if encoder in args.encoder_weights and method == "features" else {})},
         "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": batch, "lr": lr,
                     "emaDecay": args.ema, "precision": args.precision, "checkpointEvery": max(expert_steps // 4, 1),
                     "classConditional": args.cfg > 0, "gpusPerNode": args.gpus},
@@ -280,8 +299,7 @@ def _row(arm: dict[str, Any] | None, strategy: str) -> dict[str, Any] | None:
 def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The paper's targets at its scale, each with the measured ratio (None where the study lacks the arms)."""
     arms = {a["arm"]: a for a in done}
-    k_max = max((k for a in arms for method, k, b in [parse_arm(a)] if method == "features" and b is None),
-                default=None)
+    k_max = max((arm.k for a in arms if (arm := parse_arm(a)).method == "features" and not arm.variant), default=None)
     features, random = arms.get(f"features-{k_max}"), arms.get(f"random-{k_max}")
     out = []
 
@@ -293,10 +311,12 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
     add(f"DDM K={k_max} top-1 FID <= 0.9 x the compute-matched monolith's",
         f"top-1 {top1['fid']:.2f}, monolith {monolith['fid']:.2f}" if top1 and monolith else "-",
         top1["fid"] / monolith["fid"] if top1 and monolith else None, 0.9)
-    for a in done:  # the same images seen by experts of a smaller batch: more steps each (-bB arms)
-        t1, batch = _row(a, "top1"), parse_arm(a["arm"])[2]
-        if batch and t1 and monolith:
-            add(f"{a['arm']}: top-1 FID <= 0.9 x the compute-matched monolith's (experts at batch {batch})",
+    for a in done:  # variants: experts of a smaller batch on the same images (-bB), other clusters' encoder (-lite0)
+        t1, arm = _row(a, "top1"), parse_arm(a["arm"])
+        what = ", ".join(([f"experts at batch {arm.batch}"] if arm.batch else [])
+                         + ([f"clusters of {arm.encoder}"] if arm.encoder else []))
+        if arm.variant and t1 and monolith:
+            add(f"{a['arm']}: top-1 FID <= 0.9 x the compute-matched monolith's ({what})",
                 f"top-1 {t1['fid']:.2f}, monolith {monolith['fid']:.2f}", t1["fid"] / monolith["fid"], 0.9)
     rand = _row(random, "top1")
     add(f"feature clusters better than a random partition (K={k_max}, top-1)",
@@ -388,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--cfg", type=float, default=1.5, help="class-conditional experts with this guidance; 0: none")
     p.add_argument("--encoder", default="raw-pixels", help="clustering encoder of the features arms")
+    p.add_argument("--encoder-weights", action="append", default=[], metavar="ENCODER=PATH",
+                   help="clustering.encoderWeights of the arms clustered with ENCODER (e.g. efficientnet_lite0=a "
+                        "state dict; default: the encoder's own)")
     p.add_argument("--fine-clusters", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
@@ -407,7 +430,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms-from", default=None,
                    help="a folder of <arm>.json (--results-dir/paper_study_arms of an earlier run, e.g. another "
                         "device lease's): an arm whose run directory holds no evaluation is read from there")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    pairs = [w.partition("=") for w in args.encoder_weights]
+    if bad := [w for w, (name, eq, path) in zip(args.encoder_weights, pairs) if not (name and eq and path)]:
+        p.error(f"--encoder-weights {bad[0]!r}: expected ENCODER=PATH, e.g. efficientnet_lite0=/tmp/lite0.pt")
+    args.encoder_weights = {name: path for name, _, path in pairs}
+    return args
 
 
 def main() -> None:

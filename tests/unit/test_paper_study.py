@@ -60,6 +60,34 @@ def test_an_arm_with_a_smaller_expert_batch_sees_the_same_images_in_more_steps(t
         study.parse_arm("features-8-32")
 
 
+def test_an_arm_clustered_on_efficientnet_features_names_its_encoder_and_weights(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture) -> None:
+    """features-8-b32-lite0: the same experts as features-8-b32, clustered on EfficientNet-Lite0 features (with the
+    weights file --encoder-weights gives that encoder); the plain arms keep --encoder; its target row says both."""
+    study = load_study()
+    args = study.parse_args(["--data", "d", "--work", str(tmp_path), "--images", "1500000",
+                             "--encoder-weights", "efficientnet_lite0=/tmp/lite0-fp16.pt"])
+    lite = DecentralizedDiffusion.model_validate(study.arm_spec(args, "features-8-b32-lite0", False, False))
+    plain = DecentralizedDiffusion.model_validate(study.arm_spec(args, "features-8-b32", False, False))
+    assert (lite.spec.clustering.encoder, lite.spec.clustering.encoder_weights) == ("efficientnet_lite0",
+                                                                                    "/tmp/lite0-fp16.pt")
+    assert (plain.spec.clustering.encoder, plain.spec.clustering.encoder_weights) == ("raw-pixels", None)
+    assert (lite.spec.experts.batch_size, lite.spec.experts.steps) == (32, 5859)
+    goals = {g["target"]: g for g in study.targets(
+        [{"arm": "features-8", "table": _table(("top1", 75.0, 1800.0))},
+         {"arm": "features-8-b32-lite0", "table": _table(("top1", 20.0, 1800.0))}],
+        {"strategy": "monolith", "fid": 25.0, "gflops_per_sample": 1200.0})}
+    row = goals["features-8-b32-lite0: top-1 FID <= 0.9 x the compute-matched monolith's (experts at batch 32, "
+                "clusters of efficientnet_lite0)"]
+    assert row["ratio"] == pytest.approx(0.8) and row["met"] is True
+    assert goals["DDM K=8 top-1 FID <= 0.9 x the compute-matched monolith's"]["ratio"] == pytest.approx(3.0)
+    with pytest.raises(SystemExit, match="features-K or random-K"):
+        study.parse_arm("random-8-lite0")  # a random partition has no encoder
+    with pytest.raises(SystemExit):
+        study.parse_args(["--data", "d", "--work", str(tmp_path), "--encoder-weights", "/tmp/lite0.pt"])
+    assert "expected ENCODER=PATH" in capsys.readouterr().err
+
+
 def _table(*rows: tuple[str, float, float]) -> list[dict]:
     return [{"strategy": s, "fid": f, "nfe": 50.0, "gflops_per_sample": g, "n": 100} for s, f, g in rows]
 
