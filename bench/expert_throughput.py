@@ -101,6 +101,8 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step() -> torch.Tensor:
+        if args.compile_mode == "reduce-overhead":  # CUDA graphs: a new iteration (as the trainer marks it)
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = flow_loss(train_model, x0, y, gen, "logit_normal", label_dropout=0.0 if text_dim else 0.1,
                              text=text, caption_dropout=0.1)

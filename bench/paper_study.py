@@ -100,7 +100,8 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
                           if encoder in args.encoder_weights and method == "features" else {})},
         "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": batch, "lr": lr,
                     "emaDecay": args.ema, "precision": args.precision, "checkpointEvery": max(expert_steps // 4, 1),
-                    "classConditional": args.cfg > 0, "gpusPerNode": args.gpus},
+                    "classConditional": args.cfg > 0, "gpusPerNode": args.gpus,
+                    **({"compileMode": args.compile_mode} if args.compile_mode != "default" else {})},
         "router": {"preset": args.router_preset, "steps": args.router_steps, "batchSize": args.batch, "lr": args.lr,
                    "gpusPerNode": args.gpus},
         "evaluation": {"strategies": [s for s in args.strategies.split(",") if s], "numSamples": args.n,
@@ -406,6 +407,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.9995)
     p.add_argument("--precision", default="bf16")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="experts.compileMode of every arm (reduce-overhead: CUDA graphs, for the -bB arms' small "
+                        "batches)")
     p.add_argument("--cfg", type=float, default=1.5, help="class-conditional experts with this guidance; 0: none")
     p.add_argument("--encoder", default="raw-pixels", help="clustering encoder of the features arms")
     p.add_argument("--encoder-weights", action="append", default=[], metavar="ENCODER=PATH",

@@ -88,7 +88,8 @@ def model_only_settings(args: argparse.Namespace, device: torch.device) -> argpa
     Namespace built here by hand missed the text options added there, and the reference crashed on the GPU)."""
     return model_only_args(["--batch", str(args.batch), "--image-size", str(args.image_size), "--channels",
                             str(args.channels), "--steps", str(args.model_steps), "--warmup", "4",
-                            "--compile", "regional" if device.type == "cuda" else "none"])
+                            "--compile", "regional" if device.type == "cuda" else "none",
+                            *(["--compile-mode", args.compile_mode] if args.compile_mode != "default" else [])])
 
 
 def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: int, ckpt_every: int,
@@ -97,7 +98,8 @@ def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: in
     return {"run_uri": run_uri, "data": data, "cluster_index": 0, "model": preset, "class_cond": True,
             "num_classes": 10, "device": args.device, "sample_grid": {"count": 0},
             "train": {"steps": steps, "batch_size": batch, "lr": 1e-4, "precision": "bf16",
-                      "ckpt_every": ckpt_every, "log_every": args.log_every, "ema_decay": 0.9999}}
+                      "ckpt_every": ckpt_every, "log_every": args.log_every, "ema_decay": 0.9999,
+                      "compile_mode": args.compile_mode}}
 
 
 def fresh_run(run_uri: str, name: str) -> str:
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-steps", type=int, default=30, help="timed model-only steps")
     parser.add_argument("--checkpoint-preset", default="DiT-XL/2", help="'' skips the checkpoint runs")
     parser.add_argument("--ckpt-every", type=int, default=40)
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="train.compile_mode of the stage, and the model-only step's (the records name it)")
     parser.add_argument("--checkpoint-only", action="store_true",
                         help="only the checkpoint runs of --checkpoint-preset (size, stall, SIGTERM save, resume)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,13 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         stage_ips = statistics.median(rates)
         compile_s = next((e["compile_s"] for e in events if e.get("event") == "compiled"), None)
         mfu = 3 * ref["fwd_gflops"] * 1e9 * stage_ips / peak
-        setup = f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps"
-        rec(f"{preset}/stage_images_per_s", stage_ips, "images/s", ref["images_per_s"], None, setup=setup,
+        # a batch or compile mode other than the defaults names its records: they are other measurements
+        tag = preset + (f" batch {args.batch}" if args.batch != 256 else "") + (
+            f" {args.compile_mode}" if args.compile_mode != "default" else "")
+        setup = (f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps"
+                 + (f", compile mode {args.compile_mode}" if args.compile_mode != "default" else ""))
+        rec(f"{tag}/stage_images_per_s", stage_ips, "images/s", ref["images_per_s"], None, setup=setup,
             reference_is="model-only step, same command", target_ratio=TARGET_RATIO)
-        rec(f"{preset}/stage_mfu", mfu, "fraction of measured bf16 matmul rate", TARGET_MFU if preset == "DiT-XL/2"
+        rec(f"{tag}/stage_mfu", mfu, "fraction of measured bf16 matmul rate", TARGET_MFU if preset == "DiT-XL/2"
             else None, None, setup=setup, reference_is="target MFU" if preset == "DiT-XL/2" else None)
         if compile_s is not None:
-            rec(f"{preset}/compile_s", compile_s, "s", None, None, setup=setup)
+            rec(f"{tag}/compile_s", compile_s, "s", None, None, setup=setup)
         table.append((preset, ref["images_per_s"], stage_ips, mfu, compile_s, wall))
         print(f"{preset}: stage {stage_ips:.0f} images/s vs model-only {ref['images_per_s']:.0f} "
               f"({stage_ips / ref['images_per_s']:.1%}), MFU {mfu:.1%}, compile {compile_s} s, wall {wall:.0f} s",

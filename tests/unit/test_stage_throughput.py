@@ -12,12 +12,17 @@ from fixtures.bench import load_bench
 
 def test_the_model_only_reference_runs_with_the_stage_benchmarks_settings() -> None:
     stage = load_bench("stage_throughput")
-    args = argparse.Namespace(batch=2, image_size=8, channels=3, model_steps=1)
+    args = argparse.Namespace(batch=2, image_size=8, channels=3, model_steps=1, compile_mode="default")
     settings = stage.model_only_settings(args, torch.device("cpu"))
     assert (settings.batch, settings.image_size, settings.channels, settings.steps) == (2, 8, 3, 1)
-    assert settings.compile == "none" and settings.text_dim == 0
+    assert settings.compile == "none" and settings.text_dim == 0 and settings.compile_mode is None
     result = stage.bench_preset("DiT-N/4", settings, torch.device("cpu"))
     assert result["preset"] == "DiT-N/4" and result["images_per_s"] > 0
+    # the stage's --compile-mode is the reference's too (its step marks each iteration for the CUDA graphs)
+    graphs = stage.model_only_settings(argparse.Namespace(**{**vars(args), "compile_mode": "reduce-overhead"}),
+                                       torch.device("cpu"))
+    assert graphs.compile_mode == "reduce-overhead"
+    assert stage.bench_preset("DiT-N/4", graphs, torch.device("cpu"))["images_per_s"] > 0
 
 
 def test_the_bf16_residual_candidate_runs_and_changes_only_the_stream_between_blocks() -> None:

@@ -411,6 +411,10 @@ class ExpertsSpec(SpecModel):
     ema_decay: float = Field(0.9999, ge=0, le=1, description="Decay of the weights' exponential moving average")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision of training")
     compile: bool = Field(True, description="Regional torch.compile on CUDA (no effect on CPU); false to debug")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode of the experts (and the baseline): reduce-overhead replays each "
+        "block as a CUDA graph, for small per-GPU batches where the host sets the pace; max-autotune-no-cudagraphs "
+        "searches Triton GEMMs with the pointwise work fused in (longer compiles)")
     checkpoint_every: int = Field(5000, gt=0, le=100_000_000, description="Steps between checkpoints (a killed expert resumes from the last)")
     termination_grace_period_seconds: int | None = Field(
         None, ge=1, le=86_400,

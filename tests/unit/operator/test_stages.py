@@ -228,6 +228,19 @@ def test_compile_reaches_every_training_stage_and_evaluation() -> None:
     assert stage_config(off, EVALUATE, "/r")["compile"] is False
 
 
+def test_the_experts_compile_mode_reaches_the_experts_and_the_baseline_only() -> None:
+    graphs = _spec(experts__compileMode="reduce-overhead", baseline={"enabled": True}).spec
+    for key in (expert_key(0), BASELINE):
+        train = stage_config(graphs, key, "/r")["train"]
+        assert train["compile_mode"] == "reduce-overhead"
+        parsed = _config_class("expert").model_validate(stage_config(graphs, key, "/r"))
+        assert parsed.train.compile_mode == "reduce-overhead"
+    assert "compile_mode" not in stage_config(graphs, ROUTER, "/r")["train"]  # the router keeps the default
+    assert stage_config(_spec().spec, expert_key(0), "/r")["train"]["compile_mode"] == "default"
+    with pytest.raises(ValueError, match="compileMode"):
+        _spec(experts__compileMode="cudagraphs")
+
+
 def test_evaluation_samples_on_every_gpu_of_its_pod() -> None:
     from ddm_operator.stages import world_size
 

@@ -11,6 +11,9 @@ from pydantic import Field, model_validator
 from .common import DataConfig, StageBase, StrictModel
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+
+
 class TrainerConfig(StrictModel):
     """The generic checkpointed training loop (``ddm_trainer.train_loop.Trainer``)."""
 
@@ -25,6 +28,10 @@ class TrainerConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 autocast (CUDA or CPU) or plain fp32")
     compile: bool | None = Field(None, description="Regional torch.compile (per transformer block) for training; "
                                                    "null: on CUDA only (CPU compiles cost more than they save)")
+    compile_mode: CompileMode = Field("default", description="torch.compile mode of the compiled blocks: "
+                                      "reduce-overhead replays each as a CUDA graph (for small per-GPU batches, "
+                                      "where the host sets the pace); max-autotune-no-cudagraphs searches Triton "
+                                      "GEMMs with the pointwise work fused in (longer compiles)")
     ckpt_every: int = Field(1000, ge=1, description="Checkpoint every N steps (and on SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the last N committed checkpoints")
     log_every: int = Field(50, ge=1, description="Progress line (and the loss-finiteness check) every N steps")
