@@ -330,9 +330,14 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
             add(f"{a['arm']}: top-1 no worse than full, at a fraction of its FLOPs",
                 f"top-1 {t1['fid']:.2f}, full {full['fid']:.2f}" + (f"; FLOPs {flops:.2f} x full's" if flops else ""),
                 t1["fid"] / full["fid"], 1.0)
-    for a in done:  # a diagnostic, not a paper target: the experts against one model of their own step count
-        t1 = _row(a, "top1")
-        short = next((r for r in a["table"] if r["strategy"].startswith(f"{MONOLITH}-") and r.get("fid")), None)
+    # a diagnostic, not a paper target: the experts against one model of their own step count, trained by any arm
+    # (random-8's control serves features-8 too: the same steps, from --equal-steps-monolith)
+    controls = {r["strategy"]: r for a in done for r in a["table"]
+                if r["strategy"].startswith(f"{MONOLITH}-") and r.get("fid") is not None}
+    for a in done:
+        t1, steps = _row(a, "top1"), a.get("spec", {}).get("experts", {}).get("steps")
+        short = controls.get(f"{MONOLITH}-{steps}-steps") or next(
+            (r for r in a["table"] if r["strategy"].startswith(f"{MONOLITH}-") and r.get("fid")), None)
         if t1 and short:
             add(f"{a['arm']}: top-1 better than one model at the experts' own steps (diagnostic)",
                 f"top-1 {t1['fid']:.2f}, {short['strategy']} {short['fid']:.2f}", t1["fid"] / short["fid"], 1.0)

@@ -240,3 +240,18 @@ def test_the_equal_steps_monolith_is_a_control_not_the_compute_matched_one(tmp_p
                                       "--equal-steps-monolith", "features-8"])
     with pytest.raises(SystemExit, match="trains the compute-matched monolith"):
         study.main()
+
+
+def test_the_equal_steps_control_of_one_arm_serves_every_arm_of_the_same_steps() -> None:
+    """random-8 trains the 732-step model; features-8 (732 steps too) is compared with it, features-8-b32 (5,859
+    steps) is not: assembling arms of several leases gives every diagnostic row the lease itself gave."""
+    study = load_study()
+    done = [{"arm": "features-8", "spec": {"experts": {"steps": 732}}, "table": _table(("top1", 73.0, 1800.0))},
+            {"arm": "random-8", "spec": {"experts": {"steps": 732}},
+             "table": _table(("top1", 81.0, 1800.0), ("monolith-732-steps", 81.0, 1200.0))},
+            {"arm": "features-8-b32", "spec": {"experts": {"steps": 5859}}, "table": _table(("top1", 45.0, 1800.0))}]
+    goals = {g["target"]: g for g in study.targets(done, None)}
+    assert goals["features-8: top-1 better than one model at the experts' own steps (diagnostic)"]["ratio"] == \
+        pytest.approx(73.0 / 81.0)
+    assert goals["random-8: top-1 better than one model at the experts' own steps (diagnostic)"]["ratio"] == 1.0
+    assert not any(t.startswith("features-8-b32: top-1 better than one model") for t in goals)
