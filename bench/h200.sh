@@ -252,12 +252,12 @@ PY
     cp /tmp/text-run/logs/router.progress.jsonl /tmp/text-run/logs/expert-000.progress.jsonl "$OUT/text/" 2>/dev/null
     ;;
   small-batch)  # DiT-S/2's expert stage at batch 32 and 64, as compiled by default and with CUDA graphs
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/unit/trainer/test_compile_modes.py 2>&1 | tail -3 \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/trainer/test_compile_modes.py 2>&1 | tail -3 \
       | tee "$OUT/compile_modes_tests.txt"
     for run in "32 default" "32 reduce-overhead" "64 default" "64 reduce-overhead"; do
       set -- $run
       timeout 150 python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
-        --presets DiT-S/2 --batch "$1" --steps 800 --log-every 50 --model-steps 30 --checkpoint-preset '' \
+        --presets DiT-S/2 --batch "$1" --steps 800 --log-every 50 --model-steps 200 --checkpoint-preset '' \
         --compile-mode "$2" --work "/tmp/small-batch-$1-$2" --results-dir "$OUT/small-batch" 2>&1 | tail -4
     done | tee "$OUT/small_batch.txt"
     ;;
