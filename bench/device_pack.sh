@@ -37,7 +37,7 @@ cp "$CIFAR10"/cifar10-train-*.tar.gz "$CIFAR10"/classes.json datasets/cifar10/
 
 weights=$(.venv/bin/python -c 'from ddm_trainer import fid; print(fid.inception_weights_path())')
 # the first call carries the tree, the wheels, the shards, the encoder and Inception's first part: 2 MiB to spare
-tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
 first=$((LIMIT - tree - $(du -sb .device/whlnf | cut -f1) - $(du -sb datasets | cut -f1) \
   - $(du -sb .device/lite0 | cut -f1) - 2 * 1024 * 1024))
 if [ ! -s .device/incxz1/part ] || [ "$(stat -c %s .device/incxz0/part)" -gt "$first" ] \

@@ -40,12 +40,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))  # works without installing the project
 from common import RESULTS, record  # noqa: E402
+
+from ddm_trainer.configs.expert import CompileMode  # noqa: E402
 
 STRATEGIES = ["full", "top1", "top-2", "sample-2", "nucleus-0.9"]  # oracle-C is one expert alone: per cluster, not a mix
 ARM = re.compile(r"^(features|random)-(\d+)(?:-b(\d+))?(?:-(lite0))?$")  # features-8, random-8, features-8-b32-lite0
@@ -413,8 +416,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.9995)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                   help="experts.compileMode of every arm (reduce-overhead: CUDA graphs, for the -bB arms' small "
+                   choices=get_args(CompileMode), help="experts.compileMode of every arm (reduce-overhead: CUDA graphs, for the -bB arms' small "
                         "batches)")
     p.add_argument("--cfg", type=float, default=1.5, help="class-conditional experts with this guidance; 0: none")
     p.add_argument("--encoder", default="raw-pixels", help="clustering encoder of the features arms")

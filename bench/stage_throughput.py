@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "trainer"))  # works without installing the project
@@ -40,6 +40,8 @@ import torch  # noqa: E402
 from common import RESULTS, machine_name, record  # noqa: E402
 from expert_throughput import bench_preset, matmul_rate  # noqa: E402
 from expert_throughput import parse_args as model_only_args  # noqa: E402
+
+from ddm_trainer.configs.expert import CompileMode  # noqa: E402
 
 BENCHMARK = "stage_throughput"
 TARGET_RATIO, TARGET_MFU, TARGET_STALL = 0.95, 0.55, 0.03
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-preset", default="DiT-XL/2", help="'' skips the checkpoint runs")
     parser.add_argument("--ckpt-every", type=int, default=40)
     parser.add_argument("--compile-mode", default="default",
-                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        choices=get_args(CompileMode),
                         help="train.compile_mode of the stage, and the model-only step's (the records name it)")
     parser.add_argument("--checkpoint-only", action="store_true",
                         help="only the checkpoint runs of --checkpoint-preset (size, stall, SIGTERM save, resume)")

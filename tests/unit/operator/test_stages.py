@@ -239,6 +239,12 @@ def test_the_experts_compile_mode_reaches_the_experts_and_the_baseline_only() ->
     assert stage_config(_spec().spec, expert_key(0), "/r")["train"]["compile_mode"] == "default"
     with pytest.raises(ValueError, match="compileMode"):
         _spec(experts__compileMode="cudagraphs")
+    from typing import get_args
+
+    from ddm_operator.api.models import ExpertsSpec
+    from ddm_trainer.configs.expert import CompileMode
+    # the API (torch-free, no trainer import) states the modes again: the two lists must not drift
+    assert get_args(ExpertsSpec.model_fields["compile_mode"].annotation) == get_args(CompileMode)
 
 
 def test_evaluation_samples_on_every_gpu_of_its_pod() -> None:
