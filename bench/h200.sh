@@ -23,8 +23,9 @@
 #                             # (stopped when its evaluation starts: no Inception, no FID), then ddm sample draws a
 #                             # grid of all prompts for full and top1 at each guidance scale in CFG (default 2), with
 #                             # the images for bench/prompt_adherence.py; one CFG keeps a call within its 8 files
-#   bench/h200.sh small-batch # DiT-S/2's expert stage at batch 32 and 64, compile mode default vs reduce-overhead
-#                             # (CUDA graphs), beside the model-only step; the compile-mode GPU tests first (~4 min)
+#   bench/h200.sh small-batch # DiT-S/2's expert stage at batch 32 (BATCHES="32 64": both), compile mode default vs
+#                             # reduce-overhead (CUDA graphs), beside the model-only step; the compile-mode GPU tests
+#                             # first (~3 min)
 #   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
 #                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
 #                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
@@ -251,15 +252,15 @@ PY
     fi
     cp /tmp/text-run/logs/router.progress.jsonl /tmp/text-run/logs/expert-000.progress.jsonl "$OUT/text/" 2>/dev/null
     ;;
-  small-batch)  # DiT-S/2's expert stage at batch 32 and 64, as compiled by default and with CUDA graphs
+  small-batch)  # DiT-S/2's expert stage at small batches, as compiled by default and with CUDA graphs
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/trainer/test_compile_modes.py 2>&1 | tail -3 \
       | tee "$OUT/compile_modes_tests.txt"
-    for run in "32 default" "32 reduce-overhead" "64 default" "64 reduce-overhead"; do
-      set -- $run
+    for b in ${BATCHES:-32}; do for mode in default reduce-overhead; do
+      set -- "$b" "$mode"
       timeout 150 python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
         --presets DiT-S/2 --batch "$1" --steps 800 --log-every 50 --model-steps 200 --checkpoint-preset '' \
         --compile-mode "$2" --work "/tmp/small-batch-$1-$2" --results-dir "$OUT/small-batch" 2>&1 | tail -4
-    done | tee "$OUT/small_batch.txt"
+    done; done | tee "$OUT/small_batch.txt"
     ;;
   study)
     shift
