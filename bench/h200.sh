@@ -113,9 +113,9 @@ case "${1:-}" in
     cp bench/results/stage_throughput.json "$OUT/" 2>/dev/null
     ;;
   mfu)  # DiT-XL/2 model-only step, the trainer's setting against two candidates for fewer bytes a step: the
-        # residual stream in bf16 (autocast keeps it fp32: 37% of what a block saves for its backward), and
-        # max-autotune's Triton GEMMs with the bias/GELU pointwise work fused in (GELU alone moves ~3 GB per block a
-        # step at batch 256). TEXT=1: the text model instead (each run takes up to ~4 min: one model a call).
+        # residual stream in bf16 (autocast keeps it fp32: the pointwise kernels read and write it in fp32, and each
+        # block saves its fp32 input, 302 of the 2,930 MB it saves at batch 256: bench/saved_activations.py), and
+        # max-autotune's Triton GEMMs with the bias/GELU pointwise work fused into them. TEXT=1: the text model instead (each run takes up to ~4 min: one model a call).
         # Batch 256 on an H200, 128 on an H100. (Whole-model compile measured the same as regional: not repeated.)
     B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
     variants=(""); [ -n "${TEXT:-}" ] && variants=("--channels 4 --text-dim 768 --text-tokens 77 --text-mask captions")

@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         compile_s = next((e["compile_s"] for e in events if e.get("event") == "compiled"), None)
         mfu = 3 * ref["fwd_gflops"] * 1e9 * stage_ips / peak
         # a batch or compile mode other than the defaults names its records: they are other measurements
-        tag = preset + (f" batch {args.batch}" if args.batch != 256 else "") + (
-            f" {args.compile_mode}" if args.compile_mode != "default" else "")
-        setup = (f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps"
-                 + (f", compile mode {args.compile_mode}" if args.compile_mode != "default" else ""))
+        mode = f" {args.compile_mode}" if args.compile_mode != "default" else ""
+        tag = preset + (f" batch {args.batch}" if args.batch != 256 else "") + mode
+        setup = f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps" + (
+            f", compile mode{mode}" if mode else "")
         rec(f"{tag}/stage_images_per_s", stage_ips, "images/s", ref["images_per_s"], None, setup=setup,
             reference_is="model-only step, same command", target_ratio=TARGET_RATIO)
         rec(f"{tag}/stage_mfu", mfu, "fraction of measured bf16 matmul rate", TARGET_MFU if preset == "DiT-XL/2"
