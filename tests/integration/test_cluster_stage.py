@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from ddm_trainer import layout
-from ddm_trainer.clustering import load_assignments
+from ddm_trainer.clustering import load_assignments, mixture_counts
 from ddm_trainer.configs.cluster import ClusterConfig
+from ddm_trainer.data import open_source
 from ddm_trainer.errors import ConfigError, MissingArtifactError
 from ddm_trainer.stages.cluster import run
 from ddm_trainer.store import open_store
@@ -36,6 +37,15 @@ def test_kmeans_finds_classes_random_does_not(tmp_path, fashion_mnist_shards):
 
     a = load_assignments(open_store(str(tmp_path / "km")))
     assert a.num_clusters == 10 and a.sizes == kmeans["sizes"] and len(a.keys) == 2000
+    # p(k | y) for the oracle strategy: each cluster's class counts, in the manifest and as recounted from the data
+    counts = np.asarray(kmeans["class_counts"])
+    assert counts.shape == (10, 10) and counts.sum(axis=1).tolist() == kmeans["sizes"]
+    assert np.array_equal(mixture_counts(open_store(str(tmp_path / "km"))), counts)
+    labels = open_source(_config("x", fashion_mnist_shards).data).labels()
+    by_hand = np.zeros((10, 10), dtype=np.int64)
+    for key, c in zip(a.keys, a.cluster.tolist()):
+        by_hand[c, labels[key]] += 1
+    assert np.array_equal(counts, by_hand)
     assert sorted(k for c in range(10) for k in a.keys_of(c)) == sorted(a.keys)
     files = os.listdir(tmp_path / "km" / layout.CLUSTERING)
     assert {"MANIFEST.json", "assignments.npz", "centroids.npz", "config.json", "examples.png"} <= set(files)

@@ -21,6 +21,8 @@ from .store import Store
 if TYPE_CHECKING:
     import torch
 
+    from .configs.common import DataConfig
+
 ASSIGNMENTS = "assignments.npz"  # keys (N,) str, cluster (N,) int64, fine (N,) int64 (-1 for method=random)
 CENTROIDS = "centroids.npz"  # fine (F, D), coarse (K, D), fine_to_coarse (F,), fine_counts (F,)
 CONFIG = "config.json"
@@ -93,6 +95,36 @@ def load_assignments(store: Store) -> Assignments:
         cluster = z["cluster"].astype(np.int64)
     num = int(manifest["num_clusters"])
     return Assignments(keys, cluster, num, np.bincount(cluster, minlength=num).tolist(), manifest)
+
+
+def class_counts(cluster: np.ndarray, labels: np.ndarray, num_clusters: int, num_classes: int) -> np.ndarray:
+    """(K, C) int64: how many samples of each class each cluster holds."""
+    out = np.zeros((num_clusters, num_classes), dtype=np.int64)
+    np.add.at(out, (cluster, labels), 1)
+    return out
+
+
+def mixture_counts(store: Store, data: "DataConfig | None" = None) -> np.ndarray:
+    """What the ``oracle`` strategy draws each sample's expert from: the clusters' class counts (K, C) when the data
+    has classes, else the cluster sizes (K,). Read from the cluster stage's manifest (``class_counts``); a run
+    clustered before the manifest carried them has them counted from ``data``'s labels (sizes without ``data``)."""
+    assignments = load_assignments(store)
+    if assignments.meta.get("class_counts") is not None:
+        return np.asarray(assignments.meta["class_counts"], dtype=np.int64)
+    if data is not None:
+        from .data import open_source
+
+        source = open_source(data, store)
+        by_key = source.labels()
+        if by_key is not None:
+            absent = [k for k in assignments.keys if k not in by_key]
+            if absent:
+                raise DataError(f"data.uri {data.uri} has no label for clustered sample {absent[0]!r} "
+                                f"({len(absent)} in all): is it the data the run was clustered on?")
+            labels = np.asarray([by_key[k] for k in assignments.keys], dtype=np.int64)
+            return class_counts(assignments.cluster, labels, assignments.num_clusters,
+                                source.num_classes or int(labels.max()) + 1)
+    return np.asarray(assignments.sizes, dtype=np.int64)
 
 
 # -- k-means -------------------------------------------------------------------------------------------------------

@@ -4,8 +4,12 @@
 probabilities p (B, K) to weights w (B, K) whose rows sum to 1; ``routed_counts(w)`` gives how many samples
 of the batch each expert gets, so only the experts some sample uses are evaluated.
 
-Strategy strings: ``full`` | ``top1`` / ``top-1`` | ``top-K`` | ``sample-K[@T]`` | ``nucleus-P[@T]`` | ``oracle-C``,
-where K is an expert count, P a probability mass in (0, 1], T a temperature > 0 (default 1), C a cluster index.
+Strategy strings: ``full`` | ``top1`` / ``top-1`` | ``top-K`` | ``sample-K[@T]`` | ``nucleus-P[@T]`` | ``oracle``
+| ``oracle-C``, where K is an expert count, P a probability mass in (0, 1], T a temperature > 0 (default 1), C a
+cluster index. ``oracle`` needs no router: each sample's expert is drawn once from the data's own p(k | y) (the
+clusters' class counts; p(k), the cluster sizes, without classes) and kept for the whole trajectory, which samples
+the mixture p(x) = sum_k p(k) p(x | k) the experts were trained to split, as a perfect router would. ``oracle-C``
+asks expert C alone.
 No pydantic (the GPU benchmark machine has only torch) and no torch at import time: stage configs, which the
 operator validates without torch, parse strategies with it; torch is imported inside the tensor functions.
 """
@@ -20,17 +24,19 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-Kind = Literal["full", "top", "sample", "nucleus", "oracle"]
-STRATEGY_HELP = "full, top1, top-K, sample-K[@T], nucleus-P[@T], oracle-C"
+Kind = Literal["full", "top", "sample", "nucleus", "oracle", "mixture"]
+STRATEGY_HELP = "full, top1, top-K, sample-K[@T], nucleus-P[@T], oracle, oracle-C"
 _PATTERN = re.compile(
-    r"^(?:(?P<full>full)|top-?(?P<top>\d+)|sample-(?P<sample>\d+)|nucleus-(?P<nucleus>[0-9.]+)|oracle-(?P<oracle>\d+))"
+    r"^(?:(?P<full>full)|top-?(?P<top>\d+)|sample-(?P<sample>\d+)|nucleus-(?P<nucleus>[0-9.]+)"
+    r"|(?P<mixture>oracle)|oracle-(?P<oracle>\d+))"
     r"(?:@(?P<temperature>[0-9.]+))?$"
 )
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """One combination rule. ``k``: experts kept (top/sample); ``mass``: nucleus threshold; ``cluster``: oracle."""
+    """One combination rule. ``k``: experts kept (top/sample); ``mass``: nucleus threshold; ``cluster``: oracle-C.
+    Kind ``mixture`` is ``oracle``: one expert per sample drawn from the data's p(k | y) (``mixture_assignment``)."""
 
     kind: Kind
     k: int = 1
@@ -50,11 +56,13 @@ class Strategy:
             return f"sample-{self.k}{temp}"
         if self.kind == "nucleus":
             return f"nucleus-{self.mass:g}{temp}"
+        if self.kind == "mixture":
+            return "oracle"
         return f"oracle-{self.cluster}"
 
     @property
     def needs_router(self) -> bool:
-        return self.kind != "oracle"
+        return self.kind not in ("oracle", "mixture")
 
     def check(self, num_experts: int) -> None:
         """Fail before sampling when the strategy cannot apply to ``num_experts`` experts."""
@@ -96,6 +104,8 @@ def parse_strategy(text: str | Strategy) -> Strategy:
         if not 0 < mass <= 1:
             raise ConfigError(f"strategy {text!r}: nucleus mass must be in (0, 1]")
         return Strategy("nucleus", mass=mass, temperature=temperature)
+    if m["mixture"]:
+        return Strategy("mixture")
     return Strategy("oracle", cluster=int(m["oracle"]))
 
 
@@ -158,8 +168,36 @@ def oracle_weights(batch: int, num_experts: int, cluster: int, like: torch.Tenso
     return w
 
 
+def mixture_assignment(counts: torch.Tensor, y: torch.Tensor | None, batch: int, present: list[int],
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """``oracle``'s experts, one per sample ((batch,) long, on the CPU), drawn from p(k | y_i) ∝ counts[k, y_i]
+    (counts (K, C): the clusters' class counts) or from p(k) ∝ the cluster sizes (counts (K,), or y None), over the
+    ``present`` experts. A class none of them holds falls back to p(k) over them."""
+    import torch
+
+    counts = counts.to(torch.float64)
+    sizes = counts if counts.dim() == 1 else counts.sum(dim=1)  # (K,)
+    keep = torch.zeros_like(sizes, dtype=torch.bool)
+    keep[present] = True
+    sizes = torch.where(keep, sizes, torch.zeros_like(sizes))
+    if float(sizes.sum()) <= 0:
+        raise ConfigError("strategy 'oracle': the present experts' clusters hold no samples")
+    if y is None or counts.dim() == 1:
+        probs = sizes.expand(batch, -1)  # (B, K)
+    else:
+        if int(y.max()) >= counts.shape[1]:
+            raise ConfigError(f"strategy 'oracle': label {int(y.max())} is outside the clusters' "
+                              f"{counts.shape[1]} classes")
+        probs = torch.where(keep, counts[:, y.cpu()].T, torch.zeros((), dtype=counts.dtype))  # (B, K)
+        empty = probs.sum(dim=1) <= 0
+        probs = torch.where(empty[:, None], sizes.expand_as(probs), probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+
 def expert_weights(p: torch.Tensor, strategy: Strategy, generator: torch.Generator | None = None) -> torch.Tensor:
     """Router probabilities p (B, K) -> expert weights w (B, K), rows summing to 1."""
+    if strategy.kind == "mixture":
+        raise ConfigError("strategy 'oracle' draws its experts per sample (mixture_assignment), not from a router")
     if p.dim() != 2:
         raise ValueError(f"router probabilities must be (B, K), got shape {tuple(p.shape)}")
     if strategy.kind == "full":

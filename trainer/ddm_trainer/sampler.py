@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Sequence, Union, cast
 import torch
 from torch import nn
 
-from .combine import Strategy, expert_weights, parse_strategy, routed_counts
+from .combine import Strategy, expert_weights, mixture_assignment, parse_strategy, routed_counts
 from .errors import ConfigError
 from .flow import ode_sample
 
@@ -53,13 +53,14 @@ class CombinedSampler:
     (B, K), or a loader, or None for ``oracle-C``. devices: one device per expert (default: ``device``). cfg_scale: classifier-free
     guidance scale for class-conditional experts; 1 means no guidance; ``null_label`` is the unconditional class id.
     dtype: the ODE state's dtype; precision="bf16" runs the networks under bf16 autocast (the state stays ``dtype``).
+    mixture: for ``oracle``, the clusters' class counts (K, C), or their sizes (K,) (``clustering.mixture_counts``).
     """
 
     def __init__(self, experts: Sequence[ExpertSource | None], router: ExpertSource | None, strategy: Strategy | str,
                  steps: int = 50, method: Method = "euler", cfg_scale: float = 1.0, device: str | torch.device = "cpu",
                  devices: Sequence[str | torch.device] | None = None, router_num_clusters: int | None = None,
                  null_label: int | None = None, dtype: torch.dtype = torch.float32,
-                 precision: Literal["fp32", "bf16"] = "fp32"):
+                 precision: Literal["fp32", "bf16"] = "fp32", mixture: torch.Tensor | None = None):
         self.strategy = parse_strategy(strategy)
         self.num_experts = len(experts)
         if self.num_experts == 0:
@@ -81,6 +82,14 @@ class CombinedSampler:
                               f"{len(self.present)} are present ({self.present})")
         if self.strategy.kind == "oracle" and self.strategy.cluster not in self.present:
             raise ConfigError(f"strategy {self.strategy.name!r} needs expert {self.strategy.cluster}, which is missing")
+        if self.strategy.kind == "mixture":
+            if mixture is None:
+                raise ConfigError("strategy 'oracle' needs the clusters' class counts (the cluster stage's manifest)")
+            if mixture.shape[0] != self.num_experts:
+                raise ConfigError(f"strategy 'oracle': class counts of {mixture.shape[0]} clusters given for "
+                                  f"{self.num_experts} experts")
+        self.mixture = mixture
+        self._assigned: torch.Tensor | None = None  # oracle: each sample's expert during one sample() call
         if self.strategy.needs_router and router is None:
             raise ConfigError(f"strategy {self.strategy.name!r} needs a router, none given")
         k_router = router_num_clusters if router_num_clusters is not None else getattr(router, "num_clusters", None)
@@ -125,6 +134,11 @@ class CombinedSampler:
                 y: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Expert weights w (B, K) at (x_t, t); a class-conditional router also sees the labels y (B,), a
         text-conditioned one the captions' pooled embeddings (B, D)."""
+        if self.strategy.kind == "mixture":
+            if self._assigned is None or self._assigned.shape[0] != x.shape[0]:
+                raise ConfigError("strategy 'oracle' draws each sample's expert when its trajectory starts: use "
+                                  "sample(), not velocity() alone")
+            return torch.nn.functional.one_hot(self._assigned, self.num_experts).to(x.dtype)  # (B, K)
         if not self.strategy.needs_router:
             return expert_weights(torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device),
                                   self.strategy)
@@ -218,11 +232,16 @@ class CombinedSampler:
         text = (text[0].to(self.device), text[1].to(self.device)) if text is not None else None
         pooled = pooled.to(self.device) if pooled is not None else None
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        if self.mixture is not None and self.strategy.kind == "mixture":  # one expert per trajectory
+            self._assigned = mixture_assignment(self.mixture, y, x.shape[0], self.present, gen).to(self.device)
 
         def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.velocity(x, t.to(self.dtype), y, gen, text, pooled)
 
-        return cast(torch.Tensor, ode_sample(velocity_fn, x, self.steps, self.method))
+        try:
+            return cast(torch.Tensor, ode_sample(velocity_fn, x, self.steps, self.method))
+        finally:
+            self._assigned = None
 
     def stats(self, num_samples: int) -> SampleStats:
         """Accumulated costs so far divided by ``num_samples`` (the number of images drawn)."""

@@ -48,16 +48,17 @@ DiTPreset = Literal[
 ]
 DIT_PRESETS: tuple[str, ...] = DiTPreset.__args__  # type: ignore[attr-defined]
 
-# Sampling strategies (see ddm_trainer.combine): full | top1 | top-K | sample-K[@T] | nucleus-P[@T] | oracle-C,
+# Sampling strategies (see ddm_trainer.combine): full | top1 | top-K | sample-K[@T] | nucleus-P[@T] | oracle | oracle-C,
 # K an expert count 1..9999, P a probability mass in (0, 1], T a temperature > 0, C a 0-based cluster index.
 _COUNT = r"[1-9][0-9]{0,3}"
 _MASS = r"(0\.[0-9]*[1-9][0-9]*|1|1\.0+)"
 _TEMPERATURE = r"([1-9][0-9]*(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)"
-STRATEGY_PATTERN = rf"^(full|top1|top-{_COUNT}|(sample-{_COUNT}|nucleus-{_MASS})(@{_TEMPERATURE})?|oracle-(0|{_COUNT}))$"
+STRATEGY_PATTERN = rf"^(full|top1|top-{_COUNT}|(sample-{_COUNT}|nucleus-{_MASS})(@{_TEMPERATURE})?|oracle|oracle-(0|{_COUNT}))$"
 STRATEGY_GRAMMAR = (
     "full (every expert, router-weighted) | top1 or top-K (the K most likely experts) | sample-K[@T] (K experts drawn"
     " from the router's distribution sharpened by temperature T > 0, default 1) | nucleus-P[@T] (the smallest set of"
-    " experts holding router mass P, 0 < P <= 1) | oracle-C (only expert C, 0-based: the true cluster's expert)"
+    " experts holding router mass P, 0 < P <= 1) | oracle (no router: each sample's expert drawn once from the"
+    " clusters' share of its class, p(k | y), kept for its whole trajectory) | oracle-C (only expert C, 0-based)"
 )
 # file:///absolute/path, s3://bucket[/prefix], or a plain path without a scheme (local runner only)
 STORAGE_URI_PATTERN = r"^(file:///.*|s3://[a-z0-9][a-z0-9.\-]{0,62}(/.*)?|[^:]+)$"

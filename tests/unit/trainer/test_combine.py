@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddm_trainer.combine import Strategy, expert_weights, parse_strategy, routed_counts
+from ddm_trainer.combine import Strategy, expert_weights, mixture_assignment, parse_strategy, routed_counts
 from ddm_trainer.errors import ConfigError
 
 P = torch.tensor([
@@ -24,6 +24,7 @@ P = torch.tensor([
     ("nucleus-0.9", Strategy("nucleus", mass=0.9)),
     ("nucleus-0.8@2", Strategy("nucleus", mass=0.8, temperature=2.0)),
     ("oracle-3", Strategy("oracle", cluster=3)),
+    ("oracle", Strategy("mixture")),
 ])
 def test_parse_and_name_round_trip(text: str, expected: Strategy):
     s = parse_strategy(text)
@@ -32,7 +33,7 @@ def test_parse_and_name_round_trip(text: str, expected: Strategy):
 
 
 @pytest.mark.parametrize("text", ["best", "top-0", "top-", "nucleus-1.5", "nucleus-0", "sample-2@0", "top-2@0.5",
-                                  "oracle", "nucleus-0.9.1", ""])
+                                  "oracle-", "oracle@2", "nucleus-0.9.1", ""])
 def test_unknown_or_invalid_strategy_is_config_error_naming_it(text: str):
     with pytest.raises(ConfigError) as err:
         parse_strategy(text)
@@ -115,3 +116,23 @@ def test_oracle_is_one_hot_and_rows_sum_to_one_for_all():
         w = expert_weights(P, parse_strategy(name), gen)
         assert torch.allclose(w.sum(1), torch.ones(3, dtype=torch.float64)), name
         assert (w >= 0).all(), name
+
+
+def test_the_mixture_oracle_draws_each_samples_expert_from_its_class_share():
+    counts = torch.tensor([[30, 0, 5], [10, 0, 0], [0, 8, 0]])  # (K=3 clusters, C=3 classes)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 4000 + [1] * 50 + [2] * 50)
+    k = mixture_assignment(counts, y, len(y), [0, 1, 2], gen)
+    share0 = torch.bincount(k[:4000], minlength=3).double() / 4000
+    assert torch.allclose(share0, torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64), atol=0.03)
+    assert (k[4000:4050] == 2).all() and (k[4050:] == 0).all()  # class 1 lives in cluster 2 only, class 2 in 0
+    # expert 2 missing: class 1 (only in cluster 2) falls back to the present clusters' sizes, 35 : 10
+    k = mixture_assignment(counts, torch.tensor([1] * 2000), 2000, [0, 1], gen)
+    assert set(k.tolist()) <= {0, 1} and abs(float((k == 0).double().mean()) - 35 / 45) < 0.04
+    # no classes: p(k) from the sizes
+    k = mixture_assignment(torch.tensor([1, 0, 3]), None, 4000, [0, 1, 2], gen)
+    assert (k != 1).all() and abs(float((k == 2).double().mean()) - 0.75) < 0.03
+    with pytest.raises(ConfigError, match="oracle.*label 3"):
+        mixture_assignment(counts, torch.tensor([3]), 1, [0, 1, 2], gen)
+    with pytest.raises(ConfigError, match="per sample"):
+        expert_weights(torch.full((2, 3), 1 / 3), parse_strategy("oracle"))

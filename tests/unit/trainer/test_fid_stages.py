@@ -17,7 +17,7 @@ import torch
 from ddm_trainer import fid, layout
 from ddm_trainer.checkpoint import latest_checkpoint, load_checkpoint, load_final, save_final
 from ddm_trainer.cli import load_config
-from ddm_trainer.clustering import ASSIGNMENTS
+from ddm_trainer.clustering import ASSIGNMENTS, mixture_counts
 from ddm_trainer.configs.distill import DistillConfig
 from ddm_trainer.configs.evaluate import EvaluateConfig
 from ddm_trainer.configs.expert import ExpertConfig
@@ -121,6 +121,17 @@ def test_a_partial_ensemble_is_evaluated_and_says_which_experts_it_held(run_stor
     md = run_store.get_bytes(f"{layout.EVALUATION}/results.md").decode()
     assert "a partial ensemble of experts [0] of 2 (missing: [1])" in md
     assert all(r["nfe"] == 2.0 for r in result["table"])  # one expert, 2 steps: expert 1 never ran
+
+
+def test_the_mixture_oracle_row_asks_one_expert_per_sample_and_no_router(run_store: FileStore, data: Any) -> None:
+    """This run's clustering manifest predates the class counts: ``oracle`` counts them from the data's labels."""
+    needs_inception()
+    counts = mixture_counts(run_store, data)
+    assert counts.shape[0] == 2 and counts.sum() == N_DATA and counts.sum(axis=1).tolist() == [N_DATA // 2] * 2
+    run_store.delete_prefix(layout.final(layout.ROUTER))  # the oracle needs no router
+    [row] = evaluate.run(_eval_cfg(run_store, data, strategies=["oracle"]))["table"]
+    assert row["strategy"] == "oracle" and row["n"] == 10 and math.isfinite(row["fid"])
+    assert row["nfe"] == 2  # 2 steps, one expert each: never a mix
 
 
 @pytest.mark.slow

@@ -140,3 +140,24 @@ def test_experts_on_their_own_devices():
     assert out.device.type == "cpu"
     with pytest.raises(ConfigError, match="1 devices given for 2 experts"):
         CombinedSampler(experts, SignRouter(), "full", devices=["cpu"])
+
+
+def test_the_mixture_oracle_keeps_one_expert_per_trajectory_drawn_from_its_class():
+    experts = [ConstExpert(1.0), ConstExpert(-1.0), ConstExpert(3.0)]
+    counts = torch.tensor([[5, 0], [5, 0], [0, 9]])  # class 0 in clusters 0 and 1, class 1 in cluster 2 only
+    sampler = CombinedSampler(experts, None, "oracle", steps=4, mixture=counts)  # no router needed
+    y = torch.tensor([0] * 64 + [1] * 8)
+    x = sampler.sample(torch.zeros(72, 1, 1, 1), y, seed=3)
+    # constant velocity v_k + y over t in [1, 0]: x0 = -(v_k + y); one expert per sample over all 4 steps
+    end = -x.flatten()
+    assert torch.all((end[64:] == 4.0))
+    assert set(end[:64].tolist()) == {1.0, -1.0}  # both of class 0's clusters drawn, never mixed within a sample
+    assert torch.equal(sampler.sample(torch.zeros(72, 1, 1, 1), y, seed=3), x)  # the seed fixes the draw
+    stats = sampler.stats(144)
+    assert stats.router_nfe == 0 and stats.nfe == 4
+    with pytest.raises(ConfigError, match="sample\\(\\)"):
+        sampler.velocity(torch.zeros(2, 1, 1, 1), torch.ones(2), torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="class counts"):
+        CombinedSampler(experts, None, "oracle")
+    with pytest.raises(ConfigError, match="2 clusters given for 3 experts"):
+        CombinedSampler(experts, None, "oracle", mixture=counts[:2])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..combine import STRATEGY_HELP
 from .common import DataConfig, StageBase
@@ -27,3 +27,10 @@ class DistillConfig(StageBase):
     use_ema: bool = Field(True, description="Teachers use their EMA weights")
     train: TrainerConfig = TrainerConfig()
     sample_grid: SampleGridConfig = SampleGridConfig()
+
+    @model_validator(mode="after")
+    def _ensemble_needs_a_router_strategy(self) -> "DistillConfig":
+        if self.teacher == "ensemble" and self.strategy == "oracle":
+            raise ValueError("strategy 'oracle' draws one expert per sampled trajectory, and distillation has none: "
+                             "teacher 'expert-of-cluster' is the oracle here (each image's own cluster's expert)")
+        return self

@@ -20,8 +20,8 @@ import torch
 
 from .. import layout
 from ..cluster_shards import CaptionEncoding, LatentEncoding, load_shard_index, write_cluster_shards
-from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments, Clustering, examples_grid,
-                          hierarchical_kmeans, load_assignments, nmi, random_partition)
+from ..clustering import (ASSIGNMENTS, CENTROIDS, CONFIG, EXAMPLES, Assignments, Clustering, class_counts,
+                          examples_grid, hierarchical_kmeans, load_assignments, nmi, random_partition)
 from ..configs.cluster import ClusterConfig
 from ..data import Source, open_source
 from ..encode import Encoders, Parts, encode_parts
@@ -194,12 +194,16 @@ def run(cfg: ClusterConfig) -> dict[str, Any]:
 
     sizes = np.bincount(result.cluster, minlength=cfg.num_clusters).tolist()
     labels = source.labels()
-    score = None
+    score, counts = None, None
     if labels is not None:
-        score = nmi(np.asarray([labels[k] for k in keys]), result.cluster)
+        label_of = np.asarray([labels[k] for k in keys], dtype=np.int64)
+        score = nmi(label_of, result.cluster)
+        # p(k | y) for the oracle strategy (clustering.mixture_counts)
+        counts = class_counts(result.cluster, label_of, cfg.num_clusters,
+                              source.num_classes or int(label_of.max()) + 1).tolist()
     meta = {"num_clusters": cfg.num_clusters, "sizes": sizes, "num_samples": len(keys), "method": cfg.method,
             "encoder": cfg.encoder if encoder is not None else None, "fine_clusters_used": result.fine_used,
-            "nmi": score, "config": config}
+            "nmi": score, "class_counts": counts, "config": config}
     if parent is not None:
         meta.update(growth_meta(parent, cfg, sizes))
     files = {

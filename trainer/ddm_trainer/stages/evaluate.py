@@ -240,7 +240,8 @@ def strategy_batch(base: int, strategy: Any, num_experts: int, n: int, world_siz
     that sends each sample to k of K experts draws base * K / k at once (top-1 of 4: 4x; full: 1x), at most
     ``MAX_ROUTED_FACTOR`` x base; then evened out so no last batch is a small remainder (5,000 at 4,096 -> 2 x 2,500).
     Expert batches of base/K ran top-1 at 31% of the ideal on the H100, full at 52%."""
-    kept = {"top": strategy.k, "sample": strategy.k}.get(strategy.kind, num_experts)  # oracle: no split either
+    # oracle-C: no split; oracle: one expert per sample, as top-1
+    kept = {"top": strategy.k, "sample": strategy.k, "mixture": 1}.get(strategy.kind, num_experts)
     target = base * min(max(num_experts // max(kept, 1), 1), MAX_ROUTED_FACTOR)
     per_rank = -(-n // world_size)
     batches = max(-(-per_rank // target), 1)
@@ -271,7 +272,7 @@ def evaluate_strategy(cfg: EvaluateConfig, store: Store, name: str, rt: Any, ext
     sample_store, strategy = row_store(store, strategy)  # parent:<strategy>: the parent's ensemble
     sampler, spec = sampler_for(sample_store, strategy, cfg.steps, cfg.method, rt.device, cfg.cfg_scale,
                                 use_ema=cfg.use_ema, precision=cfg.precision, compile=compile, stage_dirs=dirs,
-                                models=models)
+                                models=models, data=cfg.data)
     if auto_batch:
         batch_size = strategy_batch(batch_size, sampler.strategy, sampler.num_experts, cfg.n_samples,
                                     rt.world_size)

@@ -20,6 +20,8 @@ from torch import nn
 from .. import layout, lineage
 from ..checkpoint import CONFIG_FILE, load_final
 from ..combine import parse_strategy
+from ..clustering import mixture_counts
+from ..configs.common import DataConfig
 from ..configs.sample import SampleConfig
 from ..errors import ConfigError, DataError, MissingArtifactError, PreemptedError
 from ..progress import preempt_requested
@@ -256,12 +258,14 @@ def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = 
                 device: str | torch.device = "cpu", cfg_scale: float = 1.0,
                 expert_devices: Sequence[str] | None = None, use_ema: bool = True, precision: str = "fp32",
                 compile: bool = False, stage_dirs: Sequence[str] | None = None,
-                models: dict[tuple[Any, ...], nn.Module] | None = None) -> tuple[CombinedSampler, ExpertSpec]:
+                models: dict[tuple[Any, ...], nn.Module] | None = None,
+                data: DataConfig | None = None) -> tuple[CombinedSampler, ExpertSpec]:
     """The validated ensemble of ``strategy`` as a sampler (weights load lazily), and the experts' spec.
 
     ``stage_dirs`` replaces the experts with these stages' models (e.g. ``[experts/monolith]`` with
     ``oracle-0``: the K=1 baseline sampled exactly like an ensemble). ``models``: a cache shared by the samplers
-    of one process (the evaluation's strategies), so each expert and the router is read and compiled once."""
+    of one process (the evaluation's strategies), so each expert and the router is read and compiled once.
+    ``data``: the training data, for ``oracle`` on a run whose clustering manifest predates its class counts."""
     from ..stages.router import load_router
 
     if stage_dirs is None:
@@ -281,10 +285,17 @@ def sampler_for(run_store: Store, strategy: str, steps: int = 50, method: str = 
         router_src = _cached(models, ("router", run_store.url(layout.ROUTER), compile),
                              (lambda: compile_blocks(load_router(run_store, "cpu")))
                              if compile else (lambda: load_router(run_store, "cpu")))
+    mixture = None
+    if parse_strategy(strategy).kind == "mixture":
+        counts = mixture_counts(run_store, data)
+        if spec0.num_classes is not None and counts.ndim == 1:
+            raise ConfigError(f"strategy 'oracle': the clustering at {run_store.url(layout.CLUSTERING)} records no "
+                              "class counts and no labelled data was given to count them (re-run the cluster stage)")
+        mixture = torch.from_numpy(counts)
     sampler = CombinedSampler(experts, router_src, strategy, steps=steps, method=method,  # type: ignore[arg-type]
                               cfg_scale=cfg_scale, device=device, devices=expert_devices,
                               router_num_clusters=router_k, null_label=spec0.num_classes,
-                              precision=precision)  # type: ignore[arg-type]
+                              precision=precision, mixture=mixture)  # type: ignore[arg-type]
     return sampler, spec0
 
 
