@@ -303,7 +303,7 @@ def _row(arm: dict[str, Any] | None, strategy: str) -> dict[str, Any] | None:
 def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The paper's targets at its scale, each with the measured ratio (None where the study lacks the arms)."""
     arms = {a["arm"]: a for a in done}
-    k_max = max((arm.k for a in arms if (arm := parse_arm(a)).method == "features" and not arm.variant), default=None)
+    k_max = max((arm.k for a in arms if (arm := parse_arm(a)).method == "features" and not arm.variant), default=8)
     features, random = arms.get(f"features-{k_max}"), arms.get(f"random-{k_max}")
     out = []
 

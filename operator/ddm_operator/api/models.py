@@ -469,14 +469,17 @@ class RouterSpec(SpecModel):
 
 def strategy_key(strategy: str) -> tuple[str, float, float]:
     """(kind, number, temperature): equal for two spellings of one strategy (top1 and top-1, sample-2 and sample-2@1).
-    The Python twin of ``_STRATEGY_KEY_CEL``; the kinds differ in their first three letters."""
-    number = 0.0 if strategy == "full" else 1.0 if strategy == "top1" else float(strategy.split("-", 1)[1].split("@")[0])
+    The Python twin of ``_STRATEGY_KEY_CEL``; the kinds differ in their first three letters (the mixture ``oracle``
+    has number -1, no cluster's)."""
+    number = 0.0 if strategy == "full" else 1.0 if strategy == "top1" else -1.0 if strategy == "oracle" \
+        else float(strategy.split("-", 1)[1].split("@")[0])
     return strategy[:3], number, float(strategy.split("@")[1]) if "@" in strategy else 1.0
 
 
 def _strategy_key_cel(v: str) -> tuple[str, str, str]:
     return (f"{v}.substring(0, 3)",
-            f"({v} == 'full' ? 0.0 : {v} == 'top1' ? 1.0 : double({v}.substring({v}.indexOf('-') + 1).split('@')[0]))",
+            f"({v} == 'full' ? 0.0 : {v} == 'top1' ? 1.0 : {v} == 'oracle' ? -1.0 : "
+            f"double({v}.substring({v}.indexOf('-') + 1).split('@')[0]))",
             f"({v}.contains('@') ? double({v}.split('@')[1]) : 1.0)")
 
 

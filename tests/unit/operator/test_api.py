@@ -165,7 +165,7 @@ def test_presets_must_tile_the_image(changes: dict[str, object], blamed: str | N
 
 
 SPELLINGS = ["full", "top1", "top-1", "top-2", "sample-2", "sample-2@1", "sample-2@1.0", "sample-2@0.5", "sample-3@0.50",
-             "nucleus-0.9", "nucleus-0.90", "nucleus-0.9@2", "nucleus-1", "nucleus-1.0", "oracle-0", "oracle-3"]
+             "nucleus-0.9", "nucleus-0.90", "nucleus-0.9@2", "nucleus-1", "nucleus-1.0", "oracle", "oracle-0", "oracle-3"]
 
 
 def test_every_api_strategy_parses_in_the_trainer_and_duplicates_match_its_normalisation() -> None:
