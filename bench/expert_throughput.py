@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from ddm_trainer.flow import flow_loss  # noqa: E402
 from ddm_trainer.models.dit import build_dit  # noqa: E402
+from ddm_trainer.train_loop import compile_model as trainer_compile  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "expert_throughput.json"
 TARGET_MFU = {"DiT-XL/2": 0.50, "DiT-B/2": 0.45}
@@ -60,12 +61,12 @@ def matmul_rate(device: torch.device, n: int, reps: int = 10) -> float:
 
 
 def compile_model(model: torch.nn.Module, how: str, mode: str | None) -> torch.nn.Module:
+    """``regional``: the trainer's own compile (one compiled block reused by every identical block); otherwise the
+    whole model (``full``), which the trainer does not offer, for comparison."""
     if how == "none":
         return model
-    if how == "regional":  # compile one block, reused by every identical block: fast compile, same kernels
-        for block in model.blocks:  # type: ignore[union-attr]
-            block.compile(mode=mode)
-        return model
+    if how == "regional":
+        return trainer_compile(model, model, mode or "default")
     return torch.compile(model, mode=mode)  # type: ignore[return-value]
 
 
