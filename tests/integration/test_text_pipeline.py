@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import yaml
 
 from ddm_trainer import layout
 from ddm_trainer.cluster_shards import load_shard_index, open_cluster_shards
+from ddm_trainer.clustering import load_assignments
 from ddm_trainer.configs.cluster import ClusterConfig
 from ddm_trainer.configs.common import DataConfig
 from ddm_trainer.configs.distill import DistillConfig
@@ -122,10 +124,18 @@ def test_experts_router_and_student_train_on_the_stored_captions_and_sample_foll
 
         prompts = ["a photo of a bag", "a photo of a sneaker"]
         result = evaluate.run(EvaluateConfig.model_validate({
-            "run_uri": text_run, "device": "cpu", "data": _data(fashion_mnist_shards), "strategies": ["top1"],
-            "n_samples": 8, "reference_n": 16, "batch_size": 8, "steps": 2, "kid_subsets": 2, "grid_count": 4,
-            "grid_nrow": 2, "cfg_scale": 2.0, "prompts": prompts, "precision": "fp32"}))
-        assert np.isfinite(result["table"][0]["fid"])
+            "run_uri": text_run, "device": "cpu", "data": _data(fashion_mnist_shards),
+            "strategies": ["top1", "oracle"], "n_samples": 8, "reference_n": 16, "batch_size": 8, "steps": 2,
+            "kid_subsets": 2, "grid_count": 4, "grid_nrow": 2, "cfg_scale": 2.0, "prompts": prompts,
+            "precision": "fp32"}))
+        assert [r["strategy"] for r in result["table"]] == ["top1", "oracle"]
+        assert all(np.isfinite(r["fid"]) for r in result["table"])
+        # the oracle asks each FID caption's own image's expert
+        captions = evaluate.fid_captions(store, DataConfig.model_validate(_data(fashion_mnist_shards)),
+                                         SimpleNamespace(text_dim=WIDTH), 0)
+        assignments = load_assignments(store)
+        cluster_of = dict(zip(assignments.keys, assignments.cluster.tolist()))
+        assert captions.clusters == [cluster_of[k] for k in captions.captions] and len(set(captions.clusters)) > 1
         assert result["prompts"] == {"prompts/a-photo-of-a-bag.png": prompts[0],
                                      "prompts/a-photo-of-a-sneaker.png": prompts[1]}
         assert store.exists(f"{layout.EVALUATION}/prompts/a-photo-of-a-bag.png")

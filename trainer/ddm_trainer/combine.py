@@ -7,9 +7,9 @@ of the batch each expert gets, so only the experts some sample uses are evaluate
 Strategy strings: ``full`` | ``top1`` / ``top-1`` | ``top-K`` | ``sample-K[@T]`` | ``nucleus-P[@T]`` | ``oracle``
 | ``oracle-C``, where K is an expert count, P a probability mass in (0, 1], T a temperature > 0 (default 1), C a
 cluster index. ``oracle`` needs no router: each sample's expert is drawn once from the data's own p(k | y) (the
-clusters' class counts; p(k), the cluster sizes, without classes) and kept for the whole trajectory, which samples
-the mixture p(x) = sum_k p(k) p(x | k) the experts were trained to split, as a perfect router would. ``oracle-C``
-asks expert C alone.
+clusters' class counts; p(k), the cluster sizes, without classes; a training caption's own cluster where the sampler
+is told it) and kept for the whole trajectory, which samples the mixture p(x) = sum_k p(k) p(x | k) the experts were
+trained to split, as a perfect router would. ``oracle-C`` asks expert C alone.
 No pydantic (the GPU benchmark machine has only torch) and no torch at import time: stage configs, which the
 operator validates without torch, parse strategies with it; torch is imported inside the tensor functions.
 """

@@ -224,16 +224,21 @@ class CombinedSampler:
     @torch.no_grad()
     def sample(self, x1: torch.Tensor, y: torch.Tensor | None = None, seed: int = 0,
                text: tuple[torch.Tensor, torch.Tensor] | None = None,
-               pooled: torch.Tensor | None = None) -> torch.Tensor:
+               pooled: torch.Tensor | None = None, experts: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate from x1 ~ N(0, I) at t=1 to t=0 with ``flow.ode_sample``; deterministic for (x1, y, text,
-        seed) (the seed drives sample-K's draws)."""
+        seed) (the seed drives sample-K's and oracle's draws). ``experts`` (B,): for ``oracle``, each sample's
+        expert where it is known (a training caption's own cluster); a missing one is drawn as without it."""
         x = x1.to(self.device, self.dtype)
         y = y.to(self.device) if y is not None else None
         text = (text[0].to(self.device), text[1].to(self.device)) if text is not None else None
         pooled = pooled.to(self.device) if pooled is not None else None
         gen = torch.Generator(device="cpu").manual_seed(seed)
         if self.mixture is not None and self.strategy.kind == "mixture":  # one expert per trajectory
-            self._assigned = mixture_assignment(self.mixture, y, x.shape[0], self.present, gen).to(self.device)
+            drawn = mixture_assignment(self.mixture, y, x.shape[0], self.present, gen)  # (B,)
+            if experts is not None:
+                known = torch.isin(experts.cpu(), torch.tensor(self.present))  # (B,)
+                drawn = torch.where(known, experts.cpu(), drawn)
+            self._assigned = drawn.to(self.device)
 
         def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.velocity(x, t.to(self.dtype), y, gen, text, pooled)

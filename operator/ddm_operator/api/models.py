@@ -58,7 +58,8 @@ STRATEGY_GRAMMAR = (
     "full (every expert, router-weighted) | top1 or top-K (the K most likely experts) | sample-K[@T] (K experts drawn"
     " from the router's distribution sharpened by temperature T > 0, default 1) | nucleus-P[@T] (the smallest set of"
     " experts holding router mass P, 0 < P <= 1) | oracle (no router: each sample's expert drawn once from the"
-    " clusters' share of its class, p(k | y), kept for its whole trajectory) | oracle-C (only expert C, 0-based)"
+    " clusters' share of its class, p(k | y), or its training caption's own cluster, kept for its whole"
+    " trajectory) | oracle-C (only expert C, 0-based)"
 )
 # file:///absolute/path, s3://bucket[/prefix], or a plain path without a scheme (local runner only)
 STORAGE_URI_PATTERN = r"^(file:///.*|s3://[a-z0-9][a-z0-9.\-]{0,62}(/.*)?|[^:]+)$"

@@ -161,3 +161,11 @@ def test_the_mixture_oracle_keeps_one_expert_per_trajectory_drawn_from_its_class
         CombinedSampler(experts, None, "oracle")
     with pytest.raises(ConfigError, match="2 clusters given for 3 experts"):
         CombinedSampler(experts, None, "oracle", mixture=counts[:2])
+
+
+def test_the_mixture_oracle_asks_a_training_captions_own_expert_where_it_is_known():
+    experts = [ConstExpert(1.0), ConstExpert(-1.0), None]  # expert 2 is missing
+    sampler = CombinedSampler(experts, None, "oracle", steps=2, mixture=torch.tensor([5, 5, 5]))
+    end = -sampler.sample(torch.zeros(4, 1, 1, 1), experts=torch.tensor([1, 0, 2, 1])).flatten()
+    assert end[[0, 1, 3]].tolist() == [-1.0, 1.0, -1.0]  # each sample's given expert, for the whole trajectory
+    assert float(end[2]) in (1.0, -1.0)  # its expert is missing: drawn from the present ones

@@ -202,15 +202,20 @@ _captions_cache: dict[tuple[str, int, int], Any] = {}
 def fid_captions(store: Store, data: DataConfig, spec: Any, seed: int) -> Any:
     """The conditions of a text-conditioned ensemble's FID draws: the caption embeddings the cluster stage stored
     for a seeded sample of FID_CAPTIONS training images (sample i gets caption i mod FID_CAPTIONS), so the
-    generated images follow the training captions' distribution, as the reference images do."""
+    generated images follow the training captions' distribution, as the reference images do. Each caption keeps
+    its image's cluster: the expert the ``oracle`` strategy asks for it."""
     from ..cluster_shards import open_all_shards
+    from ..clustering import load_assignments
     from .sample import Prompts
 
     key = (store.url(), int(spec.text_dim), seed)
     if key not in _captions_cache:
         shards = open_all_shards(store, data, spec.text_dim)
         batch = next(iter(shards.stream(min(FID_CAPTIONS, len(shards)), seed, workers=0)))
-        _captions_cache[key] = Prompts(batch.keys, batch.text, batch.text_mask, batch.text_pooled)
+        assignments = load_assignments(store)
+        cluster_of = dict(zip(assignments.keys, assignments.cluster.tolist()))
+        _captions_cache[key] = Prompts(batch.keys, batch.text, batch.text_mask, batch.text_pooled,
+                                       [cluster_of[k] for k in batch.keys])
     return _captions_cache[key]
 
 

@@ -213,6 +213,7 @@ class Prompts:
     tokens: torch.Tensor  # (P, L, D)
     mask: torch.Tensor  # (P, L) bool
     pooled: torch.Tensor  # (P, D)
+    clusters: list[int] | None = None  # training captions: each one's image's cluster, the expert ``oracle`` asks
 
 
 def run_text_encoder(store: Store) -> dict[str, Any]:
@@ -326,12 +327,14 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
         if spec.num_classes is not None:
             y = (torch.tensor([draw.labels[j % len(draw.labels)] for j in range(start, stop)], dtype=torch.long)
                  if draw.labels else labels_range(start, stop, spec.num_classes, draw.seed))
-        text, pooled = None, None
+        text, pooled, experts = None, None, None
         if draw.prompts is not None:
             which = torch.arange(start, stop) % len(draw.prompts.captions)  # (b,) prompt of each sample
             text, pooled = (draw.prompts.tokens[which], draw.prompts.mask[which]), draw.prompts.pooled[which]
+            if draw.prompts.clusters is not None:
+                experts = torch.tensor(draw.prompts.clusters, dtype=torch.long)[which]  # (b,)
         x = sampler.sample(noise_range(start, stop, shape, draw.seed), y, seed=draw.seed * 1_000_003 + start,
-                           text=text, pooled=pooled)
+                           text=text, pooled=pooled, experts=experts)
         if decoder is not None:  # a latent-space ensemble: its samples decoded into images
             x = decoder.decode(x, spec.pixel_channels)
         yield start, x.clamp(-1, 1), y
