@@ -344,6 +344,11 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
         if t1 and short:
             add(f"{a['arm']}: top-1 better than one model at the experts' own steps (diagnostic)",
                 f"top-1 {t1['fid']:.2f}, {short['strategy']} {short['fid']:.2f}", t1["fid"] / short["fid"], 1.0)
+    for a in done:  # a diagnostic: what routing costs against the perfect assignment of the mixture oracle
+        t1, oracle = _row(a, "top1"), _row(a, "oracle")
+        if t1 and oracle:
+            add(f"{a['arm']}: top-1 no worse than the mixture oracle, the router's cost (diagnostic)",
+                f"top-1 {t1['fid']:.2f}, oracle {oracle['fid']:.2f}", t1["fid"] / oracle["fid"], 1.0)
     student = next((r for a in done if (r := _row(a, STUDENT))), None)
     add("distilled student within 10% of the monolith",
         (f"student {student['fid']:.2f} ({student['gflops_per_sample']:,.1f} GFLOPs/sample), monolith "
