@@ -10,6 +10,7 @@ from typing import Iterable
 MONOLITH = "monolith"  # the evaluation table's row of the baseline (spec.baseline)
 STUDENT = "student"  # the evaluation table's row of the distilled student (spec.distillation)
 PARENT = "parent:"  # a grown run's rows of its parent's ensemble (spec.growth.compareParent)
+ORACLE = "oracle"  # the mixture oracle: each sample's expert from its class or training caption, a reference row
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Comparison:
 
 def best_fid(rows: Iterable[tuple[str, float | None]]) -> tuple[str, float] | None:
     """(strategy, FID) of the best routing strategy; the monolith row, the student row and a grown run's
-    parent:<strategy> rows are not routing strategies of this DDM's ensemble."""
-    scored = [(s, f) for s, f in rows if s not in (MONOLITH, STUDENT) and not s.startswith(PARENT) and f is not None]
+    parent:<strategy> rows are not routing strategies of this DDM's ensemble, and the mixture oracle is the
+    reference routing is measured against (it knows each FID caption's training image)."""
+    scored = [(s, f) for s, f in rows
+              if s not in (MONOLITH, STUDENT, ORACLE) and not s.startswith(PARENT) and f is not None]
     return min(scored, key=lambda sf: sf[1]) if scored else None
 
 

@@ -941,8 +941,9 @@ class Results(ApiModel):
 
     fid: list[StrategyResult] = Field(default_factory=list, description="FID/KID per strategy")
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI (experts, router, student, ...)")
-    best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID over the monolith "
-                                                             "baseline's (below 1: the ensemble wins)")
+    best_vs_monolith: float | None = Field(None, description="The best routing strategy's FID (the oracle row, a "
+                                                             "reference, excluded) over the monolith baseline's "
+                                                             "(below 1: the ensemble wins)")
     student_vs_monolith: float | None = Field(None, description="The distilled student's FID over the monolith "
                                                                 "baseline's (below 1: the student wins)")
     experts: list[int] | None = Field(None, description="The experts the evaluated ensemble held")

@@ -28,6 +28,7 @@ def test_the_best_strategy_is_compared_with_the_monolith_and_never_is_it() -> No
     worse = compare([("full", 50.0), ("monolith", 40.0)])
     assert worse is not None and worse.ratio == 1.25 and "does not beat it" in worse.sentence()
     assert best_fid([("monolith", 1.0), ("top1", 5.0)]) == ("top1", 5.0)  # a baseline is no DDM result
+    assert best_fid([("oracle", 2.0), ("top1", 5.0)]) == ("top1", 5.0)  # nor is the oracle routing is measured by
     assert compare(rows(TABLE[:2])) is None and compare([("monolith", 40.0)]) is None
 
 
