@@ -160,6 +160,8 @@ def test_experts_router_and_student_train_on_the_stored_captions_and_sample_foll
     draws = [generate(store, "top1", 2, steps=3, prompts=["a photo of a sneaker"], cfg_scale=scale)[0]
              for scale in (1.0, 4.0)]
     assert not torch.allclose(draws[0], draws[1], atol=1e-4)
+    with pytest.raises(ConfigError, match="oracle.*free prompt"):  # no training image, so no cluster to ask
+        generate(store, "oracle", 2, steps=3, prompts=["a photo of a sneaker"])
 
 
 def _has_inception() -> bool:

@@ -312,6 +312,9 @@ def sample_batches(sampler: CombinedSampler, spec: ExpertSpec, draw: Draw, rank:
         raise ConfigError("the experts are text-conditioned: give prompts (ddm sample --prompt, evaluation.prompts)")
     if spec.text_dim is None and draw.prompts is not None:
         raise ConfigError("prompts were given but the experts are not text-conditioned (text_dim is None)")
+    if sampler.strategy.kind == "mixture" and draw.prompts is not None and draw.prompts.clusters is None:
+        raise ConfigError("strategy 'oracle' asks each training caption's own cluster; a free prompt has none "
+                          "(use top1, top-K, full, sample-K or nucleus-P)")
     shape = (spec.channels, spec.image_size, spec.image_size)
     decoder = None
     if spec.vae is not None:
