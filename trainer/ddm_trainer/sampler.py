@@ -233,7 +233,8 @@ class CombinedSampler:
         text = (text[0].to(self.device), text[1].to(self.device)) if text is not None else None
         pooled = pooled.to(self.device) if pooled is not None else None
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        if self.mixture is not None and self.strategy.kind == "mixture":  # one expert per trajectory
+        if self.strategy.kind == "mixture":  # one expert per trajectory (the constructor checked the counts)
+            assert self.mixture is not None
             drawn = mixture_assignment(self.mixture, y, x.shape[0], self.present, gen)  # (B,)
             if experts is not None:
                 known = torch.isin(experts.cpu(), torch.tensor(self.present))  # (B,)
