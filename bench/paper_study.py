@@ -252,7 +252,8 @@ def independence(logs: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     router = process_spans(logs, "router")
     if router:
         router_gpus = max(int(spec["router"].get("gpusPerNode", 1)), 1)
-        out["router_gpu_s"] = sum(e - s for s, e in router) * router_gpus
+        out["router_s"] = sum(e - s for s, e in router)
+        out["router_gpu_s"] = out["router_s"] * router_gpus
     baseline = process_spans(logs, "baseline")
     if baseline and not (spec.get("baseline") or {}).get("steps"):  # the compute-matched one only
         out["monolith_s"] = sum(e - s for s, e in baseline)
@@ -278,11 +279,16 @@ def copy_grids(arm: dict[str, Any], run_dir: Path, grids: Path) -> dict[str, Pat
 
 def markdown(arm: dict[str, Any], monolith_fid: float | None, grids: dict[str, Path] | None = None,
              links_from: Path = Path.cwd(), links: str | None = None) -> str:
-    experts_s = sum(s for k, s in arm["stage_s"].items() if k.startswith("expert-"))
-    router_s = arm["stage_s"].get("router", 0.0)
+    # a resumed stage's "finished in" line times its last attempt only; the logs span every attempt
+    ind, stage_s = arm.get("independence") or {}, arm["stage_s"]
+    experts_s = ind.get("experts_process_s", sum(s for k, s in stage_s.items() if k.startswith("expert-")))
+    router_s = ind.get("router_s", stage_s.get("router", 0.0))
+    monolith_s = ind.get("monolith_s", stage_s.get("baseline"))
+    steps = ((arm.get("spec") or {}).get("baseline") or {}).get("steps")  # the equal-steps control, if that
+    baseline = equal_steps_row(steps) if steps else MONOLITH
     lines = [f"### {arm['arm']}: {arm['images_seen']:,} images seen by the experts; experts {experts_s:.0f} "
-             f"stage-s, router {router_s:.0f} stage-s" + (f", monolith {arm['stage_s']['baseline']:.0f} stage-s"
-                                                          if "baseline" in arm["stage_s"] else ""),
+             f"stage-s, router {router_s:.0f} stage-s" + (f", {baseline} {monolith_s:.0f} stage-s"
+                                                          if monolith_s is not None else ""),
              "", "| strategy | FID | NFE | GFLOPs/sample | / monolith | samples |", "|---|---:|---:|---:|---:|---|"]
     for row in arm["table"]:
         ratio = f"{row['fid'] / monolith_fid:.3f}" if monolith_fid and row.get("fid") is not None else "-"
@@ -307,9 +313,11 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
     features, random = arms.get(f"features-{k_max}"), arms.get(f"random-{k_max}")
     out = []
 
-    def add(target: str, measured: str, ratio: float | None, limit: float) -> None:
+    def add(target: str, measured: str, ratio: float | None, limit: float,
+            arm: dict[str, Any] | None = None) -> None:  # arm: whose images seen the record names
         out.append({"target": target, "measured": measured, "ratio": ratio, "limit": limit,
-                    "met": None if ratio is None else ratio <= limit})
+                    "met": None if ratio is None else ratio <= limit,
+                    "images_seen": (arm or features or done[0]).get("images_seen") if done else None})
 
     top1 = _row(features, "top1")
     add(f"DDM K={k_max} top-1 FID <= 0.9 x the compute-matched monolith's",
@@ -321,7 +329,7 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
                          + ([f"clusters of {arm.encoder}"] if arm.encoder else []))
         if arm.variant and t1 and monolith:
             add(f"{a['arm']}: top-1 FID <= 0.9 x the compute-matched monolith's ({what})",
-                f"top-1 {t1['fid']:.2f}, monolith {monolith['fid']:.2f}", t1["fid"] / monolith["fid"], 0.9)
+                f"top-1 {t1['fid']:.2f}, monolith {monolith['fid']:.2f}", t1["fid"] / monolith["fid"], 0.9, a)
     rand = _row(random, "top1")
     add(f"feature clusters better than a random partition (K={k_max}, top-1)",
         f"features {top1['fid']:.2f}, random {rand['fid']:.2f}" if top1 and rand else "-",
@@ -332,7 +340,7 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
             flops = t1["gflops_per_sample"] / full["gflops_per_sample"] if full.get("gflops_per_sample") else None
             add(f"{a['arm']}: top-1 no worse than full, at a fraction of its FLOPs",
                 f"top-1 {t1['fid']:.2f}, full {full['fid']:.2f}" + (f"; FLOPs {flops:.2f} x full's" if flops else ""),
-                t1["fid"] / full["fid"], 1.0)
+                t1["fid"] / full["fid"], 1.0, a)
     # a diagnostic, not a paper target: the experts against one model of their own step count, trained by any arm
     # (random-8's control serves features-8 too: the same steps, from --equal-steps-monolith)
     controls = {r["strategy"]: r for a in done for r in a["table"]
@@ -343,17 +351,18 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
             (r for r in a["table"] if r["strategy"].startswith(f"{MONOLITH}-") and r.get("fid")), None)
         if t1 and short:
             add(f"{a['arm']}: top-1 better than one model at the experts' own steps (diagnostic)",
-                f"top-1 {t1['fid']:.2f}, {short['strategy']} {short['fid']:.2f}", t1["fid"] / short["fid"], 1.0)
+                f"top-1 {t1['fid']:.2f}, {short['strategy']} {short['fid']:.2f}", t1["fid"] / short["fid"], 1.0, a)
     for a in done:  # a diagnostic: what routing costs against the perfect assignment of the mixture oracle
         t1, oracle = _row(a, "top1"), _row(a, "oracle")
         if t1 and oracle:
             add(f"{a['arm']}: top-1 no worse than the mixture oracle, the router's cost (diagnostic)",
-                f"top-1 {t1['fid']:.2f}, oracle {oracle['fid']:.2f}", t1["fid"] / oracle["fid"], 1.0)
-    student = next((r for a in done if (r := _row(a, STUDENT))), None)
+                f"top-1 {t1['fid']:.2f}, oracle {oracle['fid']:.2f}", t1["fid"] / oracle["fid"], 1.0, a)
+    distilled = next((a for a in done if _row(a, STUDENT)), None)
+    student = _row(distilled, STUDENT)
     add("distilled student within 10% of the monolith",
         (f"student {student['fid']:.2f} ({student['gflops_per_sample']:,.1f} GFLOPs/sample), monolith "
          f"{monolith['fid']:.2f} ({monolith['gflops_per_sample']:,.1f})") if student and monolith else "-",
-        student["fid"] / monolith["fid"] if student and monolith else None, 1.1)
+        student["fid"] / monolith["fid"] if student and monolith else None, 1.1, distilled)
     return out
 
 
@@ -496,7 +505,8 @@ def main() -> None:
                monolith, "FID", results_dir=args.results_dir)
     for goal in goals:
         if goal["ratio"] is not None:
-            record("paper_study", f"target: {goal['target']} ({done[0]['images_seen']:,} images seen)",
+            images = goal["images_seen"] or done[0]["images_seen"]
+            record("paper_study", f"target: {goal['target']} ({images:,} images seen)",
                    goal["ratio"], "ratio", ratio=goal["ratio"], results_dir=args.results_dir)
     mono = next((a["independence"] for a in done if a["independence"] and "monolith_s" in a["independence"]), None)
     for a in done:

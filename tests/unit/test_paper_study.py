@@ -148,6 +148,13 @@ def test_independence_from_the_runners_logs(tmp_path: Path) -> None:
     md = study.independence_markdown([{"arm": "features-2", "independence": ind}])
     assert "| features-2 | 2 x 1 | 200 | 100 | 120 (3) | 230 | 180 | 1.278 | 0.556 | 1,000 / 1,000 |" in md
     assert study.independence(tmp_path / "nothing", spec) is None
+    # the heading's seconds span every attempt: a resumed expert's "finished in" line times its last one only
+    arm = {"arm": "features-2", "table": [], "images_seen": 1000, "independence": ind,
+           "stage_s": {"expert-000": 100.0, "expert-001": 60.0, "router": 30.0, "baseline": 180.0}}
+    assert "experts 200 stage-s, router 30 stage-s, monolith 180 stage-s" in study.markdown(arm, None)
+    assert "experts 160 stage-s" in study.markdown(dict(arm, independence=None), None)
+    control = dict(arm, independence=None, spec={"baseline": {"steps": 732}})
+    assert "monolith-732-steps 180 stage-s" in study.markdown(control, None)
 
 
 def test_grids_are_copied_and_linked_and_an_arm_without_the_students_row_is_not_done(tmp_path: Path) -> None:
@@ -259,10 +266,12 @@ def test_the_equal_steps_control_of_one_arm_serves_every_arm_of_the_same_steps()
 
 def test_an_arm_with_the_oracle_row_gets_the_routers_cost() -> None:
     study = load_study()
-    done = [{"arm": "features-4-b64-lite0", "spec": {"experts": {"steps": 5859}},
-             "table": _table(("top1", 40.0, 1800.0), ("oracle", 32.0, 1700.0))},
-            {"arm": "features-8", "spec": {"experts": {"steps": 732}}, "table": _table(("top1", 73.0, 1800.0))}]
+    done = [{"arm": "features-8", "spec": {"experts": {"steps": 732}}, "table": _table(("top1", 73.0, 1800.0)),
+             "images_seen": 1_499_136},
+            {"arm": "features-4-b64-lite0", "spec": {"experts": {"steps": 5859}}, "images_seen": 1_499_904,
+             "table": _table(("top1", 40.0, 1800.0), ("oracle", 32.0, 1700.0))}]
     goals = {g["target"]: g for g in study.targets(done, None)}
     cost = goals["features-4-b64-lite0: top-1 no worse than the mixture oracle, the router's cost (diagnostic)"]
     assert cost["ratio"] == pytest.approx(1.25) and cost["met"] is False
+    assert cost["images_seen"] == 1_499_904  # its own arm's, not the first arm's
     assert not any(t.startswith("features-8: top-1 no worse than the mixture oracle") for t in goals)
