@@ -3,7 +3,8 @@
 Arms (``--arms``): ``features-K`` (k-means on encoder features, K experts) and ``random-K`` (a random partition, the
 paper's ablation), each trained on the same total of images seen (``--images``: experts share it, K x steps x batch =
 images; ``features-K-bB``: experts of batch B, so more steps each on the same images; ``features-K-lite0``: k-means
-on EfficientNet-Lite0 features instead of ``--encoder``'s, e.g. ``features-8-b32-lite0``), evaluated with the same sampler
+on EfficientNet-Lite0 features instead of ``--encoder``'s, e.g. ``features-8-b32-lite0``; ``...-prop``: each expert's
+steps in proportion to its cluster's size, ``experts.stepsAllocation: proportional``), evaluated with the same sampler
 under every strategy. The arm named by ``--monolith`` (default: the first) also trains the compute-matched monolith
 (``spec.baseline``: one model of the experts' preset on all the data, the same images seen); the arm named by
 ``--distil`` distils its ensemble into a dense student. The router's training is counted in the compute. The arm named
@@ -51,7 +52,7 @@ from common import RESULTS, record  # noqa: E402
 from ddm_trainer.configs.expert import CompileMode  # noqa: E402
 
 STRATEGIES = ["full", "top1", "top-2", "sample-2", "nucleus-0.9"]  # oracle-C is one expert alone: per cluster, not a mix
-ARM = re.compile(r"^(features|random)-(\d+)(?:-b(\d+))?(?:-(lite0))?$")  # features-8, random-8, features-8-b32-lite0
+ARM = re.compile(r"^(features|random)-(\d+)(?:-b(\d+))?(?:-(lite0))?(-prop)?$")  # e.g. features-8-b32-lite0-prop
 ENCODERS = {"lite0": "efficientnet_lite0"}  # an arm's encoder suffix -> clustering.encoder (others: --encoder)
 FINISHED = re.compile(r"\[ddm\] (\S+) finished in (\d+)s")
 ATTEMPT = re.compile(r"^=== attempt \d+: .* \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)$")  # the runner's launch line
@@ -63,23 +64,26 @@ class Arm(NamedTuple):
     k: int
     batch: int | None  # the experts' batch (None: --batch)
     encoder: str | None  # clustering.encoder of a features arm (None: --encoder)
+    proportional: bool = False  # experts.stepsAllocation proportional: steps by cluster size
 
     @property
     def variant(self) -> bool:
         """Not the study's plain arm: its own target rows, never the paper's K=8 row."""
-        return self.batch is not None or self.encoder is not None
+        return self.batch is not None or self.encoder is not None or self.proportional
 
 
 def parse_arm(arm: str) -> Arm:
     """``features-K`` / ``random-K`` (experts at --batch) or ``...-bB``: the same images seen by experts of batch B,
     so each makes --batch/B times the steps (the study's test of experts short of optimizer steps, not of data), at
-    --lr x sqrt(B / --batch); ``...-lite0``: clusters of EfficientNet-Lite0 features (a features arm only)."""
+    --lr x sqrt(B / --batch); ``...-lite0``: clusters of EfficientNet-Lite0 features (a features arm only);
+    ``...-prop``: each expert's steps in proportion to its cluster's size (the same total)."""
     m = ARM.match(arm)
     if not m or (m.group(1) == "random" and m.group(4)):
         raise SystemExit(f"--arms: {arm!r} is not features-K or random-K (optionally -bB: experts' batch B; then "
-                         f"-lite0 for a features arm clustered on EfficientNet-Lite0 features)")
+                         f"-lite0 for a features arm clustered on EfficientNet-Lite0 features; then -prop for "
+                         f"experts' steps in proportion to their clusters' sizes)")
     return Arm(m.group(1), int(m.group(2)), int(m.group(3)) if m.group(3) else None,
-               ENCODERS[m.group(4)] if m.group(4) else None)
+               ENCODERS[m.group(4)] if m.group(4) else None, bool(m.group(5)))
 
 
 def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
@@ -87,7 +91,7 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
     """The spec of one arm: ``features-K`` or ``random-K``; ``equal_steps``: its baseline is one model trained for
     the experts' own step count (1/K of the compute-matched monolith's images), the control that tells experts
     short of steps from experts that do not help."""
-    method, k_int, expert_batch, encoder = parse_arm(arm)
+    method, k_int, expert_batch, encoder, proportional = parse_arm(arm)
     encoder = encoder or args.encoder
     batch = expert_batch or args.batch
     # Adam's square-root rule (Malladi et al. 2022): lr x sqrt(B / --batch) keeps the update noise of --batch's lr,
@@ -104,6 +108,7 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
         "experts": {"modelPreset": args.preset, "steps": expert_steps, "batchSize": batch, "lr": lr,
                     "emaDecay": args.ema, "precision": args.precision, "checkpointEvery": max(expert_steps // 4, 1),
                     "classConditional": args.cfg > 0, "gpusPerNode": args.gpus,
+                    **({"stepsAllocation": "proportional"} if proportional else {}),
                     **({"compileMode": args.compile_mode} if args.compile_mode != "default" else {})},
         "router": {"preset": args.router_preset, "steps": args.router_steps, "batchSize": args.batch, "lr": args.lr,
                    "gpusPerNode": args.gpus},
@@ -326,7 +331,8 @@ def targets(done: list[dict[str, Any]], monolith: dict[str, Any] | None) -> list
     for a in done:  # variants: experts of a smaller batch on the same images (-bB), other clusters' encoder (-lite0)
         t1, arm = _row(a, "top1"), parse_arm(a["arm"])
         what = ", ".join(([f"experts at batch {arm.batch}"] if arm.batch else [])
-                         + ([f"clusters of {arm.encoder}"] if arm.encoder else []))
+                         + ([f"clusters of {arm.encoder}"] if arm.encoder else [])
+                         + (["steps by cluster size"] if arm.proportional else []))
         if arm.variant and t1 and monolith:
             add(f"{a['arm']}: top-1 FID <= 0.9 x the compute-matched monolith's ({what})",
                 f"top-1 {t1['fid']:.2f}, monolith {monolith['fid']:.2f}", t1["fid"] / monolith["fid"], 0.9, a)

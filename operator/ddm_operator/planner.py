@@ -97,6 +97,7 @@ class StageObservation:
     state: State
     attempts: int = 0  # launches so far (the attempt number of the latest one)
     step: int = 0  # training progress of the latest attempt
+    total: int = 0  # its step count where it reported one (0: the spec's; per expert with stepsAllocation proportional)
     retryable: bool = True  # for FAILED: infrastructure (retry) vs bad input (give up); see errors.is_retryable
     failed_at: float | None = None  # for FAILED: when, in the same clock as Observed.now
     message: str = ""
@@ -288,8 +289,8 @@ def plan(spec: DecentralizedDiffusionSpec, observed: Observed) -> Plan:
         ExpertStatus(
             index=k,
             phase=_stage_phase(o, k in dead),
-            step=spec.experts.steps if o.state is State.SUCCEEDED else o.step,
-            total_steps=spec.experts.steps,
+            step=(o.total or spec.experts.steps) if o.state is State.SUCCEEDED else o.step,
+            total_steps=o.total or spec.experts.steps,
             retries=max(o.attempts - 1, 0),
             cluster=o.cluster,
             message=o.message,

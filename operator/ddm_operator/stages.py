@@ -172,6 +172,7 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "cluster_index": key.index, "model": e.model_preset, "class_cond": e.class_conditional,
                 "num_classes": spec.dataset.num_classes if e.class_conditional else None,
                 "label_dropout": e.label_dropout, "sample_grid": _preview(spec),
+                **({"steps_allocation": e.steps_allocation} if key.stage == "expert" else {}),
                 # growth.retrain grown: an expert of the parent's clusters starts from the parent's weights
                 **({"init_from_parent": True} if spec.growth is not None and spec.growth.retrain == "grown"
                    and key.stage == "expert" else {}),

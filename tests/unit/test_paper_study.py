@@ -88,6 +88,25 @@ def test_an_arm_clustered_on_efficientnet_features_names_its_encoder_and_weights
     assert "expected ENCODER=PATH" in capsys.readouterr().err
 
 
+def test_a_prop_arm_allocates_its_experts_steps_by_cluster_size(tmp_path: Path) -> None:
+    """features-4-b64-lite0-prop: lease G's arm with experts.stepsAllocation proportional (the same mean steps, so
+    the same images seen); its own target row says so, and it never stands for the plain arm."""
+    study = load_study()
+    args = study.parse_args(["--data", "d", "--work", str(tmp_path), "--images", "1500000"])
+    prop = DecentralizedDiffusion.model_validate(study.arm_spec(args, "features-4-b64-lite0-prop", False, False))
+    plain = DecentralizedDiffusion.model_validate(study.arm_spec(args, "features-4-b64-lite0", False, False))
+    assert (prop.spec.experts.steps_allocation, plain.spec.experts.steps_allocation) == ("proportional", "equal")
+    assert prop.spec.experts.steps == plain.spec.experts.steps == 5859
+    goals = {g["target"] for g in study.targets(
+        [{"arm": "features-4-b64-lite0-prop", "table": _table(("top1", 30.0, 1800.0))}],
+        {"strategy": "monolith", "fid": 25.0, "gflops_per_sample": 1200.0})}
+    assert ("features-4-b64-lite0-prop: top-1 FID <= 0.9 x the compute-matched monolith's (experts at batch 64, "
+            "clusters of efficientnet_lite0, steps by cluster size)") in goals
+    assert study.parse_arm("features-4-prop").variant and not study.parse_arm("features-4").variant
+    with pytest.raises(SystemExit, match="features-K or random-K"):
+        study.parse_arm("features-4-prop-lite0")  # the suffixes' order is fixed
+
+
 def _table(*rows: tuple[str, float, float]) -> list[dict]:
     return [{"strategy": s, "fid": f, "nfe": 50.0, "gflops_per_sample": g, "n": 100} for s, f, g in rows]
 

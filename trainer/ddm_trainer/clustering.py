@@ -97,6 +97,20 @@ def load_assignments(store: Store) -> Assignments:
     return Assignments(keys, cluster, num, np.bincount(cluster, minlength=num).tolist(), manifest)
 
 
+def allocated_steps(steps: int, sizes: list[int]) -> list[int]:
+    """``experts.stepsAllocation: proportional``: each expert's steps in proportion to its cluster's size, summing to
+    K x ``steps`` (largest remainders), so the experts together still do the equal split's work and every image is
+    seen about as often as in the monolith; an expert of a non-empty cluster makes at least one step."""
+    total, k = sum(sizes), len(sizes)
+    if total <= 0 or steps <= 0:
+        raise ValueError(f"allocated_steps needs steps > 0 and a non-empty clustering, got {steps} and {sizes}")
+    quotas = [steps * k * n / total for n in sizes]
+    out = [int(q) for q in quotas]
+    for i in sorted(range(k), key=lambda i: quotas[i] - out[i], reverse=True)[:steps * k - sum(out)]:
+        out[i] += 1
+    return [max(s, 1) if n else 0 for s, n in zip(out, sizes)]
+
+
 def class_counts(cluster: np.ndarray, labels: np.ndarray, num_clusters: int, num_classes: int) -> np.ndarray:
     """(K, C) int64: how many samples of each class each cluster holds."""
     out = np.zeros((num_clusters, num_classes), dtype=np.int64)

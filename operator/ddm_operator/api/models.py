@@ -407,7 +407,12 @@ class ExpertsSpec(SpecModel):
 
     rules = (_gpu_rule(overrides=True),)
     model_preset: DiTPreset = Field("DiT-XL/2", description="DiT size/patch; the patch must divide dataset.imageSize. Immutable")
-    steps: int = Field(gt=0, le=100_000_000, description="Training steps of each expert")
+    steps: int = Field(gt=0, le=100_000_000, description="Training steps of each expert (their mean with "
+                                                        "stepsAllocation proportional)")
+    steps_allocation: Literal["equal", "proportional"] = Field(
+        "equal", description="equal: every expert trains `steps`; proportional: each trains its cluster's share of "
+        "numClusters x steps (the same total), so every image is seen about as often as the monolith sees it when "
+        "the clusters differ in size")
     batch_size: int = Field(256, gt=0, le=1_000_000, description="Global batch size per expert")
     lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate")
     ema_decay: float = Field(0.9999, ge=0, le=1, description="Decay of the weights' exponential moving average")

@@ -530,7 +530,8 @@ def observe(spec: DecentralizedDiffusionSpec, namespace: str, name: str, uid: st
         elif job.phase == "Queued":
             message = WAITING_FOR_ADMISSION
         observed[key] = pl.StageObservation(
-            state=state_of[job.phase], attempts=job.attempt, step=step, retryable=not job.permanent,
+            state=state_of[job.phase], attempts=job.attempt, step=step, total=int(report.get("total") or 0),
+            retryable=not job.permanent,
             failed_at=job.finished_at, message=message, cluster=job.cluster, waiting=job.phase == "Queued")
     parent = None
     if spec.growth is not None and pl.CLUSTER in observed and observed[pl.CLUSTER].state is pl.State.SUCCEEDED:

@@ -147,10 +147,13 @@ def observe(spec: DecentralizedDiffusionSpec, store: Store, state: ObservedState
     stages: dict[StageKey, StageObservation] = {}
     for key in observed_keys(spec):
         attempts = state.attempts.get(key, 0)
-        if is_done(store, key) is not None:
-            stages[key] = StageObservation(State.SUCCEEDED, attempts=attempts)
+        if (manifest := is_done(store, key)) is not None:  # a training stage's manifest has its final step
+            step = manifest.get("step") if key.stage == "expert" else None
+            stages[key] = StageObservation(State.SUCCEEDED, attempts=attempts,
+                                           total=step if isinstance(step, int) else 0)
         elif key in state.running:
-            stages[key] = StageObservation(State.RUNNING, attempts=attempts, step=state.running[key].step)
+            child = state.running[key]
+            stages[key] = StageObservation(State.RUNNING, attempts=attempts, step=child.step, total=child.total or 0)
         elif key in state.finished:
             f = state.finished[key]
             if f.exit_code == 0:  # exited cleanly but committed nothing: the same input would do the same again

@@ -333,6 +333,15 @@ def test_expert_summaries() -> None:
     assert StageKey("expert", 7).id == "expert-007" and CLUSTER.id == "cluster"
 
 
+def test_an_expert_that_reports_its_own_step_count_is_shown_against_it() -> None:
+    """stepsAllocation proportional: an expert's steps are its cluster's share, not spec.experts.steps; the status
+    shows the total its progress reports (the spec's while it has reported none)."""
+    stages = trained(2, e0=StageObservation(State.RUNNING, attempts=1, step=40, total=250),
+                     e1=StageObservation(State.SUCCEEDED, attempts=1, total=30))
+    e0, e1 = plan(make_spec(k=2), observe(stages)).experts
+    assert (e0.step, e0.total_steps, e1.step, e1.total_steps) == (40, 250, 30, 30)
+
+
 def test_merge_conditions_keeps_transition_time_unless_status_changes() -> None:
     first = plan(make_spec(), observe({}))
     c1 = merge_conditions([], first.conditions, "2026-01-01T00:00:00Z", 1)

@@ -228,6 +228,16 @@ def test_compile_reaches_every_training_stage_and_evaluation() -> None:
     assert stage_config(off, EVALUATE, "/r")["compile"] is False
 
 
+def test_the_experts_steps_allocation_reaches_the_experts_not_the_monolith() -> None:
+    spec = _spec(experts__stepsAllocation="proportional", baseline={"enabled": True}).spec
+    parsed = _config_class("expert").model_validate(stage_config(spec, expert_key(0), "/r"))
+    assert parsed.steps_allocation == "proportional" and parsed.train.steps == spec.experts.steps
+    assert "steps_allocation" not in stage_config(spec, BASELINE, "/r")  # K x steps on all the data, as always
+    assert stage_config(_spec().spec, expert_key(0), "/r")["steps_allocation"] == "equal"
+    with pytest.raises(ValueError, match="stepsAllocation"):
+        _spec(experts__stepsAllocation="by-loss")
+
+
 def test_the_experts_compile_mode_reaches_the_experts_and_the_baseline_only() -> None:
     graphs = _spec(experts__compileMode="reduce-overhead", baseline={"enabled": True}).spec
     for key in (expert_key(0), BASELINE):

@@ -321,3 +321,54 @@ def test_skipped_samples_are_never_handed_out_resume_is_exact_and_load_ids_reads
     other = shards.stream(batch_size=50, seed=3, workers=0, skip=skip[:50])  # another held-out set: refused
     with pytest.raises(DataError, match="num_samples=1900, this stream has 1950"):
         other.load_state_dict(first.state_dict())
+
+
+def test_allocated_steps_split_the_equal_total_by_cluster_size() -> None:
+    from ddm_trainer.clustering import allocated_steps
+
+    assert allocated_steps(100, [250, 250, 250, 250]) == [100] * 4
+    # lease G's clusters: the 51% cluster gets 51% of the 4 x 5,859 steps, and the total stays
+    sizes = [6977, 8758, 25719, 8546]
+    steps = allocated_steps(5859, sizes)
+    assert sum(steps) == 4 * 5859 and steps[2] == 12055 and steps[0] == 3270
+    assert allocated_steps(2, [100, 1500, 200, 200]) == [1, 6, 1, 1]  # a non-empty cluster still trains
+    assert allocated_steps(3, [0, 10]) == [0, 6]
+    with pytest.raises(ValueError, match="non-empty"):
+        allocated_steps(3, [0, 0])
+
+
+def test_a_proportional_expert_trains_its_clusters_share_of_the_steps(clustered: Path, tmp_path: Path,
+                                                                      fashion_mnist_shards: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """steps_allocation proportional: train.steps is the experts' mean; expert 1, holding 3/4 of the (pretended)
+    data, trains 6 of the 4 x 2 steps, and its checkpoint, progress total and manifest say so."""
+    import ddm_trainer.clustering as clustering
+    from ddm_trainer.configs.expert import ExpertConfig
+    from ddm_trainer.stages import expert
+
+    real = clustering.load_assignments
+
+    def skewed(store: Any) -> Assignments:
+        a = real(store)
+        return Assignments(a.keys, a.cluster, a.num_clusters, [100, 1500, 200, 200], a.meta)
+
+    monkeypatch.setattr(clustering, "load_assignments", skewed)
+    run = tmp_path / "run"
+    shutil.copytree(clustered, run)
+    torch.set_num_threads(1)
+    expert.run(ExpertConfig.model_validate({
+        "run_uri": str(run), "device": "cpu", "cluster_index": 1, "model": "DiT-T/4",
+        "steps_allocation": "proportional",
+        "data": _data(fashion_mnist_shards).model_dump(mode="json"),
+        "train": {"steps": 2, "batch_size": 8, "ckpt_every": 100, "precision": "fp32", "compile": False},
+        "sample_grid": {"count": 0}}))
+    store = open_store(str(run))
+    final = layout.final(layout.expert(1))
+    manifest = store.read_manifest(final)
+    assert manifest is not None and manifest["step"] == 6
+    config = json.loads(store.read_committed(final, "config.json"))
+    assert (config["stage"]["train"]["steps"], config["stage"]["steps_allocation"]) == (6, "proportional")
+    reported = [json.loads(line.removeprefix("DDM_PROGRESS ")) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("DDM_PROGRESS ")]
+    assert {r["total"] for r in reported if r["stage"] == "expert"} == {6}  # the status's total_steps

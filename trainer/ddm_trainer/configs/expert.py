@@ -81,6 +81,9 @@ class ExpertConfig(StageBase):
     caption_dropout: float = Field(0.1, ge=0, le=1, description="P(caption -> null caption) for classifier-free "
                                                                 "guidance on text")
     train: TrainerConfig = TrainerConfig()
+    steps_allocation: Literal["equal", "proportional"] = Field(
+        "equal", description="proportional: train.steps is the experts' mean, and this expert trains its cluster's "
+                             "share of K x train.steps (clustering.allocated_steps); the monolith ignores it")
     sample_grid: SampleGridConfig = SampleGridConfig()
     init_from_parent: bool = Field(False, description="A grown run (spec.growth.retrain grown): start from the "
                                                       "parent's weights of this expert and train on the cluster's "
