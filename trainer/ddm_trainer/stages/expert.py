@@ -187,8 +187,9 @@ def run(cfg: ExpertConfig) -> None:
             raise DataError(f"cluster_index {cfg.cluster_index} has no samples in {store.url(layout.CLUSTERING)}")
         if cfg.steps_allocation == "proportional":  # before the reporter and the schedule read train.steps
             steps = allocated_steps(cfg.train.steps, assignments.sizes)[cfg.cluster_index]
-            print(f"expert {cfg.cluster_index}: {steps} steps ({len(keys)} of {len(assignments.keys)} samples; "
-                  f"steps_allocation proportional, mean {cfg.train.steps})", flush=True)
+            if rt.is_main:
+                print(f"expert {cfg.cluster_index}: {steps} steps ({len(keys)} of {len(assignments.keys)} samples; "
+                      f"steps_allocation proportional, mean {cfg.train.steps})", flush=True)
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
         # None: clustered before shards existed; text-conditioned: the shards' caption embeddings, checked
         shards = open_cluster_shards(store, cfg.cluster_index, cfg.data, cfg.text_dim, cfg.latents)
