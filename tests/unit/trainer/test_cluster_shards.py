@@ -342,7 +342,7 @@ def test_a_proportional_expert_trains_its_clusters_share_of_the_steps(clustered:
                                                                       monkeypatch: pytest.MonkeyPatch,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """steps_allocation proportional: train.steps is the experts' mean; expert 1, holding 3/4 of the (pretended)
-    data, trains 6 of the 4 x 2 steps, and its checkpoint, progress total and manifest say so."""
+    data, trains 6 of the 4 x 2 steps, and its manifest, committed config and progress total say so."""
     import ddm_trainer.clustering as clustering
     from ddm_trainer.configs.expert import ExpertConfig
     from ddm_trainer.stages import expert
