@@ -124,7 +124,7 @@ def arm_spec(args: argparse.Namespace, arm: str, monolith: bool, distil: bool,
         spec["baseline"] = {"enabled": True, "steps": expert_steps}
     if distil:
         spec["distillation"] = {"enabled": True, "studentPreset": args.preset, "steps": args.student_steps,
-                                "batchSize": args.batch, "lr": args.lr}
+                                "batchSize": args.batch, "lr": args.lr, "teacher": args.teacher}
     return {"apiVersion": "ddm.io/v1alpha1", "kind": "DecentralizedDiffusion",
             "metadata": {"name": f"study-{arm}"}, "spec": spec}
 
@@ -431,6 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router-preset", default="DiT-S/2")
     p.add_argument("--router-steps", type=int, default=1000)
     p.add_argument("--student-steps", type=int, default=1000)
+    p.add_argument("--teacher", default="ensemble", choices=["ensemble", "expert-of-cluster"],
+                   help="distillation.teacher: the routed ensemble, or each image's own cluster expert (the paper's; "
+                        "one expert per image, about 1/K of the ensemble's teacher work)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.9995)

@@ -26,6 +26,10 @@ def test_every_arm_is_a_valid_spec_with_the_same_images_seen(tmp_path: Path) -> 
     assert set(seen.values()) == {1_024_000}, seen
     assert models["features-4"].spec.baseline is not None and models["features-8"].spec.baseline is None
     assert models["features-8"].spec.distillation is not None and models["features-8"].spec.distillation.enabled
+    assert models["features-8"].spec.distillation.teacher == "ensemble"  # the product's default, unless --teacher
+    paper = study.parse_args(["--data", "d", "--work", str(tmp_path), "--teacher", "expert-of-cluster"])
+    student = DecentralizedDiffusion.model_validate(study.arm_spec(paper, "features-8", False, distil=True))
+    assert student.spec.distillation is not None and student.spec.distillation.teacher == "expert-of-cluster"
     assert models["random-8"].spec.clustering.method == "random"
     assert models["features-8"].spec.clustering.method == "kmeans"
     assert models["features-8"].spec.experts.class_conditional and models["features-8"].spec.evaluation.cfg_scale == 1.5
