@@ -230,6 +230,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
         # The spec has one precision, checkpoint interval and EMA decay for trained models: the experts'.
         return {**base, "device": _device(spec, spec.experts.gpus_per_node), "data": _data(spec),
                 "model": s.student_preset, "teacher": s.teacher, "sample_grid": _preview(spec),
+                # the experts' rates: the student learns the unconditional velocity the experts' guidance uses
+                "label_dropout": spec.experts.label_dropout, "caption_dropout": spec.experts.caption_dropout,
                 "train": {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr,
                           "precision": spec.experts.precision, "ckpt_every": spec.experts.checkpoint_every,
                           "ema_decay": spec.experts.ema_decay, "compile": _compile(s.compile)}}

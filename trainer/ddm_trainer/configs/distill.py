@@ -25,6 +25,9 @@ class DistillConfig(StageBase):
     strategy: StrategyName = Field("full", description=f"Combination for teacher=ensemble: {STRATEGY_HELP}")
     t_dist: Literal["uniform", "logit_normal"] = "logit_normal"
     use_ema: bool = Field(True, description="Teachers use their EMA weights")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="P(label -> null), for teacher and student alike: "
+                                 "the student learns the unconditional velocity guidance needs")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="P(caption -> null caption), as label_dropout")
     train: TrainerConfig = TrainerConfig()
     sample_grid: SampleGridConfig = SampleGridConfig()
 

@@ -19,7 +19,7 @@ from torch import nn
 from .. import layout
 from ..configs.distill import DistillConfig
 from ..errors import ConfigError, MissingArtifactError
-from ..flow import interpolate, sample_t
+from ..flow import drop_labels, interpolate, sample_t
 from ..store import Store
 
 TeacherFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
@@ -76,21 +76,57 @@ def ensemble_teacher(sampler: Any, seed: int) -> TeacherFn:
     return teacher
 
 
-def distill_loss(teacher: TeacherFn, t_dist: str = "logit_normal") -> Callable[..., torch.Tensor]:
-    """loss_fn(student, batch, generator) = MSE(student(x_t, t, y), teacher(x_t, t)) for the Trainer."""
+def distill_loss(teacher: TeacherFn, t_dist: str = "logit_normal", label_dropout: float = 0.0,
+                 caption_dropout: float = 0.0, null_label: int | None = None) -> Callable[..., torch.Tensor]:
+    """loss_fn(student, batch, generator) = MSE(student(x_t, t, y), teacher(x_t, t)) for the Trainer.
+
+    Guided sampling asks the student for its unconditional velocity too, so, as the experts were trained, each
+    sample's label is replaced by ``null_label`` with probability ``label_dropout`` (its caption by the null caption
+    with ``caption_dropout``), for the teacher and the student alike: the student's unconditional velocity is then
+    the teachers' (without it, guidance steers by an embedding the student never trained)."""
 
     def loss_fn(student: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["x0"]
         t = sample_t(x0.shape[0], generator, t_dist, device=x0.device)  # type: ignore[arg-type]  # (B,)
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)  # (B, C, H, W)
         x_t = interpolate(x0, eps, t)  # (B, C, H, W)
+        if "y" in batch and label_dropout > 0:
+            if null_label is None:
+                raise ConfigError("label_dropout needs the teachers' null label (their num_classes)")
+            batch = {**batch, "y": drop_labels(batch["y"], label_dropout, null_label, generator)}
+        no_caption = _draw(x0.shape[0], caption_dropout, generator, x0.device) if "text" in batch else None
         with torch.no_grad():
-            target = teacher(x_t, t, batch)  # (B, C, H, W)
+            target = teacher(x_t, t, batch) if no_caption is None else \
+                _teacher_with_null_captions(teacher, x_t, t, batch, no_caption)  # (B, C, H, W)
         extra = (batch["text"], batch["text_mask"]) if "text" in batch else ()
-        v = student(x_t, t, batch.get("y"), *extra)  # (B, C, H, W)
+        kwargs = {"text_drop": no_caption} if no_caption is not None else {}
+        v = student(x_t, t, batch.get("y"), *extra, **kwargs)  # (B, C, H, W)
         return F.mse_loss(v.float(), target.float())
 
     return loss_fn
+
+
+TEXT_KEYS = ("text", "text_mask", "text_pooled")
+
+
+def _draw(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+    """(n,) bool, each True with probability p; None when p is 0."""
+    if p <= 0:
+        return None
+    return (torch.rand(n, generator=generator, device=generator.device) < p).to(device)
+
+
+def _teacher_with_null_captions(teacher: TeacherFn, x_t: torch.Tensor, t: torch.Tensor,
+                                batch: dict[str, torch.Tensor], no_caption: torch.Tensor) -> torch.Tensor:
+    """The teacher's velocity with the null caption where ``no_caption``: a teacher takes one set of captions per
+    call, and one without any (experts and router: the null caption) for the dropped samples."""
+    target = torch.empty_like(x_t)  # (B, C, H, W)
+    uncaptioned = {k: v for k, v in batch.items() if k not in TEXT_KEYS}
+    for rows, part in ((~no_caption, batch), (no_caption, uncaptioned)):
+        idx = torch.nonzero(rows).flatten()  # (b,)
+        if idx.numel():
+            target[idx] = teacher(x_t[idx], t[idx], {k: v[idx] for k, v in part.items()})
+    return target
 
 
 def _expert_config(store: Store, k: int) -> dict[str, Any]:
@@ -169,7 +205,9 @@ def run(cfg: DistillConfig) -> list[float]:
     else:
         teacher = expert_of_cluster_teacher(experts)
     reporter = Reporter("distill", None, cfg.train.steps, store) if rt.is_main else None
-    trainer = Trainer(student, distill_loss(teacher, cfg.t_dist), DistillStream(stream, cluster_of,
+    loss = distill_loss(teacher, cfg.t_dist, cfg.label_dropout if spec.num_classes else 0.0,
+                        cfg.caption_dropout if spec.text_dim is not None else 0.0, spec.num_classes)
+    trainer = Trainer(student, loss, DistillStream(stream, cluster_of,
                       spec.num_classes is not None, spec.text_dim is not None), store, layout.DISTILLATION, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=model_spec)
     losses = trainer.fit()
