@@ -205,8 +205,7 @@ def run(cfg: DistillConfig) -> list[float]:
     else:
         teacher = expert_of_cluster_teacher(experts)
     reporter = Reporter("distill", None, cfg.train.steps, store) if rt.is_main else None
-    loss = distill_loss(teacher, cfg.t_dist, cfg.label_dropout if spec.num_classes else 0.0,
-                        cfg.caption_dropout if spec.text_dim is not None else 0.0, spec.num_classes)
+    loss = distill_loss(teacher, cfg.t_dist, cfg.label_dropout, cfg.caption_dropout, spec.num_classes)
     trainer = Trainer(student, loss, DistillStream(stream, cluster_of,
                       spec.num_classes is not None, spec.text_dim is not None), store, layout.DISTILLATION, cfg.train, reporter, seed=cfg.seed,
                       runtime=rt, stage_config=cfg.model_dump(mode="json"), model_spec=model_spec)
