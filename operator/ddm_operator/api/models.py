@@ -429,9 +429,11 @@ class ExpertsSpec(SpecModel):
     )
     class_conditional: bool = Field(
         False, description="Condition the experts on dataset.classField (needs numClasses); immutable after creation")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="Share of labels dropped for classifier-free guidance")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="Share of labels dropped for classifier-free guidance "
+                                                              "(distillation drops the same share)")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by the null caption for "
-                                                                "classifier-free guidance (with spec.textEncoder)")
+                                                                "classifier-free guidance (with spec.textEncoder; "
+                                                                "distillation replaces the same share)")
     micro_batch_size: int | None = Field(
         None, gt=0, le=1_000_000,
         description="Samples per forward/backward on each process; the gradients of batchSize / (nodes x "
