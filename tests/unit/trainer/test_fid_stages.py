@@ -296,9 +296,12 @@ def test_distillation_reduces_student_teacher_mse(run_store: FileStore, data: An
     assert report is not None and "samples.png" in report["files"]
 
 
-def test_distillation_from_the_router_ensemble_runs(run_store: FileStore, data: Any) -> None:
+def test_distillation_from_the_router_ensemble_runs(run_store: FileStore, data: Any,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _distill_cfg(run_store, data, steps=2).model_copy(update={"teacher": "ensemble", "strategy": "top1"})
     assert len(distill.run(cfg)) == 2
+    said = capsys.readouterr().out  # unconditional teachers: nothing to drop
+    assert "distill: student DiT-N/4, 2 steps of 8, from teacher ensemble (top1) over 2 experts\n" in said
     run_store.delete_prefix(layout.DISTILLATION)
     run_store.delete_prefix(layout.final(layout.expert(1)))
     with pytest.raises(MissingArtifactError, match="experts/001/final"):
