@@ -188,7 +188,8 @@ def test_file_store_needs_a_shared_volume_in_a_cluster(strict_operator: Operator
     status = h.wait_phase("local", "Failed")
     for needle in ("spec.storage.uri", "file:///srv/runs", "spec.storage.volumeClaim", "ReadWriteMany", "s3://"):
         assert needle in status["message"], status["message"]
-    assert any("volumeClaim" in e for e in h.events("local"))
+    # the Event is its own request after the status patch: it may land a moment later
+    wait_for(lambda: any("volumeClaim" in e for e in h.events("local")), "an Event naming spec.storage.volumeClaim")
     h.create("shared", ddm_spec(2, Path("/srv"), storage={"uri": f"file://{STORE_MOUNT_PATH}/runs",
                                                            "volumeClaim": "ddm-runs"}))
     job = h.wait_jobs("shared-cluster-a1")["shared-cluster-a1"]

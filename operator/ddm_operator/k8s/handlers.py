@@ -761,7 +761,13 @@ def _reconcile_locked(namespace: str, name: str) -> float | None:
             _launch_all(spec, owner, launches)
         except ClusterUnreachable as exc:  # what was created is adopted by the next pass (409)
             return _unreachable(body, old, generation, exc)
-    for action in plan.actions:
+    def holds_quota(action: pl.Action) -> bool:
+        job = latest.get(action.key.id)
+        return isinstance(action, (pl.Suspend, pl.Cancel)) and job is not None and job.phase in ("Pending", "Running")
+
+    # a pause deactivates the waiting Workloads before the admitted ones: the quota an eviction frees must not go to
+    # a Workload about to be deactivated (Kueue would start its pods only to stop them); sorted() keeps the order else
+    for action in sorted(plan.actions, key=holds_quota):
         if isinstance(action, (pl.Launch, pl.Retry)):
             latest[action.key.id] = JobState(key=action.key.id, attempt=action.attempt,
                                              name=b.child_name(name, action.key.id, action.attempt),
