@@ -45,12 +45,16 @@ def sample_t(batch: int, generator: torch.Generator, dist: TimeDist = "uniform",
     return t.to(device) if device is not None else t
 
 
+def dropped(n: int, p: float, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """(n,) bool on ``device``, each True with probability p: the samples whose condition guidance training drops."""
+    return torch.rand(n, generator=generator, device=generator.device).to(device) < p
+
+
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
     """Replace each label by the null class with probability p (classifier-free guidance training)."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape[0], generator=generator, device=generator.device).to(y.device) < p  # (B,)
-    return torch.where(drop, torch.full_like(y, null_label), y)
+    return torch.where(dropped(y.shape[0], p, generator, y.device), torch.full_like(y, null_label), y)
 
 
 def flow_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator,
@@ -71,8 +75,7 @@ def flow_loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, genera
         y = drop_labels(y, label_dropout, int(null), generator)
     x_t = interpolate(x0, eps, t)  # (B, C, H, W)
     if text is not None:
-        drop = torch.rand(B, generator=generator, device=generator.device).to(x0.device) < caption_dropout  # (B,)
-        v = model(x_t, t, y, text[0], text[1], text_drop=drop)
+        v = model(x_t, t, y, text[0], text[1], text_drop=dropped(B, caption_dropout, generator, x0.device))
     else:
         v = model(x_t, t, y)  # (B, C, H, W)
     return F.mse_loss(v.float(), velocity_target(x0, eps).float())

@@ -19,7 +19,7 @@ from torch import nn
 from .. import layout
 from ..configs.distill import DistillConfig
 from ..errors import ConfigError, MissingArtifactError
-from ..flow import drop_labels, interpolate, sample_t
+from ..flow import drop_labels, dropped, interpolate, sample_t
 from ..store import Store
 
 TeacherFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
@@ -94,7 +94,8 @@ def distill_loss(teacher: TeacherFn, t_dist: str = "logit_normal", label_dropout
             if null_label is None:
                 raise ConfigError("label_dropout needs the teachers' null label (their num_classes)")
             batch = {**batch, "y": drop_labels(batch["y"], label_dropout, null_label, generator)}
-        no_caption = _draw(x0.shape[0], caption_dropout, generator, x0.device) if "text" in batch else None
+        no_caption = dropped(x0.shape[0], caption_dropout, generator, x0.device) \
+            if "text" in batch and caption_dropout > 0 else None  # (B,)
         with torch.no_grad():
             target = teacher(x_t, t, batch) if no_caption is None else \
                 _teacher_with_null_captions(teacher, x_t, t, batch, no_caption)  # (B, C, H, W)
@@ -107,13 +108,6 @@ def distill_loss(teacher: TeacherFn, t_dist: str = "logit_normal", label_dropout
 
 
 TEXT_KEYS = ("text", "text_mask", "text_pooled")
-
-
-def _draw(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
-    """(n,) bool, each True with probability p; None when p is 0."""
-    if p <= 0:
-        return None
-    return (torch.rand(n, generator=generator, device=generator.device) < p).to(device)
 
 
 def _teacher_with_null_captions(teacher: TeacherFn, x_t: torch.Tensor, t: torch.Tensor,
