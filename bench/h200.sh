@@ -6,6 +6,8 @@
 #   bench/h200.sh ckpt      # DiT-XL/2's checkpoint size, stall, SIGTERM save and resume
 #   bench/h200.sh mfu       # DiT-XL/2's model-only step: as trained, residual stream bf16, max-autotune (TEXT=1: the
 #                           # text model instead); batch 256 on an H200, 128 on an H100
+#   bench/h200.sh stage-xl  # DiT-XL/2's expert stage as users run it, compile mode max-autotune-no-cudagraphs against
+#                           # the default, each beside the model-only step and the bf16 peak of the same command
 #   bench/h200.sh attn-mfu  # DiT-XL/2 (and with text, TEXT=1) under PyTorch's default attention kernel and cuDNN's;
 #                           # batch 256 on an H200, 128 on an H100 (256 does not fit its 80 GB)
 #   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
@@ -125,6 +127,16 @@ case "${1:-}" in
           --compile $c $v --out "$OUT/mfu-$(echo "$c$v" | tr -c 'a-z0-9' _ | cut -c1-60).json" 2>&1 | tail -4 \
           | tee -a "$OUT/mfu.txt"
       done
+    done
+    ;;
+  stage-xl)  # DiT-XL/2 through `ddm-train expert` (bench/stage_throughput.py: the stage, the model-only step and the
+             # bf16 matmul peak in one command), compile mode max-autotune-no-cudagraphs, then the default; batch 256
+             # on an H200, 128 on an H100. max-autotune compiles longest, so it goes first while the call is young.
+    B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
+    for m in max-autotune-no-cudagraphs default; do
+      timeout "${STAGE_XL_S:-300}" python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
+        --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' --compile-mode $m \
+        --work /tmp/stage-xl-$m --results-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/stage_xl.txt"
     done
     ;;
   attn-mfu)
