@@ -20,7 +20,8 @@ stdout and ``--md``; then the paper's targets, each with its measured ratio (the
 the product adds to the distilled arm's table once distillation commits); then independence: each expert trained as
 a separate process, its seconds and GPU-seconds from the run's logs (``logs/<stage>.log`` says when each attempt was
 launched, ``logs/<stage>.progress.jsonl`` when it last reported), against the monolith's. Each strategy's sample grid
-(the evaluation's 8x8, ``grids/<strategy>.png``) is copied to ``--grids`` as ``<arm>-<strategy>.png``.
+(the evaluation's 8x8, ``grids/<strategy>.png``) is copied to ``--grids`` as ``<arm>-<strategy>.png``, beside
+``fid_vs_steps.png``: every monolith, top-1 and student at its own model's optimizer steps (is the regime step-bound?).
 An arm whose run directory already holds a finished evaluation (with the student's row where it distils) is read,
 not re-run (a lease that ends mid-study goes on: ``ddm run`` resumes an unfinished one). ``--deadline-s`` stops
 ddm run in time (its stages checkpoint; exit 75) so one device command never runs over; the same command goes on.
@@ -382,6 +383,90 @@ def targets_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class StepsPoint(NamedTuple):
+    """One model's FID against its optimizer steps: the evidence for (or against) a step-bound regime."""
+
+    label: str
+    kind: str  # "monolith", "ddm" (top-1; steps and batch of one expert, the mean under -prop) or "student"
+    steps: int
+    batch: int
+    fid: float
+
+
+def steps_points(done: list[dict[str, Any]]) -> list[StepsPoint]:
+    """Every monolith row (compute-matched or equal-steps), each arm's top-1 and each student, with the optimizer
+    steps and batch of one model as its spec sets them: the monolith numClusters x experts.steps unless
+    ``baseline.steps``; an expert ``experts.steps`` (under ``stepsAllocation: proportional`` the experts' mean);
+    the student ``distillation.steps``."""
+    points = []
+    for a in done:
+        spec = a.get("spec") or {}
+        experts, k = spec.get("experts") or {}, (spec.get("clustering") or {}).get("numClusters")
+        if not experts or not k:
+            continue
+        distil = spec.get("distillation") or {}
+        for row in a["table"]:
+            if row.get("fid") is None:
+                continue
+            name = row["strategy"]
+            if name == MONOLITH or name.startswith(f"{MONOLITH}-"):
+                steps = (spec.get("baseline") or {}).get("steps") or k * experts["steps"]
+                points.append(StepsPoint(f"monolith ({a['arm']})", "monolith", steps, experts["batchSize"],
+                                         row["fid"]))
+            elif name == "top1":
+                points.append(StepsPoint(f"{a['arm']} top-1", "ddm", experts["steps"], experts["batchSize"],
+                                         row["fid"]))
+            elif name == STUDENT and distil:
+                points.append(StepsPoint(f"student of {a['arm']}", "student", distil["steps"], distil["batchSize"],
+                                         row["fid"]))
+    return points
+
+
+def steps_plot(points: list[StepsPoint], path: Path) -> Path | None:
+    """FID against optimizer steps per model (log-log), the monoliths joined by a line; None without points."""
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (the formatters below)
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    mono = sorted((p for p in points if p.kind == "monolith"), key=lambda p: p.steps)
+    if len(mono) > 1:
+        ax.plot([p.steps for p in mono], [p.fid for p in mono], "k--", lw=1, zorder=1)
+    style = {"monolith": ("s", "black"), "ddm": ("o", "tab:blue"), "student": ("^", "tab:red")}
+    for kind, (marker, color) in style.items():
+        ps = [p for p in points if p.kind == kind]
+        if ps:
+            ax.scatter([p.steps for p in ps], [p.fid for p in ps], s=[30 + p.batch / 2 for p in ps],
+                       marker=marker, color=color, label=kind, zorder=2)
+    placed: list[StepsPoint] = []
+    for p in sorted(points, key=lambda p: (p.steps, -p.fid)):
+        # points within ~10% of each other in both axes get their labels stacked downwards, not on top of each other
+        near = sum(abs(math.log(q.steps / p.steps)) < 0.1 and abs(math.log(q.fid / p.fid)) < 0.1 for q in placed)
+        placed.append(p)
+        ax.annotate(f"{p.label}, b{p.batch}: {p.fid:.1f}", (p.steps, p.fid), textcoords="offset points",
+                    xytext=(8, 2 - 11 * near), fontsize=7)
+    steps = [p.steps for p in points]
+    ax.set(xscale="log", yscale="log", xlim=(min(steps) / 1.3, max(steps) * 3.5),
+           xlabel="optimizer steps of one model (DDM: one expert)", ylabel="FID-10k",
+           title="FID against each model's optimizer steps")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([t for t in (500, 1000, 2000, 5000, 10000, 20000) if min(steps) / 1.3 <= t <= max(steps) * 3.5])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right", title="marker area ~ batch", title_fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def independence_markdown(done: list[dict[str, Any]]) -> str:
     """Experts as separate processes against the monolith (the first arm trains it)."""
     mono = next((a["independence"] for a in done if a["independence"] and "monolith_s" in a["independence"]), None)
@@ -498,6 +583,10 @@ def main() -> None:
     report = "\n".join(markdown(a, monolith, grids[a["arm"]], links_from, args.links) for a in done)
     goals = targets(done, monolith_row)
     report += "\n" + targets_markdown(goals) + "\n" + independence_markdown(done)
+    figure = steps_plot(steps_points(done), Path(args.grids) / "fid_vs_steps.png")
+    if figure:
+        href = f"{args.links.rstrip('/')}/{figure.name}" if args.links else os.path.relpath(figure, links_from)
+        report += f"\n![FID against each model's optimizer steps]({href})\n"
     print(report)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)

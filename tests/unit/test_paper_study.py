@@ -298,3 +298,32 @@ def test_an_arm_with_the_oracle_row_gets_the_routers_cost() -> None:
     assert cost["ratio"] == pytest.approx(1.25) and cost["met"] is False
     assert cost["images_seen"] == 1_499_904  # its own arm's, not the first arm's
     assert not any(t.startswith("features-8: top-1 no worse than the mixture oracle") for t in goals)
+
+
+def test_each_model_is_placed_at_its_own_optimizer_steps_and_drawn(tmp_path: Path) -> None:
+    """The FID-against-steps figure: the compute-matched monolith at K x the experts' steps, the equal-steps control at
+    its own, a -bB arm's top-1 at one expert's steps and batch, the student at its distillation steps; rows that are
+    neither top-1, a monolith nor the student are left out."""
+    study = load_study()
+    args = study.parse_args(["--data", "d", "--work", str(tmp_path), "--images", "1500000", "--student-steps", "2000"])
+
+    def arm(name: str, table: list[dict], **kw: bool) -> dict:
+        return {"arm": name, "table": table, "spec": study.arm_spec(args, name, **{"monolith": False,
+                                                                                   "distil": False, **kw})["spec"]}
+
+    done = [arm("features-8", _table(("top1", 73.0, 1.0), ("monolith", 24.0, 1.0), ("full", 70.0, 1.0)),
+                monolith=True),
+            arm("random-8", _table(("top1", 81.0, 1.0), ("monolith-732-steps", 80.0, 1.0)), equal_steps=True),
+            arm("features-4-b64-prop", _table(("top1", 33.0, 1.0), ("student", 48.0, 1.0)), distil=True)]
+    points = {p.label: p for p in study.steps_points(done)}
+    assert set(points) == {"features-8 top-1", "monolith (features-8)", "random-8 top-1", "monolith (random-8)",
+                           "features-4-b64-prop top-1", "student of features-4-b64-prop"}
+    assert (points["monolith (features-8)"].steps, points["monolith (features-8)"].batch) == (5856, 256)
+    assert (points["monolith (random-8)"].steps, points["monolith (random-8)"].kind) == (732, "monolith")
+    assert (points["features-8 top-1"].steps, points["features-8 top-1"].kind) == (732, "ddm")
+    assert (points["features-4-b64-prop top-1"].steps, points["features-4-b64-prop top-1"].batch) == (5859, 64)
+    student = points["student of features-4-b64-prop"]
+    assert (student.steps, student.batch, student.fid, student.kind) == (2000, 256, 48.0, "student")
+    figure = study.steps_plot(list(points.values()), tmp_path / "grids" / "fid_vs_steps.png")
+    assert figure is not None and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert study.steps_plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
