@@ -283,6 +283,11 @@ def copy_grids(arm: dict[str, Any], run_dir: Path, grids: Path) -> dict[str, Pat
     return out
 
 
+def href(path: Path, links_from: Path, links: str | None) -> str:
+    """A committed picture's link in the markdown: the ``--links`` prefix + its name, else relative to the markdown."""
+    return f"{links.rstrip('/')}/{path.name}" if links else os.path.relpath(path, links_from)
+
+
 def markdown(arm: dict[str, Any], monolith_fid: float | None, grids: dict[str, Path] | None = None,
              links_from: Path = Path.cwd(), links: str | None = None) -> str:
     # a resumed stage's "finished in" line times its last attempt only; the logs span every attempt
@@ -299,9 +304,7 @@ def markdown(arm: dict[str, Any], monolith_fid: float | None, grids: dict[str, P
     for row in arm["table"]:
         ratio = f"{row['fid'] / monolith_fid:.3f}" if monolith_fid and row.get("fid") is not None else "-"
         grid = (grids or {}).get(row["strategy"])
-        href = f"{links.rstrip('/')}/{grid.name}" if grid and links else os.path.relpath(grid, links_from) if grid \
-            else None
-        link = f"[8x8]({href})" if href else "-"
+        link = f"[8x8]({href(grid, links_from, links)})" if grid else "-"
         lines.append(f"| {row['strategy']} | {row['fid']:.2f} | {row.get('nfe', 0):.1f} | "
                      f"{row.get('gflops_per_sample', 0):,.1f} | {ratio} | {link} |")
     return "\n".join(lines) + "\n"
@@ -430,18 +433,19 @@ def steps_plot(points: list[StepsPoint], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (the formatters below)
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     mono = sorted((p for p in points if p.kind == "monolith"), key=lambda p: p.steps)
     if len(mono) > 1:
         ax.plot([p.steps for p in mono], [p.fid for p in mono], "k--", lw=1, zorder=1)
-    style = {"monolith": ("s", "black"), "ddm": ("o", "tab:blue"), "student": ("^", "tab:red")}
-    for kind, (marker, color) in style.items():
+    style = {"monolith": ("s", "black", "one model on all the data"), "ddm": ("o", "tab:blue", "DDM top-1"),
+             "student": ("^", "tab:red", "distilled student")}
+    for kind, (marker, color, name) in style.items():
         ps = [p for p in points if p.kind == kind]
         if ps:
             ax.scatter([p.steps for p in ps], [p.fid for p in ps], s=[30 + p.batch / 2 for p in ps],
-                       marker=marker, color=color, label=kind, zorder=2)
+                       marker=marker, color=color, label=name, zorder=2)
     placed: list[StepsPoint] = []
     for p in sorted(points, key=lambda p: (p.steps, -p.fid)):
         # points within ~10% of each other in both axes get their labels stacked downwards, not on top of each other
@@ -453,10 +457,10 @@ def steps_plot(points: list[StepsPoint], path: Path) -> Path | None:
     ax.set(xscale="log", yscale="log", xlim=(min(steps) / 1.3, max(steps) * 3.5),
            xlabel="optimizer steps of one model (DDM: one expert)", ylabel="FID-10k",
            title="FID against each model's optimizer steps")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xticks([t for t in (500, 1000, 2000, 5000, 10000, 20000) if min(steps) / 1.3 <= t <= max(steps) * 3.5])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right", title="marker area ~ batch", title_fontsize=8)
@@ -585,8 +589,7 @@ def main() -> None:
     report += "\n" + targets_markdown(goals) + "\n" + independence_markdown(done)
     figure = steps_plot(steps_points(done), Path(args.grids) / "fid_vs_steps.png")
     if figure:
-        href = f"{args.links.rstrip('/')}/{figure.name}" if args.links else os.path.relpath(figure, links_from)
-        report += f"\n![FID against each model's optimizer steps]({href})\n"
+        report += f"\n![FID against each model's optimizer steps]({href(figure, links_from, args.links)})\n"
     print(report)
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
