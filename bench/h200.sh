@@ -130,10 +130,12 @@ case "${1:-}" in
     done
     ;;
   stage-xl)  # DiT-XL/2 through `ddm-train expert` (bench/stage_throughput.py: the stage, the model-only step and the
-             # bf16 matmul peak in one command), compile mode max-autotune-no-cudagraphs, then the default; batch 256
-             # on an H200, 128 on an H100. max-autotune compiles longest, so it goes first while the call is young.
+             # bf16 matmul peak in one command) in each compile mode of MODES (default: max-autotune-no-cudagraphs,
+             # then default); batch 256 on an H200, 128 on an H100. max-autotune's autotuning of XL/2's GEMMs ran past
+             # 230 s before its model-only step's first timed step on an H100 (2026-12-07): give it a call of its own,
+             # MODES=max-autotune-no-cudagraphs STAGE_XL_S=560 (its autotune cache in /tmp serves the stage's compile).
     B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
-    for m in max-autotune-no-cudagraphs default; do
+    for m in ${MODES:-max-autotune-no-cudagraphs default}; do
       timeout "${STAGE_XL_S:-300}" python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
         --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' --compile-mode $m \
         --work /tmp/stage-xl-$m --results-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/stage_xl.txt"
