@@ -200,11 +200,12 @@ def run(cfg: DistillConfig) -> list[float]:
         teacher = expert_of_cluster_teacher(experts)
     reporter = Reporter("distill", None, cfg.train.steps, store) if rt.is_main else None
     if rt.is_main:
-        dropped = [f"{cfg.label_dropout:.0%} of labels"] * bool(spec.num_classes) + \
+        guidance_drops = [f"{cfg.label_dropout:.0%} of labels"] * bool(spec.num_classes) + \
             [f"{cfg.caption_dropout:.0%} of captions"] * (spec.text_dim is not None)
         print(f"distill: student {cfg.model}, {cfg.train.steps} steps of {cfg.train.batch_size}, from teacher "
               f"{cfg.teacher}{f' ({cfg.strategy})' if cfg.teacher == 'ensemble' else ''} over {num_clusters} "
-              f"experts" + (f"; for guidance, {' and '.join(dropped)} dropped" if dropped else ""), flush=True)
+              f"experts" + (f"; for guidance, {' and '.join(guidance_drops)} dropped" if guidance_drops else ""),
+              flush=True)
     loss = distill_loss(teacher, cfg.t_dist, cfg.label_dropout, cfg.caption_dropout, spec.num_classes)
     trainer = Trainer(student, loss, DistillStream(stream, cluster_of,
                       spec.num_classes is not None, spec.text_dim is not None), store, layout.DISTILLATION, cfg.train, reporter, seed=cfg.seed,
