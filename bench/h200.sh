@@ -29,8 +29,9 @@
 #                             # reduce-overhead (CUDA graphs), beside the model-only step; the compile-mode GPU tests
 #                             # first (~3 min)
 #   bench/h200.sh study ARGS  # bench/paper_study.py ARGS in one device command: stopped at DEADLINE_S (500 s; its
-#                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study, tables,
-#                             # grids and arms/*.json (what --arms-from reads back here) under $OUT
+#                             # stages checkpoint, exit 75), the same command goes on; work in /tmp/study; under $OUT
+#                             # paper_study.md, paper_study.txt and study.tar.gz (results/ with paper_study_arms/*.json,
+#                             # what --arms-from reads back here; grids/; logs; each committed strategy row)
 # `bash bench/device_pack.sh` builds here what the calls carry (.device/whlnf, datasets/cifar10, .device/incxz{0,1}).
 # What a call carries beside the repo must fit 64 MiB, so extras travel when a call has room: .device/diffusers
 # (the diffusers wheel) and .device/minilm (all-MiniLM-L6-v2 with its weights stored as fp16, 45 MB instead of 91;
@@ -280,12 +281,16 @@ PY
     shift
     inception
     timeout 590 python3 bench/paper_study.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" --work /tmp/study \
-      --ddm ddm --results-dir /tmp/study/results --grids "$OUT/paper_study" --links bench/results/paper_study \
+      --ddm ddm --results-dir /tmp/study/results --grids /tmp/study/grids --links bench/results/paper_study \
       --md "$OUT/paper_study.md" --deadline-s "${DEADLINE_S:-500}" "$@" 2>&1 | tee -a "$OUT/paper_study.txt"
     echo "paper_study exited ${PIPESTATUS[0]}" | tee -a "$OUT/paper_study.txt"
-    cp -r /tmp/study/results/. "$OUT/" 2>/dev/null
-    # the logs independence is read from, as one file: a call brings back at most 8
-    (cd /tmp/study && tar czf "$OUT/study-logs.tar.gz" */run/logs/*.progress.jsonl */run/logs/*.log 2>/dev/null)
+    # everything else in one archive (a call brings back at most 8 files): the tables and arms (results/), the grids
+    # and fid_vs_steps.png (grids/), the logs independence is read from, and each strategy's row as the evaluation
+    # committed it (store/evaluation/strategies/: kept when a lease ends before the arm's table is whole)
+    (cd /tmp/study && tar czf "$OUT/study.tar.gz" results grids */run/logs/*.progress.jsonl */run/logs/*.log \
+      $(find . -path '*/evaluation/strategies/*' \( -name '*.json' -o -name '*.png' \) 2>/dev/null) 2>/dev/null)
+    find /tmp/study -path '*/evaluation/strategies/*' -name '*.json' -exec grep -ho '"strategy": *"[^"]*"\|"fid": *[0-9.]*' {} + 2>/dev/null \
+      | tee -a "$OUT/paper_study.txt"
     ;;
   *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|small-batch|study" >&2; exit 2 ;;
 esac
