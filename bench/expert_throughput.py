@@ -158,6 +158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--residual", choices=("fp32", "bf16"), default="fp32",
                         help="the residual stream between blocks: fp32 as the trainer runs it under autocast, or bf16 "
                              "(a candidate for fewer bytes per step; changes numerics)")
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="inductor's coordinate-descent tuning of its own kernels' block sizes (pointwise, norms, "
+                             "reductions; the GEMMs stay cuBLAS's): a candidate for the memory-bound part of the step "
+                             "at a fraction of max-autotune's compile time")
     parser.add_argument("--sdpa", choices=("default", "flash", "cudnn", "efficient"), default="default",
                         help="the only attention kernel scaled_dot_product_attention may pick (global flags, set "
                              "before compiling); default: PyTorch's own priority order")
@@ -177,6 +181,9 @@ def main() -> None:
             torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
             torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
             torch.backends.cuda.enable_math_sdp(False)
+    if args.coordinate_descent:  # read by inductor when it compiles (the first step), not at import
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     peak = matmul_rate(device, args.matmul_n or (8192 if device.type == "cuda" else 1024))
     print(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
     where, now = machine(device), datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -186,6 +193,7 @@ def main() -> None:
         if args.text_dim else "") + f", batch {args.batch}, {args.precision}, compile={args.compile}" + (
         f" ({args.compile_mode})" if args.compile_mode else "") + (
         ", residual stream bf16" if args.residual == "bf16" else "") + (
+        ", coordinate-descent tuning" if args.coordinate_descent else "") + (
         f", attention kernel {args.sdpa}" if args.sdpa != "default" else "")
     records: list[dict[str, Any]] = [{
         "metric": "expert_throughput/matmul_peak_bf16" if device.type == "cuda" else "expert_throughput/matmul_peak",
@@ -205,7 +213,8 @@ def main() -> None:
             "-captions" if args.text_dim and args.text_mask == "captions" else "") + (
             f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "") + (
             f" sdpa={args.sdpa}" if args.sdpa != "default" else "") + (
-            " residual=bf16" if args.residual == "bf16" else "")
+            " residual=bf16" if args.residual == "bf16" else "") + (
+            " coordinate-descent" if args.coordinate_descent else "")
         records.append({"metric": f"expert_throughput/{name}", "value": round(r["images_per_s"], 1),
                         "unit": "images/s", "reference": None, "ratio": None, "command": command, "machine": where,
                         "date": now, **extra})

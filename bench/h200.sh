@@ -4,8 +4,9 @@
 #   bench/h200.sh setup       # wheels -> /tmp/site, `ddm` and `ddm-train` on PATH, shards -> /tmp/datasets
 #   bench/h200.sh stage       # GPU resume tests, bench/stage_throughput.py, bench/data_throughput.py
 #   bench/h200.sh ckpt      # DiT-XL/2's checkpoint size, stall, SIGTERM save and resume
-#   bench/h200.sh mfu       # DiT-XL/2's model-only step: as trained, residual stream bf16, max-autotune (TEXT=1: the
-#                           # text model instead); batch 256 on an H200, 128 on an H100
+#   bench/h200.sh mfu       # DiT-XL/2's model-only step: as trained, coordinate-descent tuning, residual stream bf16,
+#                           # max-autotune (MFU_CONFIGS picks; TEXT=1: the text model instead); batch 256 on an H200,
+#                           # 128 on an H100
 #   bench/h200.sh stage-xl  # DiT-XL/2's expert stage as users run it, compile mode max-autotune-no-cudagraphs against
 #                           # the default, each beside the model-only step and the bf16 peak of the same command
 #   bench/h200.sh attn-mfu  # DiT-XL/2 (and with text, TEXT=1) under PyTorch's default attention kernel and cuDNN's;
@@ -123,7 +124,10 @@ case "${1:-}" in
     B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
     variants=(""); [ -n "${TEXT:-}" ] && variants=("--channels 4 --text-dim 768 --text-tokens 77 --text-mask captions")
     for v in "${variants[@]}"; do
-      for c in "regional" "regional --residual bf16" "regional --compile-mode max-autotune-no-cudagraphs"; do
+      # MFU_CONFIGS: the settings to run, '|' between them (coordinate-descent: inductor's tuning of its own
+      # pointwise and norm kernels, the memory-bound part of the step, at a fraction of max-autotune's compile)
+      IFS='|' read -ra configs <<< "${MFU_CONFIGS:-regional|regional --coordinate-descent|regional --residual bf16|regional --compile-mode max-autotune-no-cudagraphs}"
+      for c in "${configs[@]}"; do
         timeout 280 python3 bench/expert_throughput.py --presets DiT-XL/2 --batch "${XL_BATCH:-$B}" --steps 15 \
           --compile $c $v --out "$OUT/mfu-$(echo "$c$v" | tr -c 'a-z0-9' _ | cut -c1-60).json" 2>&1 | tail -4 \
           | tee -a "$OUT/mfu.txt"
