@@ -208,7 +208,7 @@ def main() -> None:
               f"(warm-up {r['warmup_s']:.0f} s, peak mem {r['peak_mem_gib']:.1f} GiB)", flush=True)
         target = TARGET_MFU.get(preset)
         extra = {"setup": setup, "fwd_gflops_per_image": round(r["fwd_gflops"], 3),
-                 "peak_mem_gib": round(r["peak_mem_gib"], 2)}
+                 "peak_mem_gib": round(r["peak_mem_gib"], 2), "warmup_s": round(r["warmup_s"], 1)}
         name = preset + (f"+text{args.text_dim}" if args.text_dim else "") + (
             "-captions" if args.text_dim and args.text_mask == "captions" else "") + (
             f"@{args.image_size}x{args.image_size}x{args.channels}" if args.channels != 3 else "") + (
