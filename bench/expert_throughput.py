@@ -60,22 +60,18 @@ def matmul_rate(device: torch.device, n: int, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def compile_model(model: torch.nn.Module, how: str, mode: str | None) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, how: str, mode: str | None,
+                  coordinate_descent: bool = False) -> torch.nn.Module:
     """``regional``: the trainer's own compile (one compiled block reused by every identical block); otherwise the
     whole model (``full``), which the trainer does not offer, for comparison."""
     if how == "none":
         return model
     if how == "regional":
-        return trainer_compile(model, model, mode or "default")
+        return trainer_compile(model, model, mode or "default", coordinate_descent=coordinate_descent)
+    if coordinate_descent:  # read by inductor when it compiles (the first step)
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     return torch.compile(model, mode=mode)  # type: ignore[return-value]
-
-
-def residual_in_bf16(model: torch.nn.Module) -> None:
-    """A candidate, not the trainer's setting: under autocast the residual stream stays fp32 (the patch embedding
-    plus the fp32 position embedding), so every block reads, writes and saves it in fp32. Cast to bf16 before the
-    first block (under autocast each block then keeps it bf16) and back to fp32 after the last."""
-    model.blocks[0].register_forward_pre_hook(lambda _m, a: (a[0].to(torch.bfloat16), *a[1:]))  # type: ignore[index]
-    model.blocks[-1].register_forward_hook(lambda _m, _a, out: out.float())  # type: ignore[index]
 
 
 def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -87,9 +83,9 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
     params = list(model.parameters())
     ema_params = list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    if args.residual == "bf16":
-        residual_in_bf16(model)
-    train_model = compile_model(model, args.compile, args.compile_mode)
+    if args.residual == "bf16":  # the trainer's train.residual_precision bf16 (read by models.dit.run_blocks)
+        model.residual_dtype = torch.bfloat16
+    train_model = compile_model(model, args.compile, args.compile_mode, args.coordinate_descent)
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.batch, args.channels, args.image_size, args.image_size, device=device)  # (B, C, H, W)
     y = None if text_dim else torch.randint(0, 10, (args.batch,), device=device)  # (B,)
@@ -156,12 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", choices=["none", "regional", "full"], default="regional")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--residual", choices=("fp32", "bf16"), default="fp32",
-                        help="the residual stream between blocks: fp32 as the trainer runs it under autocast, or bf16 "
-                             "(a candidate for fewer bytes per step; changes numerics)")
+                        help="the residual stream between blocks under autocast (the trainer's train.residual_precision, "
+                             "experts.residualPrecision in the spec): fp32 (the default) or bf16")
     parser.add_argument("--coordinate-descent", action="store_true",
                         help="inductor's coordinate-descent tuning of its own kernels' block sizes (pointwise, norms, "
-                             "reductions; the GEMMs stay cuBLAS's): a candidate for the memory-bound part of the step "
-                             "at a fraction of max-autotune's compile time")
+                             "reductions; the GEMMs stay cuBLAS's), as train.coordinate_descent_tuning "
+                             "(experts.coordinateDescentTuning) sets it")
     parser.add_argument("--sdpa", choices=("default", "flash", "cudnn", "efficient"), default="default",
                         help="the only attention kernel scaled_dot_product_attention may pick (global flags, set "
                              "before compiling); default: PyTorch's own priority order")
@@ -181,9 +177,6 @@ def main() -> None:
             torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
             torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
             torch.backends.cuda.enable_math_sdp(False)
-    if args.coordinate_descent:  # read by inductor when it compiles (the first step), not at import
-        import torch._inductor.config as inductor_config
-        inductor_config.coordinate_descent_tuning = True
     peak = matmul_rate(device, args.matmul_n or (8192 if device.type == "cuda" else 1024))
     print(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s", flush=True)
     where, now = machine(device), datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -139,10 +139,11 @@ case "${1:-}" in
              # then default); batch 256 on an H200, 128 on an H100. max-autotune's autotuning of XL/2's GEMMs ran past
              # 230 s before its model-only step's first timed step on an H100 (2026-12-07): give it a call of its own,
              # MODES=max-autotune-no-cudagraphs STAGE_XL_S=560 (its autotune cache in /tmp serves the stage's compile).
+             # STAGE_XL_ARGS: more settings of both, e.g. "--residual bf16 --coordinate-descent".
     B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
     for m in ${MODES:-max-autotune-no-cudagraphs default}; do
       timeout "${STAGE_XL_S:-300}" python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
-        --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' --compile-mode $m \
+        --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' --compile-mode $m ${STAGE_XL_ARGS:-} \
         --work /tmp/stage-xl-$m --results-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/stage_xl.txt"
     done
     ;;

@@ -91,7 +91,9 @@ def model_only_settings(args: argparse.Namespace, device: torch.device) -> argpa
     return model_only_args(["--batch", str(args.batch), "--image-size", str(args.image_size), "--channels",
                             str(args.channels), "--steps", str(args.model_steps), "--warmup", "4",
                             "--compile", "regional" if device.type == "cuda" else "none",
-                            *(["--compile-mode", args.compile_mode] if args.compile_mode != "default" else [])])
+                            *(["--compile-mode", args.compile_mode] if args.compile_mode != "default" else []),
+                            "--residual", args.residual,
+                            *(["--coordinate-descent"] if args.coordinate_descent else [])])
 
 
 def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: int, ckpt_every: int,
@@ -101,7 +103,8 @@ def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: in
             "num_classes": 10, "device": args.device, "sample_grid": {"count": 0},
             "train": {"steps": steps, "batch_size": batch, "lr": 1e-4, "precision": "bf16",
                       "ckpt_every": ckpt_every, "log_every": args.log_every, "ema_decay": 0.9999,
-                      "compile_mode": args.compile_mode}}
+                      "compile_mode": args.compile_mode, "residual_precision": args.residual,
+                      "coordinate_descent_tuning": args.coordinate_descent}}
 
 
 def fresh_run(run_uri: str, name: str) -> str:
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default="default",
                         choices=get_args(CompileMode),
                         help="train.compile_mode of the stage, and the model-only step's (the records name it)")
+    parser.add_argument("--residual", choices=("fp32", "bf16"), default="fp32",
+                        help="train.residual_precision of the stage, and the model-only step's")
+    parser.add_argument("--coordinate-descent", action="store_true",
+                        help="train.coordinate_descent_tuning of the stage, and the model-only step's")
     parser.add_argument("--checkpoint-only", action="store_true",
                         help="only the checkpoint runs of --checkpoint-preset (size, stall, SIGTERM save, resume)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -184,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         compile_s = next((e["compile_s"] for e in events if e.get("event") == "compiled"), None)
         mfu = 3 * ref["fwd_gflops"] * 1e9 * stage_ips / peak
         # a batch or compile mode other than the defaults names its records: they are other measurements
-        mode = f" {args.compile_mode}" if args.compile_mode != "default" else ""
+        mode = (f" {args.compile_mode}" if args.compile_mode != "default" else "") + (
+            " residual=bf16" if args.residual == "bf16" else "") + (" coordinate-descent" if args.coordinate_descent else "")
         tag = preset + (f" batch {args.batch}" if args.batch != 256 else "") + mode
         setup = f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps" + (
-            f", compile mode{mode}" if mode else "")
+            f", compile{mode}" if mode else "")
         rec(f"{tag}/stage_images_per_s", stage_ips, "images/s", ref["images_per_s"], None, setup=setup,
             reference_is="model-only step, same command", target_ratio=TARGET_RATIO)
         rec(f"{tag}/stage_mfu", mfu, "fraction of measured bf16 matmul rate", TARGET_MFU if preset == "DiT-XL/2"

@@ -181,7 +181,8 @@ def stage_config(spec: DecentralizedDiffusionSpec, key: StageKey, run_uri: str) 
                 "train": {"steps": steps, "batch_size": _per_process(e.batch_size, nodes * per_node), "lr": e.lr,
                           "ema_decay": e.ema_decay, "precision": e.precision, "ckpt_every": e.checkpoint_every,
                           "compile": _compile(e.compile), "compile_mode": e.compile_mode,
-                          "micro_batch_size": e.micro_batch_size,
+                          "coordinate_descent_tuning": e.coordinate_descent_tuning,
+                          "residual_precision": e.residual_precision, "micro_batch_size": e.micro_batch_size,
                           "activation_checkpointing": e.activation_checkpointing}}
     if key.stage == "router":
         r = spec.router

@@ -141,11 +141,14 @@ class Trainer:
         self.micro_batch = cfg.micro_batch_size or cfg.batch_size
         self._fit_memory = cfg.micro_batch_size is None or cfg.activation_checkpointing is None
         self._set_activation_checkpointing(bool(cfg.activation_checkpointing))
+        if cfg.residual_precision == "bf16" and cfg.precision == "bf16":
+            self.model.residual_dtype = torch.bfloat16  # read by the model's forward (models.dit.run_blocks)
         self.compiled = cfg.compile if cfg.compile is not None else self.rt.device.type == "cuda"
         # CUDA graphs (reduce-overhead) exist only on CUDA; elsewhere that mode compiles as the default does
         self.cudagraphs = self.compiled and cfg.compile_mode == "reduce-overhead" and self.rt.device.type == "cuda"
         if self.compiled:
-            self.train_model = compile_model(self.train_model, self.model, cfg.compile_mode)
+            self.train_model = compile_model(self.train_model, self.model, cfg.compile_mode,
+                                             coordinate_descent=cfg.coordinate_descent_tuning)
         self.writer = ckpt.CheckpointWriter(store, stage_dir, cfg.keep_checkpoints, self._committed)
         # Preemption votes travel over a CPU (gloo) group: agreeing on a stop costs no device sync per step.
         self._vote_group = torch.distributed.new_group(backend="gloo") if self.rt.distributed else None
@@ -430,10 +433,17 @@ class Trainer:
         return self.losses
 
 
-def compile_model(train_model: nn.Module, model: nn.Module, mode: str = "default") -> nn.Module:
+def compile_model(train_model: nn.Module, model: nn.Module, mode: str = "default",
+                  coordinate_descent: bool = False) -> nn.Module:
     """torch.compile: per block when the model has a ``blocks`` list (DiT, routers) — one compiled block serves
-    every identical block, so compiling XL/2 takes seconds, at the whole-model throughput (measured on H200)."""
+    every identical block, so compiling XL/2 takes seconds, at the whole-model throughput (measured on H200).
+    ``coordinate_descent``: inductor's block-size search for its own kernels, read when the first step compiles
+    (a process-wide inductor setting: a stage is one process)."""
     options = {} if mode == "default" else {"mode": mode}
+    if coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
         for block in blocks:

@@ -422,6 +422,14 @@ class ExpertsSpec(SpecModel):
         "default", description="torch.compile mode of the experts (and the baseline): reduce-overhead replays each "
         "block as a CUDA graph, for small per-GPU batches where the host sets the pace; max-autotune-no-cudagraphs "
         "searches Triton GEMMs with the pointwise work fused in (longer compiles)")
+    coordinate_descent_tuning: bool = Field(
+        False, description="inductor's coordinate-descent search of its own kernels' block sizes when the experts "
+        "(and the baseline) compile: DiT-XL/2's step 1.005x alone, 1.040x with residualPrecision bf16 (H100, "
+        "BENCHMARKS.md), for ~30 s more compile")
+    residual_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="The residual stream between the experts' transformer blocks under bf16 autocast: fp32 "
+        "(autocast's own choice) or bf16 (half the bytes each block reads, writes and saves; DiT-XL/2's step "
+        "1.024x on an H100). No effect with precision fp32")
     checkpoint_every: int = Field(5000, gt=0, le=100_000_000, description="Steps between checkpoints (a killed expert resumes from the last)")
     termination_grace_period_seconds: int | None = Field(
         None, ge=1, le=86_400,

@@ -257,6 +257,18 @@ def test_the_experts_compile_mode_reaches_the_experts_and_the_baseline_only() ->
     assert get_args(ExpertsSpec.model_fields["compile_mode"].annotation) == get_args(CompileMode)
 
 
+def test_the_experts_residual_precision_and_tuning_reach_the_experts_and_the_baseline() -> None:
+    tuned = _spec(experts__residualPrecision="bf16", experts__coordinateDescentTuning=True,
+                  baseline={"enabled": True}).spec
+    for key in (expert_key(0), BASELINE):
+        parsed = _config_class("expert").model_validate(stage_config(tuned, key, "/r"))
+        assert parsed.train.residual_precision == "bf16" and parsed.train.coordinate_descent_tuning is True
+    plain = _config_class("expert").model_validate(stage_config(_spec().spec, expert_key(0), "/r"))
+    assert plain.train.residual_precision == "fp32" and plain.train.coordinate_descent_tuning is False
+    with pytest.raises(ValueError, match="residualPrecision"):
+        _spec(experts__residualPrecision="fp16")
+
+
 def test_evaluation_samples_on_every_gpu_of_its_pod() -> None:
     from ddm_operator.stages import world_size
 

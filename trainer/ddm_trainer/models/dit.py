@@ -126,6 +126,12 @@ def run_blocks(model: nn.Module, h: torch.Tensor, c: torch.Tensor, *ctx: torch.T
     by the router's choice, so each expert call has a new size, and a block compiled for one static size first
     recompiled (~5 s on an H100) at the first routed step."""
     recompute = getattr(model, "activation_checkpointing", False) and model.training and torch.is_grad_enabled()
+    # ``model.residual_dtype`` (set by the trainer, train.residual_precision bf16): under autocast the stream
+    # between blocks is otherwise fp32 (the fp32 position embedding is added first), so every block reads, writes
+    # and saves it at twice the bytes; cast once before the first block, and back after the last.
+    stream_dtype, residual = h.dtype, getattr(model, "residual_dtype", None)
+    if residual is not None and torch.is_autocast_enabled(h.device.type):
+        h = h.to(residual)
     if getattr(model, "dynamic_batch", False):
         for t in (h, c, *ctx):
             if t is not None and t.shape[0] > 1:  # 0 and 1 stay specialised by dynamo anyway
@@ -135,7 +141,7 @@ def run_blocks(model: nn.Module, h: torch.Tensor, c: torch.Tensor, *ctx: torch.T
             h = torch.utils.checkpoint.checkpoint(block, h, c, *ctx, use_reentrant=False)
         else:
             h = block(h, c, *ctx)
-    return h
+    return h.to(stream_dtype)
 
 
 def init_backbone(model: nn.Module) -> None:
