@@ -9,6 +9,7 @@
 #                           # 128 on an H100
 #   bench/h200.sh stage-xl  # DiT-XL/2's expert stage as users run it, compile mode max-autotune-no-cudagraphs against
 #                           # the default, each beside the model-only step and the bf16 peak of the same command
+#   bench/h200.sh residual  # DiT-XL/2's training loss with the residual stream bf16 against fp32 (bench/residual_quality.py)
 #   bench/h200.sh attn-mfu  # DiT-XL/2 (and with text, TEXT=1) under PyTorch's default attention kernel and cuDNN's;
 #                           # batch 256 on an H200, 128 on an H100 (256 does not fit its 80 GB)
 #   bench/h200.sh recheck     # DiT-S/2's stage rate, DiT-XL/2's checkpoint size/stall/resume, the data path
@@ -146,6 +147,13 @@ case "${1:-}" in
         --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' --compile-mode $m ${STAGE_XL_ARGS:-} \
         --work /tmp/stage-xl-$m --results-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/stage_xl.txt"
     done
+    ;;
+  residual)  # bench/residual_quality.py: DiT-XL/2's training loss, residual stream bf16 against fp32, through
+             # `ddm-train expert` from the same seed and data order (batch 256 on an H200, 128 on an H100)
+    B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
+    timeout "${RESIDUAL_S:-400}" python3 bench/residual_quality.py --data /tmp/datasets/cifar10 --preset DiT-XL/2 \
+      --steps "${RESIDUAL_STEPS:-300}" --batch $B --lr 1e-4 --work /tmp/residual --results-dir "$OUT" 2>&1 | tail -5 \
+      | tee "$OUT/residual_quality.txt"
     ;;
   attn-mfu)
     B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
@@ -297,5 +305,5 @@ PY
     find /tmp/study -path '*/evaluation/strategies/*' -name '*.json' -exec grep -ho '"strategy": *"[^"]*"\|"fid": *[0-9.]*' {} + 2>/dev/null \
       | tee -a "$OUT/paper_study.txt"
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|small-batch|study" >&2; exit 2 ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|residual|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|small-batch|study" >&2; exit 2 ;;
 esac
