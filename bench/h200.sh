@@ -9,6 +9,7 @@
 #                           # 128 on an H100
 #   bench/h200.sh stage-xl  # DiT-XL/2's expert stage as users run it, compile mode max-autotune-no-cudagraphs against
 #                           # the default, each beside the model-only step and the bf16 peak of the same command
+#   bench/h200.sh stage-text  # the text-to-image DiT-XL/2 stage on SD-VAE latents with CLIP-width captions (issue 10)
 #   bench/h200.sh residual  # DiT-XL/2's training loss with the residual stream bf16 against fp32 (bench/residual_quality.py)
 #   bench/h200.sh attn-mfu  # DiT-XL/2 (and with text, TEXT=1) under PyTorch's default attention kernel and cuDNN's;
 #                           # batch 256 on an H200, 128 on an H100 (256 does not fit its 80 GB)
@@ -147,6 +148,16 @@ case "${1:-}" in
         --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' --compile-mode $m ${STAGE_XL_ARGS:-} \
         --work /tmp/stage-xl-$m --results-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/stage_xl.txt"
     done
+    ;;
+  stage-text)  # issue 10: the text-to-image DiT-XL/2 expert stage on 32x32x4 latents as users run it
+               # (bench/stage_throughput.py --latent-text: the cluster stage encodes 8,192 images at 256 px with
+               # the SD VAE's architecture and their captions with a 768-d CLIP text tower, 77 tokens, random
+               # weights; the stage beside the model-only step of the same shapes). STAGE_XL_ARGS as for stage-xl.
+    extras
+    B=128; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && B=256
+    timeout "${STAGE_TEXT_S:-420}" python3 bench/stage_throughput.py --data "/tmp/datasets/cifar10/cifar10-train-*.tar.gz" \
+      --latent-text --presets DiT-XL/2 --batch $B --steps 120 --model-steps 15 --checkpoint-preset '' ${STAGE_XL_ARGS:-} \
+      --work /tmp/stage-text --results-dir "$OUT" 2>&1 | tail -8 | tee -a "$OUT/stage_text.txt"
     ;;
   residual)  # bench/residual_quality.py: DiT-XL/2's training loss, residual stream bf16 against fp32, through
              # `ddm-train expert` from the same seed and data order (batch 256 on an H200, 128 on an H100)
@@ -305,5 +316,5 @@ PY
     find /tmp/study -path '*/evaluation/strategies/*' -name '*.json' -exec grep -ho '"strategy": *"[^"]*"\|"fid": *[0-9.]*' {} + 2>/dev/null \
       | tee -a "$OUT/paper_study.txt"
     ;;
-  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|residual|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|small-batch|study" >&2; exit 2 ;;
+  *) echo "usage: bench/h200.sh setup|inception|extras|stage|recheck|ckpt|mfu|stage-text|residual|attn-mfu|pipeline|eval|latent-mfu|xattn|encode|eval10k|text|text-grids|small-batch|study" >&2; exit 2 ;;
 esac

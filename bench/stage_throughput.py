@@ -13,7 +13,17 @@ training loop waits for a device-to-host copy, while the write goes on in a back
 and the blocking save on SIGTERM; the stall at checkpointEvery 1000 is stall / (1000 * step time) (target <= 3%).
 Then the same command resumes it and reports the resume time (read once, on the CPU; states restored on the GPU).
 
+Latent-space text-to-image experts (``--latent-text``, issue 10's setup): the cluster stage first encodes the
+first ``--limit`` images at ``--image-size`` (256) with the Stable Diffusion VAE's architecture into 32x32x4 latents
+and their captions (CIFAR-10's ``<key>.txt``, "a photo of a <class>") with a CLIP text tower of ``--text-width``
+(768, CLIP ViT-L/14's) padded to ``--text-tokens`` (77); both with random weights, written to folders the stage
+loads as a user's (the architecture and shapes, not the weights, set the speed; the tower has ``--text-layers``
+layers, as it runs once, before the experts). The expert stage then trains on the latents with cross-attention to
+the caption tokens, against the model-only step of the same shapes.
+
     python bench/stage_throughput.py --data datasets/cifar10                       # H200: S/2, B/2, XL/2
+    python bench/stage_throughput.py --data datasets/cifar10 --latent-text --presets DiT-XL/2 --steps 120 \
+        --checkpoint-preset ''                                                      # GPU: issue 10's XL/2 stage
     python bench/stage_throughput.py --data /usr/share/datasets/fashion-mnist --presets DiT-T/4 --batch 8 \\
         --steps 12 --log-every 4 --checkpoint-preset DiT-T/4 --ckpt-every 4 --results-dir /tmp/r   # CPU smoke run
 """
@@ -85,26 +95,70 @@ def run_stage(stage: str, cfg: dict[str, Any], work: Path, name: str, stop_at_st
     return code, events, time.perf_counter() - start
 
 
-def model_only_settings(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+def model_only_settings(args: argparse.Namespace, device: torch.device,
+                        latent: tuple[int, int] | None = None) -> argparse.Namespace:
     """The reference step's settings through expert_throughput's own parser, so every option it reads exists (a
-    Namespace built here by hand missed the text options added there, and the reference crashed on the GPU)."""
-    return model_only_args(["--batch", str(args.batch), "--image-size", str(args.image_size), "--channels",
-                            str(args.channels), "--steps", str(args.model_steps), "--warmup", "4",
+    Namespace built here by hand missed the text options added there, and the reference crashed on the GPU).
+    ``latent`` (channels, size): the stage trains on such latents with cross-attention to the caption tokens."""
+    channels, size = latent or (args.channels, args.image_size)
+    text = ["--text-dim", str(args.text_width), "--text-tokens", str(args.text_tokens), "--text-mask", "captions"] \
+        if latent else []
+    return model_only_args(["--batch", str(args.batch), "--image-size", str(size), "--channels",
+                            str(channels), "--steps", str(args.model_steps), "--warmup", "4", *text,
                             "--compile", "regional" if device.type == "cuda" else "none",
                             *(["--compile-mode", args.compile_mode] if args.compile_mode != "default" else []),
                             "--residual", args.residual,
                             *(["--coordinate-descent"] if args.coordinate_descent else [])])
 
 
+def data_config(args: argparse.Namespace) -> dict[str, Any]:
+    data = {"uri": args.data, "image_size": args.image_size, "channels": args.channels, "class_field": "cls"}
+    if getattr(args, "latent_text", False):
+        data.update(caption_field="txt", limit=args.limit)
+    return data
+
+
 def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: int, ckpt_every: int,
                   batch: int) -> dict[str, Any]:
-    data = {"uri": args.data, "image_size": args.image_size, "channels": args.channels, "class_field": "cls"}
-    return {"run_uri": run_uri, "data": data, "cluster_index": 0, "model": preset, "class_cond": True,
-            "num_classes": 10, "device": args.device, "sample_grid": {"count": 0},
+    text = {"latents": True, "text_dim": args.text_width, "text_tokens": args.text_tokens, "class_cond": False} \
+        if getattr(args, "latent_text", False) else {"class_cond": True, "num_classes": 10}
+    return {"run_uri": run_uri, "data": data_config(args), "cluster_index": 0, "model": preset, **text,
+            "device": args.device, "sample_grid": {"count": 0},
             "train": {"steps": steps, "batch_size": batch, "lr": 1e-4, "precision": "bf16",
                       "ckpt_every": ckpt_every, "log_every": args.log_every, "ema_decay": 0.9999,
                       "compile_mode": args.compile_mode, "residual_precision": args.residual,
                       "coordinate_descent_tuning": args.coordinate_descent}}
+
+
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)  # sd-vae-ft-mse's
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.5)  # CPU smoke runs
+CAPTION_WORDS = ["a", "an", "photo", "of", "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"]
+
+
+def encoder_folders(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """A diffusers AutoencoderKL folder and a transformers CLIPTextModel folder (with a word-level tokenizer of
+    CIFAR-10's caption words), random weights: what a user's ``vae.uri`` and ``textEncoder.uri`` hold."""
+    from diffusers import AutoencoderKL
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    vae, clip = work / "models" / "vae", work / "models" / "clip"
+    AutoencoderKL(**(SD_VAE if args.vae == "sd" else TINY_VAE)).save_pretrained(vae)
+    clip.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CAPTION_WORDS]
+    (clip / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(clip / "vocab.txt")).save_pretrained(clip)
+    heads = max(1, args.text_width // 64)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=args.text_width,
+                                 intermediate_size=4 * args.text_width, num_hidden_layers=args.text_layers,
+                                 num_attention_heads=heads, max_position_embeddings=args.text_tokens,
+                                 bos_token_id=2, eos_token_id=3, pad_token_id=0)).save_pretrained(clip)
+    return vae, clip
 
 
 def fresh_run(run_uri: str, name: str) -> str:
@@ -124,7 +178,8 @@ def windows(events: list[dict[str, Any]]) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="shards (a dir of cifar10-train-*.tar.gz)")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="images are resized to this (default 32; 256 with --latent-text and the SD VAE)")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--presets", default="DiT-S/2,DiT-B/2,DiT-XL/2")
     parser.add_argument("--batch", type=int, default=256)
@@ -140,12 +195,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="train.residual_precision of the stage, and the model-only step's")
     parser.add_argument("--coordinate-descent", action="store_true",
                         help="train.coordinate_descent_tuning of the stage, and the model-only step's")
+    parser.add_argument("--latent-text", action="store_true",
+                        help="latent-space text-to-image experts: the cluster stage encodes latents (VAE) and "
+                             "caption tokens (CLIP text tower), random weights; see above")
+    parser.add_argument("--vae", choices=("sd", "tiny"), default="sd",
+                        help="--latent-text: the SD VAE's architecture (256 px -> 32x32x4) or a tiny one (CPU)")
+    parser.add_argument("--limit", type=int, default=8192, help="--latent-text: images encoded and trained on")
+    parser.add_argument("--text-width", type=int, default=768, help="--latent-text: caption token width")
+    parser.add_argument("--text-tokens", type=int, default=77, help="--latent-text: caption tokens (padded)")
+    parser.add_argument("--text-layers", type=int, default=2, help="--latent-text: layers of the text tower")
     parser.add_argument("--checkpoint-only", action="store_true",
                         help="only the checkpoint runs of --checkpoint-preset (size, stall, SIGTERM save, resume)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default=None, help="run store and logs (default: a temporary directory)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 256 if args.latent_text and args.vae == "sd" else 32
     device = torch.device(args.device)
     presets = args.presets.split(",")
     steps = [int(s) for s in args.steps.split(",")]
@@ -172,13 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     rec("matmul_peak_bf16" if device.type == "cuda" else "matmul_peak_fp32", peak / 1e12, "TFLOP/s")
 
     # The cluster stage as users run it: it writes each cluster's shards, which the expert stage then streams.
-    cluster_cfg = {"run_uri": run_uri, "data": {"uri": args.data, "image_size": args.image_size,
-                                                "channels": args.channels, "class_field": "cls"},
-                   "method": "random", "num_clusters": 2, "device": args.device}
+    cluster_cfg = {"run_uri": run_uri, "data": data_config(args), "method": "random", "num_clusters": 2,
+                   "device": args.device}
+    latent = None
+    if args.latent_text:
+        vae, clip = encoder_folders(args, work)
+        cluster_cfg.update(vae={"uri": str(vae)}, text_encoder={"kind": "clip", "uri": str(clip),
+                                                                "width": args.text_width,
+                                                                "max_tokens": args.text_tokens})
+        levels = len((SD_VAE if args.vae == "sd" else TINY_VAE)["block_out_channels"])
+        latent = (4, args.image_size // 2 ** (levels - 1))  # each level after the first halves the size
     _, _, cluster_s = run_stage("cluster", cluster_cfg, work, "cluster")
-    print(f"cluster stage (random K=2, shards written): {cluster_s:.1f} s", flush=True)
+    print(f"cluster stage (random K=2, shards written{', latents and caption tokens' if latent else ''}): "
+          f"{cluster_s:.1f} s", flush=True)
+    if args.latent_text:
+        rec("cluster_stage_s latent-text", cluster_s, "s", None, None,
+            setup=f"{args.limit} images at {args.image_size} px, VAE {args.vae} and CLIP text {args.text_width}-d "
+                  f"x {args.text_layers} layers, random weights")
 
-    model_args = model_only_settings(args, device)
+    model_args = model_only_settings(args, device, latent)
     table = []
     for preset, n in zip(presets, steps) if not args.checkpoint_only else ():
         ref = bench_preset(preset, model_args, device)
@@ -193,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         # a batch or compile mode other than the defaults names its records: they are other measurements
         mode = (f" {args.compile_mode}" if args.compile_mode != "default" else "") + (
             " residual=bf16" if args.residual == "bf16" else "") + (" coordinate-descent" if args.coordinate_descent else "")
-        tag = preset + (f" batch {args.batch}" if args.batch != 256 else "") + mode
-        setup = f"{args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, bf16, {n} steps" + (
+        tag = preset + (" latent-text" if latent else "") + (f" batch {args.batch}" if args.batch != 256 else "") + mode
+        shape = (f"{latent[1]}x{latent[1]}x{latent[0]} latents with {args.text_tokens} x {args.text_width} caption "
+                 f"tokens" if latent else f"{args.image_size}x{args.image_size}x{args.channels}")
+        setup = f"{shape}, batch {args.batch}, bf16, {n} steps" + (
             f", compile{mode}" if mode else "")
         rec(f"{tag}/stage_images_per_s", stage_ips, "images/s", ref["images_per_s"], None, setup=setup,
             reference_is="model-only step, same command", target_ratio=TARGET_RATIO)
