@@ -22,7 +22,7 @@ layers, as it runs once, before the experts). The expert stage then trains on th
 the caption tokens, against the model-only step of the same shapes.
 
     python bench/stage_throughput.py --data datasets/cifar10                       # H200: S/2, B/2, XL/2
-    python bench/stage_throughput.py --data datasets/cifar10 --latent-text --presets DiT-XL/2 --steps 120 \
+    python bench/stage_throughput.py --data datasets/cifar10 --latent-text --presets DiT-XL/2 --steps 120 \\
         --checkpoint-preset ''                                                      # GPU: issue 10's XL/2 stage
     python bench/stage_throughput.py --data /usr/share/datasets/fashion-mnist --presets DiT-T/4 --batch 8 \\
         --steps 12 --log-every 4 --checkpoint-preset DiT-T/4 --ckpt-every 4 --results-dir /tmp/r   # CPU smoke run
@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from common import RESULTS, machine_name, record  # noqa: E402
+from encode_throughput import SD_VAE  # noqa: E402  (sd-vae-ft-mse's architecture)
 from expert_throughput import bench_preset, matmul_rate  # noqa: E402
 from expert_throughput import parse_args as model_only_args  # noqa: E402
 
@@ -130,9 +131,6 @@ def expert_config(args: argparse.Namespace, run_uri: str, preset: str, steps: in
                       "coordinate_descent_tuning": args.coordinate_descent}}
 
 
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)  # sd-vae-ft-mse's
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.5)  # CPU smoke runs
