@@ -57,7 +57,7 @@ from common import RESULTS, machine_name, record  # noqa: E402
 from stage_throughput import run_stage  # noqa: E402
 
 from ddm_trainer import fid, layout  # noqa: E402
-from ddm_trainer.checkpoint import has_final, load_checkpoint, load_final  # noqa: E402
+from ddm_trainer.checkpoint import CONFIG_FILE, has_final, load_checkpoint, load_final  # noqa: E402
 from ddm_trainer.cluster_shards import open_cluster_shards  # noqa: E402
 from ddm_trainer.clustering import allocated_steps, load_assignments, mixture_counts  # noqa: E402
 from ddm_trainer.configs.common import DataConfig  # noqa: E402
@@ -93,11 +93,10 @@ def expert_config(run_uri: str, data: dict, cluster: int | None, args: argparse.
 
 def ema_at(store, stage_dir: str, step: int, final_step: int) -> torch.nn.Module:
     """The EMA weights of ``stage_dir`` at ``step``: its checkpoint, or its final weights at the last step."""
-    final = load_final(store, stage_dir, with_model=False)
-    model = build_from_spec(final.config["model"])
+    model = build_from_spec(json.loads(store.read_committed(layout.final(stage_dir), CONFIG_FILE))["model"])
     if step == final_step:
-        model.load_state_dict(final.ema)
-    else:
+        model.load_state_dict(load_final(store, stage_dir, with_model=False).ema)
+    else:  # only the checkpoint's weights are read: the final's EMA is not loaded to be thrown away
         model.load_state_dict(load_checkpoint(store, layout.checkpoint(stage_dir, step))["ema"])
     return model.eval()
 
